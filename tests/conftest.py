@@ -1,0 +1,65 @@
+"""Fixtures: a private test-driver hypervisor for fast tests, the real libvirtd for system tests.
+
+System tests never skip: if qemu:///system does not answer, they fail and say why. The
+virtualisation type (kvm or TCG) is probed, never assumed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.lab import SystemLab, sweep_stale
+from tui.core.hypervisor import Hypervisor
+from tui.core.models import VirtdeckMeta
+from tui.core.testdriver import DiskSpec, DomainSpec, node_xml
+
+os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+
+SAMPLE = [
+    DomainSpec("alpha", "running", vcpus=2, memory_mib=1024,
+               disks=(DiskSpec("/var/tmp/vd-alpha.qcow2"),), macs=("52:54:00:aa:00:01",)),
+    DomainSpec("beta", "shutoff", disks=(DiskSpec("/var/tmp/vd-beta.qcow2"),)),
+    DomainSpec("gamma", "paused", memory_mib=256),
+    DomainSpec("template-web", "shutoff",
+               disks=(DiskSpec("/var/tmp/vd-web.qcow2"),),
+               meta=VirtdeckMeta(role="template", sealed=True, operations=("ssh-hostkeys",))),
+]  # fmt: skip
+
+
+@pytest.fixture
+def test_uri(tmp_path: Path) -> str:
+    """A private test-driver hypervisor with four sample domains (fresh state per test)."""
+    path = tmp_path / "node.xml"
+    path.write_text(node_xml(SAMPLE))
+    return f"test://{path}"
+
+
+@pytest.fixture
+def test_hv(test_uri: str) -> Iterator[Hypervisor]:
+    hv = Hypervisor.open(test_uri)
+    yield hv
+    hv.close()
+
+
+@pytest.fixture(scope="session")
+def system_hv() -> Iterator[Hypervisor]:
+    """The real libvirtd. Fails (never skips) when it does not answer: .ci/run starts it."""
+    hv = Hypervisor.open("qemu:///system")
+    sweep_stale(hv.conn)
+    yield hv
+    hv.close()
+
+
+@pytest.fixture
+def lab(system_hv: Hypervisor) -> Iterator[SystemLab]:
+    """Domains and images under a unique prefix, removed after the test whatever happens."""
+    lab = SystemLab(system_hv)
+    try:
+        yield lab
+    finally:
+        lab.cleanup()

@@ -1,0 +1,11 @@
+"""CLI commands for usage (see tui.core)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add this module's subcommands to the parser."""
+    _ = (sub, argparse)

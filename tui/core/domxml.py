@@ -1,0 +1,150 @@
+"""Reading and editing libvirt domain XML, and virtdeck's own <metadata> element.
+
+Pure functions over strings: no libvirt calls, so they are cheap to test and safe to use when
+planning an operation before anything is changed.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from tui.core.models import DiskInfo, InterfaceInfo, VirtdeckMeta
+
+NS = "https://virtdeck.dev/xmlns/domain/1"
+PREFIX = "virtdeck"
+ET.register_namespace(PREFIX, NS)
+
+_UNIT_BYTES = {
+    "b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2,
+    "mb": 1000**2, "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4,
+    "tb": 1000**4,
+}  # fmt: skip
+
+
+def parse(xml: str) -> ET.Element:
+    return ET.fromstring(xml)
+
+
+def to_string(root: ET.Element) -> str:
+    return ET.tostring(root, encoding="unicode")
+
+
+def _memory_bytes(elem: ET.Element | None) -> int:
+    if elem is None or not (elem.text or "").strip():
+        return 0
+    unit = elem.get("unit", "KiB").lower()
+    return int(elem.text or 0) * _UNIT_BYTES.get(unit, 1024)
+
+
+def memory_bytes(root: ET.Element) -> tuple[int, int]:
+    """(current, maximum) memory in bytes."""
+    maximum = _memory_bytes(root.find("memory"))
+    current = _memory_bytes(root.find("currentMemory")) or maximum
+    return current, maximum
+
+
+def vcpus(root: ET.Element) -> int:
+    elem = root.find("vcpu")
+    if elem is None:
+        return 1
+    return int(elem.get("current") or elem.text or 1)
+
+
+def disk_elements(root: ET.Element) -> list[ET.Element]:
+    return root.findall("./devices/disk")
+
+
+def disk_source(disk: ET.Element) -> str | None:
+    src = disk.find("source")
+    if src is None:
+        return None
+    return src.get("file") or src.get("dev") or src.get("name") or src.get("volume")
+
+
+def disks(root: ET.Element) -> tuple[DiskInfo, ...]:
+    out = []
+    for disk in disk_elements(root):
+        target = disk.find("target")
+        driver = disk.find("driver")
+        backing = disk.find("backingStore/source")
+        out.append(
+            DiskInfo(
+                target=target.get("dev", "?") if target is not None else "?",
+                path=disk_source(disk),
+                format=driver.get("type") if driver is not None else None,
+                device=disk.get("device", "disk"),
+                readonly=disk.find("readonly") is not None,
+                backing_path=backing.get("file") if backing is not None else None,
+            )
+        )
+    return tuple(out)
+
+
+def interfaces(root: ET.Element) -> tuple[InterfaceInfo, ...]:
+    out = []
+    for iface in root.findall("./devices/interface"):
+        mac = iface.find("mac")
+        src = iface.find("source")
+        source = None
+        if src is not None:
+            source = src.get("network") or src.get("bridge") or src.get("dev")
+        out.append(
+            InterfaceInfo(
+                mac=mac.get("address") if mac is not None else None,
+                type=iface.get("type", "?"),
+                source=source,
+            )
+        )
+    return tuple(out)
+
+
+def _meta_element(root: ET.Element) -> ET.Element | None:
+    return root.find(f"./metadata/{{{NS}}}virtdeck")
+
+
+def read_meta(root: ET.Element) -> VirtdeckMeta:
+    elem = _meta_element(root)
+    if elem is None:
+        return VirtdeckMeta()
+    ops = elem.findtext(f"{{{NS}}}operations") or ""
+    return VirtdeckMeta(
+        role=elem.get("role"),
+        created=elem.findtext(f"{{{NS}}}created"),
+        source=elem.findtext(f"{{{NS}}}source"),
+        operations=tuple(o for o in ops.split(",") if o),
+        sealed=elem.get("sealed") == "yes",
+        mode=elem.findtext(f"{{{NS}}}mode"),
+        xml_backup=elem.findtext(f"{{{NS}}}xml-backup"),
+    )
+
+
+def meta_xml(meta: VirtdeckMeta) -> str:
+    """The element virtdeck keeps under <metadata>, as setMetadata() wants it (no namespace decl)."""
+    elem = ET.Element("virtdeck")
+    if meta.role:
+        elem.set("role", meta.role)
+    elem.set("sealed", "yes" if meta.sealed else "no")
+    for tag, value in (
+        ("created", meta.created),
+        ("source", meta.source),
+        ("mode", meta.mode),
+        ("xml-backup", meta.xml_backup),
+        ("operations", ",".join(meta.operations) if meta.operations else None),
+    ):
+        if value:
+            ET.SubElement(elem, tag).text = value
+    return ET.tostring(elem, encoding="unicode")
+
+
+def write_meta(root: ET.Element, meta: VirtdeckMeta) -> None:
+    """Replace virtdeck's <metadata> element in a parsed domain XML."""
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(root, "metadata")
+    old = _meta_element(root)
+    if old is not None:
+        metadata.remove(old)
+    elem = ET.fromstring(meta_xml(meta))
+    for node in elem.iter():
+        node.tag = f"{{{NS}}}{node.tag}"
+    metadata.append(elem)

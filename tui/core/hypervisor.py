@@ -1,0 +1,538 @@
+"""The libvirt backend: one connection to one hypervisor, its inventory, lifecycle and events.
+
+This is where libvirt's untyped API lives. Everything leaving it is a frozen dataclass from
+tui.core.models or a VirtdeckError subclass with a message an operator can act on.
+
+Inventory cost: one `listAllDomains` and one bulk `getAllDomainStats` per refresh, whatever the
+number of domains. Domain XML (disks, interfaces, metadata) is read once per domain and cached
+until an event (or a virtdeck operation) says the domain changed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import libvirt
+
+from tui.core import domxml
+from tui.core.errors import (
+    ConnectError,
+    InvalidInputError,
+    NotFoundError,
+    OperationError,
+    StateError,
+    VirtdeckError,
+)
+from tui.core.models import (
+    DiskInfo,
+    DomainEvent,
+    DomainInfo,
+    DomainState,
+    EventKind,
+    HostInfo,
+    InterfaceInfo,
+    VirtdeckMeta,
+    version_string,
+)
+
+DEFAULT_URI = "qemu:///system"
+
+_STATS = (
+    libvirt.VIR_DOMAIN_STATS_STATE
+    | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+    | libvirt.VIR_DOMAIN_STATS_BALLOON
+    | libvirt.VIR_DOMAIN_STATS_VCPU
+    | libvirt.VIR_DOMAIN_STATS_BLOCK
+)
+
+_LIFECYCLE = (
+    "defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown",
+    "pmsuspended", "crashed",
+)  # fmt: skip
+
+# libvirt prints every error on stderr unless a handler is registered; virtdeck reports its own.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def default_uris(cli_uris: Iterable[str] | None = None) -> list[str]:
+    """-c/--connect wins, then LIBVIRT_DEFAULT_URI, then qemu:///system (virsh's order)."""
+    uris = [u for u in (cli_uris or []) if u]
+    if uris:
+        return list(dict.fromkeys(uris))
+    return [os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI]
+
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def start_event_loop() -> None:
+    """Register libvirt's default event loop and run it in a daemon thread (idempotent).
+
+    Must run before the connections that want events are opened; the CLI never calls it.
+    """
+    global _loop_started
+    with _loop_lock:
+        if _loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+def libvirt_message(err: libvirt.libvirtError) -> str:
+    msg = err.get_error_message() or str(err)
+    return " ".join(msg.split())
+
+
+@dataclass(frozen=True)
+class _XmlFacts:
+    """What the domain XML says, cached per UUID until the domain changes."""
+
+    vcpus: int
+    memory: int
+    max_memory: int
+    disks: tuple[DiskInfo, ...]
+    interfaces: tuple[InterfaceInfo, ...]
+    meta: VirtdeckMeta
+
+
+EventCallback = Callable[[DomainEvent], None]
+
+
+class Hypervisor:
+    """One libvirt connection. Safe to use from worker threads (libvirt connections are)."""
+
+    def __init__(self, uri: str, conn: Any, *, demo: bool = False) -> None:
+        self.uri = uri
+        self.demo = demo
+        self._conn = conn
+        self._xml_cache: dict[str, _XmlFacts] = {}
+        self._cpu_prev: dict[str, tuple[int, float]] = {}
+        self._listeners: list[EventCallback] = []
+        self._callback_ids: list[int] = []
+        self._alive = True
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, uri: str, *, demo: bool = False) -> Hypervisor:
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as err:
+            raise ConnectError(
+                f"cannot connect to {uri}: {libvirt_message(err)} "
+                f"(is libvirtd running? try 'virsh -c {uri} list', another -c URI, "
+                "or 'virtdeck --demo')"
+            ) from None
+        if conn is None:  # pragma: no cover - old bindings returned None instead of raising
+            raise ConnectError(f"cannot connect to {uri}")
+        return cls(uri, conn, demo=demo)
+
+    @property
+    def conn(self) -> Any:
+        """The raw virConnect, for the other backend modules of tui.core only."""
+        if not self._alive:
+            raise ConnectError(f"connection to {self.uri} lost; virtdeck is reconnecting")
+        return self._conn
+
+    @property
+    def alive(self) -> bool:
+        if not self._alive:
+            return False
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def close(self) -> None:
+        self._deregister()
+        try:
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    def reconnect(self) -> bool:
+        """Open the URI again after the daemon went away; True once it answers."""
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError:
+            return False
+        with self._lock:
+            old, self._conn = self._conn, conn
+            self._alive = True
+            self._xml_cache.clear()
+            self._cpu_prev.clear()
+        try:
+            old.close()
+        except libvirt.libvirtError:
+            pass
+        if self._listeners:
+            self._register()
+        self._emit(DomainEvent(self.uri, EventKind.RECONNECTED))
+        return True
+
+    def host_info(self) -> HostInfo:
+        conn = self.conn
+        try:
+            hv_version: str | None = version_string(conn.getVersion())
+        except libvirt.libvirtError:
+            hv_version = None
+        driver = conn.getType()
+        return HostInfo(
+            uri=self.uri,
+            hostname=self._call(conn.getHostname),
+            driver=driver,
+            libvirt_version=version_string(conn.getLibVersion()),
+            hypervisor_version=hv_version,
+            demo=self.demo,
+        )
+
+    def virt_type(self) -> str:
+        """'kvm' when the host can accelerate guests, else 'qemu' (TCG): probed, not assumed."""
+        try:
+            self.conn.getDomainCapabilities(None, None, None, "kvm", 0)
+        except libvirt.libvirtError:
+            return "qemu"
+        return "kvm"
+
+    def lib_version(self) -> int:
+        return int(self.conn.getLibVersion())
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as err:
+            raise self._translate(err, what) from None
+
+    def _translate(self, err: libvirt.libvirtError, what: str) -> VirtdeckError:
+        msg = libvirt_message(err)
+        code = err.get_error_code()
+        if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) or (
+            code == libvirt.VIR_ERR_SYSTEM_ERROR and not self.alive
+        ):
+            self._alive = False
+            return ConnectError(f"connection to {self.uri} lost: {msg}")
+        if code == libvirt.VIR_ERR_NO_DOMAIN:
+            return NotFoundError(f"{what}: no such domain on {self.uri}" if what else msg)
+        if code == libvirt.VIR_ERR_OPERATION_INVALID:
+            return StateError(f"{what}: {msg}" if what else msg)
+        return OperationError(f"{what}: {msg}" if what else msg)
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def lookup(self, name: str) -> Any:
+        """The raw virDomain for a name or UUID (backend modules only)."""
+        conn = self.conn
+        try:
+            return conn.lookupByName(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise self._translate(err, name) from None
+        if len(name) == 36:
+            try:
+                return conn.lookupByUUIDString(name)
+            except libvirt.libvirtError:
+                pass
+        raise NotFoundError(f"no domain named '{name}' on {self.uri} ('virtdeck ls' lists them)")
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    # -- inventory --------------------------------------------------------------------------
+
+    def invalidate(self, uuid: str | None = None) -> None:
+        """Forget cached XML facts (of one domain, or all) after a change."""
+        if uuid is None:
+            self._xml_cache.clear()
+        else:
+            self._xml_cache.pop(uuid, None)
+
+    def _facts(self, dom: Any, uuid: str) -> _XmlFacts:
+        facts = self._xml_cache.get(uuid)
+        if facts is None:
+            root = domxml.parse(dom.XMLDesc(0))
+            memory, max_memory = domxml.memory_bytes(root)
+            facts = _XmlFacts(
+                vcpus=domxml.vcpus(root),
+                memory=memory,
+                max_memory=max_memory,
+                disks=domxml.disks(root),
+                interfaces=domxml.interfaces(root),
+                meta=domxml.read_meta(root),
+            )
+            self._xml_cache[uuid] = facts
+        return facts
+
+    def domains(self) -> list[DomainInfo]:
+        """Every domain with state, size, CPU % and disks: one list call, one bulk stats call."""
+        conn = self.conn
+        try:
+            doms = conn.listAllDomains(0)
+            stats = {d.UUIDString(): s for d, s in conn.getAllDomainStats(_STATS, 0)}
+        except libvirt.libvirtError as err:
+            raise self._translate(err, "listing domains") from None
+        now = time.monotonic()
+        out = []
+        seen = set()
+        for dom in doms:
+            uuid = dom.UUIDString()
+            seen.add(uuid)
+            try:
+                info = self._domain_info(dom, uuid, stats.get(uuid, {}), now)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined between the list call and now
+                raise self._translate(err, "listing domains") from None
+            out.append(info)
+        for uuid in set(self._cpu_prev) - seen:
+            del self._cpu_prev[uuid]
+        out.sort(key=lambda d: d.name)
+        return out
+
+    def domain(self, name: str) -> DomainInfo:
+        dom = self.lookup(name)
+        uuid = dom.UUIDString()
+        try:
+            stats = self.conn.domainListGetStats([dom], _STATS, 0)
+            return self._domain_info(dom, uuid, stats[0][1] if stats else {}, time.monotonic())
+        except libvirt.libvirtError as err:
+            raise self._translate(err, name) from None
+
+    def _domain_info(self, dom: Any, uuid: str, st: dict[str, Any], now: float) -> DomainInfo:
+        facts = self._facts(dom, uuid)
+        if "state.state" in st:
+            state = DomainState.from_libvirt(st["state.state"])
+        else:
+            state = DomainState.from_libvirt(dom.state()[0])
+        vcpus = int(st.get("vcpu.current", facts.vcpus))
+        memory = int(st["balloon.current"]) * 1024 if "balloon.current" in st else facts.memory
+        cpu = None
+        if "cpu.time" in st and state.active:
+            cpu_time = int(st["cpu.time"])
+            prev = self._cpu_prev.get(uuid)
+            if prev is not None and now > prev[1]:
+                cpu = max(0.0, (cpu_time - prev[0]) / ((now - prev[1]) * 1e9 * vcpus) * 100)
+            self._cpu_prev[uuid] = (cpu_time, now)
+        else:
+            self._cpu_prev.pop(uuid, None)
+        disks = _with_block_stats(facts.disks, st, state.active)
+        return DomainInfo(
+            host=self.uri,
+            name=dom.name(),
+            uuid=uuid,
+            state=state,
+            vcpus=vcpus,
+            memory_bytes=memory,
+            max_memory_bytes=facts.max_memory,
+            persistent=bool(dom.isPersistent()),
+            cpu_percent=cpu,
+            disks=disks,
+            interfaces=facts.interfaces,
+            meta=facts.meta,
+        )
+
+    def xml(self, name: str, *, inactive: bool = False) -> str:
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        dom = self.lookup(name)
+        return str(self._call(dom.XMLDesc, flags, what=name))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _state(self, dom: Any) -> DomainState:
+        return DomainState.from_libvirt(self._call(dom.state)[0])
+
+    def start(self, name: str) -> None:
+        dom = self.lookup(name)
+        facts = self._facts(dom, dom.UUIDString())
+        if facts.meta.role == "template":
+            raise StateError(
+                f"'{name}' is a template and is never started (its disks back clones); "
+                f"deploy one with 'virtdeck clone {name} NEWNAME'"
+            )
+        if self._state(dom).active:
+            raise StateError(f"'{name}' is already running")
+        self._call(dom.create, what=f"starting '{name}'")
+
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (ACPI / agent); returns at once."""
+        dom = self.lookup(name)
+        if not self._state(dom).active:
+            raise StateError(f"'{name}' is not running")
+        self._call(dom.shutdown, what=f"shutting down '{name}'")
+
+    def destroy(self, name: str) -> None:
+        """Force off: pull the plug."""
+        dom = self.lookup(name)
+        if not self._state(dom).active:
+            raise StateError(f"'{name}' is not running")
+        self._call(dom.destroy, what=f"forcing off '{name}'")
+
+    def reboot(self, name: str) -> None:
+        dom = self.lookup(name)
+        if self._state(dom) != DomainState.RUNNING:
+            raise StateError(f"'{name}' is not running")
+        self._call(dom.reboot, 0, what=f"rebooting '{name}'")
+
+    def suspend(self, name: str) -> None:
+        dom = self.lookup(name)
+        if self._state(dom) != DomainState.RUNNING:
+            raise StateError(f"'{name}' is not running, so it cannot be suspended")
+        self._call(dom.suspend, what=f"suspending '{name}'")
+
+    def resume(self, name: str) -> None:
+        dom = self.lookup(name)
+        if self._state(dom) != DomainState.PAUSED:
+            raise StateError(f"'{name}' is not paused, so it cannot be resumed")
+        self._call(dom.resume, what=f"resuming '{name}'")
+
+    def wait_for_state(
+        self, name: str, states: Iterable[DomainState], timeout: float, poll: float = 0.2
+    ) -> bool:
+        """Wait until the domain reaches one of `states`; False on timeout."""
+        wanted = set(states)
+        dom = self.lookup(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._state(dom) in wanted:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+
+    def shutdown_and_wait(self, name: str, timeout: float) -> bool:
+        self.shutdown(name)
+        return self.wait_for_state(name, [DomainState.SHUTOFF], timeout)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def subscribe(self, callback: EventCallback) -> None:
+        """Call `callback` (on libvirt's event thread) for lifecycle and connection events.
+
+        Needs start_event_loop() before open().
+        """
+        self._listeners.append(callback)
+        if len(self._listeners) == 1:
+            self._register()
+
+    def _emit(self, event: DomainEvent) -> None:
+        for cb in list(self._listeners):
+            cb(event)
+
+    def _register(self) -> None:
+        conn = self._conn
+
+        def lifecycle(_c: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
+            uuid = dom.UUIDString()
+            self.invalidate(uuid)
+            name = _LIFECYCLE[event] if 0 <= event < len(_LIFECYCLE) else str(event)
+            self._emit(DomainEvent(self.uri, EventKind.LIFECYCLE, dom.name(), uuid, name))
+
+        def changed(_c: Any, dom: Any, *_rest: Any) -> None:
+            uuid = dom.UUIDString()
+            self.invalidate(uuid)
+            self._emit(DomainEvent(self.uri, EventKind.LIFECYCLE, dom.name(), uuid, "changed"))
+
+        def closed(_c: Any, reason: int, _o: Any) -> None:
+            self._alive = False
+            self._callback_ids = []
+            self._emit(DomainEvent(self.uri, EventKind.CONNECTION_LOST, detail=str(reason)))
+
+        ids = [conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)]
+        for event_id in (
+            libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+        ):
+            try:
+                ids.append(conn.domainEventRegisterAny(None, event_id, changed, None))
+            except libvirt.libvirtError:
+                pass  # the test driver does not implement every event
+        self._callback_ids = ids
+        try:
+            conn.registerCloseCallback(closed, None)
+        except libvirt.libvirtError:
+            pass
+        try:
+            # Remote drivers only notice a dead daemon through keepalive; local ones refuse it.
+            conn.setKeepAlive(3, 2)
+        except libvirt.libvirtError:
+            pass
+
+    def _deregister(self) -> None:
+        for cid in self._callback_ids:
+            try:
+                self._conn.domainEventDeregisterAny(cid)
+            except libvirt.libvirtError:
+                pass
+        self._callback_ids = []
+        try:
+            self._conn.unregisterCloseCallback()
+        except libvirt.libvirtError:
+            pass
+
+
+def _with_block_stats(
+    disks: tuple[DiskInfo, ...], st: dict[str, Any], active: bool
+) -> tuple[DiskInfo, ...]:
+    # For a running domain libvirt's "allocation" is QEMU's highest written offset (0 on a fresh
+    # overlay); "physical" is what the file takes on the host. Shut off, "allocation" is the
+    # file's real allocation.
+    key = "physical" if active else "allocation"
+    count = int(st.get("block.count", 0))
+    if not count:
+        return disks
+    by_target: dict[str, tuple[int | None, int | None]] = {}
+    for i in range(count):
+        name = st.get(f"block.{i}.name")
+        if name and name not in by_target:
+            alloc = st.get(f"block.{i}.{key}", st.get(f"block.{i}.allocation"))
+            by_target[name] = (alloc, st.get(f"block.{i}.capacity"))
+    return tuple(
+        replace(d, allocation_bytes=by_target[d.target][0], capacity_bytes=by_target[d.target][1])
+        if d.target in by_target
+        else d
+        for d in disks
+    )
+
+
+def open_all(uris: Iterable[str], *, demo: bool = False) -> list[Hypervisor]:
+    """Open every URI or none: a failure closes what was already opened."""
+    opened: list[Hypervisor] = []
+    try:
+        for uri in uris:
+            opened.append(Hypervisor.open(uri, demo=demo))
+    except VirtdeckError:
+        for hv in opened:
+            hv.close()
+        raise
+    return opened
+
+
+def validate_name(name: str) -> str:
+    """A domain name virtdeck will create: what libvirt and file names both accept."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}", name or ""):
+        raise InvalidInputError(
+            f"invalid name '{name}': use 1-63 letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit"
+        )
+    return name

@@ -1,0 +1,134 @@
+"""Frozen data the core hands to its two faces (TUI and CLI).
+
+Nothing here holds a libvirt handle: a widget or a JSON dump can keep these as long as it likes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class DomainState(enum.Enum):
+    """libvirt's virDomainState, named as operators say it."""
+
+    NOSTATE = "no state"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "shutting down"
+    SHUTOFF = "shut off"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+
+    @classmethod
+    def from_libvirt(cls, code: int) -> DomainState:
+        order = list(cls)
+        return order[code] if 0 <= code < len(order) else cls.NOSTATE
+
+    @property
+    def active(self) -> bool:
+        return self not in (DomainState.SHUTOFF, DomainState.NOSTATE, DomainState.CRASHED)
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One disk of a domain, from its XML, with host-side sizes when libvirt reports them."""
+
+    target: str
+    path: str | None
+    format: str | None
+    device: str = "disk"
+    readonly: bool = False
+    backing_path: str | None = None
+    allocation_bytes: int | None = None
+    capacity_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class InterfaceInfo:
+    mac: str | None
+    type: str
+    source: str | None
+
+
+@dataclass(frozen=True)
+class VirtdeckMeta:
+    """What virtdeck recorded in the domain's <metadata> (see tui.core.domxml)."""
+
+    role: str | None = None  # "template" or "clone"
+    created: str | None = None
+    source: str | None = None  # template: the VM it was made from; clone: its template
+    operations: tuple[str, ...] = ()
+    sealed: bool = False
+    mode: str | None = None  # clone: "thin" or "full"
+    xml_backup: str | None = None
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """One domain row: identity, state, size and disks; `host` is the URI it lives on."""
+
+    host: str
+    name: str
+    uuid: str
+    state: DomainState
+    vcpus: int
+    memory_bytes: int
+    max_memory_bytes: int
+    persistent: bool = True
+    cpu_percent: float | None = None
+    disks: tuple[DiskInfo, ...] = ()
+    interfaces: tuple[InterfaceInfo, ...] = ()
+    meta: VirtdeckMeta = field(default_factory=VirtdeckMeta)
+
+    @property
+    def is_template(self) -> bool:
+        return self.meta.role == "template"
+
+    @property
+    def disk_allocation_bytes(self) -> int | None:
+        sizes = [d.allocation_bytes for d in self.disks if d.allocation_bytes is not None]
+        return sum(sizes) if sizes else None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["template"] = self.is_template
+        data["disk_allocation_bytes"] = self.disk_allocation_bytes
+        return data
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """The header line: which hypervisor, which versions."""
+
+    uri: str
+    hostname: str
+    driver: str
+    libvirt_version: str
+    hypervisor_version: str | None
+    demo: bool = False
+
+
+class EventKind(enum.Enum):
+    LIFECYCLE = "lifecycle"
+    CONNECTION_LOST = "connection lost"
+    RECONNECTED = "reconnected"
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """A libvirt event, already translated; `name` is empty for connection events."""
+
+    host: str
+    kind: EventKind
+    name: str = ""
+    uuid: str = ""
+    detail: str = ""
+
+
+def version_string(code: int) -> str:
+    """libvirt packs versions as major * 1,000,000 + minor * 1,000 + release."""
+    return f"{code // 1_000_000}.{code // 1000 % 1000}.{code % 1000}"

@@ -1,0 +1,97 @@
+"""qemu-img as a subprocess with an argument list (never a shell).
+
+The runner is injectable so a test can force a failure at a chosen step; the default runs the
+real binary. Errors become OperationError with qemu-img's own last line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tui.core.errors import OperationError
+from tui.core.progress import Progress, no_progress
+
+Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+
+def run_subprocess(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+class QemuImg:
+    def __init__(self, runner: Runner | None = None, binary: str = "qemu-img") -> None:
+        self.runner = runner or run_subprocess
+        self.binary = binary
+
+    def run(self, *args: str) -> str:
+        argv = [self.binary, *args]
+        try:
+            proc = self.runner(argv)
+        except FileNotFoundError:
+            raise OperationError(
+                f"{self.binary} is not installed (apt-get install qemu-utils)"
+            ) from None
+        if proc.returncode != 0:
+            raise OperationError(f"qemu-img {args[0]} failed: {_last_line(proc.stderr)}")
+        return proc.stdout
+
+    def info(self, path: str, *, backing_chain: bool = False) -> Any:
+        """`qemu-img info -U --output=json` (a list with --backing-chain). -U: works on images
+        a running QEMU holds locked."""
+        args = ["info", "-U", "--output=json"]
+        if backing_chain:
+            args.append("--backing-chain")
+        return json.loads(self.run(*args, path))
+
+    def create(self, path: str, fmt: str, size: int | str) -> None:
+        self.run("create", "-q", "-f", fmt, path, str(size))
+
+    def create_overlay(self, path: str, backing: str, backing_fmt: str) -> None:
+        """A qcow2 overlay whose backing file (absolute path and format recorded) is `backing`."""
+        self.run("create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", backing, path)
+
+    def convert(
+        self,
+        src: str,
+        dst: str,
+        *,
+        src_fmt: str,
+        dst_fmt: str = "qcow2",
+        progress: Progress = no_progress,
+        label: str = "copying",
+    ) -> None:
+        """A full, independent copy (sparse stays sparse), reporting qemu-img's -p percentage."""
+        argv = [self.binary, "convert", "-p", "-f", src_fmt, "-O", dst_fmt, src, dst]
+        if self.runner is not run_subprocess:
+            self.run(*argv[1:])
+            progress(label, 1.0)
+            return
+        try:
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+            )
+        except FileNotFoundError:
+            raise OperationError(
+                f"{self.binary} is not installed (apt-get install qemu-utils)"
+            ) from None
+        assert proc.stdout is not None and proc.stderr is not None
+        buf = ""
+        while chunk := proc.stdout.read(64):
+            buf += chunk
+            found = re.findall(r"\((\d+(?:\.\d+)?)/100%\)", buf)
+            if found:
+                progress(label, float(found[-1]) / 100)
+                buf = buf[-32:]
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            raise OperationError(f"qemu-img convert failed: {_last_line(err)}")
+        progress(label, 1.0)
