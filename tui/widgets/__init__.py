@@ -1,0 +1,1 @@
+"""Widgets of the dashboard: the domains table and the lower panes."""

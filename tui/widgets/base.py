@@ -1,0 +1,52 @@
+"""What every pane of the main screen shares.
+
+Contract between the main screen and a pane (Templates, Snapshots, Disk usage):
+- the screen calls `domain_selected(info)` when the highlighted domain changes (None: no row),
+  and `inventory_changed(domains)` after every refresh (every 2 s and on each libvirt event);
+- a pane's keys are in `SCREEN_BINDINGS`, with actions written `pane('<pane id>', '<verb>')`:
+  the screen merges them into its own bindings (footer, command palette) and calls the pane's
+  `action_<verb>()`, so they work while the domains table has the focus;
+- a pane does its libvirt/qemu-img work in `@work(thread=True, exit_on_error=False, group=...)`
+  workers; a failed worker reaches the app's one error funnel through `on_worker_state_changed`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from textual.binding import Binding, BindingType
+from textual.widget import Widget
+from textual.worker import Worker, WorkerState
+
+from tui.core.models import DomainInfo
+
+if TYPE_CHECKING:
+    from tui.app import VirtdeckApp
+    from tui.core.hypervisor import Hypervisor
+
+
+class Pane(Widget):
+    SCREEN_BINDINGS: ClassVar[list[BindingType]] = []
+
+    @property
+    def vapp(self) -> VirtdeckApp:
+        from tui.app import VirtdeckApp
+
+        assert isinstance(self.app, VirtdeckApp)
+        return self.app
+
+    def hypervisor(self, host: str) -> Hypervisor:
+        return self.vapp.hypervisor(host)
+
+    def domain_selected(self, info: DomainInfo | None) -> None:
+        """The highlighted domain changed."""
+
+    def inventory_changed(self, domains: list[DomainInfo]) -> None:
+        """The domain list was refreshed."""
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state is WorkerState.ERROR and event.worker.error is not None:
+            self.vapp.report_error(event.worker.error)
+
+
+__all__ = ["Binding", "Pane"]
