@@ -1,0 +1,112 @@
+"""The demo lab: real qcow2 images served through libvirt's test driver, no hypervisor needed.
+
+`virtdeck --demo` builds it once under the user's cache directory: a sealed template base that
+holds real data, two thin clones (overlays backed by it), one full clone (an independent copy)
+and a standalone VM, described in a node XML file that `test:///PATH` serves. Rebuilt when
+anything is missing; `--demo --reset` starts over.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from tui.core.errors import OperationError
+from tui.core.models import VirtdeckMeta
+from tui.core.paths import cache_dir
+from tui.core.qemuimg import QemuImg
+from tui.core.testdriver import DiskSpec, DomainSpec, node_xml
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def lab_dir() -> Path:
+    return cache_dir() / "demo"
+
+
+def _write(path: Path, fmt: str, offset: int, length: int, pattern: int) -> None:
+    """Write real data into an image (guest-visible bytes, so allocation really grows)."""
+    argv = ["qemu-io", "-f", fmt, "-c", f"write -P {pattern} {offset} {length}", str(path)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise OperationError("qemu-io is not installed (apt-get install qemu-utils)") from None
+    if proc.returncode != 0:
+        raise OperationError(f"demo lab: qemu-io failed: {proc.stderr.strip()}")
+
+
+def _specs(d: Path) -> list[DomainSpec]:
+    base = str(d / "template-web.qcow2")
+    created = "2026-11-20T09:30:00+00:00"
+    ops = ("ssh-hostkeys", "udev-persistent-net", "net-hwaddr", "machine-id", "user-account")
+
+    def clone(name: str, mode: str) -> VirtdeckMeta:
+        return VirtdeckMeta(role="clone", source="template-web", mode=mode, created=created)
+
+    return [
+        DomainSpec(
+            "template-web", "shutoff", vcpus=2, memory_mib=2048,
+            disks=(DiskSpec(base),),
+            macs=("52:54:00:00:0a:01",),
+            meta=VirtdeckMeta(role="template", created=created, source="web", operations=ops,
+                              sealed=True),
+        ),
+        DomainSpec(
+            "web-1", "running", vcpus=2, memory_mib=2048,
+            disks=(DiskSpec(str(d / "web-1.qcow2"), backing=base),),
+            macs=("52:54:00:00:0b:01",), meta=clone("web-1", "thin"),
+        ),
+        DomainSpec(
+            "web-2", "running", vcpus=2, memory_mib=2048,
+            disks=(DiskSpec(str(d / "web-2.qcow2"), backing=base),),
+            macs=("52:54:00:00:0b:02",), meta=clone("web-2", "thin"),
+        ),
+        DomainSpec(
+            "web-3", "shutoff", vcpus=2, memory_mib=2048,
+            disks=(DiskSpec(str(d / "web-3.qcow2")),),
+            macs=("52:54:00:00:0b:03",), meta=clone("web-3", "full"),
+        ),
+        DomainSpec(
+            "db", "paused", vcpus=4, memory_mib=4096,
+            disks=(DiskSpec(str(d / "db.raw"), format="raw"),),
+            macs=("52:54:00:00:0c:01",),
+        ),
+    ]  # fmt: skip
+
+
+def _build(d: Path) -> None:
+    q = QemuImg()
+    base = d / "template-web.qcow2"
+    q.create(str(base), "qcow2", GIB)
+    _write(base, "qcow2", 0, 48 * MIB, 0x11)  # the "installed system" every clone shares
+    for name, data in (("web-1", 6), ("web-2", 14)):
+        overlay = d / f"{name}.qcow2"
+        q.create_overlay(str(overlay), str(base), "qcow2")
+        _write(overlay, "qcow2", 256 * MIB, data * MIB, 0x22)
+    q.convert(str(base), str(d / "web-3.qcow2"), src_fmt="qcow2")
+    _write(d / "web-3.qcow2", "qcow2", 256 * MIB, 4 * MIB, 0x33)
+    q.create(str(d / "db.raw"), "raw", 2 * GIB)
+    _write(d / "db.raw", "raw", 0, 24 * MIB, 0x44)
+    base.chmod(0o444)  # a template's base is read-only, as virtdeck leaves real ones
+
+
+def ensure_lab(reset: bool = False) -> str:
+    """Build the lab if needed and return its `test:///...` URI."""
+    d = lab_dir()
+    node = d / "lab.xml"
+    specs = _specs(d)
+    wanted = [disk.path for s in specs for disk in s.disks]
+    if reset or not node.exists() or not all(Path(p).exists() for p in wanted):
+        # Built in place: overlays record their base's absolute path, so no temporary dir.
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        try:
+            _build(d)
+            node.write_text(node_xml(specs))
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+    return f"test://{node}"

@@ -1,0 +1,220 @@
+"""The main screen: hosts header, the domains table, and the lower panes in tabs.
+
+Keys live here (not on the App) so a modal screen above it never triggers them. Pane keys are
+merged in from each pane's SCREEN_BINDINGS (see tui.widgets.base).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, ClassVar
+
+from textual import on
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
+
+from tui.core.models import DomainInfo, DomainState, HostInfo
+from tui.screens.confirm import ConfirmScreen
+from tui.widgets.base import Pane
+from tui.widgets.domains import DomainsTable
+from tui.widgets.snapshots_pane import SnapshotsPane
+from tui.widgets.templates_pane import TemplatesPane
+from tui.widgets.usage_pane import UsagePane
+
+if TYPE_CHECKING:
+    from tui.app import VirtdeckApp
+
+PANES: tuple[tuple[str, str, type[Pane]], ...] = (
+    ("snapshots", "Snapshots", SnapshotsPane),
+    ("templates", "Templates", TemplatesPane),
+    ("usage", "Disk usage", UsagePane),
+)
+
+DOMAIN_BINDINGS: list[BindingType] = [
+    Binding("s", "lifecycle('start')", "Start", id="domain.start"),
+    Binding("d", "shutdown", "Shutdown", id="domain.shutdown"),
+    Binding("f", "force_off", "Force off", id="domain.force_off"),
+    Binding("r", "lifecycle('reboot')", "Reboot", id="domain.reboot"),
+    Binding("p", "pause", "Pause/resume", id="domain.pause"),
+    Binding("slash", "filter", "Filter", id="domains.filter"),
+    Binding("o", "sort", "Sort", id="domains.sort"),
+    Binding("1", "tab('snapshots')", "Snapshots", show=False, id="tab.snapshots"),
+    Binding("2", "tab('templates')", "Templates", show=False, id="tab.templates"),
+    Binding("3", "tab('usage')", "Usage", show=False, id="tab.usage"),
+    Binding("q", "app.quit", "Quit", id="app.quit"),
+]
+
+SORT_CYCLE = ("name", "state", "cpu", "memory", "disk", "vcpus")
+
+
+class MainScreen(Screen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = DOMAIN_BINDINGS + [
+        b for _id, _title, pane in PANES for b in pane.SCREEN_BINDINGS
+    ]
+
+    @property
+    def vapp(self) -> VirtdeckApp:
+        from tui.app import VirtdeckApp
+
+        assert isinstance(self.app, VirtdeckApp)
+        return self.app
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("connecting…", id="hosts")
+        with Vertical(id="top"):
+            yield Input(placeholder="filter: name, state or host (Esc clears)", id="filter")
+            yield DomainsTable(id="domains")
+        with TabbedContent(id="panes"):
+            for pane_id, title, pane_cls in PANES:
+                with TabPane(title, id=f"tab-{pane_id}"):
+                    yield pane_cls(id=pane_id)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(DomainsTable).focus()
+
+    # -- data from the app ------------------------------------------------------------------
+
+    def set_hosts(self, hosts: list[HostInfo]) -> None:
+        lines = []
+        for h in hosts:
+            hv = f"QEMU {h.hypervisor_version}" if h.driver == "QEMU" else f"{h.driver} driver"
+            demo = "[b reverse] DEMO [/] " if h.demo else ""
+            lines.append(
+                f"{demo}[b]{h.uri}[/b]  host {h.hostname}  libvirt {h.libvirt_version}  {hv}"
+            )
+        self.query_one("#hosts", Static).update("\n".join(lines))
+        self.query_one(DomainsTable).set_multi_host(len(self.vapp.hypervisors) > 1)
+
+    def show_domains(self, domains: list[DomainInfo]) -> None:
+        table = self.query_one(DomainsTable)
+        before = table.selected()
+        table.update_domains(domains)
+        after = table.selected()
+        for pane in self.query(Pane):
+            pane.inventory_changed(domains)
+        if before != after:
+            self._selected_changed(after)
+
+    def _selected_changed(self, info: DomainInfo | None) -> None:
+        for pane in self.query(Pane):
+            pane.domain_selected(info)
+
+    @on(DataTable.RowHighlighted, "#domains")
+    def _row_highlighted(self) -> None:
+        self._selected_changed(self.query_one(DomainsTable).selected())
+
+    @on(DataTable.HeaderSelected, "#domains")
+    def _header_selected(self, event: DataTable.HeaderSelected) -> None:
+        self.query_one(DomainsTable).sort_by(str(event.column_key.value))
+
+    @property
+    def selected(self) -> DomainInfo | None:
+        return self.query_one(DomainsTable).selected()
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _need_selection(self) -> DomainInfo | None:
+        info = self.selected
+        if info is None:
+            self.notify("select a domain first", severity="warning")
+        return info
+
+    def action_lifecycle(self, action: str) -> None:
+        info = self._need_selection()
+        if info is not None:
+            self.vapp.run_lifecycle(info.host, info.name, action)
+
+    def action_shutdown(self) -> None:
+        self.action_lifecycle("shutdown")
+
+    def action_pause(self) -> None:
+        info = self._need_selection()
+        if info is not None:
+            action = "resume" if info.state is DomainState.PAUSED else "suspend"
+            self.vapp.run_lifecycle(info.host, info.name, action)
+
+    def action_force_off(self) -> None:
+        info = self._need_selection()
+        if info is None:
+            return
+        self._confirm_force_off(
+            info.host,
+            info.name,
+            f"Force off '{info.name}'?",
+            "This pulls the plug: the guest gets no chance to flush its disks or stop services.",
+        )
+
+    def offer_force_off(self, host: str, name: str, timeout: float) -> None:
+        self._confirm_force_off(
+            host,
+            name,
+            f"'{name}' is still running",
+            f"The guest did not power off within {timeout:g} s of the shutdown request. "
+            "Force it off? It gets no chance to flush its disks.",
+        )
+
+    def _confirm_force_off(self, host: str, name: str, title: str, body: str) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.vapp.run_lifecycle(host, name, "destroy")
+
+        self.app.push_screen(ConfirmScreen(title, body, yes_label="Force off"), answered)
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.query_one(DomainsTable).set_filter(event.value)
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self) -> None:
+        self.query_one(DomainsTable).focus()
+
+    def key_escape(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.display:
+            box.value = ""
+            box.display = False
+            self.query_one(DomainsTable).focus()
+
+    def action_sort(self) -> None:
+        table = self.query_one(DomainsTable)
+        i = SORT_CYCLE.index(table.sort_column) if table.sort_column in SORT_CYCLE else -1
+        table.sort_by(SORT_CYCLE[(i + 1) % len(SORT_CYCLE)])
+        self.notify(f"sorted by {table.sort_column}", timeout=2)
+
+    def action_tab(self, pane_id: str) -> None:
+        self.query_one(TabbedContent).active = f"tab-{pane_id}"
+
+    def action_pane(self, pane_id: str, verb: str) -> None:
+        pane = self.query_one(f"#{pane_id}", Pane)
+        self.action_tab(pane_id)
+        getattr(pane, f"action_{verb}")()
+
+    # -- command palette: the actions of the selected row -----------------------------------
+
+    def row_commands(self) -> Iterable[SystemCommand]:
+        info = self.selected
+        if info is None:
+            return
+        for binding in self.BINDINGS:
+            assert isinstance(binding, Binding)
+            if binding.id and binding.id.split(".")[0] in ("domain", "template", "snapshot"):
+                action = binding.action
+
+                def run(action: str = action) -> None:
+                    self.run_action(action)
+
+                yield SystemCommand(
+                    f"{binding.description}: {info.name}",
+                    f"{binding.description} the selected domain (key {binding.key})",
+                    run,
+                )

@@ -1,0 +1,153 @@
+"""The domains table: one row per domain of every host, updated in place, sortable, filterable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import humanize
+from rich.text import Text
+from textual.widgets import DataTable
+
+from tui.core.models import DomainInfo, DomainState
+
+_STATE_STYLE = {
+    DomainState.RUNNING: "bold green",
+    DomainState.PAUSED: "yellow",
+    DomainState.SHUTDOWN: "yellow",
+    DomainState.CRASHED: "bold red",
+    DomainState.PMSUSPENDED: "yellow",
+}
+
+SORT_KEYS: dict[str, Callable[[DomainInfo], Any]] = {
+    "name": lambda d: d.name.lower(),
+    "state": lambda d: d.state.value,
+    "vcpus": lambda d: d.vcpus,
+    "memory": lambda d: d.memory_bytes,
+    "cpu": lambda d: d.cpu_percent or 0.0,
+    "disk": lambda d: d.disk_allocation_bytes or 0,
+    "host": lambda d: d.host,
+}
+
+
+def row_key(d: DomainInfo) -> str:
+    return f"{d.host}|{d.uuid}"
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else humanize.naturalsize(n, binary=True, format="%.1f")
+
+
+class DomainsTable(DataTable[Any]):
+    """Rows keyed by host|uuid; cells rewritten only when their text changes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.domains: dict[str, DomainInfo] = {}
+        self.filter_text = ""
+        self.sort_column = "name"
+        self.sort_reverse = False
+        self.show_host = False
+        self._order: list[str] = []
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        self.clear(columns=True)
+        if self.show_host:
+            self.add_column("Host", key="host")
+        for label, key in (
+            ("Name", "name"),
+            ("State", "state"),
+            ("vCPUs", "vcpus"),
+            ("Memory", "memory"),
+            ("CPU %", "cpu"),
+            ("Disk", "disk"),
+        ):
+            self.add_column(label, key=key)
+        self._order = []
+
+    def set_multi_host(self, multi: bool) -> None:
+        if multi != self.show_host:
+            self.show_host = multi
+            self._add_columns()
+            self._render_rows()
+
+    def _cells(self, d: DomainInfo) -> list[Any]:
+        name = Text(d.name)
+        if d.is_template:
+            name.append(" [template]", style="italic cyan")
+        elif d.meta.role == "clone":
+            name.append(f" ({d.meta.mode or 'clone'})", style="dim")
+        cells: list[Any] = [
+            name,
+            Text(d.state.value, style=_STATE_STYLE.get(d.state, "dim")),
+            Text(str(d.vcpus), justify="right"),
+            Text(_size(d.memory_bytes), justify="right"),
+            Text("-" if d.cpu_percent is None else f"{d.cpu_percent:5.1f}", justify="right"),
+            Text(_size(d.disk_allocation_bytes), justify="right"),
+        ]
+        if self.show_host:
+            cells.insert(0, Text(d.host, style="dim"))
+        return cells
+
+    def visible(self) -> list[DomainInfo]:
+        needle = self.filter_text.lower()
+        rows = [
+            d
+            for d in self.domains.values()
+            if not needle
+            or needle in d.name.lower()
+            or needle in d.state.value
+            or needle in d.host.lower()
+        ]
+        rows.sort(key=SORT_KEYS[self.sort_column], reverse=self.sort_reverse)
+        return rows
+
+    def update_domains(self, domains: list[DomainInfo]) -> None:
+        self.domains = {row_key(d): d for d in domains}
+        self._render_rows()
+
+    def set_filter(self, text: str) -> None:
+        self.filter_text = text
+        self._render_rows()
+
+    def sort_by(self, column: str) -> None:
+        if column == self.sort_column:
+            self.sort_reverse = not self.sort_reverse
+        else:
+            self.sort_column, self.sort_reverse = column, False
+        self._render_rows()
+
+    def _render_rows(self) -> None:
+        rows = self.visible()
+        keys = [row_key(d) for d in rows]
+        if keys == self._order:
+            for d in rows:
+                key = row_key(d)
+                for col, cell in zip(self.columns, self._cells(d), strict=True):
+                    if str(self.get_cell(key, col)) != str(cell):
+                        self.update_cell(key, col, cell)
+            return
+        selected = self.selected_key()
+        self.clear()
+        for d in rows:
+            self.add_row(*self._cells(d), key=row_key(d))
+        self._order = keys
+        if selected in keys:
+            self.move_cursor(row=keys.index(selected), animate=False)
+
+    def selected_key(self) -> str | None:
+        if not self._order or self.cursor_row < 0 or self.cursor_row >= len(self._order):
+            return None
+        return self._order[self.cursor_row]
+
+    def selected(self) -> DomainInfo | None:
+        key = self.selected_key()
+        return self.domains.get(key) if key else None
+
+    def select_name(self, name: str) -> bool:
+        for i, key in enumerate(self._order):
+            if self.domains[key].name == name:
+                self.move_cursor(row=i, animate=False)
+                return True
+        return False
