@@ -1,11 +1,92 @@
-"""CLI commands for usage (see tui.core)."""
+"""`virtdeck usage`: what templates, thin and full clones use on disk (shared bases once)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
+
+import humanize
+
+from tui.cli import print_json
+from tui.core.hypervisor import Hypervisor
+from tui.core.usage import TemplateUsage, UsageCollector, UsageReport
 
 
 def register(sub: Any) -> None:
-    """Add this module's subcommands to the parser."""
-    _ = (sub, argparse)
+    p = sub.add_parser(
+        "usage",
+        help="disk usage: what thin clones cost against full copies, backing chains, host totals",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output (sizes in bytes)")
+    p.set_defaults(handler=cmd_usage)
+
+
+def size(n: int) -> str:
+    return humanize.naturalsize(n, binary=True)
+
+
+def usage_json(reports: list[UsageReport]) -> dict[str, Any]:
+    """One object for all hypervisors; each image and template names its host."""
+    images = [{**i.to_json(), "host": r.host} for r in reports for i in r.images]
+    templates = [{**t.to_json(), "host": r.host} for r in reports for t in r.templates]
+    return {
+        "images": images,
+        "templates": templates,
+        "domains": [{**d.to_json(), "host": r.host} for r in reports for d in r.domains],
+        "total_actual_bytes": sum(r.total_actual_bytes for r in reports),
+        "hosts": [
+            {
+                "host": r.host,
+                "total_actual_bytes": r.total_actual_bytes,
+                "problems": list(r.problems),
+            }
+            for r in reports
+        ],
+    }
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        indent + "  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(
+            zip(r, widths, strict=True)
+        )).rstrip()
+        for r in rows
+    ]  # fmt: skip
+
+
+def template_lines(t: TemplateUsage) -> list[str]:
+    state = "" if t.defined else " (undefined; known from its clones)"
+    lines = [f"template {t.name}{state}: base {t.base or '?'} ({size(t.base_bytes)}, shared)"]
+    rows = [["KIND", "DOMAIN", "IMAGE", "ACTUAL"]]
+    rows += [["thin", c.domain, c.path, size(c.actual_bytes)] for c in t.thin]
+    rows += [["full", c.domain, c.path, size(c.actual_bytes)] for c in t.full]
+    if len(rows) > 1:
+        lines += _table(rows)
+    pct = f" ({t.saved_bytes / t.full_equivalent_bytes:.0%})" if t.full_equivalent_bytes else ""
+    lines += [
+        f"  thin clones: {len(t.thin_domains)} using {size(t.thin_bytes)}; as full copies "
+        f"{size(t.full_equivalent_bytes)}; saved {size(t.saved_bytes)}{pct}",
+        f"  full clones: {len(t.full_domains)} using {size(t.full_bytes)}",
+    ]
+    return lines
+
+
+def cmd_usage(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    reports = [UsageCollector(hv).report() for hv in hypervisors]
+    if args.json:
+        print_json(usage_json(reports))
+    else:
+        for r in reports:
+            for t in r.templates:
+                print("\n".join(template_lines(t)))
+                print()
+            print(
+                f"host {r.host}: {len(r.images)} images, {size(r.total_actual_bytes)} on disk "
+                "(shared bases counted once)"
+            )
+    for r in reports:
+        for problem in r.problems:
+            print(f"virtdeck: warning: {problem}", file=sys.stderr)
+    return 0
