@@ -1,11 +1,195 @@
-"""CLI commands for templates (see tui.core)."""
+"""`virtdeck template create|ls`, `virtdeck clone` and `virtdeck rm` (see tui.core.templates
+and tui.core.clones): each plans first, prints the plan on stderr, then executes it."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+import humanize
+
+from tui.cli import find_domain, print_json, stderr_progress
+from tui.core import clones, templates
+from tui.core.errors import NotFoundError
+from tui.core.hypervisor import Hypervisor
+from tui.core.paths import template_backup_dir
 
 
 def register(sub: Any) -> None:
     """Add this module's subcommands to the parser."""
-    _ = (sub, argparse)
+    p = sub.add_parser("template", help="make and list templates")
+    tsub = p.add_subparsers(dest="template_command", metavar="SUBCOMMAND", required=True)
+
+    c = tsub.add_parser(
+        "create",
+        help="seal a VM into a template (shut down, virt-sysprep, rename, back up, read-only)",
+    )
+    c.add_argument("vm", metavar="VM")
+    c.add_argument("--name", help="template name (default: template-VM)")
+    c.add_argument("--no-seal", action="store_true", help="do not run virt-sysprep")
+    c.add_argument(
+        "--operations",
+        metavar="OPS",
+        help="comma-separated virt-sysprep operations (default: virt-sysprep's defaults), "
+        "e.g. ssh-hostkeys,udev-persistent-net,net-hwaddr,machine-id,user-account",
+    )
+    c.add_argument(
+        "--backup-dir",
+        metavar="DIR",
+        type=Path,
+        help=f"where the XML backup goes (default: {template_backup_dir()})",
+    )
+    c.add_argument(
+        "--undefine",
+        action="store_true",
+        help="undefine it afterwards (the XML backup and the disks stay; still deployable)",
+    )
+    c.add_argument(
+        "--force", action="store_true", help="force the VM off if it ignores the shutdown"
+    )
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for a graceful shutdown (default 120)",
+    )
+    c.set_defaults(handler=cmd_create)
+
+    ls = tsub.add_parser("ls", help="list templates, their base images and clones")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    ls.set_defaults(handler=cmd_ls)
+
+    p = sub.add_parser("clone", help="deploy thin (default) or full clones of a template")
+    p.add_argument("template", metavar="TEMPLATE")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--full", action="store_true", help="independent full copy (qemu-img convert)")
+    p.add_argument("--count", type=int, default=1, metavar="N", help="make NAME-1 ... NAME-N")
+    p.add_argument("--start", action="store_true", help="start the clones afterwards")
+    p.add_argument("--dir", metavar="DIR", help="where the disk files go (default: the base's)")
+    p.add_argument(
+        "--allow-unsealed", action="store_true", help="clone a template that was not sealed"
+    )
+    p.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    p.set_defaults(handler=cmd_clone)
+
+    p = sub.add_parser(
+        "rm", help="remove a domain or template (refused while thin clones depend on it)"
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--storage",
+        action="store_true",
+        help="also delete its own disk images (never a shared base)",
+    )
+    p.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    p.set_defaults(handler=cmd_rm)
+
+
+def _plan_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(f"virtdeck: plan: {line}", file=sys.stderr)
+
+
+def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    hv = find_domain(hypervisors, args.vm)
+    ops = None
+    if args.operations is not None:
+        ops = [o for o in args.operations.split(",")]
+    sysprep = templates.Sysprep()
+    plan = templates.plan_template(
+        hv,
+        args.vm,
+        name=args.name,
+        seal=not args.no_seal,
+        operations=ops,
+        backup_dir=args.backup_dir,
+        undefine=args.undefine,
+        force=args.force,
+        shutdown_timeout=args.timeout,
+        sysprep=sysprep,
+    )
+    _plan_lines(plan.summary())
+    t = templates.execute_template(hv, plan, stderr_progress, sysprep=sysprep)
+    state = "defined" if t.defined else "undefined, XML in " + (t.xml_backup or "?")
+    print(f"{t.name}: template made from {plan.vm} ({state})")
+    return 0
+
+
+def _find_template(hypervisors: list[Hypervisor], name: str, backup_dir: Path | None) -> Hypervisor:
+    """The hypervisor holding template `name`; an undefined one (an XML backup) goes with the
+    first hypervisor, which is where virtdeck lists it."""
+    for hv in hypervisors:
+        if hv.exists(name):
+            return hv
+    if any(b.name == name for b in templates.backup_templates(backup_dir)):
+        return hypervisors[0]
+    where = ", ".join(hv.uri for hv in hypervisors)
+    raise NotFoundError(f"no template named '{name}' on {where} ('virtdeck template ls')")
+
+
+def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    found = [
+        t
+        for i, hv in enumerate(hypervisors)
+        for t in templates.list_templates(hv, args.backup_dir, include_backups=i == 0)
+    ]
+    if args.json:
+        print_json([t.to_json() for t in found])
+        return 0
+    header = ["NAME", "DEFINED", "VIRTUAL", "REAL", "SEALED", "THIN", "FULL", "BASE IMAGES"]
+    rows = [header]
+    for t in found:
+        sealed = (t.created or "?")[:16] if t.sealed else "no"
+        rows.append(
+            [
+                t.name,
+                "yes" if t.defined else "no",
+                humanize.naturalsize(t.virtual_bytes, binary=True),
+                humanize.naturalsize(t.actual_bytes, binary=True),
+                sealed,
+                str(len(t.thin_clones)),
+                str(len(t.full_clones)),
+                " ".join(b.path for b in t.base_images),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    hv = _find_template(hypervisors, args.template, args.backup_dir)
+    plan = clones.plan_clone(
+        hv,
+        args.template,
+        args.name,
+        full=args.full,
+        count=args.count,
+        start=args.start,
+        directory=args.dir,
+        allow_unsealed=args.allow_unsealed,
+        backup_dir=args.backup_dir,
+    )
+    _plan_lines(plan.summary())
+    names = clones.execute_clone(hv, plan, stderr_progress)
+    for name in names:
+        print(f"{name}: {plan.mode} clone of {plan.template}" + (" (started)" * plan.start))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    try:
+        hv = find_domain(hypervisors, args.name)
+    except NotFoundError:
+        hv = _find_template(hypervisors, args.name, args.backup_dir)
+    plan = clones.plan_remove(hv, args.name, storage=args.storage, backup_dir=args.backup_dir)
+    _plan_lines(plan.summary())
+    clones.execute_remove(hv, plan, stderr_progress, backup_dir=args.backup_dir)
+    deleted = f" (deleted {', '.join(plan.delete_files)})" if plan.delete_files else ""
+    print(f"{args.name}: removed{deleted}")
+    return 0

@@ -1,0 +1,537 @@
+"""Deploying clones from a template, and removing domains without breaking the clones of others.
+
+Plan, then execute (like virt-manager's cloner): `plan_clone()` validates everything before a
+byte is written (names, file collisions, the template and its seal, free space) and returns the
+names, files, UUIDs, MACs, XML and space needed; `execute_clone()` defines every clone first (so
+an XML error surfaces before any copy), then makes the disks: a qcow2 overlay per disk for a
+thin clone (absolute backing path and backing format recorded in the overlay), a sparse
+`qemu-img convert` copy for a full one. Whatever fails, or an interrupt, undefines what it
+defined and deletes the files it made.
+
+`plan_remove()` refuses to remove a domain whose images other domains build on (thin clones of
+a template) and lists them; with storage it deletes only the domain's own top images, never a
+backing file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from tui.core import domxml
+from tui.core.errors import (
+    DependencyError,
+    InvalidInputError,
+    NotFoundError,
+    OperationError,
+    StateError,
+    VirtdeckError,
+)
+from tui.core.hypervisor import Hypervisor, libvirt_message, validate_name
+from tui.core.models import VirtdeckMeta
+from tui.core.progress import Progress, no_progress
+from tui.core.qemuimg import QemuImg
+from tui.core.templates import (
+    backing_files,
+    backup_templates,
+    image_users,
+    now_iso,
+    own_images,
+    template_xml,
+    undefine_domain,
+)
+
+# Keep the usual prefixes when clone XML is written back (libvirt matches by URI anyway).
+domxml.ET.register_namespace("libosinfo", "http://libosinfo.org/xmlns/libvirt/domain/1.0")
+domxml.ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
+
+#: What a fresh qcow2 overlay takes on disk (header, L1 table, refcounts), rounded up.
+OVERLAY_BYTES = 1024 * 1024
+_EXT = {"qcow2": ".qcow2", "raw": ".img"}
+
+
+@dataclass(frozen=True)
+class CloneDisk:
+    target: str
+    base: str  # the template's image (absolute)
+    base_format: str
+    path: str  # the clone's own file
+    format: str
+    bytes_needed: int
+
+
+@dataclass(frozen=True)
+class CloneItem:
+    name: str
+    uuid: str
+    macs: tuple[str, ...]
+    disks: tuple[CloneDisk, ...]
+    xml: str
+
+
+@dataclass(frozen=True)
+class ClonePlan:
+    host: str
+    template: str
+    template_defined: bool
+    sealed: bool
+    mode: str  # "thin" or "full"
+    start: bool
+    items: tuple[CloneItem, ...]
+    bytes_needed: int
+    bytes_free: int | None  # on the emptiest target filesystem
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.items)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(d.path for i in self.items for d in i.disks)
+
+    def summary(self) -> list[str]:
+        lines = []
+        for item in self.items:
+            lines.append(f"{item.name}  uuid {item.uuid}  mac {', '.join(item.macs) or '-'}")
+            for d in item.disks:
+                how = f"overlay on {d.base}" if self.mode == "thin" else f"copy of {d.base}"
+                lines.append(f"  {d.target}: {d.path} ({how})")
+        lines.append(f"space needed: {_size(self.bytes_needed)}"
+                     + (f" of {_size(self.bytes_free)} free" if self.bytes_free is not None
+                        else ""))  # fmt: skip
+        if self.start:
+            lines.append("start every clone afterwards")
+        if not self.sealed:
+            lines.append(f"warning: '{self.template}' is not sealed; clones share its identity")
+        return lines
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
+
+
+def _all_macs(hv: Hypervisor) -> set[str]:
+    return {i.mac.lower() for d in hv.domains() for i in d.interfaces if i.mac}
+
+
+def _new_mac(taken: set[str], rng: random.Random) -> str:
+    # 52:54:00 is QEMU/KVM's locally administered prefix, what libvirt itself picks from.
+    while True:
+        mac = "52:54:00:" + ":".join(f"{rng.randrange(256):02x}" for _ in range(3))
+        if mac not in taken:
+            taken.add(mac)
+            return mac
+
+
+def _measure(qemu: QemuImg, path: str, fmt: str) -> int:
+    """Bytes a sparse copy needs (`qemu-img measure`: allocated clusters, not virtual size)."""
+    out = json.loads(qemu.run("measure", "--output=json", "-f", fmt, "-O", fmt, path))
+    return int(out["required"])
+
+
+def _free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def clone_names(name: str, count: int) -> list[str]:
+    if count < 1:
+        raise InvalidInputError(f"--count must be at least 1 (got {count})")
+    if count == 1:
+        return [validate_name(name)]
+    return [validate_name(f"{name}-{i}") for i in range(1, count + 1)]
+
+
+def plan_clone(
+    hv: Hypervisor,
+    template: str,
+    name: str,
+    *,
+    full: bool = False,
+    count: int = 1,
+    start: bool = False,
+    directory: str | Path | None = None,
+    allow_unsealed: bool = False,
+    backup_dir: Path | None = None,
+    qemu: QemuImg | None = None,
+    rng: random.Random | None = None,
+) -> ClonePlan:
+    """Validate and describe the clones; nothing is written."""
+    qemu = qemu or QemuImg()
+    rng = rng or random.SystemRandom()
+    names = clone_names(name, count)
+    xml, defined = template_xml(hv, template, backup_dir)
+    troot = domxml.parse(xml)
+    meta = domxml.read_meta(troot)
+    if not meta.sealed and not allow_unsealed:
+        raise StateError(
+            f"template '{template}' is not sealed (no virt-sysprep): its clones would share "
+            "its SSH host keys and machine-id; allow it with --allow-unsealed"
+        )
+    for n in names:
+        if hv.exists(n):
+            raise InvalidInputError(f"a domain named '{n}' already exists; choose another name")
+    if directory is not None and not os.path.isdir(directory):
+        raise InvalidInputError(f"--dir {directory} is not a directory")
+    bases = own_images(domxml.disks(troot))
+    if not bases:
+        raise InvalidInputError(f"template '{template}' has no disk image to clone")
+    for disk in domxml.disks(troot):
+        if disk.device == "disk" and not disk.path:
+            raise InvalidInputError(
+                f"disk {disk.target} of '{template}' is not a local file; cannot clone it"
+            )
+    measured: dict[str, int] = {}
+    for disk in bases:
+        assert disk.path is not None
+        if not os.path.isfile(disk.path):
+            raise NotFoundError(f"base image {disk.path} of '{template}' is missing")
+        if full:
+            measured[disk.path] = _measure(qemu, disk.path, disk.format or "qcow2")
+    mode = "full" if full else "thin"
+    taken_macs = _all_macs(hv)
+    taken_files: set[str] = set()
+    items = []
+    needed_by_dev: dict[int, int] = {}
+    dirs_by_dev: dict[int, str] = {}
+    for n in names:
+        disks = []
+        for i, disk in enumerate(bases):
+            assert disk.path is not None
+            base = os.path.abspath(disk.path)
+            base_fmt = disk.format or "qcow2"
+            fmt = base_fmt if full else "qcow2"
+            where = str(directory) if directory is not None else os.path.dirname(base)
+            stem = n if i == 0 else f"{n}-{disk.target}"
+            path = os.path.join(os.path.abspath(where), stem + _EXT.get(fmt, "." + fmt))
+            if os.path.lexists(path) or path in taken_files:
+                raise InvalidInputError(f"{path} already exists; choose another name or --dir")
+            taken_files.add(path)
+            need = measured[disk.path] if full else OVERLAY_BYTES
+            dev = os.stat(os.path.dirname(path)).st_dev
+            needed_by_dev[dev] = needed_by_dev.get(dev, 0) + need
+            dirs_by_dev[dev] = os.path.dirname(path)
+            disks.append(CloneDisk(disk.target, base, base_fmt, path, fmt, need))
+        uuid = str(uuidlib.uuid4())
+        root = domxml.parse(xml)
+        macs = _rewrite(root, n, uuid, disks, taken_macs, rng, template, mode)
+        items.append(CloneItem(n, uuid, macs, tuple(disks), domxml.to_string(root)))
+    free = {dev: _free_bytes(d) for dev, d in dirs_by_dev.items()}
+    for dev, need in needed_by_dev.items():
+        if need > free[dev]:
+            raise InvalidInputError(
+                f"not enough space in {dirs_by_dev[dev]}: the clones need {_size(need)}, "
+                f"{_size(free[dev])} is free (choose --dir elsewhere, or thin clones)"
+            )
+    return ClonePlan(
+        host=hv.uri,
+        template=template,
+        template_defined=defined,
+        sealed=meta.sealed,
+        mode=mode,
+        start=start,
+        items=tuple(items),
+        bytes_needed=sum(needed_by_dev.values()),
+        bytes_free=min(free.values()) if free else None,
+    )
+
+
+def _rewrite(
+    root: Any,
+    name: str,
+    uuid: str,
+    disks: Sequence[CloneDisk],
+    taken_macs: set[str],
+    rng: random.Random,
+    template: str,
+    mode: str,
+) -> tuple[str, ...]:
+    """Turn the template's XML into the clone's: identity, MACs, disks, metadata."""
+    for tag, text in (("name", name), ("uuid", uuid)):
+        elem = root.find(tag)
+        if elem is None:
+            elem = domxml.ET.SubElement(root, tag)
+        elem.text = text
+    macs = []
+    for iface in root.findall("./devices/interface"):
+        mac = iface.find("mac")
+        if mac is None:
+            mac = domxml.ET.SubElement(iface, "mac")
+        mac.set("address", _new_mac(taken_macs, rng))
+        macs.append(mac.get("address", ""))
+        target = iface.find("target")
+        if target is not None:
+            iface.remove(target)  # vnetN names belong to the template's last run
+    by_target = {d.target: d for d in disks}
+    for disk in domxml.disk_elements(root):
+        target = disk.find("target")
+        cd = by_target.get(target.get("dev", "") if target is not None else "")
+        if cd is None or disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
+            continue
+        disk.set("type", "file")
+        source = disk.find("source")
+        if source is None:
+            source = domxml.ET.SubElement(disk, "source")
+        source.attrib.clear()
+        source.set("file", cd.path)
+        driver = disk.find("driver")
+        if driver is None:
+            driver = domxml.ET.SubElement(disk, "driver", name="qemu")
+        driver.set("type", cd.format)
+        for bs in disk.findall("backingStore"):
+            disk.remove(bs)  # libvirt reads the chain from the overlay's header
+    os_elem = root.find("os")
+    if os_elem is not None:
+        for nvram in os_elem.findall("nvram"):
+            # libvirt gives the clone its own NVRAM file, initialised from the firmware's
+            # template on first start; sharing the template's would mix their EFI variables.
+            os_elem.remove(nvram)
+    domxml.write_meta(
+        root, VirtdeckMeta(role="clone", created=now_iso(), source=template, mode=mode)
+    )
+    return tuple(macs)
+
+
+def execute_clone(
+    hv: Hypervisor,
+    plan: ClonePlan,
+    progress: Progress = no_progress,
+    *,
+    qemu: QemuImg | None = None,
+) -> list[str]:
+    """Define every clone, then make its disks; undo all of it on any failure or interrupt.
+
+    Starting (when asked) comes last: a clone that fails to start stays defined and is named in
+    the error, since its disks and definition are complete.
+    """
+    qemu = qemu or QemuImg()
+    conn = hv.conn
+    for item in plan.items:
+        if hv.exists(item.name):
+            raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
+        for d in item.disks:
+            if os.path.lexists(d.path):
+                raise InvalidInputError(f"{d.path} already exists; plan again")
+    defined: list[Any] = []
+    made: list[str] = []
+    total = sum(d.bytes_needed for i in plan.items for d in i.disks) or 1
+    done = 0
+    try:
+        for item in plan.items:
+            progress(f"defining '{item.name}'", None)
+            try:
+                defined.append(conn.defineXML(item.xml))
+            except libvirt.libvirtError as err:
+                raise OperationError(
+                    f"defining clone '{item.name}' failed: {libvirt_message(err)}"
+                ) from None
+        for item in plan.items:
+            for d in item.disks:
+                if os.path.lexists(d.path):
+                    raise InvalidInputError(f"{d.path} appeared meanwhile; nothing was kept")
+                made.append(d.path)
+                if plan.mode == "thin":
+                    progress(f"{item.name}: overlay {d.path} on {d.base}", done / total)
+                    qemu.create_overlay(d.path, d.base, d.base_format)
+                else:
+                    start, share = done / total, d.bytes_needed / total
+
+                    def scaled(
+                        msg: str, frac: float | None, s: float = start, w: float = share
+                    ) -> None:
+                        progress(msg, None if frac is None else s + frac * w)
+
+                    qemu.convert(
+                        d.base,
+                        d.path,
+                        src_fmt=d.base_format,
+                        dst_fmt=d.format,
+                        progress=scaled,
+                        label=f"{item.name}: copying {os.path.basename(d.base)}",
+                    )
+                done += d.bytes_needed
+    except BaseException as err:
+        leftovers = _undo_clones(hv, defined, made)
+        if leftovers and isinstance(err, VirtdeckError):
+            raise OperationError(f"{err}; could not clean up: {', '.join(leftovers)}") from err
+        raise
+    finally:
+        hv.invalidate()
+    progress(f"{len(plan.items)} {plan.mode} clone(s) of '{plan.template}' made", 1.0)
+    if plan.start:
+        for item in plan.items:
+            progress(f"starting '{item.name}'", None)
+            try:
+                hv.start(item.name)
+            except VirtdeckError as err:
+                raise OperationError(
+                    f"clone '{item.name}' was made but did not start: {err}"
+                ) from None
+    return list(plan.names)
+
+
+def _undo_clones(hv: Hypervisor, defined: list[Any], made: list[str]) -> list[str]:
+    """Undefine and delete what a failed execute_clone made; returns what could not go."""
+    leftovers = []
+    for dom in reversed(defined):
+        try:
+            name = dom.name()
+            if dom.isActive():
+                dom.destroy()
+            undefine_domain(dom, keep_nvram=False)
+        except libvirt.libvirtError:
+            leftovers.append(f"domain {name}")
+    for path in reversed(made):
+        try:
+            if os.path.lexists(path):
+                os.unlink(path)
+        except OSError:
+            leftovers.append(path)
+    return leftovers
+
+
+# -- removal ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemovePlan:
+    host: str
+    name: str
+    defined: bool
+    is_template: bool
+    storage: bool
+    images: tuple[str, ...]  # the domain's own images
+    delete_files: tuple[str, ...]  # those of them deleted (only with storage)
+    kept_files: tuple[str, ...]  # its images left on disk, and the backing files it reads
+    backup: str | None  # a template's XML backup, removed with it
+
+    def summary(self) -> list[str]:
+        what = "template" if self.is_template else "domain"
+        lines = [f"undefine {what} '{self.name}'" if self.defined
+                 else f"forget undefined template '{self.name}'"]  # fmt: skip
+        if self.backup:
+            lines.append(f"delete its XML backup {self.backup}")
+        lines.extend(f"delete {p}" for p in self.delete_files)
+        lines.extend(f"keep {p}" for p in self.kept_files)
+        return lines
+
+
+def plan_remove(
+    hv: Hypervisor,
+    name: str,
+    *,
+    storage: bool = False,
+    backup_dir: Path | None = None,
+    qemu: QemuImg | None = None,
+) -> RemovePlan:
+    """Refuse a domain other domains build on (listing them); say which files go."""
+    qemu = qemu or QemuImg()
+    backup: str | None = None
+    if hv.exists(name):
+        info = hv.domain(name)
+        if info.state.active:
+            raise StateError(
+                f"'{name}' is {info.state.value}; shut it down first "
+                f"('virtdeck shutdown {name}' or 'virtdeck destroy {name}')"
+            )
+        disks = info.disks
+        is_template = info.is_template
+        defined = True
+        if is_template and info.meta.xml_backup and os.path.isfile(info.meta.xml_backup):
+            backup = info.meta.xml_backup
+    else:
+        found = [b for b in backup_templates(backup_dir) if b.name == name]
+        if not found:
+            raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
+        disks = domxml.disks(found[0].root)
+        is_template, defined, backup = True, False, str(found[0].path)
+    images = [d.path for d in own_images(disks) if d.path]
+    users = image_users(hv, images, exclude=name, backup_dir=backup_dir, qemu=qemu)
+    if users:
+        names = sorted({str(u) for u in users})
+        what = "template" if is_template else "domain"
+        raise DependencyError(
+            f"{what} '{name}' cannot be removed: {len(names)} domain(s) depend on its "
+            f"image(s): {', '.join(names)} (remove them first)"
+        )
+    delete = tuple(images) if storage else ()
+    kept = [] if storage else list(images)
+    for d in own_images(disks):
+        assert d.path is not None
+        for base in backing_files(d.path, qemu, d.backing_path):
+            if base not in kept:
+                kept.append(base)
+    return RemovePlan(
+        hv.uri, name, defined, is_template, storage, tuple(images), delete, tuple(kept), backup
+    )
+
+
+def execute_remove(
+    hv: Hypervisor,
+    plan: RemovePlan,
+    progress: Progress = no_progress,
+    *,
+    backup_dir: Path | None = None,
+    qemu: QemuImg | None = None,
+) -> None:
+    """Undefine, then delete the domain's own files (never a backing file). Checks the
+    dependents again: a clone made since the plan must not lose its base."""
+    qemu = qemu or QemuImg()
+    users = image_users(hv, plan.images, exclude=plan.name, backup_dir=backup_dir, qemu=qemu)
+    if users:
+        raise DependencyError(
+            f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))} "
+            "now depend on its image(s)"
+        )
+    if plan.defined:
+        progress(f"undefining '{plan.name}'", None)
+        try:
+            dom = hv.conn.lookupByName(plan.name)
+        except libvirt.libvirtError:
+            raise NotFoundError(f"'{plan.name}' no longer exists") from None
+        if dom.isActive():
+            raise StateError(f"'{plan.name}' was started meanwhile; shut it down first")
+        try:
+            # Snapshot metadata goes with the domain; internal snapshots live in its image.
+            dom.undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            )
+        except libvirt.libvirtError as err:
+            try:
+                undefine_domain(dom, keep_nvram=False)
+            except libvirt.libvirtError:
+                raise OperationError(f"undefining '{plan.name}': {libvirt_message(err)}") from None
+        hv.invalidate()
+    failed = []
+    for path in plan.delete_files:
+        progress(f"deleting {path}", None)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            failed.append(f"{path} ({err.strerror})")
+    if plan.backup:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(plan.backup)
+    if failed:
+        raise OperationError(
+            f"'{plan.name}' was undefined but could not delete {', '.join(failed)}"
+        )
+    progress(f"'{plan.name}' removed", 1.0)
