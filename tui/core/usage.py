@@ -172,6 +172,10 @@ class UsageReport:
             self._by_path.update((i.path, i) for i in self.images)
         return self._by_path.get(path)
 
+    def users(self, path: str) -> tuple[str, ...]:
+        """The domains whose backing chains include `path`."""
+        return tuple(d.name for d in self.domains if any(path in c.chain for c in d.disks))
+
     def domain(self, name: str) -> DomainUsage | None:
         return next((d for d in self.domains if d.name == name), None)
 
