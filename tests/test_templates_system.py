@@ -101,7 +101,9 @@ def unsealed_template(lab: SystemLab, tmp: Path, suffix: str = "vm") -> tuple[st
     """A lab VM made into an unsealed template (no virt-sysprep: fast); (name, base image)."""
     disk = guest_disk(lab, f"{suffix}.qcow2", tmp)
     vm = lab.define(suffix, disks=[(disk, "qcow2")])
-    plan = plan_template(lab.hv, vm, seal=False, backup_dir=lab.dir / "backups")
+    plan = plan_template(
+        lab.hv, vm, name=lab.name(f"t{suffix}"), seal=False, backup_dir=lab.dir / "backups"
+    )
     t = execute_template(lab.hv, plan)
     return t.name, disk
 
@@ -115,14 +117,15 @@ def test_seal_chosen_operations_then_thin_and_full_clones(lab: SystemLab, tmp_pa
     vm = lab.define("web", disks=[(disk, "qcow2")], macs=("52:54:00:1a:2b:3c",))
     lab.hv.start(vm)  # the guest has no OS: it ignores ACPI, so --force is what turns it off
     plan = plan_template(
-        lab.hv, vm, operations=["ssh-hostkeys", "machine-id", "bash-history"],
+        lab.hv, vm, name=lab.name("tweb"),
+        operations=["ssh-hostkeys", "machine-id", "bash-history"],
         backup_dir=lab.dir / "backups", force=True, shutdown_timeout=2,
     )  # fmt: skip
     steps: list[str] = []
     t = execute_template(lab.hv, plan, lambda m, f: steps.append(m))
     assert any(s.startswith("sysprep: ") and "Performing" in s for s in steps)
     assert any("forcing" in s for s in steps)
-    assert t.name == f"template-{vm}" and t.sealed and t.source == vm
+    assert t.name == lab.name("tweb") and t.sealed and t.source == vm
     assert t.sealed_operations == ("ssh-hostkeys", "machine-id", "bash-history")
     assert stat.S_IMODE(os.stat(disk).st_mode) == 0o444
     assert lab.hv.domain(t.name).state is DomainState.SHUTOFF
@@ -211,7 +214,9 @@ def test_graceful_shutdown_timeout_without_force_changes_nothing(
     disk = guest_disk(lab, "stubborn.qcow2", tmp_path)
     vm = lab.define("stubborn", disks=[(disk, "qcow2")])
     lab.hv.start(vm)
-    plan = plan_template(lab.hv, vm, seal=False, backup_dir=lab.dir / "b", shutdown_timeout=1)
+    plan = plan_template(
+        lab.hv, vm, name=lab.name("ts"), seal=False, backup_dir=lab.dir / "b", shutdown_timeout=1
+    )
     with pytest.raises(StateError, match="still running after 1 s.*--force"):
         execute_template(lab.hv, plan)
     info = lab.hv.domain(vm)
