@@ -95,3 +95,12 @@ class QemuImg:
         if proc.wait() != 0:
             raise OperationError(f"qemu-img convert failed: {_last_line(err)}")
         progress(label, 1.0)
+
+    def commit(self, path: str, fmt: str = "qcow2") -> None:
+        """Write the overlay `path` into its backing file (the overlay is left emptied)."""
+        self.run("commit", "-q", "-f", fmt, path)
+
+    def rebase_unsafe(self, path: str, backing: str, backing_fmt: str) -> None:
+        """Point `path` at another backing file without copying data (`rebase -u`): only right
+        when the new backing shows the same content as the old one, e.g. after a commit."""
+        self.run("rebase", "-u", "-f", "qcow2", "-F", backing_fmt, "-b", backing, path)
