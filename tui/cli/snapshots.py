@@ -1,11 +1,126 @@
-"""CLI commands for snapshots (see tui.core)."""
+"""`virtdeck snapshot ls|create|revert|delete` and `virtdeck rollback` (see tui.core.snapshots)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+import humanize
+
+from tui.cli import find_domain, print_json, stderr_progress
+from tui.core import snapshots
+from tui.core.hypervisor import Hypervisor
+
 
 def register(sub: Any) -> None:
     """Add this module's subcommands to the parser."""
-    _ = (sub, argparse)
+    snap = sub.add_parser("snapshot", help="snapshot trees: list, create, revert, delete")
+    ssub = snap.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
+
+    p = ssub.add_parser("ls", help="a domain's snapshot tree (the current one marked)")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_ls)
+
+    p = ssub.add_parser("create", help="take a snapshot")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--external",
+        action="store_true",
+        help="a copy-on-write overlay per disk (raw or qcow2), memory too when running",
+    )
+    p.add_argument(
+        "--disk-only", action="store_true", help="with --external: disks only, no memory state"
+    )
+    p.add_argument("--description", default="", metavar="TEXT", help="what this snapshot is for")
+    p.add_argument(
+        "--quiesce", action="store_true", help="freeze guest file systems (needs the guest agent)"
+    )
+    p.set_defaults(handler=cmd_create)
+
+    p = ssub.add_parser("revert", help="go back to a snapshot (the current state is lost)")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=cmd_revert)
+
+    p = ssub.add_parser("delete", help="delete a snapshot (its data merges into what follows)")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--children", action="store_true", help="delete its descendants too")
+    p.set_defaults(handler=cmd_delete)
+
+    p = sub.add_parser("rollback", help="revert a domain to its current snapshot")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.set_defaults(handler=cmd_rollback)
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else humanize.naturalsize(n, binary=True)
+
+
+def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    hv = find_domain(hypervisors, args.domain)
+    tree = snapshots.snapshot_tree(hv, args.domain)
+    if args.json:
+        print_json([n.to_json() for n in tree.nodes])
+        return 0
+    if not tree.nodes:
+        print(f"{args.domain}: no snapshots")
+        return 0
+    print(tree.render(), end="")
+    for node in tree.nodes:
+        created = node.created.astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+        line = f"{node.name}: {node.kind}, {node.state}, {created}"
+        if node.description:
+            line += f" - {node.description}"
+        print(line)
+        for f in node.files:
+            print(f"    {f.role}: {f.path} ({_size(f.size_bytes)})")
+    return 0
+
+
+def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    hv = find_domain(hypervisors, args.domain)
+    plan = snapshots.plan_create(
+        hv,
+        args.domain,
+        args.name,
+        external=args.external,
+        disk_only=args.disk_only,
+        description=args.description,
+        quiesce=args.quiesce,
+    )
+    for note in plan.notes:
+        stderr_progress(note, None)
+    node = snapshots.create(hv, plan, stderr_progress)
+    print(f"{args.domain}: {node.kind} snapshot '{node.name}' created")
+    return 0
+
+
+def _revert(hv: Hypervisor, plan: snapshots.RevertPlan) -> int:
+    for line in plan.summary()[1:]:
+        stderr_progress(line, None)
+    snapshots.revert(hv, plan, stderr_progress)
+    print(f"{plan.domain}: reverted to '{plan.snapshot}' ({plan.result_state})")
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    hv = find_domain(hypervisors, args.domain)
+    return _revert(hv, snapshots.plan_revert(hv, args.domain, args.name))
+
+
+def cmd_rollback(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    hv = find_domain(hypervisors, args.domain)
+    return _revert(hv, snapshots.plan_rollback(hv, args.domain))
+
+
+def cmd_delete(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    hv = find_domain(hypervisors, args.domain)
+    plan = snapshots.plan_delete(hv, args.domain, args.name, children=args.children)
+    for note in plan.notes:
+        stderr_progress(note, None)
+    snapshots.delete(hv, plan, stderr_progress)
+    print(f"{args.domain}: deleted {', '.join(repr(n) for n in plan.names)}")
+    return 0
