@@ -63,3 +63,11 @@ def lab(system_hv: Hypervisor) -> Iterator[SystemLab]:
         yield lab
     finally:
         lab.cleanup()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _libvirt_event_loop() -> None:
+    """libvirt wants its event loop registered before connections that deliver events."""
+    from tui.core.hypervisor import start_event_loop
+
+    start_event_loop()

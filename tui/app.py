@@ -69,9 +69,13 @@ class VirtdeckApp(App[None]):
         if any(hv.demo for hv in self.hypervisors):
             self.title = "virtdeck  DEMO"
         for hv in self.hypervisors:
-            hv.subscribe(self._on_libvirt_event)
+            hv.subscribe(self._libvirt_callback)
         self.load_hosts()
         self.refresh_inventory()
+
+    def on_unmount(self) -> None:
+        for hv in self.hypervisors:
+            hv.unsubscribe(self._libvirt_callback)
 
     @work(thread=True, group="hosts", exit_on_error=False, description="reading host versions")
     def load_hosts(self) -> None:
@@ -132,7 +136,7 @@ class VirtdeckApp(App[None]):
         else:
             self._poll_timer = self.set_timer(self.poll_interval, self.refresh_inventory)
 
-    def _on_libvirt_event(self, event: DomainEvent) -> None:
+    def _libvirt_callback(self, event: DomainEvent) -> None:
         # Runs on libvirt's event thread: only post.
         self.post_message(LibvirtEvent(event))
 

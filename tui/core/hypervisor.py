@@ -441,6 +441,12 @@ class Hypervisor:
         if len(self._listeners) == 1:
             self._register()
 
+    def unsubscribe(self, callback: EventCallback) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+        if not self._listeners:
+            self._deregister()
+
     def _emit(self, event: DomainEvent) -> None:
         for cb in list(self._listeners):
             cb(event)

@@ -1,0 +1,152 @@
+"""Pilot tests of the dashboard on a private test-driver hypervisor."""
+
+from __future__ import annotations
+
+from textual.widgets import Input
+
+from tui.app import VirtdeckApp
+from tui.core.hypervisor import Hypervisor
+from tui.core.models import DomainState
+from tui.screens.confirm import ConfirmScreen
+from tui.widgets.domains import DomainsTable
+
+
+async def _settle(app: VirtdeckApp, pilot: object) -> None:
+    await app.workers.wait_for_complete()
+    await pilot.pause()  # type: ignore[attr-defined]
+
+
+def _names(app: VirtdeckApp) -> list[str]:
+    return [d.name for d in app.screen.query_one(DomainsTable).visible()]
+
+
+async def _select(app: VirtdeckApp, pilot: object, name: str) -> None:
+    assert app.screen.query_one(DomainsTable).select_name(name)
+    await pilot.pause()  # type: ignore[attr-defined]
+
+
+async def test_rows_appear_with_state_and_header_versions(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        table = app.screen.query_one(DomainsTable)
+        assert table.row_count == 4
+        assert _names(app) == ["alpha", "beta", "gamma", "template-web"]
+        hosts = str(app.screen.query_one("#hosts").render())
+        assert test_hv.uri in hosts and "libvirt" in hosts
+
+
+async def test_keys_change_domain_state(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await _select(app, pilot, "beta")
+        await pilot.press("s")
+        await _settle(app, pilot)
+        assert test_hv.domain("beta").state is DomainState.RUNNING
+        await pilot.press("p")
+        await _settle(app, pilot)
+        assert test_hv.domain("beta").state is DomainState.PAUSED
+        await pilot.press("p")
+        await _settle(app, pilot)
+        assert test_hv.domain("beta").state is DomainState.RUNNING
+        # the table follows without a keypress (event or next poll)
+        await _settle(app, pilot)
+        table = app.screen.query_one(DomainsTable)
+        assert {d.name: d.state for d in table.domains.values()}["beta"] is DomainState.RUNNING
+
+
+async def test_force_off_asks_first_and_no_keeps_it_running(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await _select(app, pilot, "alpha")
+        await pilot.press("f")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        await _settle(app, pilot)
+        assert test_hv.domain("alpha").state is DomainState.RUNNING
+        await pilot.press("f")
+        await pilot.pause()
+        await pilot.press("y")
+        await _settle(app, pilot)
+        assert test_hv.domain("alpha").state is DomainState.SHUTOFF
+
+
+async def test_errors_become_notifications(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await _select(app, pilot, "alpha")
+        await pilot.press("s")  # already running
+        await _settle(app, pilot)
+        messages = [n.message for n in app._notifications]
+        assert any("'alpha' is already running" in m for m in messages)
+        await _select(app, pilot, "template-web")
+        await pilot.press("s")
+        await _settle(app, pilot)
+        assert any("is a template" in n.message for n in app._notifications)
+        assert test_hv.domain("template-web").state is DomainState.SHUTOFF
+
+
+async def test_filter_narrows_rows_and_escape_restores(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await pilot.press("slash")
+        assert isinstance(app.focused, Input)
+        await pilot.press("a", "l")
+        await pilot.pause()
+        assert _names(app) == ["alpha"]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert len(_names(app)) == 4
+        await pilot.press("slash", *"paused")
+        await pilot.pause()
+        assert _names(app) == ["gamma"]
+
+
+async def test_sort_key_cycles_columns(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await pilot.press("o")  # by state
+        await pilot.pause()
+        assert _names(app)[0] == "gamma"  # "paused" < "running" < "shut off"
+        assert app.screen.query_one(DomainsTable).sort_column == "state"
+
+
+async def test_graceful_shutdown_needs_no_force(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv], shutdown_timeout=5)
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await _select(app, pilot, "alpha")
+        await pilot.press("d")  # the test driver powers off at once
+        await _settle(app, pilot)
+        assert test_hv.domain("alpha").state is DomainState.SHUTOFF
+        assert not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_two_hosts_show_a_host_column(test_hv: Hypervisor) -> None:
+    other = Hypervisor.open("test:///default")
+    try:
+        app = VirtdeckApp([test_hv, other])
+        async with app.run_test(size=(140, 45)) as pilot:
+            await _settle(app, pilot)
+            table = app.screen.query_one(DomainsTable)
+            assert table.show_host
+            hosts = {d.host for d in table.domains.values()}
+            assert hosts == {test_hv.uri, "test:///default"}
+    finally:
+        other.close()
+
+
+async def test_command_palette_offers_actions_of_selected_row(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await _select(app, pilot, "beta")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Start: beta" in titles
+        assert "Force off: beta" in titles
