@@ -1,0 +1,387 @@
+"""The Snapshots pane: the selected domain's snapshot tree, its details, and the keys that
+create, revert, roll back and delete.
+
+The tree comes from tui.core.snapshots (one listAllSnapshots for the one selected domain) in a
+thread worker, after a selection change and after every inventory refresh, so snapshots made
+with virsh show up within one poll. Loads never overlap (a request while one runs marks the
+pane stale), and the Tree widget is rebuilt only when the snapshots really changed.
+
+Destructive keys plan in a worker first, then show a confirmation naming what will be lost;
+the work runs in a worker that reports progress through messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import humanize
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.widgets import Static, Tree
+from textual.widgets.tree import TreeNode
+from textual.worker import Worker, WorkerState
+
+from tui.core import snapshots
+from tui.core.errors import VirtdeckError
+from tui.core.models import DomainInfo
+from tui.core.progress import Progress
+from tui.core.snapshots import DeletePlan, RevertPlan, SnapshotNode, SnapshotTree
+from tui.screens.confirm import ConfirmScreen
+from tui.screens.snapshot_forms import NewSnapshotScreen, SnapshotRequest
+from tui.widgets.base import Pane
+
+
+@dataclass
+class SnapshotsLoaded(Message):
+    host: str
+    domain: str
+    tree: SnapshotTree | None
+    error: str | None = None
+
+
+@dataclass
+class SnapshotProgress(Message):
+    text: str
+    fraction: float | None
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, SnapshotProgress)
+
+
+@dataclass
+class SnapshotPlanned(Message):
+    """A revert or delete plan, ready for the confirmation modal."""
+
+    plan: RevertPlan | DeletePlan
+
+
+@dataclass
+class SnapshotDone(Message):
+    text: str
+
+
+def details_text(node: SnapshotNode) -> str:
+    created = node.created.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    lines = [
+        node.name + ("  (current: you are here)" if node.current else ""),
+        f"created   {created}",
+        f"state     {node.state}",
+        f"kind      {node.kind}",
+        f"parent    {node.parent or '-'}",
+    ]
+    if node.description:
+        lines.append(f"note      {node.description}")
+    for f in node.files:
+        size = "gone" if f.size_bytes is None else humanize.naturalsize(f.size_bytes, binary=True)
+        lines.append(f"{f.role:<9} {f.path} ({size})")
+    return "\n".join(lines)
+
+
+def node_label(node: SnapshotNode) -> Text:
+    label = Text(node.name, style="bold" if node.current else "")
+    label.append(f"  {node.kind}", style="dim")
+    if node.current:
+        label.append("  ◀ current", style="bold green")
+    return label
+
+
+class SnapshotsPane(Pane):
+    DEFAULT_CSS = """
+    SnapshotsPane { height: 1fr; }
+    SnapshotsPane Horizontal { height: 1fr; }
+    SnapshotsPane #snap-tree { width: 1fr; min-width: 30; }
+    SnapshotsPane #snap-details { width: 2fr; padding: 0 1; }
+    SnapshotsPane #snap-status { height: 1; color: $text-muted; padding: 0 1; }
+    """
+
+    SCREEN_BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("n", "pane('snapshots', 'new')", "New snapshot", id="snapshot.new"),
+        Binding("v", "pane('snapshots', 'revert')", "Revert to snapshot", id="snapshot.revert"),
+        Binding("R", "pane('snapshots', 'rollback')", "Rollback", id="snapshot.rollback"),
+        Binding("D", "pane('snapshots', 'delete')", "Delete snapshot", id="snapshot.delete"),
+    ]
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.selected: DomainInfo | None = None
+        self.snap_tree: SnapshotTree | None = None
+        self.loads = 0  # finished loads (tests wait on it)
+        self.rebuilds = 0  # times the Tree widget was rebuilt
+        self.busy = False
+        self._loading = False
+        self._stale = False
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            tree: Tree[str] = Tree("no domain selected", id="snap-tree")
+            tree.show_root = True
+            yield tree
+            yield Static("", id="snap-details", markup=False)
+        yield Static("", id="snap-status", markup=False)
+
+    # -- the Pane contract ------------------------------------------------------------------
+
+    def domain_selected(self, info: DomainInfo | None) -> None:
+        changed = (info and (info.host, info.name)) != (
+            self.selected and (self.selected.host, self.selected.name)
+        )
+        self.selected = info
+        if changed:
+            self.snap_tree = None
+            self._draw_tree()
+        self.load()
+
+    def inventory_changed(self, domains: list[DomainInfo]) -> None:
+        if self.selected is None:
+            return
+        key = (self.selected.host, self.selected.name)
+        fresh = next((d for d in domains if (d.host, d.name) == key), None)
+        if fresh is not None:
+            self.selected = fresh
+        self.load()
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        if self.selected is None:
+            return
+        if self._loading:
+            self._stale = True
+            return
+        self._loading = True
+        self._stale = False
+        self._load(self.selected.host, self.selected.name)
+
+    @work(thread=True, exit_on_error=False, group="snapshots-load", description="snapshots")
+    def _load(self, host: str, domain: str) -> None:
+        try:
+            tree = snapshots.snapshot_tree(self.hypervisor(host), domain)
+        except VirtdeckError as err:  # e.g. undefined meanwhile: shown in the pane, no toast
+            self.post_message(SnapshotsLoaded(host, domain, None, str(err)))
+            return
+        self.post_message(SnapshotsLoaded(host, domain, tree))
+
+    def on_snapshots_loaded(self, message: SnapshotsLoaded) -> None:
+        self._loading = False
+        self.loads += 1
+        sel = self.selected
+        if sel is not None and (sel.host, sel.name) == (message.host, message.domain):
+            if message.error:
+                self._status(message.error)
+            if message.tree != self.snap_tree or message.error:
+                self.snap_tree = message.tree
+                self._draw_tree()
+        if self._stale:
+            self.load()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        super().on_worker_state_changed(event)
+        if event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            if event.worker.group == "snapshots-load":
+                self._loading = False
+            elif event.worker.group == "snapshots-op":
+                self.busy = False
+                self._status("")
+                self.load()
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def _draw_tree(self) -> None:
+        widget = self.query_one_optional("#snap-tree", Tree)
+        if widget is None:
+            return
+        self.rebuilds += 1
+        keep = self.highlighted_name()
+        widget.clear()
+        if self.selected is None:
+            widget.root.set_label("no domain selected")
+            self._details("")
+            return
+        tree = self.snap_tree
+        if tree is None:
+            widget.root.set_label(f"{self.selected.name}: loading…")
+            return
+        count = len(tree.nodes)
+        widget.root.set_label(
+            f"{self.selected.name}: {count} snapshot{'s' if count != 1 else ''}"
+            if count
+            else f"{self.selected.name}: no snapshots (n takes one)"
+        )
+        widget.root.data = None
+        by_name: dict[str, TreeNode[str]] = {}
+        for node in tree.nodes:
+            parent = by_name.get(node.parent or "", widget.root)
+            if node.children:
+                by_name[node.name] = parent.add(node_label(node), data=node.name, expand=True)
+            else:
+                by_name[node.name] = parent.add_leaf(node_label(node), data=node.name)
+        widget.root.expand()
+        target = keep if keep in by_name else (tree.current.name if tree.current else None)
+        if target is not None:
+            widget.move_cursor(by_name[target])
+        self._show_details(target)
+
+    @on(Tree.NodeHighlighted, "#snap-tree")
+    def _highlighted(self, event: Tree.NodeHighlighted[str]) -> None:
+        self._show_details(event.node.data)
+
+    def _show_details(self, name: str | None) -> None:
+        node = self.snap_tree.find(name) if self.snap_tree and name else None
+        self._details(details_text(node) if node else "")
+
+    def _details(self, text: str) -> None:
+        static = self.query_one_optional("#snap-details", Static)
+        if static is not None:
+            static.update(text)
+
+    def _status(self, text: str) -> None:
+        static = self.query_one_optional("#snap-status", Static)
+        if static is not None:
+            static.update(text)
+
+    def highlighted_name(self) -> str | None:
+        widget = self.query_one_optional("#snap-tree", Tree)
+        if widget is None or widget.cursor_node is None:
+            return None
+        data = widget.cursor_node.data
+        return data if isinstance(data, str) else None
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _ready(self) -> DomainInfo | None:
+        if self.selected is None:
+            self.notify("select a domain first", severity="warning")
+            return None
+        if self.busy:
+            self.notify("a snapshot operation is still running", severity="warning")
+            return None
+        return self.selected
+
+    def action_new(self) -> None:
+        info = self._ready()
+        if info is None:
+            return
+        tree = self.snap_tree
+        external = bool(tree and tree.nodes and tree.kinds() == {"external"})
+
+        def answered(request: SnapshotRequest | None) -> None:
+            if request is not None:
+                self.busy = True
+                self._create(info.host, info.name, request)
+
+        self.app.push_screen(
+            NewSnapshotScreen(info.name, running=info.state.active, default_external=external),
+            answered,
+        )
+
+    def action_revert(self) -> None:
+        info = self._ready()
+        if info is None:
+            return
+        name = self.highlighted_name()
+        if name is None:
+            self.notify("highlight a snapshot in the tree first", severity="warning")
+            return
+        self.busy = True
+        self._plan(info.host, info.name, "revert", name)
+
+    def action_rollback(self) -> None:
+        info = self._ready()
+        if info is not None:
+            self.busy = True
+            self._plan(info.host, info.name, "rollback", None)
+
+    def action_delete(self) -> None:
+        info = self._ready()
+        if info is None:
+            return
+        name = self.highlighted_name()
+        if name is None:
+            self.notify("highlight a snapshot in the tree first", severity="warning")
+            return
+        self.busy = True
+        self._plan(info.host, info.name, "delete", name)
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def _progress(self) -> Progress:
+        def report(text: str, fraction: float | None) -> None:
+            pct = "" if fraction is None else f" {fraction * 100:.0f}%"
+            self.post_message(SnapshotProgress(text + pct, fraction))
+
+        return report
+
+    @work(thread=True, exit_on_error=False, group="snapshots-op", description="snapshot")
+    def _create(self, host: str, domain: str, request: SnapshotRequest) -> None:
+        hv = self.hypervisor(host)
+        plan = snapshots.plan_create(
+            hv,
+            domain,
+            request.name,
+            external=request.external,
+            disk_only=request.disk_only,
+            description=request.description,
+        )
+        for note in plan.notes:
+            self.post_message(SnapshotProgress(note, None))
+        node = snapshots.create(hv, plan, self._progress())
+        self.post_message(SnapshotDone(f"{domain}: {node.kind} snapshot '{node.name}' taken"))
+
+    @work(thread=True, exit_on_error=False, group="snapshots-op", description="snapshot plan")
+    def _plan(self, host: str, domain: str, verb: str, name: str | None) -> None:
+        hv = self.hypervisor(host)
+        plan: RevertPlan | DeletePlan
+        if verb == "rollback":
+            plan = snapshots.plan_rollback(hv, domain)
+        elif verb == "revert":
+            assert name is not None
+            plan = snapshots.plan_revert(hv, domain, name)
+        else:
+            assert name is not None
+            plan = snapshots.plan_delete(hv, domain, name)
+        self.post_message(SnapshotPlanned(plan))
+
+    def on_snapshot_planned(self, message: SnapshotPlanned) -> None:
+        plan = message.plan
+        if isinstance(plan, RevertPlan):
+            title = f"Revert '{plan.domain}' to '{plan.snapshot}'?"
+            yes = "Revert"
+        else:
+            title = f"Delete snapshot '{plan.snapshot}' of '{plan.domain}'?"
+            yes = "Delete"
+        body = "\n".join(plan.summary())
+
+        def answered(ok: bool | None) -> None:
+            if ok:
+                self._execute(plan)
+            else:
+                self.busy = False
+                self._status("")
+
+        self.app.push_screen(ConfirmScreen(title, body, yes_label=yes), answered)
+
+    @work(thread=True, exit_on_error=False, group="snapshots-op", description="snapshot")
+    def _execute(self, plan: RevertPlan | DeletePlan) -> None:
+        hv = self.hypervisor(plan.host)
+        if isinstance(plan, RevertPlan):
+            snapshots.revert(hv, plan, self._progress())
+            text = f"{plan.domain}: back at '{plan.snapshot}' ({plan.result_state})"
+        else:
+            snapshots.delete(hv, plan, self._progress())
+            text = f"{plan.domain}: deleted {', '.join(plan.names)}"
+        self.post_message(SnapshotDone(text))
+
+    def on_snapshot_progress(self, message: SnapshotProgress) -> None:
+        self._status(message.text)
+
+    def on_snapshot_done(self, message: SnapshotDone) -> None:
+        self.busy = False
+        self._status("")
+        self.notify(message.text, title="snapshots")
+        self.load()
+        self.vapp.refresh_inventory()
