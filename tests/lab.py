@@ -8,6 +8,7 @@ domains of a run still going on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -25,9 +26,7 @@ _PREFIX_RE = re.compile(r"^vdt-(\d+)-[0-9a-f]{6}")
 
 
 def qemu_img(*args: str) -> str:
-    return subprocess.run(
-        ["qemu-img", *args], check=True, capture_output=True, text=True
-    ).stdout
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
 
 
 def domain_xml(
@@ -108,14 +107,12 @@ def remove_prefixed(conn: libvirt.virConnect, prefix: str) -> None:
                 snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
         except libvirt.libvirtError:
             pass
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             dom.undefineFlags(
                 libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                 | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                 | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
             )
-        except libvirt.libvirtError:
-            pass
 
 
 def remove_tree(path: Path) -> None:

@@ -17,7 +17,7 @@ async def _settle(app: VirtdeckApp, pilot: object) -> None:
 
 
 def _names(app: VirtdeckApp) -> list[str]:
-    return [d.name for d in app.screen.query_one(DomainsTable).visible()]
+    return [d.name for d in app.screen.query_one(DomainsTable).visible_domains()]
 
 
 async def _select(app: VirtdeckApp, pilot: object, name: str) -> None:

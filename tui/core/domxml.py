@@ -119,7 +119,7 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
 
 
 def meta_xml(meta: VirtdeckMeta) -> str:
-    """The element virtdeck keeps under <metadata>, as setMetadata() wants it (no namespace decl)."""
+    """virtdeck's element under <metadata>, as setMetadata() wants it (no xmlns)."""
     elem = ET.Element("virtdeck")
     if meta.role:
         elem.set("role", meta.role)

@@ -10,13 +10,14 @@ until an event (or a virtdeck operation) says the domain changed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from urllib.parse import urlparse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlparse
 
 import libvirt
 
@@ -165,10 +166,8 @@ class Hypervisor:
 
     def close(self) -> None:
         self._deregister()
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             self._conn.close()
-        except libvirt.libvirtError:
-            pass
 
     def reconnect(self) -> bool:
         """Open the URI again after the daemon went away; True once it answers."""
@@ -181,10 +180,8 @@ class Hypervisor:
             self._alive = True
             self._xml_cache.clear()
             self._cpu_prev.clear()
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             old.close()
-        except libvirt.libvirtError:
-            pass
         if self._listeners:
             self._register()
         self._emit(DomainEvent(self.uri, EventKind.RECONNECTED))
@@ -470,38 +467,33 @@ class Hypervisor:
             self._callback_ids = []
             self._emit(DomainEvent(self.uri, EventKind.CONNECTION_LOST, detail=str(reason)))
 
-        ids = [conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)]
+        ids = [
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
+            )
+        ]
         for event_id in (
             libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
             libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
             libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
         ):
-            try:
+            # The test driver does not implement every event.
+            with contextlib.suppress(libvirt.libvirtError):
                 ids.append(conn.domainEventRegisterAny(None, event_id, changed, None))
-            except libvirt.libvirtError:
-                pass  # the test driver does not implement every event
         self._callback_ids = ids
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             conn.registerCloseCallback(closed, None)
-        except libvirt.libvirtError:
-            pass
-        try:
-            # Remote drivers only notice a dead daemon through keepalive; local ones refuse it.
+        # Remote drivers only notice a dead daemon through keepalive; local ones refuse it.
+        with contextlib.suppress(libvirt.libvirtError):
             conn.setKeepAlive(3, 2)
-        except libvirt.libvirtError:
-            pass
 
     def _deregister(self) -> None:
         for cid in self._callback_ids:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 self._conn.domainEventDeregisterAny(cid)
-            except libvirt.libvirtError:
-                pass
         self._callback_ids = []
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             self._conn.unregisterCloseCallback()
-        except libvirt.libvirtError:
-            pass
 
 
 def _with_block_stats(
@@ -533,10 +525,8 @@ def _with_file_allocation(disks: tuple[DiskInfo, ...]) -> tuple[DiskInfo, ...]:
     out = []
     for d in disks:
         if d.allocation_bytes is None and d.path:
-            try:
+            with contextlib.suppress(OSError):
                 d = replace(d, allocation_bytes=os.stat(d.path).st_blocks * 512)
-            except OSError:
-                pass
         out.append(d)
     return tuple(out)
 

@@ -210,8 +210,8 @@ class MainScreen(Screen[None]):
             if binding.id and binding.id.split(".")[0] in ("domain", "template", "snapshot"):
                 action = binding.action
 
-                def run(action: str = action) -> None:
-                    self.run_action(action)
+                async def run(action: str = action) -> None:
+                    await self.run_action(action)
 
                 yield SystemCommand(
                     f"{binding.description}: {info.name}",

@@ -90,7 +90,7 @@ class DomainsTable(DataTable[Any]):
             cells.insert(0, Text(d.host, style="dim"))
         return cells
 
-    def visible(self) -> list[DomainInfo]:
+    def visible_domains(self) -> list[DomainInfo]:
         needle = self.filter_text.lower()
         rows = [
             d
@@ -119,7 +119,7 @@ class DomainsTable(DataTable[Any]):
         self._render_rows()
 
     def _render_rows(self) -> None:
-        rows = self.visible()
+        rows = self.visible_domains()
         keys = [row_key(d) for d in rows]
         if keys == self._order:
             for d in rows:

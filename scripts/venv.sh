@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv beside the repository and install virtdeck into it (editable), with extras "$@".
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-python3}
+if [ ! -x "$repo/.venv/bin/python" ]; then
+  "$py" -m venv "$repo/.venv"
+fi
+extras=""
+if [ $# -gt 0 ]; then extras="[$(IFS=,; echo "$*")]"; fi
+"$repo/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo$extras"
