@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input, Static, Tree
 
+from tests.lab import SystemLab
+from tests.test_snapshots_system import disk_paths, has_pattern, live_write, stop
 from tui.app import VirtdeckApp
 from tui.core import snapshots as S
 from tui.core.hypervisor import Hypervisor
+from tui.core.models import DomainState
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.snapshot_forms import NewSnapshotScreen
 from tui.widgets.domains import DomainsTable
@@ -151,3 +155,28 @@ async def test_refusal_reaches_the_error_funnel(test_hv: Hypervisor) -> None:
         await wait_for(pilot, lambda: pane.selected is not None and pane.selected.name == "alpha")
         await wait_for(pilot, lambda: bool(pane.snap_tree and pane.snap_tree.domain == "alpha"))
         assert tree_names(app) == []
+
+
+@pytest.mark.system
+async def test_two_keys_bring_a_running_vm_back(system_hv: Hypervisor, lab: SystemLab) -> None:
+    """The issue's promise on real KVM: snapshot a running VM (external, with memory), break
+    its disk, press R and y, and it runs again with the old data (whatever libvirt does it)."""
+    hv = system_hv
+    name = lab.define("tui")
+    hv.start(name)
+    live_write(name, 0x11)
+    S.create(hv, S.plan_create(hv, name, "good", external=True))
+    live_write(name, 0x66)  # the "broken" disk
+    app = VirtdeckApp([hv])
+    async with app.run_test(size=(150, 50)) as pilot:
+        pane = await start(app, pilot, name)
+        await wait_for(pilot, lambda: tree_names(app) == ["good"])
+        await pilot.press("R")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=30)
+        body = str(app.screen.query_one("#body", Static).render())
+        assert "lost:" in body and "running state" in body
+        await pilot.press("y")
+        await idle(app, pilot, pane)
+    assert hv.domain(name).state == DomainState.RUNNING
+    stop(hv, name)
+    assert has_pattern(disk_paths(hv, name)[0], 0x11)
