@@ -6,6 +6,7 @@ started again, so the system daemon other tests use is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -63,10 +64,8 @@ class PrivateDaemon:
         # runuser forwards the signal; the pid file names the daemon if it survived it
         pid_file = self.root / "libvirt" / "libvirtd.pid"
         if pid_file.exists():
-            try:
+            with contextlib.suppress(ValueError, ProcessLookupError):
                 os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
-            except (ValueError, ProcessLookupError):
-                pass
             pid_file.unlink(missing_ok=True)
         self.socket.unlink(missing_ok=True)
 
