@@ -82,6 +82,11 @@ def details_text(node: SnapshotNode) -> str:
     return "\n".join(lines)
 
 
+def shape(tree: SnapshotTree) -> tuple[tuple[object, ...], ...]:
+    """What the Tree widget draws; a change here (not in file sizes) means a rebuild."""
+    return tuple((n.name, n.parent, n.current, n.kind, n.state, n.description) for n in tree.nodes)
+
+
 def node_label(node: SnapshotNode) -> Text:
     label = Text(node.name, style="bold" if node.current else "")
     label.append(f"  {node.kind}", style="dim")
@@ -115,6 +120,7 @@ class SnapshotsPane(Pane):
         self.busy = False
         self._loading = False
         self._stale = False
+        self._error: str | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -133,6 +139,8 @@ class SnapshotsPane(Pane):
         self.selected = info
         if changed:
             self.snap_tree = None
+            self._error = None
+            self._status("")
             self._draw_tree()
         self.load()
 
@@ -171,11 +179,14 @@ class SnapshotsPane(Pane):
         self.loads += 1
         sel = self.selected
         if sel is not None and (sel.host, sel.name) == (message.host, message.domain):
-            if message.error:
-                self._status(message.error)
-            if message.tree != self.snap_tree or message.error:
-                self.snap_tree = message.tree
+            if message.error != self._error:
+                self._error = message.error
+                self._status(message.error or "")
+            old, self.snap_tree = self.snap_tree, message.tree
+            if old is None or message.tree is None or shape(old) != shape(message.tree):
                 self._draw_tree()
+            elif old != message.tree:  # only file sizes moved (a running guest writes)
+                self._show_details(self.highlighted_name())
         if self._stale:
             self.load()
 
@@ -204,7 +215,8 @@ class SnapshotsPane(Pane):
             return
         tree = self.snap_tree
         if tree is None:
-            widget.root.set_label(f"{self.selected.name}: loading…")
+            widget.root.set_label(f"{self.selected.name}: {self._error or 'loading…'}")
+            self._details("")
             return
         count = len(tree.nodes)
         widget.root.set_label(
