@@ -1238,43 +1238,62 @@ def _delete_one(hv: Hypervisor, step: _DeleteStep, qimg: QemuImg, progress: Prog
         progress(note, None)
     new_sources: dict[str, tuple[str, str]] = {}
     moved_images: dict[str, tuple[str, str]] = {}  # old image -> (new image, format)
-    for c in step.commits:
-        progress(f"merging {os.path.basename(c.overlay)} into {os.path.basename(c.image)}", None)
-        if c.active and step.running:
-            _block_commit(hv, dom, c, progress)
-        else:
-            qimg.commit(c.overlay)
-            for user in c.users:
-                qimg.rebase_unsafe(user, c.image, c.image_format)
-            if c.active:
-                new_sources[c.target] = (c.image, c.image_format)
-        moved_images[c.overlay] = (c.image, c.image_format)
-    if new_sources or step.running and step.commits:
-        xml = str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
-        root = domxml.parse(xml)
-        fix = dict(new_sources)
-        for d in domxml.disks(root):
-            for c in step.commits:
-                if c.active and d.target == c.target and d.path == c.overlay:
-                    fix[d.target] = (c.image, c.image_format)
-        if fix:
-            _switch_disks(root, fix)
-            _lv(f"redefining '{step.domain}'", hv.conn.defineXML, domxml.to_string(root))
-    # Snapshots whose image was a merged overlay now find that state in the image below.
-    if moved_images:
-        for n in snapshot_tree(hv, step.domain).nodes:
-            if n.name == step.name:
-                continue
-            images = {
-                d.target: moved_images[d.image]
-                for d in n.disks
-                if d.image and d.image in moved_images
-            }
-            if images:
-                xml = _snapshot_xml(hv, step.domain, n.name)
-                _redefine(
-                    hv, step.domain, _set_snapshot_disks(xml, images=images), current=n.current
-                )
+    touched = False
+    try:
+        for c in step.commits:
+            progress(
+                f"merging {os.path.basename(c.overlay)} into {os.path.basename(c.image)}", None
+            )
+            touched = True  # from here on the snapshot's image no longer holds its state
+            if c.active and step.running:
+                _block_commit(hv, dom, c, progress)
+            else:
+                qimg.commit(c.overlay)
+                for user in c.users:
+                    qimg.rebase_unsafe(user, c.image, c.image_format)
+                if c.active:
+                    new_sources[c.target] = (c.image, c.image_format)
+            moved_images[c.overlay] = (c.image, c.image_format)
+        if new_sources or step.running and step.commits:
+            xml = str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+            root = domxml.parse(xml)
+            fix = dict(new_sources)
+            for d in domxml.disks(root):
+                for c in step.commits:
+                    if c.active and d.target == c.target and d.path == c.overlay:
+                        fix[d.target] = (c.image, c.image_format)
+            if fix:
+                _switch_disks(root, fix)
+                _lv(f"redefining '{step.domain}'", hv.conn.defineXML, domxml.to_string(root))
+        # Snapshots whose image was a merged overlay now find that state in the image below.
+        if moved_images:
+            for n in snapshot_tree(hv, step.domain).nodes:
+                if n.name == step.name:
+                    continue
+                images = {
+                    d.target: moved_images[d.image]
+                    for d in n.disks
+                    if d.image and d.image in moved_images
+                }
+                if images:
+                    xml = _snapshot_xml(hv, step.domain, n.name)
+                    _redefine(
+                        hv, step.domain, _set_snapshot_disks(xml, images=images), current=n.current
+                    )
+    except VirtdeckError as err:
+        if not touched:
+            raise
+        # Every disk still shows its latest writes (the overlays are only removed at the end),
+        # but the snapshot's image changed: drop the snapshot so nobody reverts to it.
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.snapshotLookupByName(step.name, 0).delete(
+                libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY
+            )
+        raise OperationError(
+            f"deleting '{step.name}' of '{step.domain}' failed half-way ({err}); no data was "
+            f"lost, but '{step.name}' could no longer be reverted to and was removed: check "
+            f"'virsh dumpxml {step.domain}'"
+        ) from None
     snap = _lv(f"snapshot '{step.name}'", dom.snapshotLookupByName, step.name, 0)
     _lv(
         f"deleting snapshot '{step.name}' of '{step.domain}'",
