@@ -16,7 +16,7 @@ from tui.core.errors import OperationError
 from tui.core.models import VirtdeckMeta
 from tui.core.paths import cache_dir
 from tui.core.qemuimg import QemuImg
-from tui.core.testdriver import DiskSpec, DomainSpec, node_xml
+from tui.core.testdriver import DiskSpec, DomainSpec, SnapshotSpec, node_xml
 
 GIB = 1024**3
 MIB = 1024**2
@@ -57,6 +57,14 @@ def _specs(d: Path) -> list[DomainSpec]:
             "web-1", "running", vcpus=2, memory_mib=2048,
             disks=(DiskSpec(str(d / "web-1.qcow2"), backing=base),),
             macs=("52:54:00:00:0b:01",), meta=clone("web-1", "thin"),
+            snapshots=(
+                SnapshotSpec("deployed", None, "shutoff", 1_763_634_000, "first boot after deploy"),
+                SnapshotSpec("nginx-tuned", "deployed", "running", 1_763_720_400,
+                             "worker_connections 4096"),
+                SnapshotSpec("before-upgrade", "nginx-tuned", "running", 1_764_151_200,
+                             "before apt full-upgrade", current=True),
+                SnapshotSpec("php-test", "deployed", "shutoff", 1_763_806_800, "try php-fpm 8.2"),
+            ),
         ),
         DomainSpec(
             "web-2", "running", vcpus=2, memory_mib=2048,
@@ -72,6 +80,10 @@ def _specs(d: Path) -> list[DomainSpec]:
             "db", "paused", vcpus=4, memory_mib=4096,
             disks=(DiskSpec(str(d / "db.raw"), format="raw"),),
             macs=("52:54:00:00:0c:01",),
+            snapshots=(
+                SnapshotSpec("pre-migration", None, "running", 1_764_000_000,
+                             "schema v41, before migrating to v42", current=True),
+            ),
         ),
     ]  # fmt: skip
 
@@ -98,15 +110,17 @@ def ensure_lab(reset: bool = False) -> str:
     node = d / "lab.xml"
     specs = _specs(d)
     wanted = [disk.path for s in specs for disk in s.disks]
-    if reset or not node.exists() or not all(Path(p).exists() for p in wanted):
+    if reset or not all(Path(p).exists() for p in wanted):
         # Built in place: overlays record their base's absolute path, so no temporary dir.
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
         try:
             _build(d)
-            node.write_text(node_xml(specs))
         except BaseException:
             shutil.rmtree(d, ignore_errors=True)
             raise
+    xml = node_xml(specs)
+    if not node.exists() or node.read_text() != xml:  # a newer virtdeck describes it anew
+        node.write_text(xml)
     return f"test://{node}"

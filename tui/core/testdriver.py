@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tui.core import domxml
 from tui.core.models import VirtdeckMeta
@@ -27,6 +27,18 @@ class DiskSpec:
 
 
 @dataclass(frozen=True)
+class SnapshotSpec:
+    """An internal snapshot the test driver loads with the domain (metadata only)."""
+
+    name: str
+    parent: str | None = None
+    state: str = "shutoff"
+    created: int = 1_763_630_000  # epoch seconds
+    description: str = ""
+    current: bool = False
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     state: str = "shutoff"  # running | paused | shutoff
@@ -36,6 +48,7 @@ class DomainSpec:
     macs: tuple[str, ...] = ()
     meta: VirtdeckMeta | None = None
     uuid: str = field(default="")
+    snapshots: tuple[SnapshotSpec, ...] = ()
 
 
 def domain_element(spec: DomainSpec, domain_type: str = "test") -> ET.Element:
@@ -74,5 +87,24 @@ def node_xml(domains: list[DomainSpec]) -> str:
         dom = domain_element(spec)
         # The test driver starts every domain of a node file unless told otherwise.
         ET.SubElement(dom, f"{{{TEST_NS}}}runstate").text = str(_RUNSTATE[spec.state])
+        for snap in spec.snapshots:
+            dom.append(_snapshot_element(spec, snap))
         node.append(dom)
     return ET.tostring(node, encoding="unicode")
+
+
+def _snapshot_element(spec: DomainSpec, snap: SnapshotSpec) -> ET.Element:
+    # The test driver reads <test:domainsnapshot> as the snapshot itself; <active> marks the
+    # current one (libvirt's redefine format).
+    elem = ET.Element(f"{{{TEST_NS}}}domainsnapshot")
+    ET.SubElement(elem, "name").text = snap.name
+    if snap.description:
+        ET.SubElement(elem, "description").text = snap.description
+    ET.SubElement(elem, "state").text = snap.state
+    if snap.parent:
+        ET.SubElement(ET.SubElement(elem, "parent"), "name").text = snap.parent
+    ET.SubElement(elem, "creationTime").text = str(snap.created)
+    ET.SubElement(elem, "memory", snapshot="internal" if snap.state == "running" else "no")
+    ET.SubElement(elem, "active").text = "1" if snap.current else "0"
+    elem.append(domain_element(replace(spec, snapshots=())))
+    return elem

@@ -38,7 +38,7 @@ DOMAIN_BINDINGS: list[BindingType] = [
     Binding("d", "shutdown", "Shutdown", id="domain.shutdown"),
     Binding("f", "force_off", "Force off", id="domain.force_off"),
     Binding("r", "lifecycle('reboot')", "Reboot", id="domain.reboot"),
-    Binding("p", "pause", "Pause/resume", id="domain.pause"),
+    Binding("p", "pause", "Pause", id="domain.pause"),
     Binding("slash", "filter", "Filter", id="domains.filter"),
     Binding("o", "sort", "Sort", id="domains.sort"),
     Binding("1", "tab('snapshots')", "Snapshots", show=False, id="tab.snapshots"),
@@ -50,10 +50,20 @@ DOMAIN_BINDINGS: list[BindingType] = [
 SORT_CYCLE = ("name", "state", "cpu", "memory", "disk", "vcpus")
 
 
+def _pane_bindings() -> list[BindingType]:
+    """Each pane key twice: shown in the footer only while its tab is active, and a hidden twin
+    (tried next for the same key) so the key works from any tab."""
+    out: list[BindingType] = []
+    for _id, _title, pane in PANES:
+        for b in pane.SCREEN_BINDINGS:
+            assert isinstance(b, Binding) and b.action.startswith("pane(")
+            out.append(b)
+            out.append(Binding(b.key, "pane_anywhere" + b.action[4:], b.description, show=False))
+    return out
+
+
 class MainScreen(Screen[None]):
-    BINDINGS: ClassVar[list[BindingType]] = DOMAIN_BINDINGS + [
-        b for _id, _title, pane in PANES for b in pane.SCREEN_BINDINGS
-    ]
+    BINDINGS: ClassVar[list[BindingType]] = DOMAIN_BINDINGS + _pane_bindings()
 
     @property
     def vapp(self) -> VirtdeckApp:
@@ -198,6 +208,18 @@ class MainScreen(Screen[None]):
         pane = self.query_one(f"#{pane_id}", Pane)
         self.action_tab(pane_id)
         getattr(pane, f"action_{verb}")()
+
+    def action_pane_anywhere(self, pane_id: str, verb: str) -> None:
+        self.action_pane(pane_id, verb)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "pane" and parameters:
+            return self.query_one(TabbedContent).active == f"tab-{parameters[0]}"
+        return True
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self) -> None:
+        self.refresh_bindings()
 
     # -- command palette: the actions of the selected row -----------------------------------
 

@@ -1,0 +1,57 @@
+"""Render virtdeck's screens from the demo lab into SVGs (README pictures, visual review).
+
+    .venv/bin/python scripts/screenshots.py [OUTDIR]     # default: screenshots/
+
+The lab is built under a fixed cache directory so the pictures are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ["XDG_CACHE_HOME"] = "/tmp/virtdeck-screenshots"
+
+from tui.app import VirtdeckApp  # noqa: E402
+from tui.core import demo  # noqa: E402
+from tui.core.hypervisor import Hypervisor, start_event_loop  # noqa: E402
+from tui.widgets.domains import DomainsTable  # noqa: E402
+
+SIZE = (140, 45)
+SHOTS = (("snapshots", "web-1"), ("templates", "template-web"), ("usage", "web-1"))
+
+
+async def render(outdir: Path) -> list[Path]:
+    start_event_loop()
+    hv = Hypervisor.open(demo.ensure_lab(), demo=True)
+    app = VirtdeckApp([hv], poll_interval=3600)
+    written = []
+    async with app.run_test(size=SIZE) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.3)
+        for pane, domain in SHOTS:
+            app.screen.query_one(DomainsTable).select_name(domain)
+            await pilot.press({"snapshots": "1", "templates": "2", "usage": "3"}[pane])
+            await pilot.pause(0.5)
+            await app.workers.wait_for_complete()
+            await pilot.pause(0.5)
+            path = outdir / f"{pane}.svg"
+            app.save_screenshot(filename=path.name, path=str(outdir))
+            written.append(path)
+    hv.close()
+    return written
+
+
+def main() -> None:
+    outdir = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "screenshots"
+    outdir.mkdir(parents=True, exist_ok=True)
+    for path in asyncio.run(render(outdir)):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
