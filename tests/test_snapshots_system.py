@@ -248,6 +248,25 @@ def test_external_running_round_trip_restores_memory(
     referenced_files_exist(hv, name)
 
 
+def test_external_disk_only_running_revert_boots_again(
+    system_hv: Hypervisor, lab: SystemLab
+) -> None:
+    hv = system_hv
+    disk = lab.disk("do.qcow2")
+    name = lab.define("do", disks=[(disk, "qcow2")])
+    io_write(disk, 0x11)
+    hv.start(name)
+    node = take(hv, name, "s1", external=True, disk_only=True)
+    assert node.kind == "disk-only" and node.memory_file is None
+    live_write(name, 0x22)
+    plan = back_to(hv, name, "s1")
+    # No memory state to restore: the guest boots afresh from the snapshot's disks.
+    assert hv.domain(name).state == DomainState.RUNNING
+    assert "running" in plan.result_state
+    stop(hv, name)
+    assert has_pattern(disk_paths(hv, name)[0], 0x11)
+
+
 # -- delete -----------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from textual.worker import Worker, WorkerState
 
 from tui.core import snapshots
 from tui.core.errors import VirtdeckError
+from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 from tui.core.progress import Progress
 from tui.core.snapshots import DeletePlan, RevertPlan, SnapshotNode, SnapshotTree
@@ -163,12 +164,13 @@ class SnapshotsPane(Pane):
             return
         self._loading = True
         self._stale = False
-        self._load(self.selected.host, self.selected.name)
+        host = self.selected.host
+        self._load(self.hypervisor(host), host, self.selected.name)
 
     @work(thread=True, exit_on_error=False, group="snapshots-load", description="snapshots")
-    def _load(self, host: str, domain: str) -> None:
+    def _load(self, hv: Hypervisor, host: str, domain: str) -> None:
         try:
-            tree = snapshots.snapshot_tree(self.hypervisor(host), domain)
+            tree = snapshots.snapshot_tree(hv, domain)
         except VirtdeckError as err:  # e.g. undefined meanwhile: shown in the pane, no toast
             self.post_message(SnapshotsLoaded(host, domain, None, str(err)))
             return
@@ -284,7 +286,7 @@ class SnapshotsPane(Pane):
         def answered(request: SnapshotRequest | None) -> None:
             if request is not None:
                 self.busy = True
-                self._create(info.host, info.name, request)
+                self._create(self.hypervisor(info.host), info.name, request)
 
         self.app.push_screen(
             NewSnapshotScreen(info.name, running=info.state.active, default_external=external),
@@ -300,13 +302,13 @@ class SnapshotsPane(Pane):
             self.notify("highlight a snapshot in the tree first", severity="warning")
             return
         self.busy = True
-        self._plan(info.host, info.name, "revert", name)
+        self._plan(self.hypervisor(info.host), info.name, "revert", name)
 
     def action_rollback(self) -> None:
         info = self._ready()
         if info is not None:
             self.busy = True
-            self._plan(info.host, info.name, "rollback", None)
+            self._plan(self.hypervisor(info.host), info.name, "rollback", None)
 
     def action_delete(self) -> None:
         info = self._ready()
@@ -317,7 +319,7 @@ class SnapshotsPane(Pane):
             self.notify("highlight a snapshot in the tree first", severity="warning")
             return
         self.busy = True
-        self._plan(info.host, info.name, "delete", name)
+        self._plan(self.hypervisor(info.host), info.name, "delete", name)
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -329,8 +331,7 @@ class SnapshotsPane(Pane):
         return report
 
     @work(thread=True, exit_on_error=False, group="snapshots-op", description="snapshot")
-    def _create(self, host: str, domain: str, request: SnapshotRequest) -> None:
-        hv = self.hypervisor(host)
+    def _create(self, hv: Hypervisor, domain: str, request: SnapshotRequest) -> None:
         plan = snapshots.plan_create(
             hv,
             domain,
@@ -345,8 +346,7 @@ class SnapshotsPane(Pane):
         self.post_message(SnapshotDone(f"{domain}: {node.kind} snapshot '{node.name}' taken"))
 
     @work(thread=True, exit_on_error=False, group="snapshots-op", description="snapshot plan")
-    def _plan(self, host: str, domain: str, verb: str, name: str | None) -> None:
-        hv = self.hypervisor(host)
+    def _plan(self, hv: Hypervisor, domain: str, verb: str, name: str | None) -> None:
         plan: RevertPlan | DeletePlan
         if verb == "rollback":
             plan = snapshots.plan_rollback(hv, domain)
@@ -370,7 +370,7 @@ class SnapshotsPane(Pane):
 
         def answered(ok: bool | None) -> None:
             if ok:
-                self._execute(plan)
+                self._execute(self.hypervisor(plan.host), plan)
             else:
                 self.busy = False
                 self._status("")
@@ -378,8 +378,7 @@ class SnapshotsPane(Pane):
         self.app.push_screen(ConfirmScreen(title, body, yes_label=yes), answered)
 
     @work(thread=True, exit_on_error=False, group="snapshots-op", description="snapshot")
-    def _execute(self, plan: RevertPlan | DeletePlan) -> None:
-        hv = self.hypervisor(plan.host)
+    def _execute(self, hv: Hypervisor, plan: RevertPlan | DeletePlan) -> None:
         if isinstance(plan, RevertPlan):
             snapshots.revert(hv, plan, self._progress())
             text = f"{plan.domain}: back at '{plan.snapshot}' ({plan.result_state})"
