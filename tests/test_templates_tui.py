@@ -1,0 +1,156 @@
+"""Pilot tests of the Templates pane on a private test-driver hypervisor with real images.
+
+From keys alone: make a template from a running VM, deploy thin clones after seeing the plan,
+be refused when deleting the base they depend on, delete a clone with its overlay only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import Checkbox, DataTable, Input, SelectionList, Static
+
+from tests.test_templates import Lab
+from tui.app import VirtdeckApp
+from tui.core.models import DomainState
+from tui.screens.template_forms import (
+    DeployScreen,
+    MakeTemplateScreen,
+    PlanScreen,
+    RemoveScreen,
+)
+from tui.widgets.domains import DomainsTable
+from tui.widgets.templates_pane import TemplatesPane
+
+
+@pytest.fixture
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    lab = Lab(tmp_path)
+    yield lab
+    lab.hv.close()
+
+
+async def wait_for(pilot: Pilot[None], fact: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not fact():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.05)
+
+
+async def start(app: VirtdeckApp, pilot: Pilot[None]) -> TemplatesPane:
+    pane = app.screen.query_one(TemplatesPane)
+    await wait_for(pilot, lambda: pane.loads >= 1 and bool(pane.templates))
+    await pilot.press("2")  # the Templates tab
+    return pane
+
+
+async def select(app: VirtdeckApp, pilot: Pilot[None], pane: TemplatesPane, name: str) -> None:
+    await wait_for(pilot, lambda: app.screen.query_one(DomainsTable).select_name(name))
+    await wait_for(pilot, lambda: pane.selected is not None and pane.selected.name == name)
+
+
+def cell(pane: TemplatesPane, template: str, column: str) -> str:
+    table = pane.query_one("#tpl-table", DataTable)
+    return str(table.get_cell(f"{pane.templates[0].host}\0{template}", column))
+
+
+def messages(app: VirtdeckApp) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+async def test_deploy_then_refuse_the_base_then_delete_a_clone(lab: Lab) -> None:
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        assert cell(pane, "template-base", "Thin") == "0"
+        assert lab.base in cell(pane, "template-base", "Base image(s)")
+
+        await select(app, pilot, pane, "template-base")
+        await pilot.press("c")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        app.screen.query_one("#count", Input).value = "2"
+        app.screen.query_one("#name", Input).focus()
+        await pilot.press(*"www", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        plan_text = str(app.screen.query_one("#body", Static).render())
+        assert "www-1" in plan_text and "www-2" in plan_text
+        assert str(lab.images / "www-1.qcow2") in plan_text and "space needed" in plan_text
+        assert not (lab.images / "www-1.qcow2").exists()  # nothing before "y"
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not pane.busy)
+        for n in (1, 2):
+            info = json.loads(subprocess.run(
+                ["qemu-img", "info", "--output=json", str(lab.images / f"www-{n}.qcow2")],
+                check=True, capture_output=True, text=True).stdout)  # fmt: skip
+            assert info["backing-filename"] == lab.base
+        await wait_for(pilot, lambda: cell(pane, "template-base", "Thin") == "2")
+        details = str(pane.query_one("#tpl-details", Static).render())
+        assert "www-1, www-2" in details
+
+        # The base of two thin clones cannot be deleted: the refusal names them.
+        await select(app, pilot, pane, "template-base")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: not pane.busy)
+        assert any("www-1" in m and "www-2" in m and "cannot be removed" in m
+                   for m in messages(app))  # fmt: skip
+        assert "template-base" in {d.name for d in lab.hv.domains()}
+
+        # A clone goes, with its own overlay only.
+        await select(app, pilot, pane, "www-1")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, RemoveScreen))
+        app.screen.query_one("#storage", Checkbox).value = True
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not pane.busy)
+        assert "www-1" not in {d.name for d in lab.hv.domains()}
+        assert not (lab.images / "www-1.qcow2").exists() and os.path.exists(lab.base)
+        await wait_for(pilot, lambda: cell(pane, "template-base", "Thin") == "1")
+
+
+async def test_make_template_from_a_running_vm_with_keys(lab: Lab) -> None:
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        await select(app, pilot, pane, "web")
+        await pilot.press("T")
+        await wait_for(pilot, lambda: isinstance(app.screen, MakeTemplateScreen))
+        ops = app.screen.query_one("#ops", SelectionList)
+        assert "machine-id" in ops.selected  # virt-sysprep's defaults are ticked
+        app.screen.query_one("#seal", Checkbox).value = False  # no sysprep on the test driver
+        app.screen.query_one("#name", Input).value = "tpl-web"
+        app.screen.query_one("#name", Input).focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        body = str(app.screen.query_one("#body", Static).render())
+        assert "rename 'web' to 'tpl-web'" in body and "do not seal" in body
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not pane.busy)
+        info = lab.hv.domain("tpl-web")
+        assert info.is_template and info.state is DomainState.SHUTOFF
+        await wait_for(pilot, lambda: any(t.name == "tpl-web" for t in pane.templates))
+        assert cell(pane, "tpl-web", "Sealed") == "no"
+        assert any("'tpl-web' is a template" in m for m in messages(app))
+
+
+async def test_cancel_changes_nothing(lab: Lab) -> None:
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        await select(app, pilot, pane, "template-base")
+        await pilot.press("c")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        app.screen.query_one("#name", Input).focus()
+        await pilot.press(*"nope", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await pilot.press("n")
+        await wait_for(pilot, lambda: not pane.busy)
+        assert "nope" not in {d.name for d in lab.hv.domains()}
+        assert not (lab.images / "nope.qcow2").exists()

@@ -1,0 +1,292 @@
+"""The modals of the Templates pane: make a template, deploy clones, show a plan, remove.
+
+Forms only collect and check input; planning and the work run in the pane's workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import (
+    Button,
+    Checkbox,
+    Input,
+    Label,
+    RadioButton,
+    RadioSet,
+    SelectionList,
+    Static,
+)
+
+from tui.core.errors import InvalidInputError
+from tui.core.hypervisor import validate_name
+
+_FORM_CSS = """
+{cls} {{ align: center middle; }}
+{cls} > Vertical {{
+    width: 80; height: auto; max-height: 90%; padding: 1 2;
+    border: thick $accent; background: $surface;
+}}
+{cls} #title {{ text-style: bold; margin-bottom: 1; }}
+{cls} #error {{ color: $error; height: auto; }}
+{cls} #hint {{ color: $text-muted; height: auto; }}
+{cls} #buttons {{ height: auto; align-horizontal: right; margin-top: 1; }}
+{cls} Button {{ margin-left: 2; }}
+{cls} SelectionList {{ height: 10; }}
+{cls} RadioSet {{ width: 100%; }}
+{cls} #plan {{ height: auto; max-height: 24; }}
+"""
+
+
+@dataclass(frozen=True)
+class TemplateRequest:
+    name: str
+    seal: bool
+    operations: tuple[str, ...] | None  # None: virt-sysprep's defaults
+    undefine: bool
+    force: bool
+
+
+class MakeTemplateScreen(ModalScreen[TemplateRequest | None]):
+    """Name, seal on/off, the virt-sysprep operations checklist, undefine, force off."""
+
+    DEFAULT_CSS = _FORM_CSS.format(cls="MakeTemplateScreen")
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="template_form.cancel")]
+
+    def __init__(
+        self, vm: str, *, running: bool, operations: dict[str, bool], note: str = ""
+    ) -> None:
+        super().__init__()
+        self.vm = vm
+        self.running = running
+        self.operations = operations  # name -> enabled by default
+        self.note = note
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(f"Make a template from '{self.vm}'", id="title", markup=False)
+            yield Label("Template name")
+            yield Input(value=f"template-{self.vm}", id="name")
+            yield Checkbox(
+                "Seal with virt-sysprep", value=bool(self.operations), id="seal",
+                disabled=not self.operations,
+            )  # fmt: skip
+            yield SelectionList[str](
+                *[(op, op, default) for op, default in self.operations.items()], id="ops"
+            )
+            yield Checkbox("Undefine afterwards (keep XML backup and disks)", id="undefine")
+            yield Checkbox(
+                "Force off if the guest ignores the shutdown", id="force", disabled=not self.running
+            )
+            hint = self.note or (
+                "The VM is shut down, sealed, renamed, backed up, and its disks made read-only."
+            )
+            yield Static(hint, id="hint", markup=False)
+            yield Static("", id="error", markup=False)
+            with Horizontal(id="buttons"):
+                yield Button("Cancel", id="cancel")
+                yield Button("Plan", id="ok", variant="primary")
+
+    def on_mount(self) -> None:
+        self.query_one("#name", Input).focus()
+
+    @on(Checkbox.Changed, "#seal")
+    def _seal_changed(self, event: Checkbox.Changed) -> None:
+        self.query_one("#ops", SelectionList).disabled = not event.value
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        name = self.query_one("#name", Input).value.strip()
+        try:
+            validate_name(name)
+        except InvalidInputError as err:
+            self.query_one("#error", Static).update(str(err))
+            return
+        seal = self.query_one("#seal", Checkbox).value
+        chosen = tuple(self.query_one("#ops", SelectionList).selected)
+        defaults = tuple(op for op, default in self.operations.items() if default)
+        if seal and not chosen:
+            self.query_one("#error", Static).update("choose at least one operation, or unseal")
+            return
+        self.dismiss(
+            TemplateRequest(
+                name=name,
+                seal=seal,
+                operations=None if not seal or set(chosen) == set(defaults) else chosen,
+                undefine=self.query_one("#undefine", Checkbox).value,
+                force=self.query_one("#force", Checkbox).value,
+            )
+        )
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    name: str
+    count: int
+    full: bool
+    start: bool
+    allow_unsealed: bool
+
+
+class DeployScreen(ModalScreen[DeployRequest | None]):
+    """Name, count, thin or full, start afterwards (and allow an unsealed template)."""
+
+    DEFAULT_CSS = _FORM_CSS.format(cls="DeployScreen")
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="deploy_form.cancel")]
+
+    def __init__(self, template: str, *, sealed: bool) -> None:
+        super().__init__()
+        self.template = template
+        self.sealed = sealed
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(f"Deploy from '{self.template}'", id="title", markup=False)
+            yield Label("Name (with a count above 1: NAME-1 … NAME-N)")
+            yield Input(placeholder="e.g. web", id="name")
+            yield Label("Count")
+            yield Input(value="1", id="count", type="integer")
+            with RadioSet(id="mode"):
+                yield RadioButton("Thin (qcow2 overlay on the template)", value=True, id="thin")
+                yield RadioButton("Full (independent copy)", id="full")
+            yield Checkbox("Start after deploying", id="start")
+            if not self.sealed:
+                yield Checkbox(
+                    "Deploy although the template is not sealed (clones share its identity)",
+                    id="unsealed",
+                )
+            yield Static("", id="error", markup=False)
+            with Horizontal(id="buttons"):
+                yield Button("Cancel", id="cancel")
+                yield Button("Plan", id="ok", variant="primary")
+
+    def on_mount(self) -> None:
+        self.query_one("#name", Input).focus()
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        error = self.query_one("#error", Static)
+        name = self.query_one("#name", Input).value.strip()
+        try:
+            count = int(self.query_one("#count", Input).value or "1")
+            validate_name(name if count == 1 else f"{name}-{count}")
+        except ValueError:
+            error.update("count must be a whole number")
+            return
+        except InvalidInputError as err:
+            error.update(str(err))
+            return
+        if count < 1:
+            error.update("count must be at least 1")
+            return
+        unsealed = self.query("#unsealed")
+        allow = bool(unsealed) and unsealed.first(Checkbox).value
+        if not self.sealed and not allow:
+            error.update("the template is not sealed: tick the box to deploy anyway")
+            return
+        self.dismiss(
+            DeployRequest(
+                name=name,
+                count=count,
+                full=self.query_one("#full", RadioButton).value,
+                start=self.query_one("#start", Checkbox).value,
+                allow_unsealed=allow,
+            )
+        )
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PlanScreen(ModalScreen[bool]):
+    """A plan, line by line, before it runs: True on `y` or the button."""
+
+    DEFAULT_CSS = _FORM_CSS.format(cls="PlanScreen")
+    BINDINGS = [
+        Binding("y", "answer(True)", "Yes", id="plan.yes"),
+        Binding("n,escape", "answer(False)", "No", id="plan.no"),
+    ]
+
+    def __init__(self, title: str, lines: list[str], yes_label: str) -> None:
+        super().__init__()
+        self.title_text = title
+        self.lines = lines
+        self.yes_label = yes_label
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(self.title_text, id="title", markup=False)
+            with VerticalScroll(id="plan"):
+                yield Static("\n".join(self.lines), id="body", markup=False)
+            with Horizontal(id="buttons"):
+                yield Button("Cancel (n)", id="no")
+                yield Button(f"{self.yes_label} (y)", id="yes", variant="primary")
+
+    def on_mount(self) -> None:
+        self.query_one("#yes", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, answer: bool) -> None:
+        self.dismiss(answer)
+
+
+class RemoveScreen(ModalScreen[bool | None]):
+    """Confirms a removal, naming what is lost; the checkbox adds the disk images.
+
+    Dismisses with None (keep it), False (remove, keep the images) or True (remove with images).
+    """
+
+    DEFAULT_CSS = _FORM_CSS.format(cls="RemoveScreen").replace("$accent", "$error")
+    BINDINGS = [
+        Binding("y", "remove", "Remove", id="remove.yes"),
+        Binding("n,escape", "cancel", "Cancel", id="remove.no"),
+    ]
+
+    def __init__(self, name: str, lines: list[str], files: tuple[str, ...]) -> None:
+        super().__init__()
+        self.name_text = name
+        self.lines = lines
+        self.files = files
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(f"Remove '{self.name_text}'?", id="title", markup=False)
+            yield Static("\n".join(self.lines), id="body", markup=False)
+            yield Checkbox(
+                "Also delete its own disk image(s): " + (", ".join(self.files) or "none"),
+                id="storage",
+                disabled=not self.files,
+            )
+            yield Static("Shared base images are never deleted.", id="hint")
+            with Horizontal(id="buttons"):
+                yield Button("Cancel (n)", id="no")
+                yield Button("Remove (y)", id="yes", variant="error")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "yes":
+            self.action_remove()
+        elif event.button.id == "no":
+            self.action_cancel()
+
+    def action_remove(self) -> None:
+        self.dismiss(self.query_one("#storage", Checkbox).value)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,440 @@
+"""The Templates pane: every template with its base images, sizes, seal and clones, and the
+keys that make a template (T), deploy clones (c) and delete a domain (x).
+
+The list comes from tui.core.templates.list_templates in a thread worker; it is reloaded when
+the inventory's shape changes (names, roles, disks) and at most every RELOAD_SECONDS otherwise,
+since it reads every image's header with qemu-img. Every action plans in a worker, shows the
+plan in a modal, then executes in a worker whose progress arrives as messages (the bar below
+the table); refusals (e.g. a base that thin clones depend on) reach the app's error funnel.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import humanize
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.widgets import DataTable, ProgressBar, Static
+from textual.worker import Worker, WorkerState
+
+from tui.core import clones, templates
+from tui.core.clones import ClonePlan, RemovePlan
+from tui.core.errors import VirtdeckError
+from tui.core.models import DomainInfo
+from tui.core.progress import Progress
+from tui.core.templates import Template, TemplatePlan
+from tui.screens.template_forms import (
+    DeployRequest,
+    DeployScreen,
+    MakeTemplateScreen,
+    PlanScreen,
+    RemoveScreen,
+    TemplateRequest,
+)
+from tui.widgets.base import Pane
+
+RELOAD_SECONDS = 15.0
+COLUMNS = ("Template", "Defined", "Base image(s)", "Virtual", "Real", "Sealed", "Thin", "Full")
+
+
+@dataclass
+class TemplatesLoaded(Message):
+    templates: list[Template]
+
+
+@dataclass
+class TemplateProgress(Message):
+    text: str
+    fraction: float | None
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, TemplateProgress)
+
+
+@dataclass
+class OperationsLoaded(Message):
+    """virt-sysprep's operations, ready for the make-template form."""
+
+    host: str
+    vm: str
+    running: bool
+    operations: dict[str, bool]
+    note: str
+
+
+@dataclass
+class Planned(Message):
+    plan: TemplatePlan | ClonePlan | RemovePlan
+
+
+@dataclass
+class OperationDone(Message):
+    text: str
+
+
+def _size(n: int | None) -> str:
+    return "-" if not n else humanize.naturalsize(n, binary=True)
+
+
+def row_cells(t: Template) -> tuple[str, ...]:
+    if t.sealed:
+        when = (t.created or "?")[:16].replace("T", " ")
+        ops = ",".join(t.sealed_operations)
+        sealed = f"{when} ({len(t.sealed_operations)} ops)" if len(ops) > 30 else f"{when} {ops}"
+    else:
+        sealed = "no"
+    return (
+        t.name,
+        "yes" if t.defined else "backup only",
+        " ".join(b.path for b in t.base_images),
+        _size(t.virtual_bytes),
+        _size(t.actual_bytes),
+        sealed,
+        str(len(t.thin_clones)),
+        str(len(t.full_clones)),
+    )
+
+
+def details_text(t: Template) -> str:
+    lines = [
+        f"{t.name}  (from {t.source or '?'}; "
+        + ("defined" if t.defined else f"undefined, XML in {t.xml_backup}")
+        + ")",
+        f"sealed    {', '.join(t.sealed_operations) or '-'}" if t.sealed else "sealed    no",
+    ]
+    for b in t.base_images:
+        ro = "read-only" if b.read_only else "WRITABLE"
+        lines.append(
+            f"base {b.target:<4} {b.path}  {_size(b.virtual_bytes)} virtual, "
+            f"{_size(b.actual_bytes)} real, {ro}"
+        )
+    lines.append(f"thin      {', '.join(t.thin_clones) or '-'}  (depend on the base)")
+    lines.append(f"full      {', '.join(t.full_clones) or '-'}")
+    return "\n".join(lines)
+
+
+class TemplatesPane(Pane):
+    DEFAULT_CSS = """
+    TemplatesPane { height: 1fr; }
+    TemplatesPane Horizontal { height: 1fr; }
+    TemplatesPane #tpl-table { width: 3fr; }
+    TemplatesPane #tpl-details { width: 2fr; padding: 0 1; }
+    TemplatesPane #tpl-status { height: 1; color: $text-muted; padding: 0 1; }
+    TemplatesPane #tpl-progress { height: 1; display: none; padding: 0 1; }
+    TemplatesPane.busy #tpl-progress { display: block; }
+    """
+
+    SCREEN_BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("T", "pane('templates', 'make')", "Make template", id="template.make"),
+        Binding("c", "pane('templates', 'deploy')", "Deploy clones", id="template.deploy"),
+        Binding("x", "pane('templates', 'delete')", "Delete domain", id="template.delete"),
+    ]
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.selected: DomainInfo | None = None
+        self.templates: list[Template] = []
+        self.loads = 0  # finished loads (tests wait on it)
+        self.busy = False
+        self._loading = False
+        self._stale = False
+        self._signature: object = None
+        self._loaded_at = 0.0
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            table: DataTable[str] = DataTable(id="tpl-table", cursor_type="row")
+            yield table
+            yield Static("", id="tpl-details", markup=False)
+        yield ProgressBar(total=1.0, id="tpl-progress", show_eta=False)
+        yield Static("", id="tpl-status", markup=False)
+
+    def on_mount(self) -> None:
+        table = self.query_one("#tpl-table", DataTable)
+        for col in COLUMNS:
+            table.add_column(col, key=col)
+
+    # -- the Pane contract ------------------------------------------------------------------
+
+    def domain_selected(self, info: DomainInfo | None) -> None:
+        self.selected = info
+        if info is not None and info.is_template:
+            self._highlight(info.host, info.name)
+
+    def inventory_changed(self, domains: list[DomainInfo]) -> None:
+        if self.selected is not None:
+            key = (self.selected.host, self.selected.name)
+            self.selected = next((d for d in domains if (d.host, d.name) == key), self.selected)
+        signature = tuple((d.host, d.name, d.meta, tuple(x.path for x in d.disks)) for d in domains)
+        if signature != self._signature or time.monotonic() - self._loaded_at > RELOAD_SECONDS:
+            self._signature = signature
+            self.load()
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        if self._loading:
+            self._stale = True
+            return
+        self._loading = True
+        self._stale = False
+        self._load()
+
+    @work(thread=True, exit_on_error=False, group="templates-load", description="templates")
+    def _load(self) -> None:
+        found: list[Template] = []
+        for i, hv in enumerate(self.vapp.hypervisors):
+            try:
+                found.extend(templates.list_templates(hv, include_backups=i == 0))
+            except VirtdeckError:
+                continue  # an unreachable host is reported by the inventory refresh
+        self.post_message(TemplatesLoaded(found))
+
+    def on_templates_loaded(self, message: TemplatesLoaded) -> None:
+        self._loading = False
+        self._loaded_at = time.monotonic()
+        self.loads += 1
+        if message.templates != self.templates:
+            self.templates = message.templates
+            self._draw()
+        if self._stale:
+            self.load()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        super().on_worker_state_changed(event)
+        if event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            if event.worker.group == "templates-load":
+                self._loading = False
+            elif event.worker.group == "templates-op":
+                self._idle()
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def _draw(self) -> None:
+        table = self.query_one_optional("#tpl-table", DataTable)
+        if table is None:
+            return
+        keep = self.highlighted()
+        table.clear()
+        for t in self.templates:
+            table.add_row(*row_cells(t), key=f"{t.host}\0{t.name}")
+        if keep is not None:
+            self._highlight(keep.host, keep.name)
+        self._show_details()
+
+    def _highlight(self, host: str, name: str) -> None:
+        table = self.query_one_optional("#tpl-table", DataTable)
+        if table is None:
+            return
+        for i, t in enumerate(self.templates):
+            if (t.host, t.name) == (host, name):
+                table.move_cursor(row=i)
+                return
+
+    def highlighted(self) -> Template | None:
+        table = self.query_one_optional("#tpl-table", DataTable)
+        if table is None or not self.templates or table.cursor_row is None:
+            return None
+        row = table.cursor_row
+        return self.templates[row] if 0 <= row < len(self.templates) else None
+
+    @on(DataTable.RowHighlighted, "#tpl-table")
+    def _row_highlighted(self) -> None:
+        self._show_details()
+
+    def _show_details(self) -> None:
+        t = self.highlighted()
+        text = details_text(t) if t else "no templates yet: T makes one from the selected domain"
+        self.query_one("#tpl-details", Static).update(text)
+
+    def _status(self, text: str) -> None:
+        static = self.query_one_optional("#tpl-status", Static)
+        if static is not None:
+            static.update(text)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _begin(self) -> bool:
+        if self.busy:
+            self.notify("a template operation is still running", severity="warning")
+            return False
+        self.busy = True
+        return True
+
+    def _idle(self) -> None:
+        self.busy = False
+        self.remove_class("busy")
+        self._status("")
+
+    def action_make(self) -> None:
+        info = self.selected
+        if info is None:
+            self.notify("select a domain first", severity="warning")
+            return
+        if info.is_template:
+            self.notify(f"'{info.name}' is already a template", severity="warning")
+            return
+        if self._begin():
+            self._sysprep_operations(info.host, info.name, info.state.active)
+
+    def action_deploy(self) -> None:
+        info = self.selected
+        target: tuple[str, str, bool] | None = None
+        if info is not None and info.is_template:
+            target = (info.host, info.name, info.meta.sealed)
+        elif (t := self.highlighted()) is not None:
+            target = (t.host, t.name, t.sealed)
+        if target is None:
+            self.notify("select a template (domain row or this pane's row)", severity="warning")
+            return
+        host, name, sealed = target
+        if not self._begin():
+            return
+
+        def answered(request: DeployRequest | None) -> None:
+            if request is None:
+                self._idle()
+            else:
+                self._plan_clone(host, name, request)
+
+        self.app.push_screen(DeployScreen(name, sealed=sealed), answered)
+
+    def action_delete(self) -> None:
+        info = self.selected
+        if info is None:
+            self.notify("select a domain first", severity="warning")
+            return
+        if self._begin():
+            self._plan_remove(info.host, info.name)
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def _progress(self) -> Progress:
+        def report(text: str, fraction: float | None) -> None:
+            self.post_message(TemplateProgress(text, fraction))
+
+        return report
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="sysprep ops")
+    def _sysprep_operations(self, host: str, vm: str, running: bool) -> None:
+        note = ""
+        try:
+            ops = templates.Sysprep().operations()
+        except VirtdeckError as err:
+            ops, note = {}, f"cannot seal: {err}"
+        self.post_message(OperationsLoaded(host, vm, running, ops, note))
+
+    def on_operations_loaded(self, message: OperationsLoaded) -> None:
+        def answered(request: TemplateRequest | None) -> None:
+            if request is None:
+                self._idle()
+            else:
+                self._plan_template(message.host, message.vm, request)
+
+        self.app.push_screen(
+            MakeTemplateScreen(
+                message.vm, running=message.running, operations=message.operations,
+                note=message.note,
+            ),
+            answered,
+        )  # fmt: skip
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="template plan")
+    def _plan_template(self, host: str, vm: str, request: TemplateRequest) -> None:
+        plan = templates.plan_template(
+            self.hypervisor(host),
+            vm,
+            name=request.name,
+            seal=request.seal,
+            operations=request.operations,
+            undefine=request.undefine,
+            force=request.force,
+        )
+        self.post_message(Planned(plan))
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="clone plan")
+    def _plan_clone(self, host: str, template: str, request: DeployRequest) -> None:
+        plan = clones.plan_clone(
+            self.hypervisor(host),
+            template,
+            request.name,
+            full=request.full,
+            count=request.count,
+            start=request.start,
+            allow_unsealed=request.allow_unsealed,
+        )
+        self.post_message(Planned(plan))
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="remove plan")
+    def _plan_remove(self, host: str, name: str) -> None:
+        # Planned with storage so the modal can list the files; the box decides.
+        self.post_message(Planned(clones.plan_remove(self.hypervisor(host), name, storage=True)))
+
+    def on_planned(self, message: Planned) -> None:
+        plan = message.plan
+        if isinstance(plan, RemovePlan):
+
+            def remove(storage: bool | None) -> None:
+                if storage is None:
+                    self._idle()
+                else:
+                    self._execute(plan, storage)
+
+            lines = [line for line in plan.summary() if not line.startswith("delete /")]
+            self.app.push_screen(RemoveScreen(plan.name, lines, plan.delete_files), remove)
+            return
+        if isinstance(plan, TemplatePlan):
+            title, yes = f"Make '{plan.vm}' a template?", "Make template"
+        else:
+            what = f"{len(plan.items)} {plan.mode} clone(s)"
+            title, yes = f"Deploy {what} of '{plan.template}'?", "Deploy"
+
+        def answered(ok: bool | None) -> None:
+            if ok:
+                self._execute(plan, False)
+            else:
+                self._idle()
+
+        self.app.push_screen(PlanScreen(title, plan.summary(), yes), answered)
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="templates")
+    def _execute(self, plan: TemplatePlan | ClonePlan | RemovePlan, storage: bool) -> None:
+        hv = self.hypervisor(plan.host)
+        progress = self._progress()
+        progress("starting", 0.0)
+        if isinstance(plan, TemplatePlan):
+            t = templates.execute_template(hv, plan, progress)
+            text = f"'{t.name}' is a template" + ("" if t.defined else " (undefined)")
+        elif isinstance(plan, ClonePlan):
+            names = clones.execute_clone(hv, plan, progress)
+            text = f"deployed {', '.join(names)} ({plan.mode}) from '{plan.template}'"
+        else:
+            if not storage:
+                kept = plan.delete_files + plan.kept_files
+                plan = replace(plan, storage=False, delete_files=(), kept_files=kept)
+            clones.execute_remove(hv, plan, progress)
+            text = f"removed '{plan.name}'" + (
+                f" and deleted {', '.join(plan.delete_files)}" if plan.delete_files else ""
+            )
+        self.post_message(OperationDone(text))
+
+    def on_template_progress(self, message: TemplateProgress) -> None:
+        self.add_class("busy")
+        bar = self.query_one("#tpl-progress", ProgressBar)
+        if message.fraction is None:
+            bar.update(total=None)
+        else:
+            bar.update(total=1.0, progress=message.fraction)
+        self._status(message.text)
+
+    def on_operation_done(self, message: OperationDone) -> None:
+        self._idle()
+        self.notify(message.text, title="templates")
+        self.load()
+        self.vapp.refresh_inventory()
