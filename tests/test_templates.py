@@ -435,3 +435,23 @@ def test_cli_template_create_and_rm(lab: Lab, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert "cannot be removed" in err and "web" in err
     assert (lab.backups / "template-web.xml").exists()
+
+
+def test_refusals_for_snapshots_running_template_and_remote_host(lab: Lab) -> None:
+    dom = lab.hv.conn.lookupByName("web")
+    dom.snapshotCreateXML("<domainsnapshot><name>s1</name></domainsnapshot>", 0)
+    with pytest.raises(StateError, match="has snapshots.*--name web"):
+        plan_template(lab.hv, "web", seal=False, backup_dir=lab.backups)
+    assert plan_template(lab.hv, "web", name="web", seal=False, backup_dir=lab.backups)
+    lab.hv.conn.lookupByName("template-base").create()  # started behind virtdeck's back
+    lab.hv.invalidate()
+    with pytest.raises(StateError, match="template 'template-base' is running"):
+        plan_clone(lab.hv, "template-base", "x")
+    remote = Hypervisor("qemu+ssh://far.example/system", lab.hv.conn)
+    for call in (
+        lambda: plan_template(remote, "web", seal=False, backup_dir=lab.backups),
+        lambda: plan_clone(remote, "template-unsealed", "x", allow_unsealed=True),
+        lambda: plan_remove(remote, "web"),
+    ):
+        with pytest.raises(InvalidInputError, match="far.example/system is remote"):
+            call()

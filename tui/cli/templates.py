@@ -186,7 +186,9 @@ def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     try:
         hv = find_domain(hypervisors, args.name)
     except NotFoundError:
-        hv = _find_template(hypervisors, args.name, args.backup_dir)
+        if not any(b.name == args.name for b in templates.backup_templates(args.backup_dir)):
+            raise
+        hv = hypervisors[0]
     plan = clones.plan_remove(hv, args.name, storage=args.storage, backup_dir=args.backup_dir)
     _plan_lines(plan.summary())
     clones.execute_remove(hv, plan, stderr_progress, backup_dir=args.backup_dir)

@@ -46,6 +46,7 @@ from tui.core.templates import (
     image_users,
     now_iso,
     own_images,
+    require_local,
     template_xml,
     undefine_domain,
 )
@@ -171,10 +172,16 @@ def plan_clone(
     rng: random.Random | None = None,
 ) -> ClonePlan:
     """Validate and describe the clones; nothing is written."""
+    require_local(hv)
     qemu = qemu or QemuImg()
     rng = rng or random.SystemRandom()
     names = clone_names(name, count)
     xml, defined = template_xml(hv, template, backup_dir)
+    if defined and hv.domain(template).state.active:
+        raise StateError(
+            f"template '{template}' is running (started outside virtdeck?): it is writing to "
+            f"the base its clones would read; shut it down first"
+        )
     troot = domxml.parse(xml)
     meta = domxml.read_meta(troot)
     if not meta.sealed and not allow_unsealed:
@@ -439,6 +446,7 @@ def plan_remove(
     qemu: QemuImg | None = None,
 ) -> RemovePlan:
     """Refuse a domain other domains build on (listing them); say which files go."""
+    require_local(hv)
     qemu = qemu or QemuImg()
     backup: str | None = None
     if hv.exists(name):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import libvirt
 
@@ -135,6 +136,16 @@ class Sysprep:
 def _last(lines: Sequence[str]) -> str:
     useful = [ln.strip() for ln in lines if ln.strip()]
     return useful[-1] if useful else "no output"
+
+
+def require_local(hv: Hypervisor) -> None:
+    """virtdeck reads, writes and chmods the image files itself: the hypervisor must be here."""
+    host = urlparse(hv.uri).hostname
+    if host not in (None, "", "localhost", "127.0.0.1", "::1"):
+        raise InvalidInputError(
+            f"templates and clones need the images on this machine; {hv.uri} is remote "
+            "(run virtdeck on that host)"
+        )
 
 
 def now_iso() -> str:
@@ -491,6 +502,7 @@ def plan_template(
     sysprep: Sysprep | None = None,
 ) -> TemplatePlan:
     """Check everything before anything changes; the plan says what execute_template() does."""
+    require_local(hv)
     info = hv.domain(vm)
     if info.is_template:
         raise StateError(f"'{vm}' is already a template")
@@ -499,6 +511,11 @@ def plan_template(
     new_name = validate_name(name or f"template-{vm}")
     if new_name != vm and hv.exists(new_name):
         raise InvalidInputError(f"a domain named '{new_name}' already exists; choose --name")
+    if new_name != vm and _snapshot_count(hv, vm):
+        raise StateError(
+            f"'{vm}' has snapshots and libvirt cannot rename such a domain; delete them "
+            f"first, or keep its name with --name {vm}"
+        )
     if info.state.active and info.state != DomainState.RUNNING and not force:
         raise StateError(
             f"'{vm}' is {info.state.value}: it cannot shut down gracefully; "
@@ -563,6 +580,13 @@ def plan_template(
     )
 
 
+def _snapshot_count(hv: Hypervisor, vm: str) -> int:
+    try:
+        return int(hv.lookup(vm).snapshotNum(0))
+    except libvirt.libvirtError:
+        return 0  # a driver without snapshots has none to block the rename
+
+
 def _shut_down(hv: Hypervisor, plan: TemplatePlan, progress: Progress) -> None:
     state = hv.domain(plan.vm).state
     if not state.active:
@@ -596,21 +620,33 @@ def _libvirt(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def undefine_domain(dom: Any, *, keep_nvram: bool) -> None:
-    """Undefine, keeping (template) or removing (clone) the NVRAM; the plain call as a fallback
-    for drivers that reject the flag (a domain without NVRAM never needs it)."""
-    flag = (
-        libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM if keep_nvram else libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    """Undefine, keeping (template) or removing (clone) its NVRAM and TPM state.
+
+    The flags are newer than the call: KEEP_TPM needs libvirt 8.9, and some drivers reject the
+    NVRAM flags, so each rejected set falls back to a smaller one (a domain without NVRAM or
+    TPM never needs them).
+    """
+    managed = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    if keep_nvram:
+        flags = [libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | managed]
+        keep_tpm = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0)
+        if keep_tpm:
+            flags.insert(0, flags[0] | keep_tpm)
+    else:
+        flags = [libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | managed]
+    rejected = (
+        libvirt.VIR_ERR_NO_SUPPORT,
+        libvirt.VIR_ERR_INVALID_ARG,
+        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
     )
-    try:
-        dom.undefineFlags(flag | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() not in (
-            libvirt.VIR_ERR_NO_SUPPORT,
-            libvirt.VIR_ERR_INVALID_ARG,
-            libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
-        ):
-            raise
-        dom.undefine()
+    for flag in flags:
+        try:
+            dom.undefineFlags(flag)
+            return
+        except libvirt.libvirtError as err:
+            if err.get_error_code() not in rejected:
+                raise
+    dom.undefine()
 
 
 def _rename(hv: Hypervisor, dom: Any, old: str, new: str) -> Any:
