@@ -89,19 +89,19 @@ def shape(tree: SnapshotTree) -> tuple[tuple[object, ...], ...]:
 
 
 def node_label(node: SnapshotNode) -> Text:
-    label = Text(node.name, style="bold" if node.current else "")
-    label.append(f"  {node.kind}", style="dim")
-    if node.current:
-        label.append("  ◀ current", style="bold green")
-    return label
+    return Text.assemble(
+        (node.name, "bold" if node.current else ""),
+        (f"\u00a0· {node.kind}", "dim"),
+        ("  ◀ current" if node.current else "", "bold green"),
+    )
 
 
 class SnapshotsPane(Pane):
     DEFAULT_CSS = """
     SnapshotsPane { height: 1fr; }
     SnapshotsPane Horizontal { height: 1fr; }
-    SnapshotsPane #snap-tree { width: 1fr; min-width: 30; }
-    SnapshotsPane #snap-details { width: 2fr; padding: 0 1; }
+    SnapshotsPane #snap-tree { width: 1fr; min-width: 40; }
+    SnapshotsPane #snap-details { width: 1fr; padding: 0 1; }
     SnapshotsPane #snap-status { height: 1; color: $text-muted; padding: 0 1; }
     """
 
@@ -237,7 +237,8 @@ class SnapshotsPane(Pane):
         widget.root.expand()
         target = keep if keep in by_name else (tree.current.name if tree.current else None)
         if target is not None:
-            widget.move_cursor(by_name[target])
+            # The new lines get their positions at the next refresh; move the cursor then.
+            self.call_after_refresh(widget.move_cursor, by_name[target])
         self._show_details(target)
 
     @on(Tree.NodeHighlighted, "#snap-tree")
