@@ -71,7 +71,8 @@ async def test_deploy_then_refuse_the_base_then_delete_a_clone(lab: Lab) -> None
     async with app.run_test(size=(160, 50)) as pilot:
         pane = await start(app, pilot)
         assert cell(pane, "template-base", "Thin") == "0"
-        assert lab.base in cell(pane, "template-base", "Base image(s)")
+        assert cell(pane, "template-base", "Base image(s)") == "base.qcow2"
+        assert lab.base in str(pane.query_one("#tpl-details", Static).render())
 
         await select(app, pilot, pane, "template-base")
         await pilot.press("c")

@@ -10,6 +10,7 @@ the table); refusals (e.g. a base that thin clones depend on) reach the app's er
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import ClassVar
@@ -18,7 +19,6 @@ import humanize
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import Worker, WorkerState
@@ -92,7 +92,7 @@ def row_cells(t: Template) -> tuple[str, ...]:
     return (
         t.name,
         "yes" if t.defined else "backup only",
-        " ".join(b.path for b in t.base_images),
+        " ".join(os.path.basename(b.path) for b in t.base_images),
         _size(t.virtual_bytes),
         _size(t.actual_bytes),
         sealed,
@@ -111,8 +111,8 @@ def details_text(t: Template) -> str:
     for b in t.base_images:
         ro = "read-only" if b.read_only else "WRITABLE"
         lines.append(
-            f"base {b.target:<4} {b.path}  {_size(b.virtual_bytes)} virtual, "
-            f"{_size(b.actual_bytes)} real, {ro}"
+            f"base {b.target:<4} {b.path}  ({_size(b.virtual_bytes)} virtual, "
+            f"{_size(b.actual_bytes)} real, {ro})"
         )
     lines.append(f"thin      {', '.join(t.thin_clones) or '-'}  (depend on the base)")
     lines.append(f"full      {', '.join(t.full_clones) or '-'}")
@@ -122,9 +122,8 @@ def details_text(t: Template) -> str:
 class TemplatesPane(Pane):
     DEFAULT_CSS = """
     TemplatesPane { height: 1fr; }
-    TemplatesPane Horizontal { height: 1fr; }
-    TemplatesPane #tpl-table { width: 3fr; }
-    TemplatesPane #tpl-details { width: 2fr; padding: 0 1; }
+    TemplatesPane #tpl-table { height: auto; max-height: 60%; }
+    TemplatesPane #tpl-details { height: 1fr; padding: 0 1; border-top: solid $panel; }
     TemplatesPane #tpl-status { height: 1; color: $text-muted; padding: 0 1; }
     TemplatesPane #tpl-progress { height: 1; display: none; padding: 0 1; }
     TemplatesPane.busy #tpl-progress { display: block; }
@@ -132,8 +131,8 @@ class TemplatesPane(Pane):
 
     SCREEN_BINDINGS: ClassVar[list[BindingType]] = [
         Binding("T", "pane('templates', 'make')", "Make template", id="template.make"),
-        Binding("c", "pane('templates', 'deploy')", "Deploy clones", id="template.deploy"),
-        Binding("x", "pane('templates', 'delete')", "Delete domain", id="template.delete"),
+        Binding("c", "pane('templates', 'deploy')", "Deploy", id="template.deploy"),
+        Binding("x", "pane('templates', 'delete')", "Delete VM", id="template.delete"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -148,10 +147,9 @@ class TemplatesPane(Pane):
         self._loaded_at = 0.0
 
     def compose(self) -> ComposeResult:
-        with Horizontal():
-            table: DataTable[str] = DataTable(id="tpl-table", cursor_type="row")
-            yield table
-            yield Static("", id="tpl-details", markup=False)
+        table: DataTable[str] = DataTable(id="tpl-table", cursor_type="row")
+        yield table
+        yield Static("", id="tpl-details", markup=False)
         yield ProgressBar(total=1.0, id="tpl-progress", show_eta=False)
         yield Static("", id="tpl-status", markup=False)
 
@@ -159,6 +157,8 @@ class TemplatesPane(Pane):
         table = self.query_one("#tpl-table", DataTable)
         for col in COLUMNS:
             table.add_column(col, key=col)
+        # The first inventory may arrive before this pane is mounted: do not wait for the next.
+        self.load()
 
     # -- the Pane contract ------------------------------------------------------------------
 
