@@ -416,15 +416,13 @@ def test_refusals(
 
 
 def test_delete_below_running_top_is_refused(system_hv: Hypervisor, lab: SystemLab) -> None:
-    if S.libvirt_handles_external(system_hv):
-        pytest.fail("this libvirt deletes external snapshots itself")  # pragma: no cover
     hv = system_hv
     name = lab.define("below")
     take(hv, name, "s1", external=True)
     take(hv, name, "s2", external=True)
     hv.start(name)
     with pytest.raises(StateError, match="shut it down first"):
-        S.plan_delete(hv, name, "s1")
+        S.plan_delete(hv, name, "s1", by_virtdeck=True)
     assert S.snapshot_tree(hv, name).names == ("s1", "s2")
 
 
@@ -466,8 +464,6 @@ def failing_on_create(n: int, command: str = "create") -> QemuImg:
 def test_external_revert_failing_half_way_changes_nothing(
     system_hv: Hypervisor, lab: SystemLab, running: bool
 ) -> None:
-    if S.libvirt_handles_external(system_hv):
-        pytest.fail("this libvirt reverts external snapshots itself")  # pragma: no cover
     hv = system_hv
     d1, d2 = lab.disk("f1.qcow2"), lab.disk("f2.raw", fmt="raw")
     name = lab.define("fail", disks=[(d1, "qcow2"), (d2, "raw")])
@@ -482,7 +478,7 @@ def test_external_revert_failing_half_way_changes_nothing(
     xml_before = hv.xml(name, inactive=True)
     files_before = sorted(os.listdir(lab.dir))
     qemu = failing_on_create(2)
-    plan = S.plan_revert(hv, name, "s1", qemu_img=qemu)
+    plan = S.plan_revert(hv, name, "s1", qemu_img=qemu, by_virtdeck=True)
     assert len(plan.switches) == 2
     with pytest.raises(OperationError, match="injected: disk full"):
         S.revert(hv, plan, qemu_img=qemu)
@@ -504,8 +500,6 @@ def test_external_revert_failing_half_way_changes_nothing(
 def test_revert_failing_at_metadata_step_is_undone(
     system_hv: Hypervisor, lab: SystemLab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if S.libvirt_handles_external(system_hv):
-        pytest.fail("this libvirt reverts external snapshots itself")  # pragma: no cover
     hv = system_hv
     name = lab.define("meta")
     take(hv, name, "s1", external=True)
@@ -520,7 +514,7 @@ def test_revert_failing_at_metadata_step_is_undone(
 
     monkeypatch.setattr(S, "_redefine", broken)
     with pytest.raises(OperationError, match="injected: metadata"):
-        S.revert(hv, S.plan_revert(hv, name, "s1"))
+        S.revert(hv, S.plan_revert(hv, name, "s1", by_virtdeck=True))
     monkeypatch.undo()
     assert hv.xml(name, inactive=True) == xml_before
     assert sorted(os.listdir(lab.dir)) == files_before
@@ -531,8 +525,6 @@ def test_revert_failing_at_metadata_step_is_undone(
 
 
 def test_delete_failing_half_way_loses_no_data(system_hv: Hypervisor, lab: SystemLab) -> None:
-    if S.libvirt_handles_external(system_hv):
-        pytest.fail("this libvirt deletes external snapshots itself")  # pragma: no cover
     hv = system_hv
     disk = lab.disk("hw.qcow2")
     name = lab.define("hw", disks=[(disk, "qcow2")])
@@ -542,7 +534,7 @@ def test_delete_failing_half_way_loses_no_data(system_hv: Hypervisor, lab: Syste
     take(hv, name, "s2", external=True)
     io_write(disk_paths(hv, name)[0], 0x33)
     qemu = failing_on_create(1, "rebase")  # after the commit into the base
-    plan = S.plan_delete(hv, name, "s1", qemu_img=qemu)
+    plan = S.plan_delete(hv, name, "s1", qemu_img=qemu, by_virtdeck=True)
     with pytest.raises(OperationError, match="failed half-way.*no data was lost"):
         S.delete(hv, plan, qemu_img=qemu)
     assert S.snapshot_tree(hv, name).names == ("s2",)  # s1's state is gone: so is s1

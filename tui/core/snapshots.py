@@ -793,7 +793,10 @@ def plan_revert(
     *,
     qemu_img: QemuImg | None = None,
     tree: SnapshotTree | None = None,
+    by_virtdeck: bool = False,
 ) -> RevertPlan:
+    """`by_virtdeck`: revert an external snapshot with virtdeck's own steps even where libvirt
+    could (tests use it to exercise that path on any libvirt)."""
     tree = tree or snapshot_tree(hv, domain)
     node = tree.get(name)
     state = _state(hv, domain)
@@ -822,7 +825,7 @@ def plan_revert(
             result_state=result,
             lost=tuple(_lost_lines(domain, state, tree, ())),
         )
-    if libvirt_handles_external(hv):
+    if not by_virtdeck and libvirt_handles_external(hv):
         return RevertPlan(
             host=hv.uri,
             domain=domain,
@@ -1082,6 +1085,7 @@ def plan_delete(
     *,
     children: bool = False,
     qemu_img: QemuImg | None = None,
+    by_virtdeck: bool = False,
 ) -> DeletePlan:
     tree = snapshot_tree(hv, domain)
     node = tree.get(name)
@@ -1097,7 +1101,7 @@ def plan_delete(
     if not children and node.children:
         parent = f"'{node.parent}'" if node.parent else "the root"
         notes.append(f"its children ({', '.join(node.children)}) move up to {parent}")
-    if node.kind == INTERNAL or libvirt_handles_external(hv):
+    if node.kind == INTERNAL or (not by_virtdeck and libvirt_handles_external(hv)):
         method = "libvirt"
     else:
         method = "virtdeck"
