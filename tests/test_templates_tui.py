@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Checkbox, DataTable, Input, SelectionList, Static
+from textual.widgets import Checkbox, DataTable, Input, RadioButton, SelectionList, Static
 
 from tests.test_templates import Lab
 from tui.app import VirtdeckApp
@@ -27,7 +27,7 @@ from tui.screens.template_forms import (
     RemoveScreen,
 )
 from tui.widgets.domains import DomainsTable
-from tui.widgets.templates_pane import TemplatesPane
+from tui.widgets.templates_pane import TemplateProgress, TemplatesPane
 
 
 @pytest.fixture
@@ -155,3 +155,36 @@ async def test_cancel_changes_nothing(lab: Lab) -> None:
         await wait_for(pilot, lambda: not pane.busy)
         assert "nope" not in {d.name for d in lab.hv.domains()}
         assert not (lab.images / "nope.qcow2").exists()
+
+
+async def test_full_deploy_reports_progress_and_makes_an_independent_copy(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, float | None]] = []
+    original = TemplatesPane.on_template_progress
+
+    def record(self: TemplatesPane, message: TemplateProgress) -> None:
+        seen.append((message.text, message.fraction))
+        original(self, message)
+
+    monkeypatch.setattr(TemplatesPane, "on_template_progress", record)
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        await select(app, pilot, pane, "template-base")
+        await pilot.press("c")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        app.screen.query_one("#full", RadioButton).value = True
+        app.screen.query_one("#name", Input).focus()
+        await pilot.press(*"db", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        assert "copy of" in str(app.screen.query_one("#body", Static).render())
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not pane.busy)
+        await wait_for(pilot, lambda: cell(pane, "template-base", "Full") == "1")
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", str(lab.images / "db.qcow2")],
+        check=True, capture_output=True, text=True).stdout)  # fmt: skip
+    assert "backing-filename" not in info
+    assert seen and seen[-1][1] == 1.0
+    assert any(text.startswith("defining 'db'") for text, _ in seen)
