@@ -147,6 +147,7 @@ def test_template_without_seal_renames_records_backs_up_and_protects(lab: Lab) -
     assert info.state is DomainState.SHUTOFF
     assert info.is_template and info.meta.source == "web" and not info.meta.sealed
     assert info.meta.created and info.meta.xml_backup == str(lab.backups / "template-web.xml")
+    assert stat.S_IMODE(os.stat(lab.backups / "template-web.xml").st_mode) == 0o600
     backup = domxml.parse((lab.backups / "template-web.xml").read_text())
     assert backup.findtext("name") == "template-web"
     assert domxml.read_meta(backup).role == "template"

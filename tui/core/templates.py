@@ -732,8 +732,10 @@ def execute_template(
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
         try:
             os.makedirs(plan.backup_dir, exist_ok=True)
-            with open(plan.backup_path, "x") as fh:
-                wrote_backup = True
+            # 0600: the XML is dumped with VIR_DOMAIN_XML_SECURE (VNC/SPICE passwords).
+            fd = os.open(plan.backup_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            wrote_backup = True
+            with os.fdopen(fd, "w") as fh:
                 fh.write(xml)
         except OSError as err:
             raise OperationError(
