@@ -26,6 +26,7 @@ from textual.worker import Worker, WorkerState
 from tui.core import clones, templates
 from tui.core.clones import ClonePlan, RemovePlan
 from tui.core.errors import VirtdeckError
+from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 from tui.core.progress import Progress
 from tui.core.templates import Template, TemplatePlan
@@ -184,12 +185,14 @@ class TemplatesPane(Pane):
             return
         self._loading = True
         self._stale = False
-        self._load()
+        self._load(list(self.vapp.hypervisors))
 
+    # Hypervisors are resolved on the UI thread and handed to the workers: a thread never
+    # reaches into the app.
     @work(thread=True, exit_on_error=False, group="templates-load", description="templates")
-    def _load(self) -> None:
+    def _load(self, hypervisors: list[Hypervisor]) -> None:
         found: list[Template] = []
-        for i, hv in enumerate(self.vapp.hypervisors):
+        for i, hv in enumerate(hypervisors):
             try:
                 found.extend(templates.list_templates(hv, include_backups=i == 0))
             except VirtdeckError:
@@ -301,7 +304,7 @@ class TemplatesPane(Pane):
             if request is None:
                 self._idle()
             else:
-                self._plan_clone(host, name, request)
+                self._plan_clone(self.hypervisor(host), name, request)
 
         self.app.push_screen(DeployScreen(name, sealed=sealed), answered)
 
@@ -311,7 +314,7 @@ class TemplatesPane(Pane):
             self.notify("select a domain first", severity="warning")
             return
         if self._begin():
-            self._plan_remove(info.host, info.name)
+            self._plan_remove(self.hypervisor(info.host), info.name)
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -335,7 +338,7 @@ class TemplatesPane(Pane):
             if request is None:
                 self._idle()
             else:
-                self._plan_template(message.host, message.vm, request)
+                self._plan_template(self.hypervisor(message.host), message.vm, request)
 
         self.app.push_screen(
             MakeTemplateScreen(
@@ -346,9 +349,9 @@ class TemplatesPane(Pane):
         )  # fmt: skip
 
     @work(thread=True, exit_on_error=False, group="templates-op", description="template plan")
-    def _plan_template(self, host: str, vm: str, request: TemplateRequest) -> None:
+    def _plan_template(self, hv: Hypervisor, vm: str, request: TemplateRequest) -> None:
         plan = templates.plan_template(
-            self.hypervisor(host),
+            hv,
             vm,
             name=request.name,
             seal=request.seal,
@@ -359,9 +362,9 @@ class TemplatesPane(Pane):
         self.post_message(Planned(plan))
 
     @work(thread=True, exit_on_error=False, group="templates-op", description="clone plan")
-    def _plan_clone(self, host: str, template: str, request: DeployRequest) -> None:
+    def _plan_clone(self, hv: Hypervisor, template: str, request: DeployRequest) -> None:
         plan = clones.plan_clone(
-            self.hypervisor(host),
+            hv,
             template,
             request.name,
             full=request.full,
@@ -372,9 +375,9 @@ class TemplatesPane(Pane):
         self.post_message(Planned(plan))
 
     @work(thread=True, exit_on_error=False, group="templates-op", description="remove plan")
-    def _plan_remove(self, host: str, name: str) -> None:
+    def _plan_remove(self, hv: Hypervisor, name: str) -> None:
         # Planned with storage so the modal can list the files; the box decides.
-        self.post_message(Planned(clones.plan_remove(self.hypervisor(host), name, storage=True)))
+        self.post_message(Planned(clones.plan_remove(hv, name, storage=True)))
 
     def on_planned(self, message: Planned) -> None:
         plan = message.plan
@@ -384,7 +387,7 @@ class TemplatesPane(Pane):
                 if storage is None:
                     self._idle()
                 else:
-                    self._execute(plan, storage)
+                    self._execute(self.hypervisor(plan.host), plan, storage)
 
             lines = [line for line in plan.summary() if not line.startswith("delete /")]
             self.app.push_screen(RemoveScreen(plan.name, lines, plan.delete_files), remove)
@@ -397,15 +400,16 @@ class TemplatesPane(Pane):
 
         def answered(ok: bool | None) -> None:
             if ok:
-                self._execute(plan, False)
+                self._execute(self.hypervisor(plan.host), plan, False)
             else:
                 self._idle()
 
         self.app.push_screen(PlanScreen(title, plan.summary(), yes), answered)
 
     @work(thread=True, exit_on_error=False, group="templates-op", description="templates")
-    def _execute(self, plan: TemplatePlan | ClonePlan | RemovePlan, storage: bool) -> None:
-        hv = self.hypervisor(plan.host)
+    def _execute(
+        self, hv: Hypervisor, plan: TemplatePlan | ClonePlan | RemovePlan, storage: bool
+    ) -> None:
         progress = self._progress()
         progress("starting", 0.0)
         if isinstance(plan, TemplatePlan):
