@@ -342,6 +342,29 @@ def test_remote_style_paths_go_through_the_storage_pool_alone(ulab: Lab, hv: Hyp
     assert rt.thin_domains == ("thin1", "thin2", "thin3")
 
 
+def test_a_local_file_it_cannot_read_falls_back_to_its_pool(ulab: Lab) -> None:
+    """Local first, then the storage pool: a problem line only when no source can tell."""
+    vdi = str(ulab.dir / "pooled.vdi")
+    run("qemu-img", "create", "-q", "-f", "vdi", vdi, "32M")
+
+    def broken(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(list(argv), 1, "", "qemu-img: boom\n")
+
+    spec = DomainSpec("pooled", disks=(DiskSpec(vdi, format="vdi"),))
+    pool = _pool_xml("local", str(ulab.dir), {vdi: vdi})
+    h = Hypervisor.open(write_node(ulab.dir / "pooled.xml", [*ulab.specs, spec], pool))
+    try:
+        collector = UsageCollector(h, qemu_img=QemuImg(runner=broken))
+        report = collector.report()
+    finally:
+        h.close()
+    img = report.image(vdi)
+    assert img is not None and img.source == "pool" and img.format == "vdi"
+    assert img.actual_bytes == qemu_img_info(vdi)["actual-size"]
+    assert collector.reader.qemu_img_calls == 1 and collector.pool_lookups == 1
+    assert report.problems == ()
+
+
 def test_local_or_remote_is_decided_from_the_uri() -> None:
     assert is_local_uri("qemu:///system")
     assert is_local_uri("qemu+unix:///system?socket=/run/libvirt/libvirt-sock")

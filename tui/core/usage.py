@@ -25,7 +25,6 @@ How the totals are defined:
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -225,7 +224,7 @@ class UsageCollector:
 
     # -- sources ----------------------------------------------------------------------------
 
-    def pool_image(self, path: str, problems: list[str]) -> Image | None:
+    def pool_image(self, path: str, why: list[str]) -> Image | None:
         conn = self.hv.conn
         self.pool_lookups += 1
         try:
@@ -249,7 +248,7 @@ class UsageCollector:
                 facts = _volume_facts(vol.XMLDesc(0))
                 self._vol_xml[key] = facts
         except libvirt.libvirtError as err:
-            problems.append(f"{path}: storage volume unreadable: {libvirt_message(err)}")
+            why.append(f"storage volume unreadable: {libvirt_message(err)}")
             return None
         fmt, backing, backing_format = facts
         return Image(
@@ -360,9 +359,10 @@ class _Refresh:
         img = self.images.get(path)
         if img is not None:
             return img
-        img = self._local(path, fmt) if self.c.local else None
+        why: list[str] = []  # reported only when no source at all can tell
+        img = self._local(path, fmt, why) if self.c.local else None
         if img is None:
-            img = self.c.pool_image(path, self.problems)
+            img = self.c.pool_image(path, why)
         if img is None:
             st = self.stats().get(path)
             if st is not None:
@@ -370,21 +370,19 @@ class _Refresh:
                 img = Image(path, fmt, capacity, physical, backing, None, "blockstats")
         if img is None:
             where = "locally, " if self.c.local else ""
-            self.problems.append(
-                f"{path}: not found {where}in a storage pool or in running domains' block stats"
-            )
+            why.append(f"not found {where}in a storage pool or in running domains' block stats")
+            self.problems.append(f"{path}: {'; '.join(why)}")
             img = Image(path, fmt, 0, 0, None, None, "missing")
         self.images[path] = img
         return img
 
-    def _local(self, path: str, fmt: str | None) -> Image | None:
+    def _local(self, path: str, fmt: str | None, why: list[str]) -> Image | None:
         try:
             return self.c.reader.read(path, fmt)
         except FileNotFoundError:
             return None
         except OSError as err:
-            if os.path.exists(path):
-                self.problems.append(f"{path}: {err.strerror or err}")
+            why.append(str(err.strerror or err))
             return None
 
     def chain(self, path: str, fmt: str | None) -> tuple[str, ...]:

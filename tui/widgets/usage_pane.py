@@ -115,7 +115,7 @@ class UsagePane(Pane):
     """
 
     SCREEN_BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("u", "pane('usage', 'refresh')", "Usage refresh", show=False, id="usage.refresh"),
+        Binding("u", "pane('usage', 'refresh')", "Refresh usage", id="usage.refresh"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
