@@ -23,7 +23,7 @@ from tests.lab import SystemLab
 from tui.cli import main
 from tui.core.hypervisor import Hypervisor
 from tui.core.images import ImageReader, parse_qcow2
-from tui.core.models import VirtdeckMeta
+from tui.core.models import DiskInfo, VirtdeckMeta
 from tui.core.qemuimg import QemuImg
 from tui.core.testdriver import DiskSpec, DomainSpec, node_xml
 from tui.core.usage import UsageCollector, is_local_uri, parse_block_stats
@@ -186,6 +186,29 @@ def test_shared_base_is_counted_once(ulab: Lab, hv: Hypervisor) -> None:
         hv4.close()
     assert report4.total_actual_bytes == report.total_actual_bytes + du(p4)
     assert report4.template("tpl").thin_bytes == du(*ulab.thin, p4)  # type: ignore[union-attr]
+
+
+def test_an_undefined_template_is_found_from_its_backup_or_its_clones(ulab: Lab) -> None:
+    """A template kept only as an XML backup: same totals, marked undefined; an unrelated
+    backup (another host's) is left out."""
+    specs = [s for s in ulab.specs if s.name != "tpl"]
+    h = Hypervisor.open(write_node(ulab.dir / "undefined.xml", specs))
+    tpl_disks = (DiskInfo(target="vda", path=ulab.base, format="qcow2"),)
+    other = (DiskInfo(target="vda", path="/elsewhere/other.qcow2", format="qcow2"),)
+    try:
+        with_backup = UsageCollector(
+            h, backups=lambda: [("tpl", tpl_disks), ("other", other)]
+        ).report()
+        from_clones = UsageCollector(h, backups=lambda: []).report()
+    finally:
+        h.close()
+    for report in (with_backup, from_clones):
+        (t,) = report.templates
+        assert t.name == "tpl" and not t.defined and t.base == ulab.base
+        assert t.thin_domains == ("thin1", "thin2", "thin3") and t.full_domains == ("full1",)
+        assert t.thin_bytes == du(*ulab.thin) and t.base_bytes == du(ulab.base)
+        assert report.total_actual_bytes == du(*ulab.all_files())
+        assert report.problems == ()
 
 
 # -- cache ---------------------------------------------------------------------------------

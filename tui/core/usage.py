@@ -25,19 +25,21 @@ How the totals are defined:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import libvirt
 
+from tui.core import domxml
 from tui.core.hypervisor import Hypervisor, libvirt_message
 from tui.core.images import Image, ImageReader, resolve_backing
-from tui.core.models import DomainInfo
+from tui.core.models import DiskInfo, DomainInfo
 from tui.core.qemuimg import QemuImg
 
 __all__ = [
@@ -52,6 +54,9 @@ __all__ = [
 ]
 
 _MAX_CHAIN = 64
+
+#: Templates known only from an XML backup: (name, disks) pairs.
+BackupSource = Callable[[], list[tuple[str, tuple[DiskInfo, ...]]]]
 _POOL_REFRESH_INTERVAL = 30.0
 _REMOTE_TRANSPORTS = {"ssh", "libssh", "libssh2", "tcp", "tls", "ext"}
 
@@ -206,8 +211,10 @@ class UsageCollector:
         qemu_img: QemuImg | None = None,
         local: bool | None = None,
         reader: ImageReader | None = None,
+        backups: BackupSource | None = None,
     ) -> None:
         self.hv = hv
+        self.backups = backups or saved_templates
         self.local = is_local_uri(hv.uri) if local is None else local
         self.reader = reader or ImageReader(qemu_img)
         self._vol_xml: dict[tuple[str, int], tuple[str | None, str | None, str | None]] = {}
@@ -300,6 +307,16 @@ class UsageCollector:
         return out
 
 
+def saved_templates() -> list[tuple[str, tuple[DiskInfo, ...]]]:
+    """The templates virtdeck keeps an XML backup of (see tui.core.templates)."""
+    from tui.core.templates import backup_templates
+
+    try:
+        return [(b.name, domxml.disks(b.root)) for b in backup_templates()]
+    except OSError:
+        return []
+
+
 def parse_block_stats(st: dict[str, Any]) -> dict[str, tuple[int, int, str | None]]:
     """Bulk block stats -> path -> (capacity, physical, backing path).
 
@@ -337,6 +354,11 @@ def _volume_facts(xml: str) -> tuple[str | None, str | None, str | None]:
         backing.strip() if backing and backing.strip() else None,
         backing_fmt.get("type") if backing_fmt is not None else None,
     )
+
+
+def _norm(path: str) -> str:
+    """One spelling per file (`/a//b/../c` is `/a/c`); symlinks are left alone (remote too)."""
+    return os.path.normpath(path) if path.startswith("/") else path
 
 
 class _Refresh:
@@ -388,12 +410,12 @@ class _Refresh:
     def chain(self, path: str, fmt: str | None) -> tuple[str, ...]:
         out: list[str] = []
         seen: set[str] = set()
-        nxt: str | None = path
+        nxt: str | None = _norm(path)
         while nxt is not None and nxt not in seen and len(out) < _MAX_CHAIN:
             seen.add(nxt)
             out.append(nxt)
             img = self.image(nxt, fmt)
-            nxt, fmt = img.backing, img.backing_format
+            nxt, fmt = (_norm(img.backing) if img.backing else None), img.backing_format
         if nxt is not None:
             self.problems.append(f"{path}: backing chain loops or is deeper than {_MAX_CHAIN}")
         return tuple(out)
@@ -430,7 +452,7 @@ class _Refresh:
                     shared_bytes=actual(paths - owned),
                 )
             )
-        templates = self._templates(chains)
+        templates = self._templates(chains, self._undefined_templates(chains))
         images = tuple(sorted(self.images.values(), key=lambda i: i.path))
         return UsageReport(
             host=self.c.hv.uri,
@@ -441,20 +463,47 @@ class _Refresh:
             problems=tuple(dict.fromkeys(self.problems)),
         )
 
-    def _templates(self, chains: dict[str, tuple[DiskChain, ...]]) -> tuple[TemplateUsage, ...]:
-        templates = [d for d in self.domains if d.is_template]
+    def _undefined_templates(
+        self, chains: dict[str, tuple[DiskChain, ...]]
+    ) -> dict[str, tuple[DiskChain, ...]]:
+        """Templates with an XML backup but no domain, that this host's domains use.
+
+        Backups are kept on this machine for every host, so one counts here only when a domain
+        of this host names it as its source or has one of its images in a backing chain.
+        """
+        names = {d.name for d in self.domains}
+        sources = {d.meta.source for d in self.domains if d.meta.role == "clone"}
+        in_use = {p for dom_disks in chains.values() for d in dom_disks for p in d.chain}
+        out: dict[str, tuple[DiskChain, ...]] = {}
+        for name, disks in self.c.backups():
+            if name in names or name in out:
+                continue
+            own = [d for d in disks if d.device == "disk" and d.path]
+            if name in sources or any(_norm(d.path or "") in in_use for d in own):
+                out[name] = tuple(
+                    DiskChain(d.target, self.chain(d.path or "", d.format)) for d in own
+                )
+        return out
+
+    def _templates(
+        self,
+        chains: dict[str, tuple[DiskChain, ...]],
+        undefined: dict[str, tuple[DiskChain, ...]],
+    ) -> tuple[TemplateUsage, ...]:
+        own_chains = {t.name: chains[t.name] for t in self.domains if t.is_template}
+        defined = set(own_chains)
+        own_chains.update(undefined)
         bases: dict[str, set[str]] = {
-            t.name: {p for d in chains[t.name] for p in d.chain} for t in templates
+            name: {p for d in disks for p in d.chain} for name, disks in own_chains.items()
         }
         first_base = {
-            t.name: (chains[t.name][0].path if chains[t.name] else None) for t in templates
+            name: (disks[0].path if disks else None) for name, disks in own_chains.items()
         }
-        defined = {t.name for t in templates}
         # A template known only from its clones' metadata (undefined, XML backup kept): its
         # base is the bottom of its thin clones' chains.
         for dom in self.domains:
             src = dom.meta.source
-            if dom.meta.role != "clone" or not src or src in defined:
+            if dom.meta.role != "clone" or not src or src in own_chains:
                 continue
             bases.setdefault(src, set())
             first_base.setdefault(src, None)
