@@ -200,7 +200,7 @@ class UsageReport:
 class UsageCollector:
     """Builds UsageReports for one hypervisor, keeping caches between refreshes.
 
-    One refresh at a time per collector (the TUI runs it in one exclusive worker); the caches
+    One refresh at a time per collector (the TUI never runs two measures at once); the caches
     themselves are thread-safe.
     """
 
