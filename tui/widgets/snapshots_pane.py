@@ -106,10 +106,10 @@ class SnapshotsPane(Pane):
     """
 
     SCREEN_BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("n", "pane('snapshots', 'new')", "New snapshot", id="snapshot.new"),
-        Binding("v", "pane('snapshots', 'revert')", "Revert to snapshot", id="snapshot.revert"),
+        Binding("n", "pane('snapshots', 'new')", "Snapshot", id="snapshot.new"),
+        Binding("v", "pane('snapshots', 'revert')", "Revert", id="snapshot.revert"),
         Binding("R", "pane('snapshots', 'rollback')", "Rollback", id="snapshot.rollback"),
-        Binding("D", "pane('snapshots', 'delete')", "Delete snapshot", id="snapshot.delete"),
+        Binding("D", "pane('snapshots', 'delete')", "Del snapshot", id="snapshot.delete"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
