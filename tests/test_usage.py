@@ -21,12 +21,12 @@ import pytest
 
 from tests.lab import SystemLab
 from tui.cli import main
-from tui.core.hypervisor import Hypervisor
+from tui.core.hypervisor import Hypervisor, is_local_uri
 from tui.core.images import ImageReader, parse_qcow2
 from tui.core.models import DiskInfo, VirtdeckMeta
 from tui.core.qemuimg import QemuImg
 from tui.core.testdriver import DiskSpec, DomainSpec, node_xml
-from tui.core.usage import UsageCollector, is_local_uri, parse_block_stats
+from tui.core.usage import UsageCollector, parse_block_stats
 
 MiB = 1024**2
 

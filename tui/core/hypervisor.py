@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -59,6 +59,24 @@ _LIFECYCLE = (
 
 # libvirt prints every error on stderr unless a handler is registered; virtdeck reports its own.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+_REMOTE_TRANSPORTS = {"ssh", "libssh", "libssh2", "tcp", "tls", "ext"}
+
+
+def is_local_uri(uri: str) -> bool:
+    """True when the hypervisor's image paths are files on this machine.
+
+    `qemu:///system`, `qemu+unix:///system`, `test:///path`: local. `qemu+ssh://host/system`,
+    `qemu://host/system` (TLS): remote, whatever the host name.
+    """
+    parts = urlsplit(uri)
+    transport = parts.scheme.partition("+")[2]
+    if transport == "unix":
+        return True
+    if transport in _REMOTE_TRANSPORTS:
+        return False
+    return not parts.netloc
 
 
 def default_uris(cli_uris: Iterable[str] | None = None) -> list[str]:
@@ -145,8 +163,7 @@ class Hypervisor:
     @property
     def local(self) -> bool:
         """True when image paths in this hypervisor's XML are files on this machine."""
-        parsed = urlparse(self.uri)
-        return not parsed.netloc and "+" not in parsed.scheme.replace("+unix", "")
+        return is_local_uri(self.uri)
 
     @property
     def conn(self) -> Any:

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import libvirt
 
@@ -140,8 +139,7 @@ def _last(lines: Sequence[str]) -> str:
 
 def require_local(hv: Hypervisor) -> None:
     """virtdeck reads, writes and chmods the image files itself: the hypervisor must be here."""
-    host = urlparse(hv.uri).hostname
-    if host not in (None, "", "localhost", "127.0.0.1", "::1"):
+    if not hv.local:
         raise InvalidInputError(
             f"templates and clones need the images on this machine; {hv.uri} is remote "
             "(run virtdeck on that host)"

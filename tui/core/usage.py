@@ -32,12 +32,11 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import libvirt
 
 from tui.core import domxml
-from tui.core.hypervisor import Hypervisor, libvirt_message
+from tui.core.hypervisor import Hypervisor, is_local_uri, libvirt_message
 from tui.core.images import Image, ImageReader, resolve_backing
 from tui.core.models import DiskInfo, DomainInfo
 from tui.core.qemuimg import QemuImg
@@ -50,7 +49,6 @@ __all__ = [
     "TemplateUsage",
     "UsageCollector",
     "UsageReport",
-    "is_local_uri",
 ]
 
 _MAX_CHAIN = 64
@@ -58,22 +56,6 @@ _MAX_CHAIN = 64
 #: Templates known only from an XML backup: (name, disks) pairs.
 BackupSource = Callable[[], list[tuple[str, tuple[DiskInfo, ...]]]]
 _POOL_REFRESH_INTERVAL = 30.0
-_REMOTE_TRANSPORTS = {"ssh", "libssh", "libssh2", "tcp", "tls", "ext"}
-
-
-def is_local_uri(uri: str) -> bool:
-    """True when the hypervisor's image paths are files on this machine.
-
-    `qemu:///system`, `qemu+unix:///system`, `test:///path`: local. `qemu+ssh://host/system`,
-    `qemu://host/system` (TLS): remote, whatever the host name.
-    """
-    parts = urlsplit(uri)
-    transport = parts.scheme.partition("+")[2]
-    if transport == "unix":
-        return True
-    if transport in _REMOTE_TRANSPORTS:
-        return False
-    return not parts.netloc
 
 
 @dataclass(frozen=True)
