@@ -235,6 +235,57 @@ def test_failed_sysprep_changes_nothing_but_the_power_state(lab: Lab) -> None:
     assert not (lab.backups / "template-web.xml").exists()
 
 
+def test_appliance_launch_failure_is_retried_once_under_tcg(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)
+    calls: list[list[str]] = []
+
+    def runner(argv: Sequence[str], on_line: object) -> int:
+        if "--list-operations" in argv:
+            return run_streaming(argv, on_line)  # type: ignore[arg-type]
+        calls.append(list(argv))
+        if argv[0] == "env":
+            return 0  # the TCG run seals
+        on_line("virt-sysprep: error: libguestfs error: guestfs_launch failed.")  # type: ignore[operator]
+        return 1
+
+    sysprep = Sysprep(runner)
+    plan = plan_template(lab.hv, "web", backup_dir=lab.backups, sysprep=sysprep)
+    lines: list[str] = []
+    execute_template(lab.hv, plan, lambda m, f: lines.append(m), sysprep=sysprep)
+    assert len(calls) == 2
+    assert calls[1][:3] == [
+        "env",
+        "LIBGUESTFS_BACKEND=direct",
+        "LIBGUESTFS_BACKEND_SETTINGS=force_tcg",
+    ]
+    assert calls[1][3:] == calls[0]
+    assert any("retrying with TCG" in line for line in lines)
+    assert lab.hv.domain("template-web").is_template
+
+
+def test_appliance_failure_under_forced_tcg_is_not_retried(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+    calls: list[list[str]] = []
+
+    def runner(argv: Sequence[str], on_line: object) -> int:
+        if "--list-operations" in argv:
+            return run_streaming(argv, on_line)  # type: ignore[arg-type]
+        calls.append(list(argv))
+        on_line("virt-sysprep: error: libguestfs error: guestfs_launch failed.")  # type: ignore[operator]
+        return 1
+
+    sysprep = Sysprep(runner)
+    plan = plan_template(lab.hv, "web", backup_dir=lab.backups, sysprep=sysprep)
+    with pytest.raises(OperationError, match="guestfs_launch failed"):
+        execute_template(lab.hv, plan, sysprep=sysprep)
+    assert len(calls) == 1
+    assert not lab.hv.domain("web").is_template
+
+
 def test_failure_after_rename_restores_name_metadata_and_modes(lab: Lab) -> None:
     web_disk = str(lab.images / "web.qcow2")
     mode = os.stat(web_disk).st_mode
