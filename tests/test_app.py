@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from textual.widgets import Input
 
 from tui.app import VirtdeckApp
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
+from tui.core.testdriver import DomainSpec, node_xml
 from tui.screens.confirm import ConfirmScreen
 from tui.widgets.domains import DomainsTable
 
@@ -150,3 +153,31 @@ async def test_command_palette_offers_actions_of_selected_row(test_hv: Hyperviso
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert "Start: beta" in titles
         assert "Force off: beta" in titles
+
+
+async def test_a_pane_error_is_notified_once(test_hv: Hypervisor) -> None:
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await _select(app, pilot, "alpha")
+        await pilot.press("x")  # delete a running domain: refused by the templates pane
+        await _settle(app, pilot)
+        refusals = [n for n in app._notifications if "'alpha' is running" in n.message]
+        assert len(refusals) == 1
+
+
+async def test_cells_that_grow_widen_their_column(tmp_path: Path) -> None:
+    node = tmp_path / "one.xml"
+    node.write_text(node_xml([DomainSpec("solo", "running")]))
+    hv = Hypervisor.open(f"test://{node}")
+    app = VirtdeckApp([hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        table = app.screen.query_one(DomainsTable)
+        state = next(c for k, c in table.columns.items() if k.value == "state")
+        assert state.content_width == len("running")
+        hv.destroy("solo")  # "running" -> "shut off": one character wider
+        app.refresh_inventory()
+        await _settle(app, pilot)
+        assert state.content_width >= len("shut off")
+    hv.close()

@@ -126,7 +126,7 @@ class DomainsTable(DataTable[Any]):
                 key = row_key(d)
                 for col, cell in zip(self.columns, self._cells(d), strict=True):
                     if str(self.get_cell(key, col)) != str(cell):
-                        self.update_cell(key, col, cell)
+                        self.update_cell(key, col, cell, update_width=True)
             return
         selected = self.selected_key()
         self.clear()
