@@ -8,6 +8,8 @@ Contract between the main screen and a pane (Templates, Snapshots, Disk usage):
   `action_<verb>()`, so they work while the domains table has the focus;
 - a pane does its libvirt/qemu-img work in `@work(thread=True, exit_on_error=False, group=...)`
   workers; a failed worker reaches the app's one error funnel through `on_worker_state_changed`.
+  Textual calls the handler of every class in the MRO, so a subclass's own
+  `on_worker_state_changed` must not call super() (the error would be reported twice).
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class SnapshotsPane(Pane):
             self.load()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        super().on_worker_state_changed(event)
+        # Pane's own handler (the error funnel) runs too: Textual calls each class's handler.
         if event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
             if event.worker.group == "snapshots-load":
                 self._loading = False

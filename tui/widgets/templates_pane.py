@@ -210,7 +210,7 @@ class TemplatesPane(Pane):
             self.load()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        super().on_worker_state_changed(event)
+        # Pane's own handler (the error funnel) runs too: Textual calls each class's handler.
         if event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
             if event.worker.group == "templates-load":
                 self._loading = False

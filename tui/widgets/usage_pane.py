@@ -204,7 +204,7 @@ class UsagePane(Pane):
             self.measure()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        super().on_worker_state_changed(event)
+        # Pane's own handler (the error funnel) runs too: Textual calls each class's handler.
         if event.worker.group == "usage" and event.state in (
             WorkerState.ERROR,
             WorkerState.CANCELLED,
