@@ -102,6 +102,8 @@ class MainScreen(Screen[None]):
 
     def show_domains(self, domains: list[DomainInfo]) -> None:
         table = self.query_one(DomainsTable)
+        if self.app.screen is self and self.focused is None:
+            table.focus()  # a pane rebuilt the widget that had the focus: keys must still work
         before = table.selected()
         table.update_domains(domains)
         after = table.selected()
