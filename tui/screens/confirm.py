@@ -1,24 +1,29 @@
-"""A yes/no confirmation for every destructive key."""
+"""A yes/no confirmation for every destructive key, and for a plan before it runs."""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    """Dismisses with True only on an explicit yes (`y` or the button)."""
+    """Dismisses with True only on an explicit yes (`y` or the button).
+
+    `destructive` (the default) puts the focus on No and paints Yes as a danger; a plan to
+    review (PlanScreen) focuses Yes instead. Long bodies scroll.
+    """
 
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical {
-        width: 70; height: auto; padding: 1 2;
+        width: 70; height: auto; max-height: 90%; padding: 1 2;
         border: thick $error; background: $surface;
     }
     ConfirmScreen #title { text-style: bold; margin-bottom: 1; }
+    ConfirmScreen #plan { height: auto; max-height: 24; }
     ConfirmScreen #buttons { height: auto; align-horizontal: right; margin-top: 1; }
     ConfirmScreen Button { margin-left: 2; }
     """
@@ -28,22 +33,37 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "No", id="confirm.no"),
     ]
 
-    def __init__(self, title: str, body: str, yes_label: str = "Yes") -> None:
+    def __init__(
+        self,
+        title: str,
+        body: str,
+        yes_label: str = "Yes",
+        *,
+        no_label: str = "No",
+        destructive: bool = True,
+    ) -> None:
         super().__init__()
         self.title_text = title
         self.body = body
         self.yes_label = yes_label
+        self.no_label = no_label
+        self.destructive = destructive
 
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Static(self.title_text, id="title", markup=False)
-            yield Static(self.body, id="body", markup=False)
+            with VerticalScroll(id="plan"):
+                yield Static(self.body, id="body", markup=False)
             with Horizontal(id="buttons"):
-                yield Button("No (n)", id="no")
-                yield Button(f"{self.yes_label} (y)", id="yes", variant="error")
+                yield Button(f"{self.no_label} (n)", id="no")
+                yield Button(
+                    f"{self.yes_label} (y)",
+                    id="yes",
+                    variant="error" if self.destructive else "primary",
+                )
 
     def on_mount(self) -> None:
-        self.query_one("#no", Button).focus()
+        self.query_one("#no" if self.destructive else "#yes", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import (
     Button,
@@ -25,6 +25,7 @@ from textual.widgets import (
 
 from tui.core.errors import InvalidInputError
 from tui.core.hypervisor import validate_name
+from tui.screens.confirm import ConfirmScreen
 
 _FORM_CSS = """
 {cls} {{ align: center middle; }}
@@ -210,38 +211,13 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
         self.dismiss(None)
 
 
-class PlanScreen(ModalScreen[bool]):
+class PlanScreen(ConfirmScreen):
     """A plan, line by line, before it runs: True on `y` or the button."""
 
     DEFAULT_CSS = _FORM_CSS.format(cls="PlanScreen")
-    BINDINGS = [
-        Binding("y", "answer(True)", "Yes", id="plan.yes"),
-        Binding("n,escape", "answer(False)", "No", id="plan.no"),
-    ]
 
     def __init__(self, title: str, lines: list[str], yes_label: str) -> None:
-        super().__init__()
-        self.title_text = title
-        self.lines = lines
-        self.yes_label = yes_label
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Static(self.title_text, id="title", markup=False)
-            with VerticalScroll(id="plan"):
-                yield Static("\n".join(self.lines), id="body", markup=False)
-            with Horizontal(id="buttons"):
-                yield Button("Cancel (n)", id="no")
-                yield Button(f"{self.yes_label} (y)", id="yes", variant="primary")
-
-    def on_mount(self) -> None:
-        self.query_one("#yes", Button).focus()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-    def action_answer(self, answer: bool) -> None:
-        self.dismiss(answer)
+        super().__init__(title, "\n".join(lines), yes_label, no_label="Cancel", destructive=False)
 
 
 class RemoveScreen(ModalScreen[bool | None]):
