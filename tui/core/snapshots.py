@@ -924,6 +924,10 @@ def _plan_revert_external(
     )
 
 
+def _lookup_snapshot(dom: Any, domain: str, name: str) -> Any:
+    return _lv(f"snapshot '{name}' of '{domain}'", dom.snapshotLookupByName, name, 0)
+
+
 def revert(
     hv: Hypervisor,
     plan: RevertPlan,
@@ -934,12 +938,7 @@ def revert(
     dom = hv.lookup(plan.domain)
     try:
         if plan.method == "libvirt":
-            snap = _lv(
-                f"snapshot '{plan.snapshot}' of '{plan.domain}'",
-                dom.snapshotLookupByName,
-                plan.snapshot,
-                0,
-            )
+            snap = _lookup_snapshot(dom, plan.domain, plan.snapshot)
             progress(f"reverting '{plan.domain}' to '{plan.snapshot}'", None)
             _lv(f"reverting '{plan.domain}' to '{plan.snapshot}'", dom.revertToSnapshot, snap, 0)
         else:
@@ -1130,12 +1129,7 @@ def delete(
     dom = hv.lookup(plan.domain)
     try:
         if plan.method == "libvirt":
-            snap = _lv(
-                f"snapshot '{plan.snapshot}' of '{plan.domain}'",
-                dom.snapshotLookupByName,
-                plan.snapshot,
-                0,
-            )
+            snap = _lookup_snapshot(dom, plan.domain, plan.snapshot)
             flags = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN if plan.children else 0
             progress(f"deleting '{plan.snapshot}' of '{plan.domain}'", None)
             _lv(f"deleting snapshot '{plan.snapshot}' of '{plan.domain}'", snap.delete, flags)

@@ -295,15 +295,7 @@ class SnapshotsPane(Pane):
         )
 
     def action_revert(self) -> None:
-        info = self._ready()
-        if info is None:
-            return
-        name = self.highlighted_name()
-        if name is None:
-            self.notify("highlight a snapshot in the tree first", severity="warning")
-            return
-        self.busy = True
-        self._plan(self.hypervisor(info.host), info.name, "revert", name)
+        self._plan_highlighted("revert")
 
     def action_rollback(self) -> None:
         info = self._ready()
@@ -312,6 +304,9 @@ class SnapshotsPane(Pane):
             self._plan(self.hypervisor(info.host), info.name, "rollback", None)
 
     def action_delete(self) -> None:
+        self._plan_highlighted("delete")
+
+    def _plan_highlighted(self, verb: str) -> None:
         info = self._ready()
         if info is None:
             return
@@ -320,7 +315,7 @@ class SnapshotsPane(Pane):
             self.notify("highlight a snapshot in the tree first", severity="warning")
             return
         self.busy = True
-        self._plan(self.hypervisor(info.host), info.name, "delete", name)
+        self._plan(self.hypervisor(info.host), info.name, verb, name)
 
     # -- workers ----------------------------------------------------------------------------
 
