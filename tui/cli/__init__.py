@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from tui import __version__
@@ -76,6 +76,21 @@ def find_domain(hypervisors: list[Hypervisor], name: str) -> Hypervisor:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def format_table(
+    rows: list[list[str]], *, right: Collection[int] = (), indent: str = ""
+) -> list[str]:
+    """Columns padded to their widest cell, two spaces apart; columns in `right` right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        indent
+        + "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
 
 
 def stderr_progress(message: str, fraction: float | None) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import humanize
 
-from tui.cli import find_domain, print_json
+from tui.cli import find_domain, format_table, print_json
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 
@@ -61,9 +61,7 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     show_host = len(hypervisors) > 1
     header = (["HOST"] if show_host else []) + ["NAME", "STATE", "VCPUS", "MEMORY", "CPU", "DISK"]
     rows = [header] + [_row(d, show_host) for d in domains]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print("\n".join(format_table(rows)))
     return 0
 
 

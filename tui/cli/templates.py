@@ -10,7 +10,7 @@ from typing import Any
 
 import humanize
 
-from tui.cli import find_domain, print_json, stderr_progress
+from tui.cli import find_domain, format_table, print_json, stderr_progress
 from tui.core import clones, templates
 from tui.core.errors import NotFoundError
 from tui.core.hypervisor import Hypervisor
@@ -156,9 +156,7 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                 " ".join(b.path for b in t.base_images),
             ]
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print("\n".join(format_table(rows)))
     return 0
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import humanize
 
-from tui.cli import print_json
+from tui.cli import format_table, print_json
 from tui.core.hypervisor import Hypervisor
 from tui.core.usage import TemplateUsage, UsageCollector, UsageReport
 
@@ -47,13 +47,7 @@ def usage_json(reports: list[UsageReport]) -> dict[str, Any]:
 
 
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        indent + "  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(
-            zip(r, widths, strict=True)
-        )).rstrip()
-        for r in rows
-    ]  # fmt: skip
+    return format_table(rows, right=(3,), indent=indent)
 
 
 def template_lines(t: TemplateUsage) -> list[str]:
