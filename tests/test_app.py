@@ -150,9 +150,14 @@ async def test_command_palette_offers_actions_of_selected_row(test_hv: Hyperviso
     async with app.run_test(size=(140, 45)) as pilot:
         await _settle(app, pilot)
         await _select(app, pilot, "beta")
-        titles = [c.title for c in app.get_system_commands(app.screen)]
-        assert "Start: beta" in titles
-        assert "Force off: beta" in titles
+        commands = {c.title: c for c in app.get_system_commands(app.screen)}
+        assert "Start: beta" in commands
+        assert "Force off: beta" in commands
+        await pilot.press("1")  # the Snapshots tab: Templates' keys are not in the footer
+        await pilot.pause()
+        await commands["Make template: beta"].callback()  # type: ignore[misc]
+        await pilot.pause()
+        assert type(app.screen).__name__ == "MakeTemplateScreen"
 
 
 async def test_a_pane_error_is_notified_once(test_hv: Hypervisor) -> None:

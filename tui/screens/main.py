@@ -232,7 +232,8 @@ class MainScreen(Screen[None]):
         for binding in self.BINDINGS:
             assert isinstance(binding, Binding)
             if binding.id and binding.id.split(".")[0] in ("domain", "template", "snapshot"):
-                action = binding.action
+                # the visible pane bindings only run while their tab is active; not so here
+                action = binding.action.replace("pane(", "pane_anywhere(", 1)
 
                 async def run(action: str = action) -> None:
                     await self.run_action(action)
