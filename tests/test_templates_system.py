@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import SystemLab
+from tests.lab import SystemLab, qemu_img
 from tui.cli import main
 from tui.core.clones import execute_clone, execute_remove, plan_clone, plan_remove
 from tui.core.errors import DependencyError, InvalidInputError, OperationError, StateError
@@ -258,14 +258,15 @@ def test_full_clone_refused_without_space(lab: SystemLab, tmp_path: Path) -> Non
 
 
 def test_disk_filling_up_during_a_full_clone_leaves_nothing(lab: SystemLab, tmp_path: Path) -> None:
-    tname, _ = unsealed_template(lab, tmp_path)
+    tname, base = unsealed_template(lab, tmp_path)
     before = lab_domains(lab)
+    one_copy = json.loads(qemu_img("measure", "--output=json", "-O", "qcow2", base))["required"]
     with tmpfs(lab.dir / "small", "24M") as small:
         plan = plan_clone(lab.hv, tname, lab.name("fill"), full=True, count=2,
                           directory=str(small), allow_unsealed=True)  # fmt: skip
         filler = small / "filler"
         with open(filler, "wb") as fh:  # someone else takes the space after the plan
-            fh.write(b"\0" * (24 * 1024**2 - plan.bytes_needed // 2 - 256 * 1024))
+            fh.write(b"\0" * (24 * 1024**2 - one_copy - one_copy // 2))
         with pytest.raises(OperationError, match="qemu-img convert failed"):
             execute_clone(lab.hv, plan)
         assert sorted(p.name for p in small.iterdir()) == ["filler"]

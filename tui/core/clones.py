@@ -37,6 +37,7 @@ from tui.core.errors import (
     VirtdeckError,
 )
 from tui.core.hypervisor import Hypervisor, libvirt_message, validate_name
+from tui.core.images import ImageReader, resolve_backing
 from tui.core.models import VirtdeckMeta
 from tui.core.progress import Progress, no_progress
 from tui.core.qemuimg import QemuImg
@@ -144,6 +145,27 @@ def _measure(qemu: QemuImg, path: str, fmt: str) -> int:
     return int(out["required"])
 
 
+def _chain_allocation(reader: ImageReader, path: str, fmt: str | None) -> int:
+    """What an image and its backing chain occupy on the host, plus room for new metadata: an
+    upper bound of what a sparse, flattened copy needs, read in-process (no subprocess)."""
+    total, seen = 0, set[str]()
+    current: str | None = path
+    while current and current not in seen and len(seen) < 64:
+        seen.add(current)
+        image = reader.read(current, fmt)
+        total += image.actual_bytes
+        current = resolve_backing(current, image.backing) if image.backing else None
+        fmt = image.backing_format
+    return total + _METADATA_MARGIN
+
+
+_METADATA_MARGIN = 1024**2
+
+
+def _target_dir(base: str, directory: str | Path | None) -> str:
+    return os.path.abspath(str(directory)) if directory is not None else os.path.dirname(base)
+
+
 def _free_bytes(directory: str) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
@@ -207,8 +229,24 @@ def plan_clone(
         assert disk.path is not None
         if not os.path.isfile(disk.path):
             raise NotFoundError(f"base image {disk.path} of '{template}' is missing")
-        if full:
-            measured[disk.path] = _measure(qemu, disk.path, disk.format or "qcow2")
+    if full:
+        # The chain's real allocation bounds the copy's size; only where that bound does not
+        # clearly fit is `qemu-img measure` (exact, but a subprocess per disk) worth running.
+        reader = ImageReader(qemu)
+        for disk in bases:
+            assert disk.path is not None
+            measured[disk.path] = _chain_allocation(reader, disk.path, disk.format)
+        bound_by_dev: dict[int, tuple[str, int]] = {}
+        for disk in bases:
+            assert disk.path is not None
+            where = _target_dir(os.path.abspath(disk.path), directory)
+            dev = os.stat(where).st_dev
+            total = bound_by_dev.get(dev, (where, 0))[1] + measured[disk.path] * len(names)
+            bound_by_dev[dev] = (where, total)
+        if any(total > _free_bytes(where) for where, total in bound_by_dev.values()):
+            for disk in bases:
+                assert disk.path is not None
+                measured[disk.path] = _measure(qemu, disk.path, disk.format or "qcow2")
     mode = "full" if full else "thin"
     taken_macs = _all_macs(hv)
     taken_files: set[str] = set()
@@ -222,7 +260,7 @@ def plan_clone(
             base = os.path.abspath(disk.path)
             base_fmt = disk.format or "qcow2"
             fmt = base_fmt if full else "qcow2"
-            where = str(directory) if directory is not None else os.path.dirname(base)
+            where = _target_dir(base, directory)
             stem = n if i == 0 else f"{n}-{disk.target}"
             path = os.path.join(os.path.abspath(where), stem + _EXT.get(fmt, "." + fmt))
             if os.path.lexists(path) or path in taken_files:
