@@ -315,3 +315,30 @@ def test_define_failure_on_qemu_leaves_nothing(lab: SystemLab, tmp_path: Path) -
         execute_clone(lab.hv, plan)
     assert lab_files(lab) == before_files
     assert not lab_domains(lab) & set(plan.names)
+
+
+def test_removing_a_clone_with_external_snapshots_leaves_no_orphan(
+    lab: SystemLab, tmp_path: Path
+) -> None:
+    """A running thin clone gets an external snapshot (overlay + memory file) and is reverted;
+    `rm --storage` then deletes its whole own chain and the snapshot's files, and only those."""
+    from tui.core import snapshots
+
+    tname, base = unsealed_template(lab, tmp_path)
+    execute_clone(lab.hv, plan_clone(lab.hv, tname, lab.name("snapc"), allow_unsealed=True))
+    clone = lab.name("snapc")
+    lab.hv.start(clone)
+    snapshots.create(lab.hv, snapshots.plan_create(lab.hv, clone, "s1", external=True))
+    snapshots.revert(lab.hv, snapshots.plan_revert(lab.hv, clone, "s1"))
+    lab.hv.destroy(clone)
+    own = {p for p in lab_files(lab) if p.startswith(clone)}
+    assert any(p.endswith(".mem") for p in own) and len(own) >= 3  # overlays + memory
+
+    plan = plan_remove(lab.hv, clone, storage=True)
+    assert plan.snapshots == ("s1",)
+    assert "forget its snapshots: s1" in plan.summary()
+    assert os.path.realpath(base) in plan.kept_files
+    execute_remove(lab.hv, plan)
+    assert not {p for p in lab_files(lab) if p.startswith(clone)}
+    assert os.path.exists(base) and lab.hv.exists(tname)  # the template is untouched
+    assert qemu_img("check", base).strip().startswith("No errors")

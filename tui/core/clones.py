@@ -463,6 +463,7 @@ class RemovePlan:
     delete_files: tuple[str, ...]  # those of them deleted (only with storage)
     kept_files: tuple[str, ...]  # its images left on disk, and the backing files it reads
     backup: str | None  # a template's XML backup, removed with it
+    snapshots: tuple[str, ...] = ()  # its snapshots, forgotten with it
 
     def summary(self) -> list[str]:
         what = "template" if self.is_template else "domain"
@@ -470,6 +471,8 @@ class RemovePlan:
                  else f"forget undefined template '{self.name}'"]  # fmt: skip
         if self.backup:
             lines.append(f"delete its XML backup {self.backup}")
+        if self.snapshots:
+            lines.append(f"forget its snapshots: {', '.join(self.snapshots)}")
         lines.extend(f"delete {p}" for p in self.delete_files)
         lines.extend(f"keep {p}" for p in self.kept_files)
         return lines
@@ -505,7 +508,8 @@ def plan_remove(
             raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
         disks = domxml.disks(found[0].root)
         is_template, defined, backup = True, False, str(found[0].path)
-    images = [d.path for d in own_images(disks) if d.path]
+    own_disks = own_images(disks)
+    images = [d.path for d in own_disks if d.path]
     users = image_users(hv, images, exclude=name, backup_dir=backup_dir, qemu=qemu)
     if users:
         names = sorted({str(u) for u in users})
@@ -514,16 +518,78 @@ def plan_remove(
             f"{what} '{name}' cannot be removed: {len(names)} domain(s) depend on its "
             f"image(s): {', '.join(names)} (remove them first)"
         )
-    delete = tuple(images) if storage else ()
-    kept = [] if storage else list(images)
-    for d in own_images(disks):
-        assert d.path is not None
-        for base in backing_files(d.path, qemu, d.backing_path):
-            if base not in kept:
-                kept.append(base)
+    snapshots, snapshot_files = _snapshot_files(hv, name) if defined else ((), ())
+    chains = [
+        (os.path.realpath(d.path), backing_files(d.path, qemu, d.backing_path))
+        for d in own_disks
+        if d.path
+    ]
+    # Below its top images a domain also owns the chain links nothing else reads (the overlays
+    # an external snapshot left under the current one), and its snapshots' files; a link another
+    # domain or template reads, or a read-only base, and everything under it, is kept.
+    shared = {
+        u.image
+        for u in image_users(
+            hv,
+            [link for _, links in chains for link in links] + list(snapshot_files),
+            exclude=name,
+            backup_dir=backup_dir,
+            qemu=qemu,
+        )
+    }
+    owned: list[str] = []
+    kept: list[str] = []
+    for top, links in chains:
+        owned.append(top)
+        below_shared = False
+        for link in links:
+            below_shared = below_shared or link in shared or _read_only(link)
+            target = kept if below_shared else owned
+            if link not in target:
+                target.append(link)
+    owned += [f for f in snapshot_files if f not in shared and f not in owned and f not in kept]
+    delete = tuple(p for p in owned if storage)
+    if not storage:
+        kept = [p for p in owned if os.path.lexists(p)] + kept
     return RemovePlan(
-        hv.uri, name, defined, is_template, storage, tuple(images), delete, tuple(kept), backup
+        hv.uri,
+        name,
+        defined,
+        is_template,
+        storage,
+        tuple(images),
+        delete,
+        tuple(kept),
+        backup,
+        snapshots,
     )
+
+
+def _read_only(path: str) -> bool:
+    """A file nobody may write (as virtdeck leaves a template's base) is never "owned"."""
+    try:
+        return os.stat(path).st_mode & 0o222 == 0
+    except OSError:
+        return False
+
+
+def _snapshot_files(hv: Hypervisor, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(snapshot names, the overlay and memory files its external snapshots made)."""
+    try:
+        snaps = hv.lookup(name).listAllSnapshots(0)
+        xmls = [(snap.getName(), domxml.parse(snap.getXMLDesc(0))) for snap in snaps]
+    except libvirt.libvirtError:
+        return (), ()  # a driver without snapshots
+    files: list[str] = []
+    for _name, root in xmls:
+        memory = root.find("memory")
+        if memory is not None and memory.get("snapshot") == "external" and memory.get("file"):
+            files.append(os.path.realpath(memory.get("file") or ""))
+        for disk in root.findall("./disks/disk"):
+            source = disk.find("source")
+            if disk.get("snapshot") == "external" and source is not None and source.get("file"):
+                files.append(os.path.realpath(source.get("file") or ""))
+    return tuple(sorted(n for n, _ in xmls)), tuple(dict.fromkeys(files))
 
 
 def execute_remove(
@@ -537,7 +603,8 @@ def execute_remove(
     """Undefine, then delete the domain's own files (never a backing file). Checks the
     dependents again: a clone made since the plan must not lose its base."""
     qemu = qemu or QemuImg()
-    users = image_users(hv, plan.images, exclude=plan.name, backup_dir=backup_dir, qemu=qemu)
+    files = list(dict.fromkeys(plan.images + plan.delete_files))
+    users = image_users(hv, files, exclude=plan.name, backup_dir=backup_dir, qemu=qemu)
     if users:
         raise DependencyError(
             f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))} "
