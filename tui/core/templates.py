@@ -620,11 +620,13 @@ def _shut_down(hv: Hypervisor, plan: TemplatePlan, progress: Progress) -> None:
         if not plan.force:
             raise StateError(
                 f"'{plan.vm}' is still running after {plan.shutdown_timeout:g} s (the guest "
-                "ignored the shutdown request); nothing was changed; retry with --force to "
-                "force it off"
+                "ignored the shutdown request); nothing was changed; try again with force off "
+                "(--force, or tick Force off)"
             )
     elif not plan.force:
-        raise StateError(f"'{plan.vm}' is {state.value}; retry with --force to force it off")
+        raise StateError(
+            f"'{plan.vm}' is {state.value}; try again with force off (--force, or tick Force off)"
+        )
     progress(f"forcing '{plan.vm}' off", None)
     with contextlib.suppress(StateError):
         hv.destroy(plan.vm)
