@@ -42,7 +42,7 @@ class VirtdeckApp(App[None]):
         self.hypervisors = hypervisors
         self.poll_interval = poll_interval
         self.shutdown_timeout = shutdown_timeout
-        self.domains: list[DomainInfo] = []
+        self.domains: list[DomainInfo] = []  # the last inventory, for panes mounted after it
         self.lost: set[str] = set()
         self._poll_timer: Timer | None = None
         self._refreshing = False
@@ -53,7 +53,7 @@ class VirtdeckApp(App[None]):
 
     @property
     def main(self) -> MainScreen:
-        screen = self.get_default_screen() if not self.screen_stack else self.screen_stack[0]
+        screen = self.screen_stack[0]  # the default screen stays at the bottom
         assert isinstance(screen, MainScreen)
         return screen
 
