@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.lab import domain_xml  # noqa: E402
 from tui.core.clones import execute_clone, plan_clone  # noqa: E402
 from tui.core.hypervisor import Hypervisor  # noqa: E402
 from tui.core.templates import execute_template, plan_template  # noqa: E402
@@ -48,16 +49,6 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def domain_xml(name: str, disk: str, virt_type: str) -> str:
-    return (
-        f"<domain type='{virt_type}'><name>{name}</name><memory unit='MiB'>128</memory>"
-        "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
-        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-        f"<source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
-        "<interface type='user'><model type='virtio'/></interface></devices></domain>"
-    )
-
-
 class Bench:
     def __init__(self, hv: Hypervisor) -> None:
         self.hv = hv
@@ -75,7 +66,7 @@ class Bench:
         # Fully allocated: the full clone really copies 1 GiB.
         run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1G", base)
         vm = self.name("vm")
-        self.hv.conn.defineXML(domain_xml(vm, base, self.virt_type))
+        self.hv.conn.defineXML(domain_xml(vm, [(base, "qcow2")], virt_type=self.virt_type))
         plan = plan_template(
             self.hv, vm, name=self.name("tpl"), seal=False, backup_dir=self.dir / "backups"
         )
@@ -87,7 +78,7 @@ class Bench:
             name = self.name(f"raw{run_no}-{i}")
             disk = str(self.dir / f"{name}.qcow2")
             xml_path = self.dir / f"{name}.xml"
-            xml_path.write_text(domain_xml(name, disk, self.virt_type))
+            xml_path.write_text(domain_xml(name, [(disk, "qcow2")], virt_type=self.virt_type))
             xmls.append((disk, str(xml_path)))
 
         def loop() -> None:
