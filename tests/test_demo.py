@@ -95,3 +95,13 @@ def test_screenshot_script_renders_every_pane(tmp_path: Path) -> None:
         assert text.startswith("<svg") and "DEMO" in text
     assert "before-upgrade" in svgs["snapshots"]  # the demo's snapshot tree
     assert "template-web" in svgs["templates"]
+
+
+def test_dashboard_without_a_terminal_says_so_instead_of_hanging(cache: Path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache.parent.parent)}
+    run = subprocess.run(
+        [sys.executable, "-m", "tui", "--demo"],
+        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=30,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip().startswith("virtdeck: the dashboard needs a terminal")

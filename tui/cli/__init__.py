@@ -102,6 +102,10 @@ def stderr_progress(message: str, fraction: float | None) -> None:
 
 
 def run_tui(args: argparse.Namespace) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise InvalidInputError(
+            "the dashboard needs a terminal; from a script use a command ('virtdeck --help')"
+        )
     hypervisors = connect(args)
     from tui.app import VirtdeckApp  # Textual only for the dashboard
 
