@@ -41,6 +41,7 @@ from tui.core.images import ImageReader, resolve_backing
 from tui.core.models import VirtdeckMeta
 from tui.core.progress import Progress, no_progress
 from tui.core.qemuimg import QemuImg
+from tui.core.snapshots import snapshot_tree
 from tui.core.templates import (
     backing_files,
     backup_templates,
@@ -576,20 +577,11 @@ def _read_only(path: str) -> bool:
 def _snapshot_files(hv: Hypervisor, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(snapshot names, the overlay and memory files its external snapshots made)."""
     try:
-        snaps = hv.lookup(name).listAllSnapshots(0)
-        xmls = [(snap.getName(), domxml.parse(snap.getXMLDesc(0))) for snap in snaps]
-    except libvirt.libvirtError:
+        tree = snapshot_tree(hv, name)
+    except OperationError:
         return (), ()  # a driver without snapshots
-    files: list[str] = []
-    for _name, root in xmls:
-        memory = root.find("memory")
-        if memory is not None and memory.get("snapshot") == "external" and memory.get("file"):
-            files.append(os.path.realpath(memory.get("file") or ""))
-        for disk in root.findall("./disks/disk"):
-            source = disk.find("source")
-            if disk.get("snapshot") == "external" and source is not None and source.get("file"):
-                files.append(os.path.realpath(source.get("file") or ""))
-    return tuple(sorted(n for n, _ in xmls)), tuple(dict.fromkeys(files))
+    files = (os.path.realpath(f.path) for node in tree.nodes for f in node.files)
+    return tuple(sorted(tree.names)), tuple(dict.fromkeys(files))
 
 
 def execute_remove(
