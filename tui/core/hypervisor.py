@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -561,13 +562,14 @@ def open_all(uris: Iterable[str], *, demo: bool = False) -> list[Hypervisor]:
     return opened
 
 
-def validate_name(name: str) -> str:
-    """A domain name virtdeck will create: what libvirt and file names both accept."""
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}", name or ""):
+def validate_name(name: str, what: str = "name", why: str = "") -> str:
+    """A name virtdeck will create (domain, snapshot): what libvirt and file names both accept."""
+    if not _NAME_RE.fullmatch(name or ""):
         raise InvalidInputError(
-            f"invalid name '{name}': use 1-63 letters, digits, '.', '_', '+' or '-', "
-            "starting with a letter or digit"
+            f"invalid {what} '{name}': use 1-63 letters, digits, '.', '_', '+' or '-', "
+            f"starting with a letter or digit{why}"
         )
     return name
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +41,7 @@ from tui.core.errors import (
     StateError,
     VirtdeckError,
 )
-from tui.core.hypervisor import Hypervisor, libvirt_message
+from tui.core.hypervisor import Hypervisor, libvirt_message, validate_name
 from tui.core.models import DomainState
 from tui.core.progress import Progress, no_progress
 from tui.core.qemuimg import QemuImg
@@ -51,7 +50,6 @@ INTERNAL = "internal"
 EXTERNAL = "external"
 DISK_ONLY = "disk-only"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}")
 _COMMIT_TIMEOUT = 600.0
 
 
@@ -360,12 +358,7 @@ def _state(hv: Hypervisor, domain: str) -> DomainState:
 
 
 def validate_snapshot_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name or ""):
-        raise InvalidInputError(
-            f"invalid snapshot name '{name}': use 1-63 letters, digits, '.', '_', '+' or '-', "
-            "starting with a letter or digit (it becomes part of file names)"
-        )
-    return name
+    return validate_name(name, "snapshot name", " (it becomes part of file names)")
 
 
 class _Files:
