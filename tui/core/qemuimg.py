@@ -22,7 +22,8 @@ def run_subprocess(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, check=False)
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
+    """The last non-blank line of a tool's output: what it said when it failed."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "no output"
 
@@ -41,7 +42,7 @@ class QemuImg:
                 f"{self.binary} is not installed (apt-get install qemu-utils)"
             ) from None
         if proc.returncode != 0:
-            raise OperationError(f"qemu-img {args[0]} failed: {_last_line(proc.stderr)}")
+            raise OperationError(f"qemu-img {args[0]} failed: {last_line(proc.stderr)}")
         return proc.stdout
 
     def info(self, path: str, *, backing_chain: bool = False) -> Any:
@@ -93,7 +94,7 @@ class QemuImg:
                 buf = buf[-32:]
         err = proc.stderr.read()
         if proc.wait() != 0:
-            raise OperationError(f"qemu-img convert failed: {_last_line(err)}")
+            raise OperationError(f"qemu-img convert failed: {last_line(err)}")
         progress(label, 1.0)
 
     def commit(self, path: str, fmt: str = "qcow2") -> None:

@@ -39,7 +39,7 @@ from tui.core.hypervisor import Hypervisor, libvirt_message, validate_name
 from tui.core.models import DiskInfo, DomainInfo, DomainState, VirtdeckMeta
 from tui.core.paths import template_backup_dir
 from tui.core.progress import Progress, no_progress
-from tui.core.qemuimg import QemuImg
+from tui.core.qemuimg import QemuImg, last_line
 
 #: runner(argv, on_line) -> exit status; calls on_line for every line of output (stdout+stderr).
 LineRunner = Callable[[Sequence[str], Callable[[str], None]], int]
@@ -91,7 +91,8 @@ class Sysprep:
             lines: list[str] = []
             status = self._run([self.binary, "--list-operations"], lines.append)
             if status != 0:
-                raise OperationError(f"{self.binary} --list-operations failed: {_last(lines)}")
+                why = last_line("\n".join(lines))
+                raise OperationError(f"{self.binary} --list-operations failed: {why}")
             ops: dict[str, bool] = {}
             for line in lines:
                 parts = line.split()
@@ -144,7 +145,8 @@ class Sysprep:
             lines.clear()
             status = self._run([*_TCG_ENV, *argv], on_line)
         if status != 0:
-            raise OperationError(f"virt-sysprep failed (exit {status}): {_last(lines)}")
+            why = last_line("\n".join(lines))
+            raise OperationError(f"virt-sysprep failed (exit {status}): {why}")
 
 
 _TCG_ENV = ("env", "LIBGUESTFS_BACKEND=direct", "LIBGUESTFS_BACKEND_SETTINGS=force_tcg")
@@ -152,11 +154,6 @@ _TCG_ENV = ("env", "LIBGUESTFS_BACKEND=direct", "LIBGUESTFS_BACKEND_SETTINGS=for
 
 def _appliance_failed(lines: Sequence[str]) -> bool:
     return any("guestfs_launch failed" in line for line in lines)
-
-
-def _last(lines: Sequence[str]) -> str:
-    useful = [ln.strip() for ln in lines if ln.strip()]
-    return useful[-1] if useful else "no output"
 
 
 def require_local(hv: Hypervisor) -> None:
