@@ -45,6 +45,15 @@ from tui.core.models import (
 
 DEFAULT_URI = "qemu:///system"
 
+# A host that has not answered a connect (or a refresh) within this many seconds is unreachable.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+# Keepalive: a ping every 3 s, the connection closed by libvirt after 2 unanswered ones (about
+# 9 s). Only remote-driver connections (qemu:///system included: the remote driver over a unix
+# socket) take it, and only when opened after the event implementation was registered.
+KEEPALIVE_INTERVAL = 3
+KEEPALIVE_COUNT = 2
+
 _STATS = (
     libvirt.VIR_DOMAIN_STATS_STATE
     | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
@@ -95,7 +104,9 @@ _loop_started = False
 def start_event_loop() -> None:
     """Register libvirt's default event loop and run it in a daemon thread (idempotent).
 
-    Must run before the connections that want events are opened; the CLI never calls it.
+    Must run before any connection is opened: libvirt (9.0) delivers events and keepalive only
+    on connections opened after the implementation was registered. The CLI and the dashboard
+    both call it first thing.
     """
     global _loop_started
     with _loop_lock:
@@ -109,6 +120,80 @@ def start_event_loop() -> None:
 
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()
         _loop_started = True
+
+
+def event_loop_started() -> bool:
+    return _loop_started
+
+
+class _PendingOpen:
+    """`libvirt.open` in a daemon thread, so a caller can stop waiting for it.
+
+    A connect to a stopped daemon blocks forever inside libvirt (the kernel accepts the socket,
+    the handshake never answers); the thread is abandoned then and its result, if it ever
+    comes, is adopted by the next reconnect() or closed.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.done = threading.Event()
+        self.conn: Any = None
+        self.error: libvirt.libvirtError | None = None
+        self.abandoned = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name=f"libvirt-open {uri}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as err:
+            self.error = err
+            conn = None
+        with self._lock:
+            self.conn = conn
+            self.done.set()
+            close = self.abandoned and conn is not None
+        if close:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def wait(self, timeout: float) -> bool:
+        return self.done.wait(timeout)
+
+    def abandon(self) -> None:
+        with self._lock:
+            self.abandoned = True
+            conn = self.conn if self.done.is_set() else None
+            self.conn = None
+        if conn is not None:
+            _close_bounded(conn, 1.0)
+
+
+def _close_bounded(conn: Any, timeout: float) -> None:
+    """conn.close() sends an RPC: on a hung host it would never return."""
+
+    def run() -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    t = threading.Thread(target=run, name="libvirt-close", daemon=True)
+    t.start()
+    t.join(timeout)
+
+
+def _no_answer(uri: str, timeout: float) -> ConnectError:
+    return ConnectError(
+        f"{uri}: no answer within {timeout:g} s (host down, daemon stopped, "
+        "or a network dropping packets?)"
+    )
+
+
+def _cannot_connect(uri: str, err: libvirt.libvirtError) -> ConnectError:
+    return ConnectError(
+        f"cannot connect to {uri}: {libvirt_message(err)} "
+        f"(is libvirtd running? try 'virsh -c {uri} list', another -c URI, "
+        "or 'virtdeck --demo')"
+    )
 
 
 def libvirt_message(err: libvirt.libvirtError) -> str:
@@ -142,24 +227,54 @@ class Hypervisor:
         self._cpu_prev: dict[str, tuple[int, float]] = {}
         self._listeners: list[EventCallback] = []
         self._callback_ids: list[int] = []
-        self._alive = True
+        self._alive = conn is not None
         self._lock = threading.Lock()
+        self._pending: _PendingOpen | None = None
+        if conn is not None:
+            _keepalive(conn)
 
     # -- connection -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, uri: str, *, demo: bool = False) -> Hypervisor:
-        try:
-            conn = libvirt.open(uri)
-        except libvirt.libvirtError as err:
-            raise ConnectError(
-                f"cannot connect to {uri}: {libvirt_message(err)} "
-                f"(is libvirtd running? try 'virsh -c {uri} list', another -c URI, "
-                "or 'virtdeck --demo')"
-            ) from None
-        if conn is None:  # pragma: no cover - old bindings returned None instead of raising
-            raise ConnectError(f"cannot connect to {uri}")
-        return cls(uri, conn, demo=demo)
+    def open(
+        cls, uri: str, *, demo: bool = False, timeout: float = DEFAULT_CONNECT_TIMEOUT
+    ) -> Hypervisor:
+        """Connect, or raise ConnectError; a host that does not answer within `timeout` s is
+        unreachable (the connect is abandoned, never waited on forever)."""
+        hv = cls.unconnected(uri, demo=demo)
+        hv.try_connect(timeout)
+        return hv
+
+    @classmethod
+    def unconnected(cls, uri: str, *, demo: bool = False) -> Hypervisor:
+        """A hypervisor not connected yet (alive is False): try_connect()/reconnect() open it."""
+        return cls(uri, None, demo=demo)
+
+    def try_connect(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        """Open (or re-open) the connection; ConnectError when it fails or does not answer in
+        time. A connect still running from an earlier attempt is waited on, not started again."""
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = _PendingOpen(self.uri)
+        if not pending.wait(timeout):
+            raise _no_answer(self.uri, timeout)
+        self._pending = None
+        if pending.error is not None or pending.conn is None:
+            err = pending.error
+            if err is None:  # pragma: no cover - old bindings returned None instead of raising
+                raise ConnectError(f"cannot connect to {self.uri}")
+            raise _cannot_connect(self.uri, err)
+        self._adopt(pending.conn)
+
+    def _adopt(self, conn: Any) -> None:
+        _keepalive(conn)
+        with self._lock:
+            old, self._conn = self._conn, conn
+            self._alive = True
+            self._xml_cache.clear()
+            self._cpu_prev.clear()
+        if old is not None:
+            _close_bounded(old, 1.0)
 
     @property
     def local(self) -> bool:
@@ -182,24 +297,31 @@ class Hypervisor:
         except libvirt.libvirtError:
             return False
 
-    def close(self) -> None:
-        self._deregister()
-        with contextlib.suppress(libvirt.libvirtError):
-            self._conn.close()
+    def close(self, timeout: float = 2.0) -> None:
+        """Deregister and close; gives up after `timeout` s on a host that does not answer."""
+        if self._pending is not None:
+            self._pending.abandon()
+            self._pending = None
+        if self._conn is None:
+            return
+        conn = self._conn
 
-    def reconnect(self) -> bool:
-        """Open the URI again after the daemon went away; True once it answers."""
+        def run() -> None:
+            self._deregister()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+        t = threading.Thread(target=run, name=f"libvirt-close {self.uri}", daemon=True)
+        t.start()
+        t.join(timeout)
+
+    def reconnect(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> bool:
+        """Open the URI again after the daemon went away; True once it answers (within
+        `timeout` s; a connect still pending from the last try is waited on again)."""
         try:
-            conn = libvirt.open(self.uri)
-        except libvirt.libvirtError:
+            self.try_connect(timeout)
+        except ConnectError:
             return False
-        with self._lock:
-            old, self._conn = self._conn, conn
-            self._alive = True
-            self._xml_cache.clear()
-            self._cpu_prev.clear()
-        with contextlib.suppress(libvirt.libvirtError):
-            old.close()
         if self._listeners:
             self._register()
         self._emit(DomainEvent(self.uri, EventKind.RECONNECTED))
@@ -304,21 +426,29 @@ class Hypervisor:
         return facts
 
     def domains(self) -> list[DomainInfo]:
-        """Every domain with state, size, CPU % and disks: one list call, one bulk stats call."""
+        """Every domain with state, size, CPU % and disks: two round trips per refresh whatever
+        the number of domains (plus one XMLDesc per domain the first time or after a change).
+
+        The bulk stats call lists every domain (active and inactive) with its state; the list
+        call asks only for the transient ones, so persistence needs no call per domain.
+        """
         conn = self.conn
         try:
-            doms = conn.listAllDomains(0)
-            stats = {d.UUIDString(): s for d, s in conn.getAllDomainStats(_STATS, 0)}
+            transient = {
+                d.UUIDString()
+                for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
+            }
+            pairs = conn.getAllDomainStats(_STATS, 0)
         except libvirt.libvirtError as err:
             raise self._translate(err, "listing domains") from None
         now = time.monotonic()
         out = []
         seen = set()
-        for dom in doms:
+        for dom, st in pairs:
             uuid = dom.UUIDString()
             seen.add(uuid)
             try:
-                info = self._domain_info(dom, uuid, stats.get(uuid, {}), now)
+                info = self._domain_info(dom, uuid, st, now, persistent=uuid not in transient)
             except libvirt.libvirtError as err:
                 if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     continue  # undefined between the list call and now
@@ -334,11 +464,19 @@ class Hypervisor:
         uuid = dom.UUIDString()
         try:
             stats = self.conn.domainListGetStats([dom], _STATS, 0)
-            return self._domain_info(dom, uuid, stats[0][1] if stats else {}, time.monotonic())
+            return self._domain_info(
+                dom,
+                uuid,
+                stats[0][1] if stats else {},
+                time.monotonic(),
+                persistent=bool(dom.isPersistent()),
+            )
         except libvirt.libvirtError as err:
             raise self._translate(err, name) from None
 
-    def _domain_info(self, dom: Any, uuid: str, st: dict[str, Any], now: float) -> DomainInfo:
+    def _domain_info(
+        self, dom: Any, uuid: str, st: dict[str, Any], now: float, *, persistent: bool
+    ) -> DomainInfo:
         facts = self._facts(dom, uuid)
         if "state.state" in st:
             state = DomainState.from_libvirt(st["state.state"])
@@ -366,7 +504,7 @@ class Hypervisor:
             vcpus=vcpus,
             memory_bytes=memory,
             max_memory_bytes=facts.max_memory,
-            persistent=bool(dom.isPersistent()),
+            persistent=persistent,
             cpu_percent=cpu,
             disks=disks,
             interfaces=facts.interfaces,
@@ -450,11 +588,26 @@ class Hypervisor:
     def subscribe(self, callback: EventCallback) -> None:
         """Call `callback` (on libvirt's event thread) for lifecycle and connection events.
 
-        Needs start_event_loop() before open().
+        Needs start_event_loop() before open(). Registering talks to the daemon: call it from
+        the host's own worker, not from a UI thread. Subscribing twice is a no-op.
         """
+        if callback in self._listeners:
+            return
         self._listeners.append(callback)
-        if len(self._listeners) == 1:
+        if len(self._listeners) == 1 and self._conn is not None:
             self._register()
+
+    def subscribed(self, callback: EventCallback) -> bool:
+        return callback in self._listeners
+
+    def detach(self, callback: EventCallback, timeout: float = 1.0) -> None:
+        """Stop calling `callback` at once; deregister from the daemon within `timeout` s."""
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+        if not self._listeners and self._callback_ids:
+            t = threading.Thread(target=self._deregister, name="libvirt-deregister", daemon=True)
+            t.start()
+            t.join(timeout)
 
     def unsubscribe(self, callback: EventCallback) -> None:
         if callback in self._listeners:
@@ -501,9 +654,6 @@ class Hypervisor:
         self._callback_ids = ids
         with contextlib.suppress(libvirt.libvirtError):
             conn.registerCloseCallback(closed, None)
-        # Remote drivers only notice a dead daemon through keepalive; local ones refuse it.
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.setKeepAlive(3, 2)
 
     def _deregister(self) -> None:
         for cid in self._callback_ids:
@@ -512,6 +662,15 @@ class Hypervisor:
         self._callback_ids = []
         with contextlib.suppress(libvirt.libvirtError):
             self._conn.unregisterCloseCallback()
+
+
+def _keepalive(conn: Any) -> None:
+    # Remote drivers notice a dead or hung daemon only through keepalive: libvirt then closes the
+    # connection and fails the calls waiting on it. Needs the event loop registered before
+    # open; local drivers (test:///) refuse it, which is fine.
+    if _loop_started:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
 
 
 def _with_block_stats(
@@ -549,17 +708,18 @@ def _with_file_allocation(disks: tuple[DiskInfo, ...]) -> tuple[DiskInfo, ...]:
     return tuple(out)
 
 
-def open_all(uris: Iterable[str], *, demo: bool = False) -> list[Hypervisor]:
-    """Open every URI or none: a failure closes what was already opened."""
-    opened: list[Hypervisor] = []
-    try:
-        for uri in uris:
-            opened.append(Hypervisor.open(uri, demo=demo))
-    except VirtdeckError:
-        for hv in opened:
+def open_all(
+    uris: Iterable[str], *, demo: bool = False, timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> list[Hypervisor]:
+    """Open every URI (in parallel) or none: a failure closes what was already opened."""
+    from tui.core.fleet import connect_all
+
+    hvs, failures = connect_all(uris, demo=demo, timeout=timeout)
+    if failures:
+        for hv in hvs:
             hv.close()
-        raise
-    return opened
+        raise ConnectError(next(iter(failures.values())))
+    return hvs
 
 
 def validate_name(name: str, what: str = "name", why: str = "") -> str:
