@@ -184,6 +184,7 @@ class SessionRig:
             "HOME": str(self.home),
             "USER": TEST_USER,
             "LOGNAME": TEST_USER,
+            "LIBVIRT_AUTOSTART": "0",  # virsh must not spawn a daemon that exits after 120 s
         }
 
     def _virsh(self, *args: str) -> subprocess.CompletedProcess[str]:

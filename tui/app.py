@@ -2,13 +2,20 @@
 
 The app owns the connections it was given (tests inject test-driver or real hypervisors), one
 error funnel (`report_error`), libvirt events (posted as messages from libvirt's thread) and a
-stats poll that re-arms itself after each refresh so polls never overlap. Every libvirt call
-runs in a thread worker.
+stats poll per host that re-arms itself after each refresh so polls never overlap.
+
+Per-host isolation: every host has its own refresh worker (connect, subscribe, inventory and
+stats), its own poll timer and its own state. A host that has not answered within its deadline
+(settings.answer_timeout) is shown as not answering (header badge, greyed rows "no answer for
+N s") while the others keep updating; a host that failed reconnects by itself with backoff.
+No libvirt call ever runs on the UI thread, so a hung host never blocks a key press.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -18,9 +25,27 @@ from textual.worker import Worker, WorkerState
 
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor, start_event_loop
-from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind
-from tui.messages import HostsLoaded, InventoryLoaded, LibvirtEvent, ShutdownTimedOut
+from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind, HostInfo
+from tui.core.settings import Settings
+from tui.messages import HostLoaded, LibvirtEvent, ShutdownTimedOut
 from tui.screens.main import MainScreen
+
+BACKOFF_MAX = 30.0  # seconds between reconnect attempts, at most
+
+
+@dataclass
+class HostState:
+    """The UI thread's bookkeeping for one host (never touched by workers)."""
+
+    refreshing: bool = False
+    again: bool = False
+    started: float = 0.0  # monotonic time the running refresh began
+    last_answer: float = 0.0  # monotonic time of the last answer (0: never)
+    failures: int = 0  # consecutive failed refreshes (backoff)
+    error: str | None = None  # why the last refresh failed
+    silent: bool = False  # no answer within the deadline (the refresh is still waiting)
+    info: HostInfo | None = None
+    timer: Timer | None = None
 
 
 class VirtdeckApp(App[None]):
@@ -32,21 +57,41 @@ class VirtdeckApp(App[None]):
         self,
         hypervisors: list[Hypervisor],
         *,
-        poll_interval: float = 2.0,
-        shutdown_timeout: float = 60.0,
+        settings: Settings | None = None,
+        unreachable: dict[str, str] | None = None,
+        poll_interval: float | None = None,
+        shutdown_timeout: float | None = None,
     ) -> None:
         super().__init__()
         if not hypervisors:
             raise ValueError("VirtdeckApp needs at least one hypervisor")
+        # Too late for connections already open (they get no events): tui.cli.setup() calls
+        # it before connecting. Kept for tests that build the app by hand.
         start_event_loop()
+        settings = settings or Settings()
+        if poll_interval is not None:
+            settings = replace(settings, poll_interval=poll_interval)
+        if shutdown_timeout is not None:
+            settings = replace(settings, shutdown_timeout=shutdown_timeout)
+        self.settings = settings
         self.hypervisors = hypervisors
-        self.poll_interval = poll_interval
-        self.shutdown_timeout = shutdown_timeout
+        self.poll_interval = settings.poll_interval
+        self.shutdown_timeout = settings.shutdown_timeout
         self.domains: list[DomainInfo] = []  # the last inventory, for panes mounted after it
-        self.lost: set[str] = set()
-        self._poll_timer: Timer | None = None
-        self._refreshing = False
-        self._refresh_again = False
+        self.hosts: dict[str, HostState] = {hv.uri: HostState() for hv in hypervisors}
+        for uri, why in (unreachable or {}).items():
+            if uri in self.hosts:
+                self.hosts[uri].error = why
+                self.hosts[uri].failures = 1
+        self._by_host: dict[str, list[DomainInfo]] = {hv.uri: [] for hv in hypervisors}
+        self._notified: set[str] = set()  # hosts whose trouble was notified (once each)
+        if settings.keys:
+            self.set_keymap(settings.keymap)
+
+    @property
+    def lost(self) -> set[str]:
+        """Hosts not answering now: lost, unreachable, or silent past their deadline."""
+        return {uri for uri, st in self.hosts.items() if st.error is not None or st.silent}
 
     def get_default_screen(self) -> Screen[None]:
         return MainScreen()
@@ -68,73 +113,139 @@ class VirtdeckApp(App[None]):
     def on_mount(self) -> None:
         if any(hv.demo for hv in self.hypervisors):
             self.title = "virtdeck  DEMO"
-        for hv in self.hypervisors:
-            hv.subscribe(self._libvirt_callback)
-        self.load_hosts()
+        if len(self.hypervisors) > 1:
+            self.sub_title = f"{len(self.hypervisors)} hosts"
+        self.call_after_refresh(self._show_hosts)  # the main screen composes after this
+        for uri, st in self.hosts.items():
+            if st.error is not None:
+                self._notify_trouble(uri, st.error)
+        self.set_interval(1.0, self._watch_deadlines)
         self.refresh_inventory()
 
     def on_unmount(self) -> None:
         for hv in self.hypervisors:
-            hv.unsubscribe(self._libvirt_callback)
+            hv.detach(self._libvirt_callback, timeout=0.2)
 
-    @work(thread=True, group="hosts", exit_on_error=False, description="reading host versions")
-    def load_hosts(self) -> None:
-        hosts = []
-        for hv in self.hypervisors:
-            try:
-                hosts.append(hv.host_info())
-            except VirtdeckError:
+    # -- inventory, one worker per host ------------------------------------------------------
+
+    def refresh_inventory(self, host: str | None = None) -> None:
+        """Refresh every host (or one) now, or right after its running refresh: per host,
+        polls never overlap, and a host that hangs delays only itself."""
+        for uri in [host] if host is not None else list(self.hosts):
+            st = self.hosts.get(uri)
+            if st is None:
                 continue
-        self.post_message(HostsLoaded(hosts))
+            if st.refreshing:
+                st.again = True
+                continue
+            if st.timer is not None:
+                st.timer.stop()
+                st.timer = None
+            st.refreshing = True
+            st.started = time.monotonic()
+            self._load_host(self.hypervisor(uri), st.info is None)
 
-    def on_hosts_loaded(self, message: HostsLoaded) -> None:
-        self.sub_title = f"{len(self.hypervisors)} hosts" if len(self.hypervisors) > 1 else ""
-        self.main.set_hosts(message.hosts)
-
-    # -- inventory --------------------------------------------------------------------------
-
-    def refresh_inventory(self) -> None:
-        """Start a refresh now, or right after the one running (polls never overlap)."""
-        if self._refreshing:
-            self._refresh_again = True
+    @work(thread=True, group="inventory", exit_on_error=False, description="refreshing a host")
+    def _load_host(self, hv: Hypervisor, want_info: bool) -> None:
+        # Only this host's calls run here: when its daemon hangs, this thread waits (keepalive
+        # or the daemon waking ends it) and nothing else does.
+        info: HostInfo | None = None
+        try:
+            if not hv.alive:
+                hv.ensure_connected(self.settings.connect_timeout)
+                want_info = True
+            hv.subscribe(self._libvirt_callback)  # no-op once subscribed
+            if want_info:
+                info = hv.host_info()
+            domains = hv.domains()
+        except VirtdeckError as err:
+            why = str(err)
+            if not hv.alive and "lost" not in why and "no answer" not in why:
+                why = f"connection to {hv.uri} lost: {why}"
+            self.post_message(HostLoaded(hv.uri, None, why, info))
             return
-        if self._poll_timer is not None:
-            self._poll_timer.stop()
-            self._poll_timer = None
-        self._refreshing = True
-        self._load_inventory()
+        except Exception:
+            self.post_message(HostLoaded(hv.uri, None, f"{hv.uri}: internal error", info))
+            raise  # reported by the error funnel
+        self.post_message(HostLoaded(hv.uri, domains, None, info))
 
-    @work(thread=True, group="inventory", exit_on_error=False, description="refreshing domains")
-    def _load_inventory(self) -> None:
-        domains: list[DomainInfo] = []
-        failures: dict[str, str] = {}
-        for hv in self.hypervisors:
-            if not hv.alive and not hv.reconnect():
-                failures[hv.uri] = f"connection to {hv.uri} lost; retrying every few seconds"
-                continue
-            try:
-                domains.extend(hv.domains())
-            except VirtdeckError as err:
-                failures[hv.uri] = str(err)
-        self.post_message(InventoryLoaded(domains, failures))
-
-    def on_inventory_loaded(self, message: InventoryLoaded) -> None:
-        self._refreshing = False
-        for host, why in message.failures.items():
-            if host not in self.lost:
-                self.lost.add(host)
-                self.notify(why, title="libvirt", severity="error", timeout=8)
-        for host in [h for h in self.lost if h not in message.failures]:
-            self.lost.discard(host)
-            self.notify(f"reconnected to {host}", title="libvirt")
-            self.load_hosts()
-        self.domains = message.domains
-        self.main.show_domains(message.domains)
-        if self._refresh_again:
-            self._refresh_again = False
-            self.refresh_inventory()
+    def on_host_loaded(self, message: HostLoaded) -> None:
+        st = self.hosts.get(message.host)
+        if st is None:
+            return
+        st.refreshing = False
+        if message.info is not None:
+            st.info = message.info
+        if message.error is not None:
+            st.error = message.error
+            st.failures += 1
+            self._notify_trouble(message.host, message.error)
+            delay = min(BACKOFF_MAX, self.poll_interval * 2 ** (st.failures - 1))
         else:
-            self._poll_timer = self.set_timer(self.poll_interval, self.refresh_inventory)
+            came_back = st.error is not None or st.silent
+            st.error, st.silent, st.failures = None, False, 0
+            st.last_answer = time.monotonic()
+            if came_back and message.host in self._notified:
+                self._notified.discard(message.host)
+                self.notify(f"reconnected to {message.host}", title="libvirt")
+            self._by_host[message.host] = message.domains or []
+            delay = self.poll_interval
+        self._show_inventory()
+        if st.again:
+            st.again = False
+            self.refresh_inventory(message.host)
+        else:
+            st.timer = self.set_timer(delay, lambda: self.refresh_inventory(message.host))
+
+    def _notify_trouble(self, host: str, why: str) -> None:
+        if host not in self._notified:
+            self._notified.add(host)
+            self.notify(why, title="libvirt", severity="error", timeout=8)
+
+    def _watch_deadlines(self) -> None:
+        """Once a second: a refresh older than the deadline makes its host "no answer"."""
+        now = time.monotonic()
+        changed = False
+        for uri, st in self.hosts.items():
+            late = st.refreshing and now - st.started > self.settings.answer_timeout
+            if late and not st.silent:
+                st.silent = True
+                self._notify_trouble(uri, f"{uri}: no answer for {now - st.started:.0f} s")
+            changed = changed or st.silent or st.error is not None
+        if changed:
+            self._show_inventory()
+
+    def host_status(self) -> dict[str, str]:
+        """Host → badge text for hosts not answering ("" for those that are fine)."""
+        now = time.monotonic()
+        out = {}
+        for uri, st in self.hosts.items():
+            if st.silent:
+                since = st.last_answer or st.started
+                out[uri] = f"no answer for {now - since:.0f} s"
+            elif st.error is not None:
+                since = st.last_answer
+                out[uri] = (f"no answer for {now - since:.0f} s" if since else "unreachable") + (
+                    "; reconnecting" if not st.refreshing else "; connecting"
+                )
+        return out
+
+    def _show_hosts(self) -> None:
+        self.main.set_hosts(
+            [(hv.uri, self.hosts[hv.uri].info, hv.demo) for hv in self.hypervisors],
+            self.host_status(),
+        )
+
+    def _show_inventory(self) -> None:
+        self.domains = [d for hv in self.hypervisors for d in self._by_host.get(hv.uri, [])]
+        self._show_hosts()
+        self.main.show_domains(self.domains, self.host_status())
+
+    def load_hosts(self) -> None:
+        """Read every host's versions again (with its next refresh)."""
+        for st in self.hosts.values():
+            st.info = None
+        self.refresh_inventory()
 
     def _libvirt_callback(self, event: DomainEvent) -> None:
         # Runs on libvirt's event thread: only post.
@@ -142,12 +253,14 @@ class VirtdeckApp(App[None]):
 
     def on_libvirt_event(self, message: LibvirtEvent) -> None:
         event = message.event
-        if event.kind is EventKind.CONNECTION_LOST and event.host not in self.lost:
-            self.lost.add(event.host)
-            self.notify(
-                f"connection to {event.host} lost; reconnecting", title="libvirt", severity="error"
-            )
-        self.refresh_inventory()
+        st = self.hosts.get(event.host)
+        if st is None:
+            return
+        if event.kind is EventKind.CONNECTION_LOST and st.error is None:
+            st.error = f"connection to {event.host} lost; reconnecting"
+            self._notify_trouble(event.host, st.error)
+            self._show_inventory()
+        self.refresh_inventory(event.host)
 
     # -- errors -----------------------------------------------------------------------------
 
@@ -162,9 +275,6 @@ class VirtdeckApp(App[None]):
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state is WorkerState.ERROR and event.worker.error is not None:
-            if event.worker.group == "inventory":
-                self._refreshing = False
-                self._poll_timer = self.set_timer(self.poll_interval, self.refresh_inventory)
             self.report_error(event.worker.error)
 
     # -- lifecycle actions (called by MainScreen) -------------------------------------------

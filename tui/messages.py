@@ -10,16 +10,14 @@ from tui.core.models import DomainEvent, DomainInfo, HostInfo
 
 
 @dataclass
-class InventoryLoaded(Message):
-    """A refresh finished: every reachable host's domains, and one line per unreachable host."""
+class HostLoaded(Message):
+    """One host's refresh finished: its domains, or why there are none (`error`); `info` when
+    its versions were read too (first connect, reconnect)."""
 
-    domains: list[DomainInfo]
-    failures: dict[str, str]
-
-
-@dataclass
-class HostsLoaded(Message):
-    hosts: list[HostInfo]
+    host: str
+    domains: list[DomainInfo] | None
+    error: str | None
+    info: HostInfo | None = None
 
 
 class LibvirtEvent(Message):

@@ -1,7 +1,15 @@
 """The `virtdeck` command: the TUI when called bare, else a scriptable CLI over tui.core.
 
 Keeps Textual out of its import path: the TUI is imported only when it is started.
-Errors are one line on stderr with exit 1; usage errors exit 2 (argparse).
+Errors are one line on stderr with exit 1; usage errors and an invalid config file exit 2.
+
+Several hosts: every connect runs in parallel with a deadline (`--connect-timeout`, config
+`timeouts.connect`, default 10 s). A host that fails or does not answer gets one line on stderr,
+the command works with the others, and the exit status is 1.
+
+libvirt's event implementation is registered before any connection is opened (`setup`): only
+connections opened after it get keepalive (and events), and keepalive is what turns a call to a
+host that died into an error instead of a hang.
 """
 
 from __future__ import annotations
@@ -10,11 +18,23 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from tui import __version__
-from tui.core.errors import InvalidInputError, NotFoundError, VirtdeckError
-from tui.core.hypervisor import Hypervisor, default_uris, open_all
+from tui.core.errors import (
+    ConfigError,
+    ConnectError,
+    InvalidInputError,
+    NotFoundError,
+    VirtdeckError,
+)
+from tui.core.fleet import connect_all, on_each
+from tui.core.hypervisor import Hypervisor, default_uris, start_event_loop
+from tui.core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from tui.app import VirtdeckApp
 
 Handler = Callable[[argparse.Namespace, list[Hypervisor]], int]
 
@@ -38,6 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
         "default: $LIBVIRT_DEFAULT_URI, else qemu:///system",
     )
     parser.add_argument(
+        "-H",
+        "--host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="a saved host from the config file (repeatable; with -c too)",
+    )
+    parser.add_argument(
+        "--all-hosts", action="store_true", help="every saved host of the config file"
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a host that does not answer within this is reported unreachable "
+        "(default: config timeouts.connect, else 10)",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="use the demo lab (real qcow2 images, libvirt's test driver): no hypervisor needed",
@@ -49,24 +87,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def connect(args: argparse.Namespace) -> list[Hypervisor]:
+def setup(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    """What every start does first, in this order: parse the arguments, read the config file,
+    register libvirt's event implementation (before any connection is opened)."""
+    args = build_parser().parse_args(argv)
+    settings = load_settings()
+    if args.connect_timeout is not None:
+        if not 0 < args.connect_timeout <= 3600:
+            raise InvalidInputError("--connect-timeout must be between 0 and 3600 seconds")
+        settings = replace(
+            settings, connect_timeout=args.connect_timeout, answer_timeout=args.connect_timeout
+        )
+    if getattr(args, "backup_dir", False) is None and settings.backup_dir is not None:
+        args.backup_dir = settings.backup_dir
+    args.settings = settings
+    args.unreachable = {}
+    start_event_loop()
+    return args, settings
+
+
+def host_uris(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """-c URIs and -H / --all-hosts saved hosts, else $LIBVIRT_DEFAULT_URI, else qemu:///system."""
+    uris = list(args.connect)
+    uris += [settings.host(name).uri for name in args.host]
+    if args.all_hosts:
+        if not settings.hosts:
+            raise InvalidInputError(f"--all-hosts: no [hosts] saved in {settings.source}")
+        uris += [h.uri for h in settings.hosts]
+    return default_uris(uris)
+
+
+def connect_hosts(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[list[Hypervisor], dict[str, str]]:
+    """Every host, connected in parallel within the connect deadline: one Hypervisor per URI
+    (those that failed are not connected yet) and one line per host that failed."""
     if args.demo:
         from tui.core import demo
 
-        if args.connect:
-            raise InvalidInputError("--demo and -c/--connect exclude each other")
-        return [Hypervisor.open(demo.ensure_lab(reset=args.reset), demo=True)]
+        if args.connect or args.host or args.all_hosts:
+            raise InvalidInputError("--demo and -c/-H/--all-hosts exclude each other")
+        return [Hypervisor.open(demo.ensure_lab(reset=args.reset), demo=True)], {}
     if args.reset:
         raise InvalidInputError("--reset only goes with --demo")
-    return open_all(default_uris(args.connect))
+    hvs, failures = connect_all(host_uris(args, settings), timeout=settings.connect_timeout)
+    for hv in hvs:
+        hv.timeout = settings.answer_timeout
+    if len(failures) == len(hvs):
+        raise ConnectError(next(iter(failures.values())))
+    return hvs, failures
+
+
+def connect(args: argparse.Namespace) -> list[Hypervisor]:
+    """The hosts that answered; a line on stderr for each one that did not."""
+    settings: Settings = args.settings
+    hvs, failures = connect_hosts(args, settings)
+    report_unreachable(args, failures)
+    return [hv for hv in hvs if hv.uri not in failures]
+
+
+def report_unreachable(args: argparse.Namespace, failures: dict[str, str]) -> None:
+    for uri, why in failures.items():
+        if uri not in args.unreachable:
+            args.unreachable[uri] = why
+            print(f"virtdeck: {why}", file=sys.stderr, flush=True)
 
 
 def find_domain(hypervisors: list[Hypervisor], name: str) -> Hypervisor:
-    """The one hypervisor that has domain `name`."""
-    found = [hv for hv in hypervisors if hv.exists(name)]
+    """The one hypervisor that has domain `name` (asked in parallel; a host that does not
+    answer in time is left out and named in the error when the domain is not found)."""
+    timeout = max((hv.timeout for hv in hypervisors), default=10.0)
+    result = on_each(hypervisors, lambda hv: hv.exists(name), timeout=timeout)
+    found = [hv for hv in hypervisors if result.answers.get(hv.uri)]
     if not found:
-        where = ", ".join(hv.uri for hv in hypervisors)
-        raise NotFoundError(f"no domain named '{name}' on {where} ('virtdeck ls' lists them)")
+        where = ", ".join(hv.uri for hv in hypervisors if hv.uri in result.answers)
+        silent = "".join(f"; {hv} did not answer" for hv in result.failures)
+        raise NotFoundError(
+            f"no domain named '{name}' on {where or 'any host'}{silent} ('virtdeck ls' lists them)"
+        )
     if len(found) > 1:
         where = " and ".join(hv.uri for hv in found)
         raise InvalidInputError(f"'{name}' exists on {where}: pick one with -c URI")
@@ -101,31 +199,49 @@ def stderr_progress(message: str, fraction: float | None) -> None:
         print(f"virtdeck: {message} {fraction * 100:5.1f}%", file=sys.stderr, flush=True)
 
 
-def run_tui(args: argparse.Namespace) -> int:
+def build_app(args: argparse.Namespace, settings: Settings) -> VirtdeckApp:
+    """The dashboard as `virtdeck` starts it (after setup()): hosts connected in parallel; one
+    that did not answer starts as unreachable and reconnects by itself."""
+    from tui.app import VirtdeckApp  # Textual only for the dashboard
+    from tui.screens.main import binding_ids
+
+    settings.check_binding_ids(binding_ids())
+    hvs, failures = connect_hosts(args, settings)
+    return VirtdeckApp(hvs, settings=settings, unreachable=failures)
+
+
+def run_tui(args: argparse.Namespace, settings: Settings) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise InvalidInputError(
             "the dashboard needs a terminal; from a script use a command ('virtdeck --help')"
         )
-    hypervisors = connect(args)
-    from tui.app import VirtdeckApp  # Textual only for the dashboard
-
-    VirtdeckApp(hypervisors).run()
+    build_app(args, settings).run()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, settings = setup(argv)
+    except ConfigError as err:
+        print(f"virtdeck: {err}", file=sys.stderr)
+        return 2
+    except VirtdeckError as err:
+        print(f"virtdeck: {err}", file=sys.stderr)
+        return 1
     try:
         if args.command is None:
-            return run_tui(args)
+            return run_tui(args, settings)
         hypervisors = connect(args)
         try:
             handler: Handler = args.handler
-            return handler(args, hypervisors)
+            status = handler(args, hypervisors)
         finally:
             for hv in hypervisors:
                 hv.close()
+        return 1 if args.unreachable and status == 0 else status
+    except ConfigError as err:
+        print(f"virtdeck: {err}", file=sys.stderr)
+        return 2
     except VirtdeckError as err:
         print(f"virtdeck: {err}", file=sys.stderr)
         return 1

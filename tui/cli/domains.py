@@ -8,7 +8,8 @@ from typing import Any
 
 import humanize
 
-from tui.cli import find_domain, format_table, print_json
+from tui.cli import find_domain, format_table, print_json, report_unreachable
+from tui.core.fleet import on_each
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 
@@ -32,9 +33,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
+        default=None,
         metavar="SECONDS",
-        help="how long to wait for the guest to power off (default 60)",
+        help="how long to wait for the guest to power off "
+        "(default: config timeouts.shutdown, else 60)",
     )
     p.add_argument("--no-wait", action="store_true", help="ask the guest and return at once")
     p.set_defaults(handler=cmd_shutdown)
@@ -54,11 +56,16 @@ def _row(d: DomainInfo, show_host: bool) -> list[str]:
 
 
 def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    domains = [d for hv in hypervisors for d in hv.domains()]
+    """Every host asked in parallel; one that does not answer in time gets a line on stderr
+    and the others' domains are printed (exit 1)."""
+    timeout = max((hv.timeout for hv in hypervisors), default=10.0)
+    result = on_each(hypervisors, lambda hv: hv.domains(), timeout=timeout)
+    report_unreachable(args, result.failures)
+    domains = [d for hv in hypervisors for d in result.answers.get(hv.uri, [])]
     if args.json:
         print_json([d.to_json() for d in domains])
         return 0
-    show_host = len(hypervisors) > 1
+    show_host = len(hypervisors) + len(args.unreachable) > 1
     header = (["HOST"] if show_host else []) + ["NAME", "STATE", "VCPUS", "MEMORY", "CPU", "DISK"]
     rows = [header] + [_row(d, show_host) for d in domains]
     print("\n".join(format_table(rows)))
@@ -78,6 +85,8 @@ def cmd_shutdown(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int
         hv.shutdown(args.name)
         print(f"{args.name}: shutdown requested")
         return 0
+    if args.timeout is None:
+        args.timeout = args.settings.shutdown_timeout
     if hv.shutdown_and_wait(args.name, args.timeout):
         print(f"{args.name}: shut off")
         return 0

@@ -31,3 +31,7 @@ class DependencyError(VirtdeckError):
 
 class OperationError(VirtdeckError):
     """libvirt, qemu-img or virt-sysprep failed while doing the work."""
+
+
+class ConfigError(VirtdeckError):
+    """The config file is not valid TOML or holds a wrong value (the message names the line)."""

@@ -230,6 +230,9 @@ class Hypervisor:
         self._alive = conn is not None
         self._lock = threading.Lock()
         self._pending: _PendingOpen | None = None
+        # Seconds this host gets to answer a call made through tui.core.fleet (set from the
+        # settings); past it the host is reported as not answering.
+        self.timeout = DEFAULT_CONNECT_TIMEOUT
         if conn is not None:
             _keepalive(conn)
 
@@ -319,13 +322,22 @@ class Hypervisor:
         """Open the URI again after the daemon went away; True once it answers (within
         `timeout` s; a connect still pending from the last try is waited on again)."""
         try:
-            self.try_connect(timeout)
+            self.ensure_connected(timeout)
         except ConnectError:
             return False
+        return True
+
+    def ensure_connected(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        """Connect again if the connection is gone (ConnectError saying why if that fails),
+        with the event subscriptions registered again on the new connection."""
+        if self.alive:
+            return
+        was_open = self._conn is not None
+        self.try_connect(timeout)
         if self._listeners:
             self._register()
-        self._emit(DomainEvent(self.uri, EventKind.RECONNECTED))
-        return True
+        if was_open:
+            self._emit(DomainEvent(self.uri, EventKind.RECONNECTED))
 
     def host_info(self) -> HostInfo:
         conn = self.conn

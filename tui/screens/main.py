@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar
 
+from rich.markup import escape
 from textual import on
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
@@ -50,6 +51,12 @@ DOMAIN_BINDINGS: list[BindingType] = [
 SORT_CYCLE = ("name", "state", "cpu", "memory", "disk", "vcpus")
 
 
+def binding_ids() -> set[str]:
+    """Every binding id a config file's [keys] table may rebind."""
+    ids = {b.id for b in MainScreen.BINDINGS if isinstance(b, Binding) and b.id}
+    return ids
+
+
 def _pane_bindings() -> list[BindingType]:
     """Each pane key twice: shown in the footer only while its tab is active, and a hidden twin
     (tried next for the same key) so the key works from any tab."""
@@ -89,23 +96,34 @@ class MainScreen(Screen[None]):
 
     # -- data from the app ------------------------------------------------------------------
 
-    def set_hosts(self, hosts: list[HostInfo]) -> None:
+    def set_hosts(
+        self, hosts: list[tuple[str, HostInfo | None, bool]], status: dict[str, str]
+    ) -> None:
+        """One header line per host (uri, versions when known, demo); `status` holds a badge
+        for each host not answering."""
         lines = []
-        for h in hosts:
+        for uri, h, demo in hosts:
+            badge = ""
+            if uri in status:
+                badge = f"[b reverse $error] {escape(status[uri]).upper()} [/] "
+            tag = "[b reverse] DEMO [/] " if demo else ""
+            if h is None:
+                lines.append(f"{tag}{badge}[b]{escape(uri)}[/b]  connecting…")
+                continue
             hv = f"QEMU {h.hypervisor_version}" if h.driver == "QEMU" else f"{h.driver} driver"
-            demo = "[b reverse] DEMO [/] " if h.demo else ""
             lines.append(
-                f"{demo}[b]{h.uri}[/b]  host {h.hostname}  libvirt {h.libvirt_version}  {hv}"
+                f"{tag}{badge}[b]{escape(h.uri)}[/b]  host {h.hostname}  "
+                f"libvirt {h.libvirt_version}  {hv}"
             )
         self.query_one("#hosts", Static).update("\n".join(lines))
-        self.query_one(DomainsTable).set_multi_host(len(self.vapp.hypervisors) > 1)
+        self.query_one(DomainsTable).set_multi_host(len(hosts) > 1)
 
-    def show_domains(self, domains: list[DomainInfo]) -> None:
+    def show_domains(self, domains: list[DomainInfo], status: dict[str, str] | None = None) -> None:
         table = self.query_one(DomainsTable)
         if self.app.screen is self and self.focused is None:
             table.focus()  # a pane rebuilt the widget that had the focus: keys must still work
         before = table.selected()
-        table.update_domains(domains)
+        table.update_domains(domains, status or {})
         after = table.selected()
         for pane in self.query(Pane):
             pane.inventory_changed(domains)

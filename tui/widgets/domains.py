@@ -48,6 +48,7 @@ class DomainsTable(DataTable[Any]):
         self.sort_column = "name"
         self.sort_reverse = False
         self.show_host = False
+        self.stale: dict[str, str] = {}  # host -> "no answer for N s": its rows are greyed
         self._order: list[str] = []
         self._add_columns()
 
@@ -73,6 +74,14 @@ class DomainsTable(DataTable[Any]):
             self._render_rows()
 
     def _cells(self, d: DomainInfo) -> list[Any]:
+        note = self.stale.get(d.host)
+        if note is not None:  # last known values, greyed, with how long the host is silent
+            cells = [Text(str(c), style="dim") for c in self._live_cells(d)]
+            cells[1 + self.show_host] = Text(f"{d.state.value}? {note}", style="dim italic")
+            return cells
+        return self._live_cells(d)
+
+    def _live_cells(self, d: DomainInfo) -> list[Any]:
         name = Text(d.name)
         if d.is_template:
             name.append(" [template]", style="italic cyan")
@@ -103,8 +112,11 @@ class DomainsTable(DataTable[Any]):
         rows.sort(key=SORT_KEYS[self.sort_column], reverse=self.sort_reverse)
         return rows
 
-    def update_domains(self, domains: list[DomainInfo]) -> None:
+    def update_domains(
+        self, domains: list[DomainInfo], stale: dict[str, str] | None = None
+    ) -> None:
         self.domains = {row_key(d): d for d in domains}
+        self.stale = dict(stale or {})
         self._render_rows()
 
     def set_filter(self, text: str) -> None:
