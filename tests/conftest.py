@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import rigs
 from tests.lab import SystemLab, sweep_stale
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import VirtdeckMeta
@@ -71,3 +72,39 @@ def _libvirt_event_loop() -> None:
     from tui.core.hypervisor import start_event_loop
 
     start_event_loop()
+
+
+# -- the fleet rig (tests/rigs.py): sshd on loopback, a second hypervisor, a hung host ---------
+
+
+@pytest.fixture(scope="session")
+def ssh_rig() -> Iterator[rigs.SshRig]:
+    """sshd on 127.0.0.1 (free port, key auth for root and the test user), for the session."""
+    with rigs.ssh_rig() as rig:
+        yield rig
+
+
+@pytest.fixture(scope="session")
+def ssh_root_uri(ssh_rig: rigs.SshRig) -> str:
+    """qemu:///system reached over ssh as root: qemu+ssh://root@127.0.0.1:PORT/system?..."""
+    return ssh_rig.uri("root", "/system")
+
+
+@pytest.fixture(scope="session")
+def session_rig(ssh_rig: rigs.SshRig) -> Iterator[rigs.SessionRig]:
+    with rigs.session_rig(ssh_rig) as rig:
+        yield rig
+
+
+@pytest.fixture(scope="session")
+def session_uri(session_rig: rigs.SessionRig) -> str:
+    """A second, independent hypervisor: the test user's qemu:///session over ssh, with a dir
+    pool (rigs.POOL_NAME)."""
+    return session_rig.uri
+
+
+@pytest.fixture
+def hung_daemon() -> Iterator[rigs.PrivateDaemon]:
+    """A private libvirtd (test driver, one domain); `.hang()` SIGSTOPs it, `.wake()` resumes."""
+    with rigs.private_daemon() as daemon:
+        yield daemon

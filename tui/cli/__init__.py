@@ -125,8 +125,10 @@ def connect_hosts(
     if args.demo:
         from tui.core import demo
 
-        if args.connect or args.host or args.all_hosts:
-            raise InvalidInputError("--demo and -c/-H/--all-hosts exclude each other")
+        if args.connect:
+            raise InvalidInputError("--demo and -c/--connect exclude each other")
+        if args.host or args.all_hosts:
+            raise InvalidInputError("--demo and -H/--all-hosts exclude each other")
         return [Hypervisor.open(demo.ensure_lab(reset=args.reset), demo=True)], {}
     if args.reset:
         raise InvalidInputError("--reset only goes with --demo")

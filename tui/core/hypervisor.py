@@ -233,8 +233,6 @@ class Hypervisor:
         # Seconds this host gets to answer a call made through tui.core.fleet (set from the
         # settings); past it the host is reported as not answering.
         self.timeout = DEFAULT_CONNECT_TIMEOUT
-        if conn is not None:
-            _keepalive(conn)
 
     # -- connection -------------------------------------------------------------------------
 
