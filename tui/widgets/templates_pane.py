@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import ClassVar
 
 import humanize
@@ -26,6 +27,7 @@ from textual.worker import Worker, WorkerState
 from tui.core import clones, templates
 from tui.core.clones import ClonePlan, RemovePlan
 from tui.core.errors import VirtdeckError
+from tui.core.fleet import on_each
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 from tui.core.progress import Progress
@@ -146,6 +148,8 @@ class TemplatesPane(Pane):
         self._stale = False
         self._signature: object = None
         self._loaded_at = 0.0
+        self.multi_host = False  # a Host column when several hypervisors are connected
+        self.backup_dir: Path | None = None
 
     def compose(self) -> ComposeResult:
         table: DataTable[str] = DataTable(id="tpl-table", cursor_type="row")
@@ -156,7 +160,9 @@ class TemplatesPane(Pane):
 
     def on_mount(self) -> None:
         table = self.query_one("#tpl-table", DataTable)
-        for col in COLUMNS:
+        self.multi_host = len(self.vapp.hypervisors) > 1
+        self.backup_dir = self.vapp.settings.backup_dir  # None: the default (tui.core.paths)
+        for col in (("Host",) if self.multi_host else ()) + COLUMNS:
             table.add_column(col, key=col)
         # The first inventory may arrive before this pane is mounted: do not wait for the next.
         self.load()
@@ -185,18 +191,24 @@ class TemplatesPane(Pane):
             return
         self._loading = True
         self._stale = False
-        self._load(list(self.vapp.hypervisors))
+        lost = self.vapp.lost  # a host not answering would hold the load up to its deadline
+        self._load([hv for hv in self.vapp.hypervisors if hv.uri not in lost])
 
     # Hypervisors are resolved on the UI thread and handed to the workers: a thread never
     # reaches into the app.
     @work(thread=True, exit_on_error=False, group="templates-load", description="templates")
     def _load(self, hypervisors: list[Hypervisor]) -> None:
-        found: list[Template] = []
-        for i, hv in enumerate(hypervisors):
-            try:
-                found.extend(templates.list_templates(hv, include_backups=i == 0))
-            except VirtdeckError:
-                continue  # an unreachable host is reported by the inventory refresh
+        # Hosts in parallel with a deadline: one that hangs now is left out of this load (the
+        # inventory refresh reports it), not waited on.
+        first = hypervisors[0].uri if hypervisors else ""
+        result = on_each(
+            hypervisors,
+            lambda hv: templates.list_templates(
+                hv, self.backup_dir, include_backups=hv.uri == first
+            ),
+            timeout=max((hv.timeout for hv in hypervisors), default=10.0),
+        )
+        found = [t for hv in hypervisors for t in result.answers.get(hv.uri, [])]
         self.post_message(TemplatesLoaded(found))
 
     def on_templates_loaded(self, message: TemplatesLoaded) -> None:
@@ -226,7 +238,8 @@ class TemplatesPane(Pane):
         keep = self.highlighted()
         table.clear()
         for t in self.templates:
-            table.add_row(*row_cells(t), key=f"{t.host}\0{t.name}")
+            cells = ((t.host,) if self.multi_host else ()) + row_cells(t)
+            table.add_row(*cells, key=f"{t.host}\0{t.name}")
         if keep is not None:
             self._highlight(keep.host, keep.name)
         self._show_details()
@@ -358,6 +371,7 @@ class TemplatesPane(Pane):
             operations=request.operations,
             undefine=request.undefine,
             force=request.force,
+            backup_dir=self.backup_dir,
         )
         self.post_message(Planned(plan))
 
@@ -371,6 +385,7 @@ class TemplatesPane(Pane):
             count=request.count,
             start=request.start,
             allow_unsealed=request.allow_unsealed,
+            backup_dir=self.backup_dir,
         )
         self.post_message(Planned(plan))
 
