@@ -325,3 +325,24 @@ def private_daemon(name: str = "hung") -> Iterator[PrivateDaemon]:
     finally:
         d.stop()
         shutil.rmtree(d.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def latency_proxy(target_port: int, delay_ms: float) -> Iterator[int]:
+    """A port on 127.0.0.1 forwarding to `target_port` with `delay_ms` each way (a subprocess,
+    stopped by PID afterwards)."""
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.latency_proxy", str(port), str(target_port), str(delay_ms)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # "ready"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
