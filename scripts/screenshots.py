@@ -18,7 +18,9 @@ os.environ["XDG_CACHE_HOME"] = "/tmp/virtdeck-screenshots"
 
 from tui.app import VirtdeckApp  # noqa: E402
 from tui.core import demo  # noqa: E402
+from tui.core.fleet import connect_all  # noqa: E402
 from tui.core.hypervisor import Hypervisor, start_event_loop  # noqa: E402
+from tui.core.settings import Settings  # noqa: E402
 from tui.widgets.domains import DomainsTable  # noqa: E402
 
 SIZE = (140, 45)
@@ -43,7 +45,35 @@ async def render(outdir: Path) -> list[Path]:
             app.save_screenshot(filename=path.name, path=str(outdir))
             written.append(path)
     hv.close()
+    written.append(await render_fleet(outdir))
     return written
+
+
+async def render_fleet(outdir: Path) -> Path:
+    """Several hosts: the demo lab, libvirt's test:///default, and a host that never answers
+    (a socket that accepts connections but no daemon behind it, like a stopped libvirtd)."""
+    import socket
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX) as hung:
+        path = f"{tmp}/libvirt-sock"
+        hung.bind(path)
+        hung.listen(8)
+        uris = [demo.ensure_lab(), "test:///default", f"qemu+unix:///system?socket={path}"]
+        hvs, failures = connect_all(uris, timeout=1)
+        hvs[0].demo = True
+        settings = Settings(poll_interval=3600, connect_timeout=1, answer_timeout=1)
+        app = VirtdeckApp(hvs, settings=settings, unreachable=failures)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause(2.5)  # the silent host's refresh passes its 1 s deadline
+            app.screen.query_one(DomainsTable).select_name("web-1")
+            await pilot.press("2")
+            await pilot.pause(1.0)
+            target = outdir / "fleet.svg"
+            app.save_screenshot(filename=target.name, path=str(outdir))
+        for hv in hvs:
+            hv.close(timeout=0.2)
+    return target
 
 
 def main() -> None:

@@ -90,9 +90,10 @@ def test_screenshot_script_renders_every_pane(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     svgs = {p.stem: p.read_text() for p in out.glob("*.svg")}
-    assert set(svgs) == {"snapshots", "templates", "usage"}
+    assert set(svgs) == {"snapshots", "templates", "usage", "fleet"}
     for text in svgs.values():
         assert text.startswith("<svg") and "DEMO" in text
+    assert "NO&#160;ANSWER" in svgs["fleet"] or "NO ANSWER" in svgs["fleet"]  # the silent host
     assert "before-upgrade" in svgs["snapshots"]  # the demo's snapshot tree
     assert "template-web" in svgs["templates"]
 
