@@ -107,9 +107,11 @@ def main() -> None:
     names = ["system over ssh", "system over ssh #2", "session over ssh"]
     with rigs.ssh_rig() as ssh, rigs.session_rig(ssh) as session:
         port = ssh.port
-        with rigs.latency_proxy(port, LATENCY_MS) as p1, rigs.latency_proxy(
-            port, LATENCY_MS
-        ) as p2, rigs.latency_proxy(port, LATENCY_MS) as p3:
+        with (
+            rigs.latency_proxy(port, LATENCY_MS) as p1,
+            rigs.latency_proxy(port, LATENCY_MS) as p2,
+            rigs.latency_proxy(port, LATENCY_MS) as p3,
+        ):
             print(f"-- {LATENCY_MS:g} ms added each way (hosts on a network)")
             uris = []
             for p, user, path in ((p1, "root", "/system"), (p2, "root", "/system"),
