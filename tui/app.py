@@ -212,8 +212,10 @@ class VirtdeckApp(App[None]):
                 st.silent = True
                 self._notify_trouble(uri, f"{uri}: no answer for {now - st.started:.0f} s")
             changed = changed or st.silent or st.error is not None
-        if changed:
-            self._show_inventory()
+        if changed:  # badges and "no answer for N s" only: the panes need no new inventory
+            status = self.host_status()
+            self._show_hosts()
+            self.main.show_host_status(status)
 
     def host_status(self) -> dict[str, str]:
         """Host → badge text for hosts not answering ("" for those that are fine)."""

@@ -130,6 +130,10 @@ class MainScreen(Screen[None]):
         if before != after:
             self._selected_changed(after)
 
+    def show_host_status(self, status: dict[str, str]) -> None:
+        """Hosts not answering: their rows greyed with how long (the panes are not told)."""
+        self.query_one(DomainsTable).set_stale(status)
+
     def _selected_changed(self, info: DomainInfo | None) -> None:
         for pane in self.query(Pane):
             pane.domain_selected(info)

@@ -119,6 +119,11 @@ class DomainsTable(DataTable[Any]):
         self.stale = dict(stale or {})
         self._render_rows()
 
+    def set_stale(self, stale: dict[str, str]) -> None:
+        if stale != self.stale:
+            self.stale = dict(stale)
+            self._render_rows()
+
     def set_filter(self, text: str) -> None:
         self.filter_text = text
         self._render_rows()
