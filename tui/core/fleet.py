@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from tui.core.errors import VirtdeckError
-from tui.core.hypervisor import DEFAULT_CONNECT_TIMEOUT, Hypervisor
+from tui.core.hypervisor import DEFAULT_CONNECT_TIMEOUT, Hypervisor, no_answer
 
 T = TypeVar("T")
 
@@ -66,7 +66,7 @@ def on_each(
             elif hv.uri in errors:
                 failures[hv.uri] = errors[hv.uri]
             else:
-                failures[hv.uri] = f"{hv.uri}: no answer within {timeout:g} s"
+                failures[hv.uri] = str(no_answer(hv.uri, timeout))
     return FleetResult(answers, failures)
 
 

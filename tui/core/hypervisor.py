@@ -181,7 +181,7 @@ def _close_bounded(conn: Any, timeout: float) -> None:
     t.join(timeout)
 
 
-def _no_answer(uri: str, timeout: float) -> ConnectError:
+def no_answer(uri: str, timeout: float) -> ConnectError:
     return ConnectError(
         f"{uri}: no answer within {timeout:g} s (host down, daemon stopped, "
         "or a network dropping packets?)"
@@ -258,7 +258,7 @@ class Hypervisor:
         if pending is None:
             pending = self._pending = _PendingOpen(self.uri)
         if not pending.wait(timeout):
-            raise _no_answer(self.uri, timeout)
+            raise no_answer(self.uri, timeout)
         self._pending = None
         if pending.error is not None or pending.conn is None:
             err = pending.error
