@@ -40,7 +40,9 @@ def free_port() -> int:
 def _run(*argv: str, user: str | None = None, env: dict[str, str] | None = None) -> str:
     if user is not None:
         argv = ("runuser", "-u", user, "--", *argv)
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {(proc.stderr or proc.stdout).strip()}")
     return proc.stdout
@@ -86,12 +88,8 @@ class SshRig:
             raise RuntimeError("sshd is missing: run scripts/host-setup.sh (openssh-server)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
-        host_key = self.root / "ssh_host_ed25519_key"
-        if not host_key.exists():
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
-        if not self.key.exists():
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "virtdeck-rig",
-                 "-f", str(self.key))  # fmt: skip
+        _keygen(self.root / "ssh_host_ed25519_key")
+        _keygen(self.key)
         ensure_user(TEST_USER)
         (self.root / "authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
         (self.root / "authorized_keys").chmod(0o644)
@@ -139,6 +137,17 @@ class SshRig:
         self.proc = None
         for name in (f"sshd_config.{os.getpid()}", f"sshd.{os.getpid()}.pid"):
             (self.root / name).unlink(missing_ok=True)
+
+
+def _keygen(path: Path) -> None:
+    """An ed25519 key pair at `path` unless there is one; made under a temporary name and
+    renamed, so two test runs starting at once never see half a key."""
+    if path.exists() and path.with_suffix(".pub").exists():
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "virtdeck-rig", "-f", str(tmp))
+    os.replace(f"{tmp}.pub", f"{path}.pub")
+    os.replace(tmp, path)
 
 
 def ensure_user(name: str) -> pwd.struct_passwd:

@@ -217,6 +217,9 @@ def run_tui(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidInputError(
             "the dashboard needs a terminal; from a script use a command ('virtdeck --help')"
         )
+    hosts = len(args.connect) + len(args.host) + len(settings.hosts) * args.all_hosts
+    if hosts > 1:  # the connects take up to the deadline: say what the terminal waits for
+        print(f"virtdeck: connecting to {hosts} hosts…", file=sys.stderr, flush=True)
     build_app(args, settings).run()
     return 0
 
