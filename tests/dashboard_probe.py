@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
 
 from tui.cli import build_app, setup
 from tui.core.models import DomainState
@@ -28,10 +29,12 @@ async def probe(name: str, argv: list[str]) -> dict[str, object]:
         def state() -> DomainState | None:
             return next((d.state for d in table.domains.values() if d.name == name), None)
 
+        events: list[Any] = []
         deadline = time.monotonic() + 30
         while state() is not DomainState.RUNNING and time.monotonic() < deadline:
             await pilot.pause(0.02)
         before = state()
+        app.hypervisors[0].subscribe(events.append)  # diagnostics: which events arrived
         await pilot.pause(0.3)  # the first refresh's follow-ups are done; next poll in 60 s
         uri = args.connect[0]
         t0 = time.monotonic()
@@ -42,7 +45,10 @@ async def probe(name: str, argv: list[str]) -> dict[str, object]:
                 elapsed = time.monotonic() - t0
                 break
             await pilot.pause(0.005)
+        st = app.hosts[args.connect[0]]
         result = {
+            "events": [e.detail for e in events],
+            "refreshing": st.refreshing,
             "before": before.value if before else None,
             "after": (state() or DomainState.NOSTATE).value,
             "elapsed": elapsed,

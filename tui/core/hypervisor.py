@@ -448,7 +448,10 @@ class Hypervisor:
                 d.UUIDString()
                 for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
             }
-            pairs = conn.getAllDomainStats(_STATS, 0)
+            # NOWAIT: a domain busy with a long job (snapshot, block commit, another tool's
+            # call) gets its state and what needs no job, instead of stalling the whole
+            # host's refresh for up to libvirt's 30 s job timeout.
+            pairs = conn.getAllDomainStats(_STATS, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
         except libvirt.libvirtError as err:
             raise self._translate(err, "listing domains") from None
         now = time.monotonic()
