@@ -243,12 +243,6 @@ class VirtdeckApp(App[None]):
         self._show_hosts()
         self.main.show_domains(self.domains, self.host_status())
 
-    def load_hosts(self) -> None:
-        """Read every host's versions again (with its next refresh)."""
-        for st in self.hosts.values():
-            st.info = None
-        self.refresh_inventory()
-
     def _libvirt_callback(self, event: DomainEvent) -> None:
         # Runs on libvirt's event thread: only post.
         self.post_message(LibvirtEvent(event))
