@@ -137,6 +137,9 @@ class SshRig:
         self.proc = None
         for name in (f"sshd_config.{os.getpid()}", f"sshd.{os.getpid()}.pid"):
             (self.root / name).unlink(missing_ok=True)
+        log = self.root / f"sshd.{os.getpid()}.log"
+        if log.exists() and not log.stat().st_size:
+            log.unlink()
 
 
 def _keygen(path: Path) -> None:

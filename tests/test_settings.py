@@ -79,7 +79,7 @@ def test_unknown_binding_id_names_its_line() -> None:
 
 
 def _cli(env_home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "XDG_CONFIG_HOME": str(env_home)}
+    env = {**os.environ, "XDG_CONFIG_HOME": str(env_home), "XDG_DATA_HOME": str(env_home)}
     return subprocess.run(
         [sys.executable, "-m", "tui", *argv],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
@@ -96,6 +96,9 @@ def test_cli_saved_hosts_and_config_errors(tmp_path: Path, test_uri: str) -> Non
     both = _cli(tmp_path, "--all-hosts", "ls")
     assert both.returncode == 0, both.stderr
     assert both.stdout.startswith("HOST") and "test:///default" in both.stdout
+    tpl = _cli(tmp_path, "--all-hosts", "template", "ls")
+    assert tpl.returncode == 0, tpl.stderr
+    assert tpl.stdout.startswith("HOST") and f"{test_uri}  template-web" in tpl.stdout
     unknown = _cli(tmp_path, "-H", "nope", "ls")
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == (

@@ -140,12 +140,14 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     if args.json:
         print_json([t.to_json() for t in found])
         return 0
+    show_host = len(hypervisors) + len(getattr(args, "unreachable", {})) > 1  # same tpl, 2 hosts
     header = ["NAME", "DEFINED", "VIRTUAL", "REAL", "SEALED", "THIN", "FULL", "BASE IMAGES"]
-    rows = [header]
+    rows = [(["HOST"] if show_host else []) + header]
     for t in found:
         sealed = (t.created or "?")[:16] if t.sealed else "no"
         rows.append(
-            [
+            ([t.host] if show_host else [])
+            + [
                 t.name,
                 "yes" if t.defined else "no",
                 humanize.naturalsize(t.virtual_bytes, binary=True),
