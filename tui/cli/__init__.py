@@ -36,6 +36,8 @@ from tui.core.settings import Settings, load_settings
 if TYPE_CHECKING:
     from tui.app import VirtdeckApp
 
+START_SETTLE = 1.0  # seconds the dashboard waits for the other hosts once one answered
+
 Handler = Callable[[argparse.Namespace, list[Hypervisor]], int]
 
 
@@ -118,10 +120,11 @@ def host_uris(args: argparse.Namespace, settings: Settings) -> list[str]:
 
 
 def connect_hosts(
-    args: argparse.Namespace, settings: Settings
+    args: argparse.Namespace, settings: Settings, *, settle: float | None = None
 ) -> tuple[list[Hypervisor], dict[str, str]]:
-    """Every host, connected in parallel within the connect deadline: one Hypervisor per URI
-    (those that failed are not connected yet) and one line per host that failed."""
+    """Every host, connected in parallel within the connect deadline (with `settle`: no longer
+    than that after the first host answered): one Hypervisor per URI (those that failed are
+    not connected yet) and one line per host that failed."""
     if args.demo:
         from tui.core import demo
 
@@ -132,7 +135,9 @@ def connect_hosts(
         return [Hypervisor.open(demo.ensure_lab(reset=args.reset), demo=True)], {}
     if args.reset:
         raise InvalidInputError("--reset only goes with --demo")
-    hvs, failures = connect_all(host_uris(args, settings), timeout=settings.connect_timeout)
+    hvs, failures = connect_all(
+        host_uris(args, settings), timeout=settings.connect_timeout, settle=settle
+    )
     for hv in hvs:
         hv.timeout = settings.answer_timeout
     if len(failures) == len(hvs):
@@ -208,7 +213,9 @@ def build_app(args: argparse.Namespace, settings: Settings) -> VirtdeckApp:
     from tui.screens.main import binding_ids
 
     settings.check_binding_ids(binding_ids())
-    hvs, failures = connect_hosts(args, settings)
+    # The dashboard does not wait the whole deadline for a silent host: it starts a second
+    # after the first host answered and the others keep connecting in their own workers.
+    hvs, failures = connect_hosts(args, settings, settle=START_SETTLE)
     return VirtdeckApp(hvs, settings=settings, unreachable=failures)
 
 

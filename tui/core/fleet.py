@@ -32,53 +32,70 @@ def on_each(
     fn: Callable[[Hypervisor], T],
     *,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    settle: float | None = None,
 ) -> FleetResult[T]:
     """Run `fn(hv)` for every host in parallel; whatever has not answered after `timeout` s
-    (one deadline for all, from now) is a failure "no answer within N s"."""
+    (one deadline for all, from now) is a failure "no answer within N s".
+
+    With `settle`, stop waiting `settle` s after the first host answered (the dashboard starts
+    with the hosts that are there; the others keep connecting in the background).
+    """
     hvs = list(hypervisors)
     results: dict[str, T] = {}
     errors: dict[str, str] = {}
-    lock = threading.Lock()
-    done = {hv.uri: threading.Event() for hv in hvs}
+    changed = threading.Condition()
 
     def run(hv: Hypervisor) -> None:
         try:
             value = fn(hv)
-            with lock:
+            with changed:
                 results[hv.uri] = value
         except VirtdeckError as err:
-            with lock:
+            with changed:
                 errors[hv.uri] = str(err)
         finally:
-            done[hv.uri].set()
+            with changed:
+                changed.notify_all()
 
     for hv in hvs:
         threading.Thread(target=run, args=(hv,), name=f"host {hv.uri}", daemon=True).start()
-    deadline = time.monotonic() + timeout
-    for hv in hvs:
-        done[hv.uri].wait(max(0.0, deadline - time.monotonic()))
-    answers: dict[str, T] = {}
-    failures: dict[str, str] = {}
-    with lock:
-        for hv in hvs:
-            if hv.uri in results:
-                answers[hv.uri] = results[hv.uri]
-            elif hv.uri in errors:
-                failures[hv.uri] = errors[hv.uri]
-            else:
-                failures[hv.uri] = str(no_answer(hv.uri, timeout))
+    start = time.monotonic()
+    deadline = start + timeout
+    settled = False
+    with changed:
+        while len(results) + len(errors) < len(hvs):
+            now = time.monotonic()
+            if settle is not None and results and not settled:
+                settled = True
+                deadline = min(deadline, now + settle)
+            if now >= deadline:
+                break
+            changed.wait(deadline - now)
+        answers = {hv.uri: results[hv.uri] for hv in hvs if hv.uri in results}
+        cut_short = time.monotonic() < start + timeout
+        failures = {
+            hv.uri: errors.get(hv.uri)
+            or (f"{hv.uri}: no answer yet" if cut_short else str(no_answer(hv.uri, timeout)))
+            for hv in hvs
+            if hv.uri not in results
+        }
     return FleetResult(answers, failures)
 
 
 def connect_all(
-    uris: Iterable[str], *, demo: bool = False, timeout: float = DEFAULT_CONNECT_TIMEOUT
+    uris: Iterable[str],
+    *,
+    demo: bool = False,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    settle: float | None = None,
 ) -> tuple[list[Hypervisor], dict[str, str]]:
-    """Connect to every URI in parallel, waiting at most `timeout` s in all.
+    """Connect to every URI in parallel, waiting at most `timeout` s in all (with `settle`:
+    at most that long after the first host answered).
 
     Returns one Hypervisor per URI, in order (those that failed are not connected: alive is
     False, and a connect still under way is adopted by their next reconnect()), and one line
     per URI that failed.
     """
     hvs = [Hypervisor.unconnected(uri, demo=demo) for uri in dict.fromkeys(uris)]
-    result = on_each(hvs, lambda hv: hv.try_connect(timeout), timeout=timeout)
+    result = on_each(hvs, lambda hv: hv.try_connect(timeout), timeout=timeout, settle=settle)
     return hvs, dict(result.failures)
