@@ -20,7 +20,7 @@ from tui.core import snapshots as S
 from tui.core.errors import InvalidInputError, NotFoundError, OperationError, StateError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
-from tui.core.qemuimg import QemuImg, run_subprocess
+from tui.core.storage.qemuimg import QemuImg, run_subprocess
 
 pytestmark = pytest.mark.system
 
@@ -512,7 +512,7 @@ def test_revert_failing_at_metadata_step_is_undone(
     def broken(*_a: object, **_k: object) -> None:
         raise OperationError("injected: metadata")
 
-    monkeypatch.setattr(S, "_redefine", broken)
+    monkeypatch.setattr(S.common, "redefine", broken)
     with pytest.raises(OperationError, match="injected: metadata"):
         S.revert(hv, S.plan_revert(hv, name, "s1", by_virtdeck=True))
     monkeypatch.undo()

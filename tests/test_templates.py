@@ -28,7 +28,7 @@ from tui.core.errors import (
 )
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState, VirtdeckMeta
-from tui.core.qemuimg import QemuImg, run_subprocess
+from tui.core.storage.qemuimg import QemuImg, run_subprocess
 from tui.core.templates import (
     Sysprep,
     execute_template,
@@ -503,7 +503,10 @@ def test_refusals_for_snapshots_running_template_and_remote_host(lab: Lab) -> No
     for call in (
         lambda: plan_template(remote, "web", seal=False, backup_dir=lab.backups),
         lambda: plan_clone(remote, "template-unsealed", "x", allow_unsealed=True),
-        lambda: plan_remove(remote, "web"),
+        lambda: plan_remove(remote, "web", storage=True),
     ):
-        with pytest.raises(InvalidInputError, match="far.example/system is remote"):
+        with pytest.raises(InvalidInputError, match="far.example/system is another host"):
             call()
+    # Without --storage nothing is deleted, but who depends on its images cannot be read there.
+    with pytest.raises(OperationError, match="cannot tell which domains on qemu\\+ssh://far"):
+        plan_remove(remote, "template-unsealed")

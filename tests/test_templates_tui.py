@@ -27,7 +27,7 @@ from tui.screens.template_forms import (
     RemoveScreen,
 )
 from tui.widgets.domains import DomainsTable
-from tui.widgets.templates_pane import TemplateProgress, TemplatesPane
+from tui.widgets.templates_pane import TemplatesPane
 
 
 @pytest.fixture
@@ -160,14 +160,21 @@ async def test_cancel_changes_nothing(lab: Lab) -> None:
 async def test_full_deploy_reports_progress_and_makes_an_independent_copy(
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Record what the worker reports, where it reports it: the messages that carry it to the
+    # pane may be coalesced under load (can_replace), the calls cannot.
     seen: list[tuple[str, float | None]] = []
-    original = TemplatesPane.on_template_progress
+    original = TemplatesPane._progress
 
-    def record(self: TemplatesPane, message: TemplateProgress) -> None:
-        seen.append((message.text, message.fraction))
-        original(self, message)
+    def recording(self: TemplatesPane) -> Callable[[str, float | None], None]:
+        report = original(self)
 
-    monkeypatch.setattr(TemplatesPane, "on_template_progress", record)
+        def record(text: str, fraction: float | None) -> None:
+            seen.append((text, fraction))
+            report(text, fraction)
+
+        return record
+
+    monkeypatch.setattr(TemplatesPane, "_progress", recording)
     app = VirtdeckApp([lab.hv])
     async with app.run_test(size=(160, 50)) as pilot:
         pane = await start(app, pilot)

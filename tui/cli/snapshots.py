@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import humanize
-
 from tui.cli import find_domain, print_json, stderr_progress
 from tui.core import snapshots
 from tui.core.hypervisor import Hypervisor
+from tui.core.units import size
 
 
 def register(sub: Any) -> None:
@@ -55,10 +54,6 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_rollback)
 
 
-def _size(n: int | None) -> str:
-    return "-" if n is None else humanize.naturalsize(n, binary=True)
-
-
 def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     hv = find_domain(hypervisors, args.domain)
     tree = snapshots.snapshot_tree(hv, args.domain)
@@ -76,7 +71,8 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             line += f" - {node.description}"
         print(line)
         for f in node.files:
-            print(f"    {f.role}: {f.path} ({_size(f.size_bytes)})")
+            why = f": {f.problem}" if f.problem else ""
+            print(f"    {f.role}: {f.path} ({size(f.size_bytes)}{why})")
     return 0
 
 

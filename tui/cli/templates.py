@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import humanize
-
 from tui.cli import find_domain, format_table, print_json, stderr_progress
 from tui.core import clones, templates
 from tui.core.errors import NotFoundError
 from tui.core.hypervisor import Hypervisor
 from tui.core.paths import template_backup_dir
+from tui.core.units import size
 
 
 def register(sub: Any) -> None:
@@ -148,8 +147,8 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             [
                 t.name,
                 "yes" if t.defined else "no",
-                humanize.naturalsize(t.virtual_bytes, binary=True),
-                humanize.naturalsize(t.actual_bytes, binary=True),
+                size(t.virtual_bytes),
+                size(t.actual_bytes),
                 sealed,
                 str(len(t.thin_clones)),
                 str(len(t.full_clones)),
@@ -157,6 +156,9 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             ]
         )
     print("\n".join(format_table(rows)))
+    for t in found:
+        for problem in t.problems:
+            print(f"virtdeck: warning: template {t.name}: {problem}", file=sys.stderr)
     return 0
 
 
@@ -189,7 +191,7 @@ def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         hv = hypervisors[0]
     plan = clones.plan_remove(hv, args.name, storage=args.storage, backup_dir=args.backup_dir)
     _plan_lines(plan.summary())
-    clones.execute_remove(hv, plan, stderr_progress, backup_dir=args.backup_dir)
-    deleted = f" (deleted {', '.join(plan.delete_files)})" if plan.delete_files else ""
+    done = clones.execute_remove(hv, plan, stderr_progress, backup_dir=args.backup_dir)
+    deleted = f" (deleted {', '.join(done)})" if done else ""
     print(f"{args.name}: removed{deleted}")
     return 0

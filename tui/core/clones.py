@@ -15,8 +15,6 @@ backing file.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import random
 import uuid as uuidlib
@@ -24,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import libvirt
 
 from tui.core import domxml
 from tui.core.errors import (
@@ -36,21 +32,20 @@ from tui.core.errors import (
     StateError,
     VirtdeckError,
 )
-from tui.core.hypervisor import Hypervisor, libvirt_message, validate_name
-from tui.core.images import ImageReader, resolve_backing
-from tui.core.models import VirtdeckMeta
+from tui.core.hypervisor import Hypervisor, validate_name
+from tui.core.models import DiskInfo, VirtdeckMeta
 from tui.core.progress import Progress, no_progress
-from tui.core.qemuimg import QemuImg
 from tui.core.snapshots import snapshot_tree
+from tui.core.storage import Chain, LocalFiles, Resolver, require_local
+from tui.core.storage.local import remove_private
+from tui.core.storage.qemuimg import QemuImg
 from tui.core.templates import (
-    backing_files,
     backup_templates,
-    image_users,
+    foreign_disks,
     now_iso,
     own_images,
-    require_local,
+    storage_graph,
     template_xml,
-    undefine_domain,
 )
 
 # Keep the usual prefixes when clone XML is written back (libvirt matches by URI anyway).
@@ -140,24 +135,10 @@ def _new_mac(taken: set[str], rng: random.Random) -> str:
             return mac
 
 
-def _measure(qemu: QemuImg, path: str, fmt: str) -> int:
-    """Bytes a sparse copy needs (`qemu-img measure`: allocated clusters, not virtual size)."""
-    out = json.loads(qemu.run("measure", "--output=json", "-f", fmt, "-O", fmt, path))
-    return int(out["required"])
-
-
-def _chain_allocation(reader: ImageReader, path: str, fmt: str | None) -> int:
+def _chain_allocation(chain: Chain) -> int:
     """What an image and its backing chain occupy on the host, plus room for new metadata: an
     upper bound of what a sparse, flattened copy needs, read in-process (no subprocess)."""
-    total, seen = 0, set[str]()
-    current: str | None = path
-    while current and current not in seen and len(seen) < 64:
-        seen.add(current)
-        image = reader.read(current, fmt)
-        total += image.actual_bytes
-        current = resolve_backing(current, image.backing) if image.backing else None
-        fmt = image.backing_format
-    return total + _METADATA_MARGIN
+    return sum(i.actual_bytes or 0 for i in chain.links) + _METADATA_MARGIN
 
 
 _METADATA_MARGIN = 1024**2
@@ -167,9 +148,19 @@ def _target_dir(base: str, directory: str | Path | None) -> str:
     return os.path.abspath(str(directory)) if directory is not None else os.path.dirname(base)
 
 
-def _free_bytes(directory: str) -> int:
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
+def _check_disks(template: str, disks: tuple[DiskInfo, ...]) -> list[DiskInfo]:
+    """The template's image disks; refuses a writable disk that is not an image file (a block
+    device or a network disk would be shared by every clone, or taken for a local file)."""
+    for disk in foreign_disks(disks):
+        raise InvalidInputError(
+            f"disk {disk.target} of '{template}' is a {disk.described}: virtdeck clones image "
+            "files only (every clone would write to the same device); detach it from the "
+            "template first"
+        )
+    bases = own_images(disks)
+    if not bases:
+        raise InvalidInputError(f"template '{template}' has no disk image to clone")
+    return bases
 
 
 def clone_names(name: str, count: int) -> list[str]:
@@ -195,8 +186,7 @@ def plan_clone(
     rng: random.Random | None = None,
 ) -> ClonePlan:
     """Validate and describe the clones; nothing is written."""
-    require_local(hv)
-    qemu = qemu or QemuImg()
+    files = LocalFiles(hv, "clone", qemu_img=qemu)
     rng = rng or random.SystemRandom()
     names = clone_names(name, count)
     xml, defined = template_xml(hv, template, backup_dir)
@@ -215,39 +205,35 @@ def plan_clone(
     for n in names:
         if hv.exists(n):
             raise InvalidInputError(f"a domain named '{n}' already exists; choose another name")
-    if directory is not None and not os.path.isdir(directory):
+    if directory is not None and not files.is_dir(str(directory)):
         raise InvalidInputError(f"--dir {directory} is not a directory")
-    bases = own_images(domxml.disks(troot))
-    if not bases:
-        raise InvalidInputError(f"template '{template}' has no disk image to clone")
-    for disk in domxml.disks(troot):
-        if disk.device == "disk" and not disk.path:
-            raise InvalidInputError(
-                f"disk {disk.target} of '{template}' is not a local file; cannot clone it"
-            )
-    measured: dict[str, int] = {}
+    bases = _check_disks(template, domxml.disks(troot))
+    resolver = Resolver(hv, qemu_img=qemu)
+    chains: dict[str, Chain] = {}
     for disk in bases:
         assert disk.path is not None
-        if not os.path.isfile(disk.path):
-            raise NotFoundError(f"base image {disk.path} of '{template}' is missing")
+        chain = resolver.chain(disk.path, disk.format)
+        if not chain.complete:
+            raise NotFoundError(f"disk {disk.target} of template '{template}': {chain.problem}")
+        chains[disk.path] = chain
+    measured: dict[str, int] = {}
     if full:
         # The chain's real allocation bounds the copy's size; only where that bound does not
         # clearly fit is `qemu-img measure` (exact, but a subprocess per disk) worth running.
-        reader = ImageReader(qemu)
         for disk in bases:
             assert disk.path is not None
-            measured[disk.path] = _chain_allocation(reader, disk.path, disk.format)
+            measured[disk.path] = _chain_allocation(chains[disk.path])
         bound_by_dev: dict[int, tuple[str, int]] = {}
         for disk in bases:
             assert disk.path is not None
             where = _target_dir(os.path.abspath(disk.path), directory)
-            dev = os.stat(where).st_dev
+            dev = files.device(where)
             total = bound_by_dev.get(dev, (where, 0))[1] + measured[disk.path] * len(names)
             bound_by_dev[dev] = (where, total)
-        if any(total > _free_bytes(where) for where, total in bound_by_dev.values()):
+        if any(total > files.free_bytes(where) for where, total in bound_by_dev.values()):
             for disk in bases:
                 assert disk.path is not None
-                measured[disk.path] = _measure(qemu, disk.path, disk.format or "qcow2")
+                measured[disk.path] = files.measure(disk.path, disk.format or "qcow2")
     mode = "full" if full else "thin"
     taken_macs = _all_macs(hv)
     taken_files: set[str] = set()
@@ -264,11 +250,11 @@ def plan_clone(
             where = _target_dir(base, directory)
             stem = n if i == 0 else f"{n}-{disk.target}"
             path = os.path.join(os.path.abspath(where), stem + _EXT.get(fmt, "." + fmt))
-            if os.path.lexists(path) or path in taken_files:
+            if files.lexists(path) or path in taken_files:
                 raise InvalidInputError(f"{path} already exists; choose another name or --dir")
             taken_files.add(path)
             need = measured[disk.path] if full else OVERLAY_BYTES
-            dev = os.stat(os.path.dirname(path)).st_dev
+            dev = files.device(os.path.dirname(path))
             needed_by_dev[dev] = needed_by_dev.get(dev, 0) + need
             dirs_by_dev[dev] = os.path.dirname(path)
             disks.append(CloneDisk(disk.target, base, base_fmt, path, fmt, need))
@@ -276,7 +262,7 @@ def plan_clone(
         root = domxml.parse(xml)
         macs = _rewrite(root, n, uuid, disks, taken_macs, rng, template, mode)
         items.append(CloneItem(n, uuid, macs, tuple(disks), domxml.to_string(root)))
-    free = {dev: _free_bytes(d) for dev, d in dirs_by_dev.items()}
+    free = {dev: files.free_bytes(d) for dev, d in dirs_by_dev.items()}
     for dev, need in needed_by_dev.items():
         if need > free[dev]:
             raise InvalidInputError(
@@ -364,13 +350,12 @@ def execute_clone(
     Starting (when asked) comes last: a clone that fails to start stays defined and is named in
     the error, since its disks and definition are complete.
     """
-    qemu = qemu or QemuImg()
-    conn = hv.conn
+    files = LocalFiles(hv, "clone", qemu_img=qemu)
     for item in plan.items:
         if hv.exists(item.name):
             raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
         for d in item.disks:
-            if os.path.lexists(d.path):
+            if files.lexists(d.path):
                 raise InvalidInputError(f"{d.path} already exists; plan again")
     defined: list[Any] = []
     made: list[str] = []
@@ -379,20 +364,15 @@ def execute_clone(
     try:
         for item in plan.items:
             progress(f"defining '{item.name}'", None)
-            try:
-                defined.append(conn.defineXML(item.xml))
-            except libvirt.libvirtError as err:
-                raise OperationError(
-                    f"defining clone '{item.name}' failed: {libvirt_message(err)}"
-                ) from None
+            defined.append(hv.define(item.xml, what=f"defining clone '{item.name}' failed"))
         for item in plan.items:
             for d in item.disks:
-                if os.path.lexists(d.path):
+                if files.lexists(d.path):
                     raise InvalidInputError(f"{d.path} appeared meanwhile; nothing was kept")
                 made.append(d.path)
                 if plan.mode == "thin":
                     progress(f"{item.name}: overlay {d.path} on {d.base}", done / total)
-                    qemu.create_overlay(d.path, d.base, d.base_format)
+                    files.create_overlay(d.path, d.base, d.base_format)
                 else:
                     start, share = done / total, d.bytes_needed / total
 
@@ -401,7 +381,7 @@ def execute_clone(
                     ) -> None:
                         progress(msg, None if frac is None else s + frac * w)
 
-                    qemu.convert(
+                    files.copy(
                         d.base,
                         d.path,
                         src_fmt=d.base_format,
@@ -411,7 +391,7 @@ def execute_clone(
                     )
                 done += d.bytes_needed
     except BaseException as err:
-        leftovers = _undo_clones(hv, defined, made)
+        leftovers = _undo_clones(hv, files, defined, made)
         if leftovers and isinstance(err, VirtdeckError):
             raise OperationError(f"{err}; could not clean up: {', '.join(leftovers)}") from err
         raise
@@ -430,23 +410,21 @@ def execute_clone(
     return list(plan.names)
 
 
-def _undo_clones(hv: Hypervisor, defined: list[Any], made: list[str]) -> list[str]:
+def _undo_clones(
+    hv: Hypervisor, files: LocalFiles, defined: list[Any], made: list[str]
+) -> list[str]:
     """Undefine and delete what a failed execute_clone made; returns what could not go."""
     leftovers = []
     for dom in reversed(defined):
+        name = "?"
         try:
-            name = dom.name()
-            if dom.isActive():
-                dom.destroy()
-            undefine_domain(dom, keep_nvram=False)
-        except libvirt.libvirtError:
+            name = hv.call(dom.name)
+            if hv.call(dom.isActive):
+                hv.call(dom.destroy)
+            hv.undefine(dom, keep_nvram=False)
+        except VirtdeckError:
             leftovers.append(f"domain {name}")
-    for path in reversed(made):
-        try:
-            if os.path.lexists(path):
-                os.unlink(path)
-        except OSError:
-            leftovers.append(path)
+    leftovers += files.delete_quietly(list(reversed(made)))
     return leftovers
 
 
@@ -455,16 +433,25 @@ def _undo_clones(hv: Hypervisor, defined: list[Any], made: list[str]) -> list[st
 
 @dataclass(frozen=True)
 class RemovePlan:
+    """What `rm` does: undefine, and (with storage) delete exactly the files listed.
+
+    `delete_files` are the files that belong to the domain alone (its disks' own chains, its
+    snapshots' overlays and memory files), nearest first; `kept` says why each file of its
+    chains stays; `foreign` names its disks that are not image files (never deleted).
+    """
+
     host: str
     name: str
     defined: bool
     is_template: bool
     storage: bool
-    images: tuple[str, ...]  # the domain's own images
-    delete_files: tuple[str, ...]  # those of them deleted (only with storage)
-    kept_files: tuple[str, ...]  # its images left on disk, and the backing files it reads
+    images: tuple[str, ...]  # the domain's own image files
+    delete_files: tuple[str, ...]  # those of its files deleted (only with storage)
+    kept_files: tuple[str, ...]  # its files left on disk, and the backing files it reads
     backup: str | None  # a template's XML backup, removed with it
     snapshots: tuple[str, ...] = ()  # its snapshots, forgotten with it
+    kept: tuple[tuple[str, str], ...] = ()  # (path, why) for files of its chains that stay
+    foreign: tuple[str, ...] = ()  # its disks that are not image files, described
 
     def summary(self) -> list[str]:
         what = "template" if self.is_template else "domain"
@@ -475,7 +462,10 @@ class RemovePlan:
         if self.snapshots:
             lines.append(f"forget its snapshots: {', '.join(self.snapshots)}")
         lines.extend(f"delete {p}" for p in self.delete_files)
-        lines.extend(f"keep {p}" for p in self.kept_files)
+        why = dict(self.kept)
+        lines.extend(f"keep {p}" + (f" ({why[p]})" if p in why else "") for p in self.kept_files)
+        lines.extend(f"keep {d} (not an image file: virtdeck never deletes it)"
+                     for d in self.foreign)  # fmt: skip
         return lines
 
 
@@ -485,11 +475,16 @@ def plan_remove(
     *,
     storage: bool = False,
     backup_dir: Path | None = None,
-    qemu: QemuImg | None = None,
 ) -> RemovePlan:
-    """Refuse a domain other domains build on (listing them); say which files go."""
-    require_local(hv)
-    qemu = qemu or QemuImg()
+    """Refuse a domain other domains build on (listing them); say which files go.
+
+    The files come from the storage graph: every file in the chains of the domain's disks and
+    of its snapshots (also those no longer on the current chain after a revert), minus what
+    any other domain, template backup or image beside them still reads, and minus read-only
+    bases under its own disks.
+    """
+    if storage:
+        require_local(hv, "rm --storage")
     backup: str | None = None
     if hv.exists(name):
         info = hv.domain(name)
@@ -509,9 +504,18 @@ def plan_remove(
             raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
         disks = domxml.disks(found[0].root)
         is_template, defined, backup = True, False, str(found[0].path)
-    own_disks = own_images(disks)
-    images = [d.path for d in own_disks if d.path]
-    users = image_users(hv, images, exclude=name, backup_dir=backup_dir, qemu=qemu)
+    own = own_images(disks)
+    foreign = tuple(
+        f"{d.target}: {d.described}" for d in disks if not d.is_image and d.kind.value != "empty"
+    )
+    images = [d.path for d in own if d.path]
+    graph = storage_graph(hv, backup_dir)
+    if not hv.local and graph.problems:
+        raise OperationError(
+            f"cannot tell which domains on {hv.uri} depend on the images of '{name}' "
+            f"({graph.problems[0]}); nothing was changed"
+        )
+    users = graph.users(images, exclude=name)
     if users:
         names = sorted({str(u) for u in users})
         what = "template" if is_template else "domain"
@@ -519,69 +523,40 @@ def plan_remove(
             f"{what} '{name}' cannot be removed: {len(names)} domain(s) depend on its "
             f"image(s): {', '.join(names)} (remove them first)"
         )
-    snapshots, snapshot_files = _snapshot_files(hv, name) if defined else ((), ())
-    chains = [
-        (os.path.realpath(d.path), backing_files(d.path, qemu, d.backing_path))
-        for d in own_disks
-        if d.path
-    ]
-    # Below its top images a domain also owns the chain links nothing else reads (the overlays
-    # an external snapshot left under the current one), and its snapshots' files; a link another
-    # domain or template reads, or a read-only base, and everything under it, is kept.
-    shared = {
-        u.image
-        for u in image_users(
-            hv,
-            [link for _, links in chains for link in links] + list(snapshot_files),
-            exclude=name,
-            backup_dir=backup_dir,
-            qemu=qemu,
-        )
-    }
-    owned: list[str] = []
-    kept: list[str] = []
-    for top, links in chains:
-        owned.append(top)
-        below_shared = False
-        for link in links:
-            below_shared = below_shared or link in shared or _read_only(link)
-            target = kept if below_shared else owned
-            if link not in target:
-                target.append(link)
-    owned += [f for f in snapshot_files if f not in shared and f not in owned and f not in kept]
-    delete = tuple(p for p in owned if storage)
+    snapshots, roots, memory = _snapshot_files(hv, name) if defined else ((), [], [])
+    freed = graph.freed(images + roots, exclude=name, own_tops=images, read_only_is_shared=True)
+    delete = list(freed.delete)
+    if hv.local:
+        delete += [m for m in memory if m not in delete and LocalFiles.lexists(m)]
+    kept = [p for p, _ in freed.kept]
     if not storage:
-        kept = [p for p in owned if os.path.lexists(p)] + kept
+        kept = delete + kept
+        delete = []
     return RemovePlan(
         hv.uri,
         name,
         defined,
         is_template,
         storage,
-        tuple(images),
-        delete,
+        tuple(graph.canonical(p) for p in images),
+        tuple(delete),
         tuple(kept),
         backup,
         snapshots,
+        kept=freed.kept,
+        foreign=foreign,
     )
 
 
-def _read_only(path: str) -> bool:
-    """A file nobody may write (as virtdeck leaves a template's base) is never "owned"."""
-    try:
-        return os.stat(path).st_mode & 0o222 == 0
-    except OSError:
-        return False
-
-
-def _snapshot_files(hv: Hypervisor, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(snapshot names, the overlay and memory files its external snapshots made)."""
+def _snapshot_files(hv: Hypervisor, name: str) -> tuple[tuple[str, ...], list[str], list[str]]:
+    """(snapshot names, the images and overlays its snapshots name, their memory files)."""
     try:
         tree = snapshot_tree(hv, name)
     except OperationError:
-        return (), ()  # a driver without snapshots
-    files = (os.path.realpath(f.path) for node in tree.nodes for f in node.files)
-    return tuple(sorted(tree.names)), tuple(dict.fromkeys(files))
+        return (), [], []  # a driver without snapshots
+    roots = [p for node in tree.nodes for d in node.disks for p in (d.image, d.overlay) if p]
+    memory = [node.memory_file for node in tree.nodes if node.memory_file]
+    return tuple(sorted(tree.names)), list(dict.fromkeys(roots)), memory
 
 
 def execute_remove(
@@ -590,53 +565,41 @@ def execute_remove(
     progress: Progress = no_progress,
     *,
     backup_dir: Path | None = None,
-    qemu: QemuImg | None = None,
-) -> None:
-    """Undefine, then delete the domain's own files (never a backing file). Checks the
-    dependents again: a clone made since the plan must not lose its base."""
-    qemu = qemu or QemuImg()
-    files = list(dict.fromkeys(plan.images + plan.delete_files))
-    users = image_users(hv, files, exclude=plan.name, backup_dir=backup_dir, qemu=qemu)
-    if users:
-        raise DependencyError(
-            f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))} "
-            "now depend on its image(s)"
-        )
+) -> list[str]:
+    """Undefine, then delete the files the plan lists (never a backing file another domain
+    reads); returns the files it deleted. Checks the dependents again: a clone made since the
+    plan must not lose its base."""
+    files = LocalFiles(hv, "rm --storage") if plan.delete_files else None
+    paths = list(dict.fromkeys(plan.images + plan.delete_files))
+    if paths:
+        users = storage_graph(hv, backup_dir).users(paths, exclude=plan.name)
+        if users:
+            raise DependencyError(
+                f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))}"
+                " now depend on its image(s)"
+            )
     if plan.defined:
         progress(f"undefining '{plan.name}'", None)
         try:
-            dom = hv.conn.lookupByName(plan.name)
-        except libvirt.libvirtError:
+            dom = hv.lookup(plan.name)
+        except NotFoundError:
             raise NotFoundError(f"'{plan.name}' no longer exists") from None
-        if dom.isActive():
+        if hv.call(dom.isActive):
             raise StateError(f"'{plan.name}' was started meanwhile; shut it down first")
-        try:
-            # Snapshot metadata goes with the domain; internal snapshots live in its image.
-            dom.undefineFlags(
-                libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-            )
-        except libvirt.libvirtError as err:
-            try:
-                undefine_domain(dom, keep_nvram=False)
-            except libvirt.libvirtError:
-                raise OperationError(f"undefining '{plan.name}': {libvirt_message(err)}") from None
+        hv.undefine_all(dom, what=f"undefining '{plan.name}'")
         hv.invalidate()
-    failed = []
+    deleted, failed = [], []
     for path in plan.delete_files:
+        assert files is not None
         progress(f"deleting {path}", None)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            failed.append(f"{path} ({err.strerror})")
+            if files.delete(path):
+                deleted.append(path)
+        except OperationError as err:
+            failed.append(str(err))
     if plan.backup:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(plan.backup)
+        remove_private(plan.backup)
     if failed:
-        raise OperationError(
-            f"'{plan.name}' was undefined but could not delete {', '.join(failed)}"
-        )
+        raise OperationError(f"'{plan.name}' was undefined, but {'; '.join(failed)}")
     progress(f"'{plan.name}' removed", 1.0)
+    return deleted

@@ -15,7 +15,7 @@ from pathlib import Path
 from tui.core.errors import OperationError
 from tui.core.models import VirtdeckMeta
 from tui.core.paths import cache_dir
-from tui.core.qemuimg import QemuImg
+from tui.core.storage.qemuimg import QemuImg
 from tui.core.testdriver import DiskSpec, DomainSpec, SnapshotSpec, node_xml
 
 GIB = 1024**3

@@ -53,6 +53,11 @@ class QemuImg:
             args.append("--backing-chain")
         return json.loads(self.run(*args, path))
 
+    def measure(self, path: str, fmt: str) -> int:
+        """Bytes a sparse copy needs (`qemu-img measure`: allocated clusters, not virtual size)."""
+        out = json.loads(self.run("measure", "--output=json", "-f", fmt, "-O", fmt, path))
+        return int(out["required"])
+
     def create(self, path: str, fmt: str, size: int | str) -> None:
         self.run("create", "-q", "-f", fmt, path, str(size))
 
