@@ -310,7 +310,10 @@ def test_missing_layer_directory_and_broken_image_never_traceback(lab: SystemLab
     assert img["actual_bytes"] is None and img["reason"]
     proc = virtdeck(hv, "rm", dvm, "--storage")
     assert adir.is_dir() and "deleted" not in proc.stdout  # a directory is never deleted
-    virtdeck(hv, "rm", vm, "--storage")
+    refused(hv, "rm", vm, "--storage", match=f"depend on its image(s): {tname}")  # same file
+    virtdeck(hv, "rm", vm)  # only undefined: nothing another domain reads is touched
+    assert os.path.exists(top)
+    virtdeck(hv, "rm", tname, "--storage", "--backup-dir", backups)
     assert not os.path.exists(top)
 
 

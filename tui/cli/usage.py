@@ -8,7 +8,7 @@ from typing import Any
 
 from tui.cli import format_table, print_json
 from tui.core.hypervisor import Hypervisor
-from tui.core.units import size
+from tui.core.units import size, total
 from tui.core.usage import TemplateUsage, UsageCollector, UsageReport
 
 
@@ -29,7 +29,7 @@ def usage_json(reports: list[UsageReport]) -> dict[str, Any]:
         "images": images,
         "templates": templates,
         "domains": [{**d.to_json(), "host": r.host} for r in reports for d in r.domains],
-        "total_actual_bytes": sum(r.total_actual_bytes for r in reports),
+        "total_actual_bytes": total(r.total_actual_bytes for r in reports),
         "hosts": [
             {
                 "host": r.host,

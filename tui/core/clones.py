@@ -515,7 +515,9 @@ def plan_remove(
             f"cannot tell which domains on {hv.uri} depend on the images of '{name}' "
             f"({graph.problems[0]}); nothing was changed"
         )
-    users = graph.users(images, exclude=name)
+    # Undefining a plain domain harms nobody; deleting its files, or a template others were
+    # deployed from, would.
+    users = graph.users(images, exclude=name) if storage or is_template else []
     if users:
         names = sorted({str(u) for u in users})
         what = "template" if is_template else "domain"
@@ -571,7 +573,7 @@ def execute_remove(
     plan must not lose its base."""
     files = LocalFiles(hv, "rm --storage") if plan.delete_files else None
     paths = list(dict.fromkeys(plan.images + plan.delete_files))
-    if paths:
+    if paths and (plan.storage or plan.is_template):
         users = storage_graph(hv, backup_dir).users(paths, exclude=plan.name)
         if users:
             raise DependencyError(

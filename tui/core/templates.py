@@ -48,6 +48,7 @@ from tui.core.storage import (
 )
 from tui.core.storage.local import remove_private, write_private
 from tui.core.storage.qemuimg import last_line
+from tui.core.units import total
 
 #: runner(argv, on_line) -> exit status; calls on_line for every line of output (stdout+stderr).
 LineRunner = Callable[[Sequence[str], Callable[[str], None]], int]
@@ -244,11 +245,11 @@ class Template:
 
     @property
     def virtual_bytes(self) -> int | None:
-        return _total(b.virtual_bytes for b in self.base_images)
+        return total(b.virtual_bytes for b in self.base_images)
 
     @property
     def actual_bytes(self) -> int | None:
-        return _total(b.actual_bytes for b in self.base_images)
+        return total(b.actual_bytes for b in self.base_images)
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -263,14 +264,6 @@ class Template:
         data["thin_clones"] = list(self.thin_clones)
         data["full_clones"] = list(self.full_clones)
         return data
-
-
-def _total(sizes: Iterable[int | None]) -> int | None:
-    """The sum, or None when any part is unknown (unknown is not zero)."""
-    values = list(sizes)
-    if any(v is None for v in values):
-        return None
-    return sum(v for v in values if v is not None)
 
 
 @dataclass(frozen=True)

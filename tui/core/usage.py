@@ -34,6 +34,7 @@ from tui.core.storage import Resolver
 from tui.core.storage.qemuimg import QemuImg
 from tui.core.storage.reader import Image, ImageReader
 from tui.core.storage.resolver import Pass, parse_block_stats
+from tui.core.units import total
 
 __all__ = [
     "CloneDisk",
@@ -226,16 +227,6 @@ def saved_templates() -> list[tuple[str, tuple[DiskInfo, ...]]]:
         return []
 
 
-def _total(sizes: Iterable[int | None]) -> int | None:
-    """The sum, or None when any part is unknown (unknown is not zero)."""
-    total = 0
-    for size in sizes:
-        if size is None:
-            return None
-        total += size
-    return total
-
-
 class _Refresh:
     """One report's worth of work: one resolver pass (memoised per path)."""
 
@@ -271,7 +262,7 @@ class _Refresh:
                     users.setdefault(p, set()).add(name)
 
         def actual(paths: Iterable[str]) -> int | None:
-            return _total(self.images[p].actual_bytes for p in set(paths))
+            return total(self.images[p].actual_bytes for p in set(paths))
 
         domains = []
         for dom in self.domains:
@@ -293,7 +284,7 @@ class _Refresh:
             images=images,
             templates=templates,
             domains=tuple(domains),
-            total_actual_bytes=_total(i.actual_bytes for i in images),
+            total_actual_bytes=total(i.actual_bytes for i in images),
             problems=tuple(dict.fromkeys(self.problems)),
         )
 
@@ -412,5 +403,5 @@ class _Refresh:
         return tuple(out)
 
     def _sum(self, paths: Iterable[str]) -> int | None:
-        return _total(self.images[p].actual_bytes if p in self.images else None
+        return total(self.images[p].actual_bytes if p in self.images else None
                       for p in set(paths))  # fmt: skip

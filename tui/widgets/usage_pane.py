@@ -26,7 +26,7 @@ from textual.worker import Worker, WorkerState
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
-from tui.core.units import size
+from tui.core.units import size, total
 from tui.core.usage import TemplateUsage, UsageCollector, UsageReport
 from tui.widgets.base import Pane
 
@@ -228,8 +228,7 @@ class UsagePane(Pane):
         self._show("#usage-templates", "\n".join(lines))
         totals = []
         for host, report in self.reports.items():
-            savings = [t.saved_bytes for t in report.templates]
-            saved = None if None in savings else sum(s for s in savings if s is not None)
+            saved = total(t.saved_bytes for t in report.templates)
             totals.append(
                 f"[b]{escape(host)}[/b]: {len(report.images)} images, "
                 f"{size(report.total_actual_bytes)} on disk (shared bases counted once); "
