@@ -71,14 +71,13 @@ def domain_owners(hv: Hypervisor) -> list[Owner]:
     owners: list[Owner] = []
     for dom in hv.call(hv.conn.listAllDomains, 0, what="listing domains"):
         try:
-            name = dom.name()
-            xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
-            if dom.isActive():
-                xmls.append(dom.XMLDesc(0))
-        except libvirt.libvirtError as err:
-            if isinstance(hv.translate(err), NotFoundError):
-                continue  # undefined since the list call
-            raise hv.translate(err, "listing domains") from None
+            with hv.translating("listing domains"):
+                name = dom.name()
+                xmls = [dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)]
+                if dom.isActive():
+                    xmls.append(dom.XMLDesc(0))
+        except NotFoundError:
+            continue  # undefined since the list call
         disks: dict[tuple[str, str | None], DiskInfo] = {}
         for xml in xmls:
             for d in domxml.disks(domxml.parse(xml)):

@@ -29,7 +29,8 @@ from typing import Any
 
 import libvirt
 
-from tui.core.hypervisor import Hypervisor, libvirt_message
+from tui.core.errors import VirtdeckError
+from tui.core.hypervisor import Hypervisor
 from tui.core.storage.qemuimg import QemuImg
 from tui.core.storage.reader import Image, ImageReader, resolve_backing
 
@@ -86,6 +87,7 @@ class Resolver:
         self.local = hv.local if local is None else local
         self.reader = reader or ImageReader(qemu_img)
         self._vol_xml: dict[tuple[str, int], _VolumeFacts] = {}
+        self._canonical: dict[str, str] = {}
         self._pools_refreshed_at = -_POOL_REFRESH_INTERVAL
         self._lock = threading.Lock()
         #: counters for tests and benchmarks
@@ -93,7 +95,13 @@ class Resolver:
         self.blockstats_calls = 0
 
     def canonical(self, path: str) -> str:
-        return canonical(path, self.local)
+        # Cached: a usage refresh asks for every link of every chain every few seconds, and
+        # realpath costs a syscall per path component. A resolver used for an operation is
+        # made for it, so its answers are as fresh as the operation.
+        found = self._canonical.get(path)
+        if found is None:
+            found = self._canonical[path] = canonical(path, self.local)
+        return found
 
     def session(self, running: Iterable[str] = ()) -> Pass:
         """A pass over many images; `running` names the domains whose block stats may help."""
@@ -122,27 +130,27 @@ class Resolver:
         conn = self.hv.conn
         self.pool_lookups += 1
         try:
-            vol = conn.storageVolLookupByPath(path)
-        except libvirt.libvirtError:
+            vol = self.hv.call(conn.storageVolLookupByPath, path)
+        except VirtdeckError:
             vol = None
         if vol is None and self._refresh_pools():
             try:
-                vol = conn.storageVolLookupByPath(path)
-            except libvirt.libvirtError:
+                vol = self.hv.call(conn.storageVolLookupByPath, path)
+            except VirtdeckError:
                 vol = None
         if vol is None:
             return None
         try:
             # virStorageVolGetInfo re-reads the file on the hypervisor (refreshVol), so the
             # allocation is as live as a local stat.
-            _type, capacity, allocation = vol.info()
+            _type, capacity, allocation = self.hv.call(vol.info)
             key = (path, int(capacity))
             facts = self._vol_xml.get(key)
             if facts is None:
-                facts = _volume_facts(vol.XMLDesc(0))
+                facts = _volume_facts(self.hv.call(vol.XMLDesc, 0))
                 self._vol_xml[key] = facts
-        except libvirt.libvirtError as err:
-            why.append(f"storage volume unreadable: {libvirt_message(err)}")
+        except VirtdeckError as err:
+            why.append(f"storage volume unreadable: {err}")
             return None
         return Image(
             path=path,
@@ -163,13 +171,15 @@ class Resolver:
                 return False
             self._pools_refreshed_at = now
         try:
-            pools = self.hv.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
-        except libvirt.libvirtError:
+            pools = self.hv.call(
+                self.hv.conn.listAllStoragePools, libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE
+            )
+        except VirtdeckError:
             return False
         for pool in pools:
             # A pool busy building a volume refuses; the next round retries.
-            with contextlib.suppress(libvirt.libvirtError):
-                pool.refresh(0)
+            with contextlib.suppress(VirtdeckError):
+                self.hv.call(pool.refresh, 0)
         return True
 
     def block_stats(self, names: Iterable[str]) -> BlockStats:
@@ -184,8 +194,10 @@ class Resolver:
             libvirt, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_BACKING", 0
         )
         try:
-            records = self.hv.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_BLOCK, flags)
-        except libvirt.libvirtError:
+            records = self.hv.call(
+                self.hv.conn.getAllDomainStats, libvirt.VIR_DOMAIN_STATS_BLOCK, flags
+            )
+        except VirtdeckError:
             return {}
         out: BlockStats = {}
         for dom, st in records:
