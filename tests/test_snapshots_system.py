@@ -509,8 +509,14 @@ def test_revert_failing_at_metadata_step_is_undone(
     xml_before = hv.xml(name, inactive=True)
     files_before = sorted(os.listdir(lab.dir))
 
-    def broken(*_a: object, **_k: object) -> None:
-        raise OperationError("injected: metadata")
+    original = S.common.redefine
+    calls: list[int] = []
+
+    def broken(*a: object, **k: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:  # the revert's step fails; its undo (the same call) works
+            raise OperationError("injected: metadata")
+        original(*a, **k)  # type: ignore[arg-type]
 
     monkeypatch.setattr(S.common, "redefine", broken)
     with pytest.raises(OperationError, match="injected: metadata"):

@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,13 +27,12 @@ from typing import Any
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import domxml, ops, procs
 from tui.core.errors import (
     InvalidInputError,
     NotFoundError,
     OperationError,
     StateError,
-    VirtdeckError,
 )
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.models import DiskInfo, DomainInfo, DomainState, VirtdeckMeta
@@ -46,7 +46,7 @@ from tui.core.storage import (
     StorageGraph,
     require_local,
 )
-from tui.core.storage.local import remove_private, write_private
+from tui.core.storage.local import write_private
 from tui.core.storage.qemuimg import last_line
 from tui.core.units import total
 
@@ -56,12 +56,11 @@ LineRunner = Callable[[Sequence[str], Callable[[str], None]], int]
 
 def run_streaming(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
     """Run a command (argument list, no shell), handing each output line to `on_line`."""
-    proc = subprocess.Popen(
+    proc = procs.popen(
         list(argv),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        text=True,
         bufsize=1,
     )
     assert proc.stdout is not None
@@ -69,10 +68,8 @@ def run_streaming(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
         for line in proc.stdout:
             on_line(line.rstrip("\n"))
         return proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    finally:
+        procs.finish(proc)  # an interrupt kills virt-sysprep with the operation
 
 
 class Sysprep:
@@ -560,7 +557,7 @@ def _shut_down(hv: Hypervisor, plan: TemplatePlan, progress: Progress) -> None:
         progress(f"shutting '{plan.vm}' down", None)
         with contextlib.suppress(StateError):
             hv.shutdown(plan.vm)
-        if hv.wait_for_state(plan.vm, [DomainState.SHUTOFF], plan.shutdown_timeout):
+        if _wait_off(hv, plan.vm, plan.shutdown_timeout):
             return
         if not plan.force:
             raise StateError(
@@ -575,12 +572,20 @@ def _shut_down(hv: Hypervisor, plan: TemplatePlan, progress: Progress) -> None:
     progress(f"forcing '{plan.vm}' off", None)
     with contextlib.suppress(StateError):
         hv.destroy(plan.vm)
-    if not hv.wait_for_state(plan.vm, [DomainState.SHUTOFF], 30):
+    if not _wait_off(hv, plan.vm, 30):
         raise StateError(f"'{plan.vm}' did not power off; nothing was changed")
 
 
-def _restorer(files: LocalFiles, path: str, mode: int) -> Callable[[], None]:
-    return lambda: files.restore_mode(path, mode)
+def _wait_off(hv: Hypervisor, name: str, timeout: float) -> bool:
+    """Wait for the domain to power off, a second at a time so an interrupt is heard."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ops.check_cancelled()
+        left = deadline - time.monotonic()
+        if hv.wait_for_state(name, [DomainState.SHUTOFF], max(0.0, min(1.0, left))):
+            return True
+        if left <= 1.0:
+            return False
 
 
 def execute_template(
@@ -590,9 +595,12 @@ def execute_template(
     *,
     sysprep: Sysprep | None = None,
 ) -> Template:
-    """Do what the plan says; on a failure after sealing, undo the rename, metadata, backup,
-    file modes and undefine (the sealing itself cannot be undone, and the VM stays shut off)."""
+    """Do what the plan says, journalled (tui.core.ops): on a failure or an interrupt after
+    sealing, the rename, metadata, backup, file modes and undefine are undone (the sealing
+    itself cannot be, and the VM stays shut off); a crash leaves a journal `virtdeck recover`
+    rolls back."""
     files = LocalFiles(hv, "template create")
+    done, progress = progress, ops.cancellable(progress)
     dom = hv.lookup(plan.vm)
     if dom.UUIDString() != plan.uuid:
         raise StateError(f"'{plan.vm}' changed since the plan was made; plan again")
@@ -601,65 +609,60 @@ def execute_template(
     if os.path.exists(plan.backup_path):
         raise InvalidInputError(f"{plan.backup_path} already exists; choose another --name")
     modes = {path: files.mode(path) for path, _ in plan.images}  # refuses non-files up front
-    _shut_down(hv, plan, progress)
-    if plan.seal:
-        progress(f"sealing '{plan.vm}' with virt-sysprep", None)
-        (sysprep or Sysprep()).seal(
-            uri=hv.uri,
-            domain=plan.vm if hv.uri.startswith("qemu") else None,
-            images=plan.images,
-            operations=plan.operations if plan.chosen_operations else None,
-            progress=progress,
-        )
     secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-    orig_xml = hv.call(dom.XMLDesc, secure, what=plan.vm)
-    # Undo, newest first: each completed step pushes how to take it back.
-    undo: list[tuple[str, Callable[[], object]]] = [
-        ("restore the original definition", lambda: hv.define(orig_xml))
-    ]
     try:
-        if plan.name != plan.vm:
-            progress(f"renaming '{plan.vm}' to '{plan.name}'", None)
-            dom = hv.rename(dom, plan.vm, plan.name)
-            undo.append((f"rename back to '{plan.vm}'",
-                         lambda: hv.rename(hv.lookup(plan.name), plan.name, plan.vm)))  # fmt: skip
-        meta = VirtdeckMeta(
-            role="template",
-            created=now_iso(),
-            source=plan.vm,
-            operations=plan.operations if plan.seal else (),
-            sealed=plan.seal,
-            xml_backup=plan.backup_path,
-        )
-        hv.call(
-            dom.setMetadata,
-            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-            domxml.meta_xml(meta),
-            domxml.PREFIX,
-            domxml.NS,
-            libvirt.VIR_DOMAIN_AFFECT_CONFIG,
-            what=f"recording template metadata on '{plan.name}'",
-        )
-        progress(f"backing up the XML to {plan.backup_path}", None)
-        xml = hv.call(dom.XMLDesc, secure, what=plan.name)
-        # 0600: the XML is dumped with VIR_DOMAIN_XML_SECURE (VNC/SPICE passwords).
-        try:
-            write_private(plan.backup_path, xml)
-        except OperationError as err:
-            raise OperationError(f"cannot write the XML backup: {err}") from None
-        undo.append((f"remove {plan.backup_path}", lambda: remove_private(plan.backup_path)))
-        for path, _ in plan.images:
-            files.make_read_only(path)
-            undo.append((f"make {path} writable again", _restorer(files, path, modes[path])))
-        if plan.undefine:
-            progress(f"undefining '{plan.name}' (XML kept in {plan.backup_path})", None)
-            hv.undefine(dom, keep_nvram=True, what=f"undefining '{plan.name}'")
-    except BaseException:
-        for _what, step in reversed(undo):
-            with contextlib.suppress(VirtdeckError):
-                step()
-        raise
+        with ops.running(hv, f"making '{plan.vm}' a template") as undo:
+            _shut_down(hv, plan, progress)
+            if plan.seal:
+                progress(f"sealing '{plan.vm}' with virt-sysprep", None)
+                (sysprep or Sysprep()).seal(
+                    uri=hv.uri,
+                    domain=plan.vm if hv.uri.startswith("qemu") else None,
+                    images=plan.images,
+                    operations=plan.operations if plan.chosen_operations else None,
+                    progress=progress,
+                )
+            orig_xml = hv.call(dom.XMLDesc, secure, what=plan.vm)
+            undo.push(f"restore the definition of '{plan.vm}'", "define", xml=orig_xml)
+            if plan.name != plan.vm:
+                progress(f"renaming '{plan.vm}' to '{plan.name}'", None)
+                undo.push(f"rename back to '{plan.vm}'", "rename", uuid=plan.uuid, name=plan.vm)
+                dom = hv.rename(dom, plan.vm, plan.name)
+            meta = VirtdeckMeta(
+                role="template",
+                created=now_iso(),
+                source=plan.vm,
+                operations=plan.operations if plan.seal else (),
+                sealed=plan.seal,
+                xml_backup=plan.backup_path,
+            )
+            hv.call(
+                dom.setMetadata,
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                domxml.meta_xml(meta),
+                domxml.PREFIX,
+                domxml.NS,
+                libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+                what=f"recording template metadata on '{plan.name}'",
+            )
+            progress(f"backing up the XML to {plan.backup_path}", None)
+            xml = hv.call(dom.XMLDesc, secure, what=plan.name)
+            undo.push(f"remove {plan.backup_path}", "remove_private", path=plan.backup_path)
+            try:
+                # 0600: the XML is dumped with VIR_DOMAIN_XML_SECURE (VNC/SPICE passwords).
+                write_private(plan.backup_path, xml)
+            except OperationError as err:
+                raise OperationError(f"cannot write the XML backup: {err}") from None
+            for path, _ in plan.images:
+                progress(f"making {path} read-only", None)
+                undo.push(f"make {path} writable again", "restore_mode", path=path,
+                          mode=modes[path])  # fmt: skip
+                files.make_read_only(path)
+            if plan.undefine:
+                progress(f"undefining '{plan.name}' (XML kept in {plan.backup_path})", None)
+                hv.undefine(dom, keep_nvram=True, what=f"undefining '{plan.name}'")
+            undo.commit()
     finally:
         hv.invalidate(plan.uuid)
-    progress(f"'{plan.name}' is a template", 1.0)
+    done(f"'{plan.name}' is a template", 1.0)
     return get_template(hv, plan.name, Path(plan.backup_dir))

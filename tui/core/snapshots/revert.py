@@ -10,13 +10,15 @@ every step is undone if a later one fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import libvirt
 
+from tui.core import ops
 from tui.core.errors import (
     InvalidInputError,
     NotFoundError,
@@ -291,52 +293,38 @@ def _revert_external(
         if old_current and old_current != plan.snapshot
         else None
     )
-    undo: list[tuple[str, Callable[[], None]]] = []
-    stopped = False
-    try:
+    running = common.state(hv, plan.domain).active
+    step = ops.cancellable(progress)  # until the commit an interrupt unwinds
+    with ops.running(hv, f"reverting '{plan.domain}' to '{plan.snapshot}'") as undo:
         for i, s in enumerate(plan.switches):
-            progress(
+            step(
                 f"new overlay for {s.target} on {os.path.basename(s.image)}", i / len(plan.switches)
             )
             if files.lexists(s.overlay):
                 raise InvalidInputError(f"{s.overlay} appeared meanwhile; retry the revert")
+            undo.push(f"remove {s.overlay}", "delete_file", path=s.overlay)
             files.create_overlay(s.overlay, s.image, s.image_format)
-            undo.append((f"remove {s.overlay}", _remover(files, s.overlay)))
-        if plan.stop_first and common.state(hv, plan.domain).active:
-            progress(f"forcing '{plan.domain}' off", None)
-            hv.call(dom.destroy, what=f"forcing '{plan.domain}' off")
-            stopped = True
-        progress(f"switching the disks of '{plan.domain}' to the new overlays", None)
+        if plan.stop_first and running:
+            step(f"forcing '{plan.domain}' off", None)
+            # Undone by booting it again on its own disks: an interrupted revert leaves the
+            # domain running, as it found it (its memory state is lost either way).
+            undo.push(f"start '{plan.domain}' again", "start", name=plan.domain)
+            with contextlib.suppress(StateError):  # it stopped by itself: what we wanted
+                hv.call(dom.destroy, what=f"forcing '{plan.domain}' off")
+        step(f"switching the disks of '{plan.domain}' to the new overlays", None)
+        undo.push(f"restore the definition of '{plan.domain}'", "define", xml=old_xml)
         hv.define(plan.domain_xml, what=f"redefining '{plan.domain}'")
-        undo.append(("restore the domain XML", lambda: hv.define(old_xml) and None))
         new_snap = common.set_snapshot_disks(
             old_snap, overlays={s.target: s.overlay for s in plan.switches}, images=None
         )
+        if old_current_xml:
+            undo.push(f"make '{old_current}' current again", "redefine_snapshot",
+                      domain=plan.domain, xml=old_current_xml, current=True)  # fmt: skip
+        undo.push(f"restore the metadata of '{plan.snapshot}'", "redefine_snapshot",
+                  domain=plan.domain, xml=old_snap,
+                  current=old_current == plan.snapshot)  # fmt: skip
         common.redefine(hv, plan.domain, new_snap, current=True)
-
-        def undo_meta() -> None:
-            common.redefine(hv, plan.domain, old_snap, current=old_current == plan.snapshot)
-            if old_current_xml:
-                common.redefine(hv, plan.domain, old_current_xml, current=True)
-
-        undo.append(("restore the snapshot metadata", undo_meta))
-    except BaseException as err:
-        failed = []
-        for what, fn in reversed(undo):
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - keep undoing, report below
-                failed.append(what)
-        if failed:
-            raise OperationError(
-                f"revert of '{plan.domain}' failed ({err}) and undo could not "
-                f"{', '.join(failed)}: check 'virsh dumpxml {plan.domain}'"
-            ) from None
-        if isinstance(err, VirtdeckError) and stopped:
-            raise type(err)(
-                f"{err} (nothing was changed; '{plan.domain}' was left shut off)"
-            ) from None
-        raise
+        undo.commit()
     # Committed: the disks run on the fresh overlays and the snapshot is current.
     if plan.restore_memory:
         progress(f"restoring the memory state of '{plan.snapshot}'", None)
@@ -362,7 +350,3 @@ def _revert_external(
         progress(f"starting '{plan.domain}'", None)
         hv.call(dom.create, what=f"starting '{plan.domain}'")
     common.collect(hv, files, plan.domain, plan.discard, progress)
-
-
-def _remover(files: LocalFiles, path: str) -> Callable[[], None]:
-    return lambda: None if files.delete(path) else None

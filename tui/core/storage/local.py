@@ -185,7 +185,7 @@ def remove_private(path: str) -> bool:
     """Remove a file of virtdeck's own (an XML backup); False when it was not there."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as err:
         raise OperationError(f"cannot remove {path}: {err.strerror}") from None
