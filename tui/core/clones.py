@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tui.core import domxml
+import libvirt
+
+from tui.core import domxml, ops
 from tui.core.errors import (
     DependencyError,
     InvalidInputError,
@@ -36,6 +38,7 @@ from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.models import DiskInfo, VirtdeckMeta
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import snapshot_tree
+from tui.core.snapshots.common import snapshot_xml
 from tui.core.storage import Chain, LocalFiles, Resolver, require_local
 from tui.core.storage.local import remove_private
 from tui.core.storage.qemuimg import QemuImg
@@ -550,6 +553,21 @@ def plan_remove(
     )
 
 
+def _journal_definition(hv: Hypervisor, undo: ops.Undo, name: str, dom: Any) -> None:
+    """Journal how to define the domain again, with its snapshots (parents first)."""
+    try:
+        tree = snapshot_tree(hv, name)
+    except OperationError:
+        tree = None  # a driver without snapshots
+    if tree is not None:
+        for node in reversed(tree.nodes):  # unwound newest first: parents are defined first
+            xml = snapshot_xml(hv, name, node.name)
+            undo.push(f"restore snapshot '{node.name}' of '{name}'", "redefine_snapshot",
+                      domain=name, xml=xml, current=node.current)  # fmt: skip
+    secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    undo.push(f"define '{name}' again", "define", xml=hv.call(dom.XMLDesc, secure, what=name))
+
+
 def _snapshot_files(hv: Hypervisor, name: str) -> tuple[tuple[str, ...], list[str], list[str]]:
     """(snapshot names, the images and overlays its snapshots name, their memory files)."""
     try:
@@ -580,27 +598,33 @@ def execute_remove(
                 f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))}"
                 " now depend on its image(s)"
             )
-    if plan.defined:
-        progress(f"undefining '{plan.name}'", None)
-        try:
-            dom = hv.lookup(plan.name)
-        except NotFoundError:
-            raise NotFoundError(f"'{plan.name}' no longer exists") from None
-        if hv.call(dom.isActive):
-            raise StateError(f"'{plan.name}' was started meanwhile; shut it down first")
-        hv.undefine_all(dom, what=f"undefining '{plan.name}'")
-        hv.invalidate()
-    deleted, failed = [], []
-    for path in plan.delete_files:
-        assert files is not None
-        progress(f"deleting {path}", None)
-        try:
-            if files.delete(path):
-                deleted.append(path)
-        except OperationError as err:
-            failed.append(str(err))
-    if plan.backup:
-        remove_private(plan.backup)
+    with ops.running(hv, f"removing '{plan.name}'") as undo:
+        if plan.defined:
+            progress(f"undefining '{plan.name}'", None)
+            try:
+                dom = hv.lookup(plan.name)
+            except NotFoundError:
+                raise NotFoundError(f"'{plan.name}' no longer exists") from None
+            if hv.call(dom.isActive):
+                raise StateError(f"'{plan.name}' was started meanwhile; shut it down first")
+            _journal_definition(hv, undo, plan.name, dom)
+            hv.undefine_all(dom, what=f"undefining '{plan.name}'")
+            hv.invalidate()
+        # From here on the removal goes forward: a file deleted cannot come back, so the rest
+        # is finished (never half-kept), an interrupt arriving meanwhile included.
+        undo.commit()
+        deleted, failed = [], []
+        with ops.signals_deferred():
+            for path in plan.delete_files:
+                assert files is not None
+                progress(f"deleting {path}", None)
+                try:
+                    if files.delete(path):
+                        deleted.append(path)
+                except OperationError as err:
+                    failed.append(str(err))
+            if plan.backup:
+                remove_private(plan.backup)
     if failed:
         raise OperationError(f"'{plan.name}' was undefined, but {'; '.join(failed)}")
     progress(f"'{plan.name}' removed", 1.0)
