@@ -160,11 +160,13 @@ def test_every_per_domain_resource_is_rewritten_or_named() -> None:
     assert vnc.get("autoport") == "yes" and vnc.get("port") is None
     assert vnc.get("websocket") == "-1" and vnc.get("listen") == "127.0.0.1"
     assert vnc.find("listen").get("address") == "127.0.0.1"
-    assert "port 5977" in r["graphics vnc"].old and "127.0.0.1 kept" in r["graphics vnc"].why
+    assert (
+        "port 5977" in r["graphics vnc"].old and "address 127.0.0.1 kept" in r["graphics vnc"].why
+    )
     assert "graphics spice" not in r  # already automatic
     # TPM: fresh state (libvirt keys swtpm state by the new UUID)
     tpm = r["tpm tpm-crb emulator"]
-    assert tpm.kind == "fresh" and "11111111" in tpm.old and "UUID" in tpm.new
+    assert tpm.kind == "fresh" and "11111111" in tpm.old and "UUID" in tpm.why
     # sysinfo UUID follows the domain's; the serial is kept with a warning
     entries = {e.get("name"): e.text for e in root.iter("entry")}
     assert entries["uuid"] == "99999999-8888-7777-6666-555555555555"

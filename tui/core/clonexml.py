@@ -344,7 +344,7 @@ def _nvram(root: ET.Element, walk: _Walk) -> None:
             path,
             new,
             "copy",
-            "its own UEFI variables, starting as the template's (boot entries, keys)",
+            "its own UEFI variables, starting as the template's: boot entries and keys survive",
         )
     else:
         walk.add(
@@ -446,7 +446,7 @@ def _graphics(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
             ", ".join(new),
             "unique",
             "two clones cannot listen on one port; libvirt picks a free one at start"
-            + (f" (listen address {address} kept)" if address else ""),
+            + (f"; listen address {address} kept" if address else ""),
         )
     if dev.get("socket"):
         dev.set("socket", walk.unique(f"{label} socket", dev.get("socket", ""), _SOCKET_WHY))
@@ -472,9 +472,10 @@ def _tpm(dev: ET.Element, walk: _Walk, old_uuid: str) -> None:
         walk.add(
             f"{label} emulator",
             f"state of {old_uuid or 'the template'}",
-            "fresh TPM state (libvirt keeps swtpm state per domain UUID)",
+            "fresh TPM state",
             "fresh",
-            "a TPM's keys identify one machine: clones neither share nor copy the template's",
+            "a TPM's keys identify one machine: clones neither share nor copy the template's "
+            "(libvirt keeps swtpm state per domain UUID)",
         )
     elif kind == "passthrough":
         device = backend.find("device")
