@@ -265,3 +265,37 @@ def test_plain_domain_needs_no_rewrite() -> None:
     assert out.rewrites == () and out.copies == ()
     macs = [m.get("address") for m in domxml.parse(out.xml).iter("mac")]
     assert macs == ["52:54:00:00:00:0a", "52:54:00:00:00:0b"]
+
+
+VIRT_INSTALL = """<domain type='kvm'><name>deb12</name>
+  <metadata><libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0">
+    <libosinfo:os id="http://debian.org/debian/12"/></libosinfo:libosinfo></metadata>
+  <memory unit='KiB'>2097152</memory><vcpu placement='static'>2</vcpu>
+  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/><apic/></features><cpu mode='host-passthrough'/><clock offset='utc'/>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='/var/lib/libvirt/images/deb12.qcow2'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><source file='/var/lib/libvirt/images/debian-12.iso'/>
+      <target dev='sda' bus='sata'/><readonly/></disk>
+    <controller type='virtio-serial' index='0'/>
+    <interface type='network'><mac address='52:54:00:6b:3c:58'/><source network='default'/>
+      <model type='virtio'/></interface>
+    <serial type='pty'><target type='isa-serial' port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/></channel>
+    <input type='tablet' bus='usb'/>
+    <graphics type='spice' autoport='yes'><listen type='address'/></graphics>
+    <sound model='ich9'/><audio id='1' type='spice'/><video><model type='qxl'/></video>
+    <redirdev bus='usb' type='spicevmc'/><memballoon model='virtio'/>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+  </devices>
+  <seclabel type='dynamic' model='dac' relabel='yes'/>
+</domain>"""
+
+
+def test_a_virt_install_domain_raises_no_false_warning() -> None:
+    out = clone_xml(domxml.parse(VIRT_INSTALL), ident(old_names=("deb12",)))
+    assert out.rewrites == () and out.copies == ()

@@ -474,8 +474,8 @@ def _tpm(dev: ET.Element, walk: _Walk, old_uuid: str) -> None:
             f"state of {old_uuid or 'the template'}",
             "fresh TPM state",
             "fresh",
-            "a TPM's keys identify one machine: clones neither share nor copy the template's "
-            "(libvirt keeps swtpm state per domain UUID)",
+            "a TPM's keys identify one machine, so clones neither share nor copy the "
+            "template's; libvirt keeps swtpm state per domain UUID",
         )
     elif kind == "passthrough":
         device = backend.find("device")
