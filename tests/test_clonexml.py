@@ -299,3 +299,62 @@ VIRT_INSTALL = """<domain type='kvm'><name>deb12</name>
 def test_a_virt_install_domain_raises_no_false_warning() -> None:
     out = clone_xml(domxml.parse(VIRT_INSTALL), ident(old_names=("deb12",)))
     assert out.rewrites == () and out.copies == ()
+
+
+@pytest.mark.parametrize(
+    ("device", "element", "kind", "old"),
+    [
+        ("<interface type='hostdev'><source><address type='pci' domain='0' bus='5' slot='0' "
+         "function='2'/></source></interface>", "interface 0 (hostdev)", "shared-warning",
+         "0000:05:00.2"),
+        ("<interface type='vhostuser'><source type='unix' path='/run/vhu/web.sock' "
+         "mode='server'/></interface>", "interface 0 (vhostuser) socket", "unique",
+         "/run/vhu/web.sock"),
+        ("<interface type='vhostuser'><source type='unix' path='/run/ovs/port1' mode='client'/>"
+         "</interface>", "interface 0 (vhostuser) socket", "shared-warning", "/run/ovs/port1"),
+        ("<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend>"
+         "</tpm>", "tpm tpm-tis", "shared-warning", "/dev/tpm0"),
+        ("<input type='evdev'><source dev='/dev/input/event3'/></input>", "input evdev",
+         "shared-warning", "/dev/input/event3"),
+        ("<memory model='nvdimm'><source><path>/srv/nvdimm</path></source></memory>",
+         "memory nvdimm", "shared-warning", "/srv/nvdimm"),
+        ("<graphics type='vnc' autoport='yes'><listen type='socket' socket='/run/web.vnc'/>"
+         "</graphics>", "graphics vnc socket", "unique", "/run/web.vnc"),
+        ("<graphics type='vnc' autoport='yes' websocket='5700'/>", "graphics vnc", "unique",
+         "websocket 5700"),
+        ("<hostdev mode='subsystem' type='usb'><source><vendor id='0x1234'/>"
+         "<product id='0xbeef'/></source></hostdev>", "hostdev usb", "shared-warning",
+         "0x1234:0xbeef"),
+        ("<pstore backend='acpi-erst'><path>/var/lib/libvirt/qemu/nvram/web_acpi-erst</path>"
+         "<size unit='KiB'>8</size></pstore>", "pstore", "unique",
+         "/var/lib/libvirt/qemu/nvram/web_acpi-erst"),
+        ("<parallel type='file'><source path='/tmp/printer.out'/><target port='0'/></parallel>",
+         "parallel 0 file", "unique", "/tmp/printer.out"),
+        ("<serial type='dev'><source path='/dev/ttyS0'/><target port='0'/></serial>",
+         "serial 0 dev", "shared-warning", "/dev/ttyS0"),
+        ("<shmem name='ivshmem0'><model type='ivshmem-plain'/></shmem>", "shmem ivshmem0",
+         "shared-warning", "(shared memory)"),
+    ],
+)  # fmt: skip
+def test_device_rules(device: str, element: str, kind: str, old: str) -> None:
+    xml = f"<domain><name>web</name><os><type>hvm</type></os><devices>{device}</devices></domain>"
+    root = domxml.parse(xml)
+    out = clone_xml(root, ident(macs=("52:54:00:00:00:0a",) * interface_count(root), disks=()))
+    assert [(r.element, r.kind, r.old) for r in out.rewrites] == [(element, kind, old)]
+    if kind == "unique" and old.startswith("/"):
+        assert out.rewrites[0].new in out.xml and old not in out.xml
+
+
+def test_live_xml_leftovers_are_dropped() -> None:
+    xml = (
+        "<domain type='kvm' id='7'><name>web</name><os><type>hvm</type></os><devices>"
+        "<serial type='pty'><source path='/dev/pts/3'/><target port='0'/></serial></devices>"
+        "<seclabel type='dynamic' model='selinux' relabel='yes'>"
+        "<label>system_u:system_r:svirt_t:s0:c5,c9</label>"
+        "<imagelabel>system_u:object_r:svirt_image_t:s0:c5,c9</imagelabel></seclabel></domain>"
+    )
+    out = clone_xml(domxml.parse(xml), ident(macs=(), disks=()))
+    root = domxml.parse(out.xml)
+    assert root.get("id") is None and root.find("devices/serial/source").get("path") is None
+    assert root.find("seclabel/label") is None and root.find("seclabel/imagelabel") is None
+    assert {r.kind for r in out.rewrites} == {"dropped"}
