@@ -28,7 +28,7 @@ from tui.cli import main
 from tui.core import domxml
 from tui.core.clones import execute_clone, plan_clone
 from tui.core.errors import OperationError
-from tui.core.qemuimg import QemuImg, run_subprocess
+from tui.core.storage.qemuimg import QemuImg, run_subprocess
 from tui.core.templates import execute_template, plan_template
 
 pytestmark = pytest.mark.system
