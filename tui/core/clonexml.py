@@ -202,8 +202,7 @@ def clone_xml(template: ET.Element, ident: CloneIdentity) -> CloneXml:
     _genid(root, walk)
     _qemu_commandline(root, walk)
     _unknown_paths(root, walk)
-    for attr in ("id",):  # a running domain's number (live XML only)
-        root.attrib.pop(attr, None)
+    root.attrib.pop("id", None)  # a running domain's number (live XML only)
     domxml.write_meta(root, ident.meta)
     return CloneXml(domxml.to_string(root), tuple(walk.rewrites), tuple(walk.copies))
 
