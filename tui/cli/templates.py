@@ -73,6 +73,10 @@ def register(sub: Any) -> None:
         "--allow-unsealed", action="store_true", help="clone a template that was not sealed"
     )
     p.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan and change nothing (exit 0)"
+    )
+    p.add_argument("--json", action="store_true", help="the plan and the result as JSON on stdout")
     p.set_defaults(handler=cmd_clone)
 
     p = sub.add_parser(
@@ -176,7 +180,14 @@ def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         backup_dir=args.backup_dir,
     )
     _plan_lines(plan.summary())
+    if args.dry_run:
+        if args.json:
+            print_json({"plan": plan.to_json(), "dry_run": True, "clones": []})
+        return 0
     names = clones.execute_clone(hv, plan, stderr_progress)
+    if args.json:
+        print_json({"plan": plan.to_json(), "dry_run": False, "clones": names})
+        return 0
     for name in names:
         print(f"{name}: {plan.mode} clone of {plan.template}" + (" (started)" * plan.start))
     return 0

@@ -2,11 +2,12 @@
 
 Plan, then execute (like virt-manager's cloner): `plan_clone()` validates everything before a
 byte is written (names, file collisions, the template and its seal, free space) and returns the
-names, files, UUIDs, MACs, XML and space needed; `execute_clone()` defines every clone first (so
-an XML error surfaces before any copy), then makes the disks: a qcow2 overlay per disk for a
-thin clone (absolute backing path and backing format recorded in the overlay), a sparse
-`qemu-img convert` copy for a full one. Whatever fails, or an interrupt, undefines what it
-defined and deletes the files it made.
+names, files, UUIDs, MACs, XML and space needed, and every per-domain resource the clone XML
+makes unique, copies, renews or shares (tui.core.clonexml); `execute_clone()` defines every
+clone first (so an XML error surfaces before any copy), then copies the template's NVRAM for
+each clone and makes the disks: a qcow2 overlay per disk for a thin clone (absolute backing
+path and backing format recorded in the overlay), a sparse `qemu-img convert` copy for a full
+one. Whatever fails, or an interrupt, undefines what it defined and deletes the files it made.
 
 `plan_remove()` refuses to remove a domain whose images other domains build on (thin clones of
 a template) and lists them; with storage it deletes only the domain's own top images, never a
@@ -17,15 +18,16 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import uuid as uuidlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from tui.core import domxml, ops
+from tui.core import clonexml, domxml, ops
+from tui.core.clonexml import FileCopy, Rewrite
 from tui.core.errors import (
     DependencyError,
     InvalidInputError,
@@ -77,6 +79,14 @@ class CloneItem:
     macs: tuple[str, ...]
     disks: tuple[CloneDisk, ...]
     xml: str
+    rewrites: tuple[Rewrite, ...] = ()  # per-domain resources made unique, copied, shared...
+    copies: tuple[FileCopy, ...] = ()  # files copied for it (the template's NVRAM)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rewrites"] = [r.to_json() for r in self.rewrites]
+        data["copies"] = [c.to_json() for c in self.copies]
+        return data
 
 
 @dataclass(frozen=True)
@@ -99,13 +109,29 @@ class ClonePlan:
     def files(self) -> tuple[str, ...]:
         return tuple(d.path for i in self.items for d in i.disks)
 
+    @property
+    def copies(self) -> tuple[FileCopy, ...]:
+        return tuple(c for i in self.items for c in i.copies)
+
+    @property
+    def warnings(self) -> tuple[Rewrite, ...]:
+        """What every clone shares although it is per-domain (once, not per clone)."""
+        found = (r for i in self.items for r in i.rewrites if r.kind == "shared-warning")
+        return tuple(dict.fromkeys(found))
+
     def summary(self) -> list[str]:
         lines = []
+        explained: set[str] = set()  # a reason is given once, at its first clone
         for item in self.items:
             lines.append(f"{item.name}  uuid {item.uuid}  mac {', '.join(item.macs) or '-'}")
             for d in item.disks:
                 how = f"overlay on {d.base}" if self.mode == "thin" else f"copy of {d.base}"
                 lines.append(f"  {d.target}: {d.path} ({how})")
+            for r in item.rewrites:
+                if r.kind != "shared-warning":
+                    why = "" if r.element in explained else f" ({r.why})"
+                    explained.add(r.element)
+                    lines.append(f"  {r.line()}{why}")
         lines.append(f"space needed: {_size(self.bytes_needed)}"
                      + (f" of {_size(self.bytes_free)} free" if self.bytes_free is not None
                         else ""))  # fmt: skip
@@ -113,7 +139,22 @@ class ClonePlan:
             lines.append("start every clone afterwards")
         if not self.sealed:
             lines.append(f"warning: '{self.template}' is not sealed; clones share its identity")
+        lines.extend(f"warning: {r.line()}: {r.why}" for r in self.warnings)
         return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "template": self.template,
+            "template_defined": self.template_defined,
+            "sealed": self.sealed,
+            "mode": self.mode,
+            "start": self.start,
+            "items": [i.to_json() for i in self.items],
+            "bytes_needed": self.bytes_needed,
+            "bytes_free": self.bytes_free,
+            "warnings": [r.to_json() for r in self.warnings],
+        }
 
 
 def _size(n: int | None) -> str:
@@ -238,6 +279,8 @@ def plan_clone(
                 assert disk.path is not None
                 measured[disk.path] = files.measure(disk.path, disk.format or "qcow2")
     mode = "full" if full else "thin"
+    nvram = clonexml.nvram_path(troot)
+    nvram_bytes = os.stat(nvram).st_size if nvram and os.path.isfile(nvram) else None
     taken_macs = _all_macs(hv)
     taken_files: set[str] = set()
     items = []
@@ -262,9 +305,29 @@ def plan_clone(
             dirs_by_dev[dev] = os.path.dirname(path)
             disks.append(CloneDisk(disk.target, base, base_fmt, path, fmt, need))
         uuid = str(uuidlib.uuid4())
-        root = domxml.parse(xml)
-        macs = _rewrite(root, n, uuid, disks, taken_macs, rng, template, mode)
-        items.append(CloneItem(n, uuid, macs, tuple(disks), domxml.to_string(root)))
+        macs = tuple(_new_mac(taken_macs, rng) for _ in range(clonexml.interface_count(troot)))
+        ident = clonexml.CloneIdentity(
+            name=n,
+            uuid=uuid,
+            macs=macs,
+            disks=tuple((d.target, d.path, d.format) for d in disks),
+            meta=VirtdeckMeta(role="clone", created=now_iso(), source=template, mode=mode),
+            old_names=(template, meta.source or ""),
+            nvram_present=nvram_bytes is not None,
+        )
+        out = clonexml.clone_xml(troot, ident)
+        copies = []
+        for c in out.copies:
+            if files.lexists(c.destination) or c.destination in taken_files:
+                raise InvalidInputError(
+                    f"{c.destination} ({c.what} of '{n}') already exists; choose another name"
+                )
+            taken_files.add(c.destination)
+            copies.append(replace(c, bytes=nvram_bytes or 0))
+            dev = files.device(os.path.dirname(c.destination))
+            needed_by_dev[dev] = needed_by_dev.get(dev, 0) + (nvram_bytes or 0)
+            dirs_by_dev.setdefault(dev, os.path.dirname(c.destination))
+        items.append(CloneItem(n, uuid, macs, tuple(disks), out.xml, out.rewrites, tuple(copies)))
     free = {dev: files.free_bytes(d) for dev, d in dirs_by_dev.items()}
     for dev, need in needed_by_dev.items():
         if need > free[dev]:
@@ -285,62 +348,6 @@ def plan_clone(
     )
 
 
-def _rewrite(
-    root: Any,
-    name: str,
-    uuid: str,
-    disks: Sequence[CloneDisk],
-    taken_macs: set[str],
-    rng: random.Random,
-    template: str,
-    mode: str,
-) -> tuple[str, ...]:
-    """Turn the template's XML into the clone's: identity, MACs, disks, metadata."""
-    for tag, text in (("name", name), ("uuid", uuid)):
-        elem = root.find(tag)
-        if elem is None:
-            elem = domxml.ET.SubElement(root, tag)
-        elem.text = text
-    macs = []
-    for iface in root.findall("./devices/interface"):
-        mac = iface.find("mac")
-        if mac is None:
-            mac = domxml.ET.SubElement(iface, "mac")
-        mac.set("address", _new_mac(taken_macs, rng))
-        macs.append(mac.get("address", ""))
-        target = iface.find("target")
-        if target is not None:
-            iface.remove(target)  # vnetN names belong to the template's last run
-    by_target = {d.target: d for d in disks}
-    for disk in domxml.disk_elements(root):
-        target = disk.find("target")
-        cd = by_target.get(target.get("dev", "") if target is not None else "")
-        if cd is None or disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
-            continue
-        disk.set("type", "file")
-        source = disk.find("source")
-        if source is None:
-            source = domxml.ET.SubElement(disk, "source")
-        source.attrib.clear()
-        source.set("file", cd.path)
-        driver = disk.find("driver")
-        if driver is None:
-            driver = domxml.ET.SubElement(disk, "driver", name="qemu")
-        driver.set("type", cd.format)
-        for bs in disk.findall("backingStore"):
-            disk.remove(bs)  # libvirt reads the chain from the overlay's header
-    os_elem = root.find("os")
-    if os_elem is not None:
-        for nvram in os_elem.findall("nvram"):
-            # libvirt gives the clone its own NVRAM file, initialised from the firmware's
-            # template on first start; sharing the template's would mix their EFI variables.
-            os_elem.remove(nvram)
-    domxml.write_meta(
-        root, VirtdeckMeta(role="clone", created=now_iso(), source=template, mode=mode)
-    )
-    return tuple(macs)
-
-
 def execute_clone(
     hv: Hypervisor,
     plan: ClonePlan,
@@ -357,9 +364,9 @@ def execute_clone(
     for item in plan.items:
         if hv.exists(item.name):
             raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
-        for d in item.disks:
-            if files.lexists(d.path):
-                raise InvalidInputError(f"{d.path} already exists; plan again")
+        for path in [d.path for d in item.disks] + [c.destination for c in item.copies]:
+            if files.lexists(path):
+                raise InvalidInputError(f"{path} already exists; plan again")
     defined: list[Any] = []
     made: list[str] = []
     total = sum(d.bytes_needed for i in plan.items for d in i.disks) or 1
@@ -368,6 +375,11 @@ def execute_clone(
         for item in plan.items:
             progress(f"defining '{item.name}'", None)
             defined.append(hv.define(item.xml, what=f"defining clone '{item.name}' failed"))
+        for item in plan.items:
+            for c in item.copies:
+                progress(f"{item.name}: copying {c.what} {c.source}", None)
+                _copy_file(c.source, c.destination)
+                made.append(c.destination)
         for item in plan.items:
             for d in item.disks:
                 if files.lexists(d.path):
@@ -413,6 +425,26 @@ def execute_clone(
     return list(plan.names)
 
 
+def _copy_file(src: str, dst: str) -> None:
+    """Copy `src` to the new file `dst` (mode 0600, as libvirt keeps NVRAM; libvirt gives it to
+    QEMU's user at start). Never overwrites; a partial copy is removed."""
+    try:
+        with open(src, "rb") as fin:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1024 * 1024)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+            except BaseException:
+                os.unlink(dst)
+                raise
+    except FileExistsError:
+        raise InvalidInputError(f"{dst} appeared meanwhile; nothing was kept") from None
+    except OSError as err:
+        raise OperationError(f"copying {src} to {dst}: {err.strerror}") from None
+
+
 def _undo_clones(
     hv: Hypervisor, files: LocalFiles, defined: list[Any], made: list[str]
 ) -> list[str]:
@@ -424,7 +456,9 @@ def _undo_clones(
             name = hv.call(dom.name)
             if hv.call(dom.isActive):
                 hv.call(dom.destroy)
-            hv.undefine(dom, keep_nvram=False)
+            # Its NVRAM file goes with `made` if this run copied it: libvirt's own removal
+            # would also delete a file someone else put at that path meanwhile.
+            hv.undefine(dom, keep_nvram=True)
         except VirtdeckError:
             leftovers.append(f"domain {name}")
     leftovers += files.delete_quietly(list(reversed(made)))
