@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -207,9 +206,13 @@ def _check_disks(template: str, disks: tuple[DiskInfo, ...]) -> list[DiskInfo]:
     return bases
 
 
+#: More clones than this in one go is a typo, not a plan (and would take minutes to refuse).
+MAX_COUNT = 1000
+
+
 def clone_names(name: str, count: int) -> list[str]:
-    if count < 1:
-        raise InvalidInputError(f"--count must be at least 1 (got {count})")
+    if not 1 <= count <= MAX_COUNT:
+        raise InvalidInputError(f"--count must be from 1 to {MAX_COUNT} (got {count})")
     if count == 1:
         return [validate_name(name)]
     return [validate_name(f"{name}-{i}") for i in range(1, count + 1)]
@@ -311,7 +314,9 @@ def plan_clone(
             uuid=uuid,
             macs=macs,
             disks=tuple((d.target, d.path, d.format) for d in disks),
-            meta=VirtdeckMeta(role="clone", created=now_iso(), source=template, mode=mode),
+            meta=VirtdeckMeta(
+                role="clone", created=now_iso(), source=template, mode=mode, complete=False
+            ),
             old_names=(template, meta.source or ""),
             nvram_present=nvram_bytes is not None,
         )
@@ -361,61 +366,65 @@ def execute_clone(
     the error, since its disks and definition are complete.
     """
     files = LocalFiles(hv, "clone", qemu_img=qemu)
+    done_report = progress
     for item in plan.items:
         if hv.exists(item.name):
             raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
         for path in [d.path for d in item.disks] + [c.destination for c in item.copies]:
             if files.lexists(path):
                 raise InvalidInputError(f"{path} already exists; plan again")
-    defined: list[Any] = []
-    made: list[str] = []
     total = sum(d.bytes_needed for i in plan.items for d in i.disks) or 1
-    done = 0
+    done, progress = 0, ops.cancellable(progress)
+    title = f"deploying {len(plan.items)} {plan.mode} clone(s) of '{plan.template}'"
     try:
-        for item in plan.items:
-            progress(f"defining '{item.name}'", None)
-            defined.append(hv.define(item.xml, what=f"defining clone '{item.name}' failed"))
-        for item in plan.items:
-            for c in item.copies:
-                progress(f"{item.name}: copying {c.what} {c.source}", None)
-                _copy_file(c.source, c.destination)
-                made.append(c.destination)
-        for item in plan.items:
-            for d in item.disks:
-                if files.lexists(d.path):
-                    raise InvalidInputError(f"{d.path} appeared meanwhile; nothing was kept")
-                made.append(d.path)
-                if plan.mode == "thin":
-                    progress(f"{item.name}: overlay {d.path} on {d.base}", done / total)
-                    files.create_overlay(d.path, d.base, d.base_format)
-                else:
-                    start, share = done / total, d.bytes_needed / total
+        with ops.running(hv, title) as undo:
+            for item in plan.items:
+                progress(f"defining '{item.name}'", None)
+                # NVRAM is kept by the undefine: the copy below has its own undo, and libvirt's
+                # removal would also take a file someone else put at that path meanwhile.
+                undo.push(f"undefine '{item.name}'", "undefine", uuid=item.uuid,
+                          name=item.name, keep_nvram=True)  # fmt: skip
+                hv.define(item.xml, what=f"defining clone '{item.name}' failed")
+            for item in plan.items:
+                for c in item.copies:
+                    progress(f"{item.name}: copying {c.what} {c.source}", None)
+                    with undo.step(f"remove {c.destination}", "delete_file", path=c.destination):
+                        files.copy_file(c.source, c.destination)
+            for item in plan.items:
+                for d in item.disks:
+                    if files.lexists(d.path):
+                        raise InvalidInputError(f"{d.path} appeared meanwhile; nothing was kept")
+                    with undo.step(f"remove {d.path}", "delete_file", path=d.path):
+                        if plan.mode == "thin":
+                            progress(f"{item.name}: overlay {d.path} on {d.base}", done / total)
+                            files.create_overlay(d.path, d.base, d.base_format)
+                        else:
+                            start, share = done / total, d.bytes_needed / total
 
-                    def scaled(
-                        msg: str, frac: float | None, s: float = start, w: float = share
-                    ) -> None:
-                        progress(msg, None if frac is None else s + frac * w)
+                            def scaled(
+                                msg: str, frac: float | None, s: float = start, w: float = share
+                            ) -> None:
+                                progress(msg, None if frac is None else s + frac * w)
 
-                    files.copy(
-                        d.base,
-                        d.path,
-                        src_fmt=d.base_format,
-                        dst_fmt=d.format,
-                        progress=scaled,
-                        label=f"{item.name}: copying {os.path.basename(d.base)}",
-                    )
-                done += d.bytes_needed
-    except BaseException as err:
-        leftovers = _undo_clones(hv, files, defined, made)
-        if leftovers and isinstance(err, VirtdeckError):
-            raise OperationError(f"{err}; could not clean up: {', '.join(leftovers)}") from err
-        raise
+                            files.copy(
+                                d.base,
+                                d.path,
+                                src_fmt=d.base_format,
+                                dst_fmt=d.format,
+                                progress=scaled,
+                                label=f"{item.name}: copying {os.path.basename(d.base)}",
+                            )
+                    done += d.bytes_needed
+                # Only now is it a clone: until its disks are whole it is marked incomplete
+                # (template ls and usage never count a partial copy as a clone).
+                _mark_complete(hv, item.name)
+            undo.commit()
     finally:
         hv.invalidate()
-    progress(f"{len(plan.items)} {plan.mode} clone(s) of '{plan.template}' made", 1.0)
+    done_report(f"{len(plan.items)} {plan.mode} clone(s) of '{plan.template}' made", 1.0)
     if plan.start:
         for item in plan.items:
-            progress(f"starting '{item.name}'", None)
+            done_report(f"starting '{item.name}'", None)
             try:
                 hv.start(item.name)
             except VirtdeckError as err:
@@ -425,44 +434,19 @@ def execute_clone(
     return list(plan.names)
 
 
-def _copy_file(src: str, dst: str) -> None:
-    """Copy `src` to the new file `dst` (mode 0600, as libvirt keeps NVRAM; libvirt gives it to
-    QEMU's user at start). Never overwrites; a partial copy is removed."""
-    try:
-        with open(src, "rb") as fin:
-            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as fout:
-                    shutil.copyfileobj(fin, fout, 1024 * 1024)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-            except BaseException:
-                os.unlink(dst)
-                raise
-    except FileExistsError:
-        raise InvalidInputError(f"{dst} appeared meanwhile; nothing was kept") from None
-    except OSError as err:
-        raise OperationError(f"copying {src} to {dst}: {err.strerror}") from None
-
-
-def _undo_clones(
-    hv: Hypervisor, files: LocalFiles, defined: list[Any], made: list[str]
-) -> list[str]:
-    """Undefine and delete what a failed execute_clone made; returns what could not go."""
-    leftovers = []
-    for dom in reversed(defined):
-        name = "?"
-        try:
-            name = hv.call(dom.name)
-            if hv.call(dom.isActive):
-                hv.call(dom.destroy)
-            # Its NVRAM file goes with `made` if this run copied it: libvirt's own removal
-            # would also delete a file someone else put at that path meanwhile.
-            hv.undefine(dom, keep_nvram=True)
-        except VirtdeckError:
-            leftovers.append(f"domain {name}")
-    leftovers += files.delete_quietly(list(reversed(made)))
-    return leftovers
+def _mark_complete(hv: Hypervisor, name: str) -> None:
+    dom = hv.lookup(name)
+    xml = hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, what=name)
+    meta = domxml.read_meta(domxml.parse(xml))
+    hv.call(
+        dom.setMetadata,
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        domxml.meta_xml(replace(meta, complete=True)),
+        domxml.PREFIX,
+        domxml.NS,
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+        what=f"marking clone '{name}' complete",
+    )
 
 
 # -- removal ---------------------------------------------------------------------------------

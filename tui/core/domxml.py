@@ -138,6 +138,7 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         sealed=elem.get("sealed") == "yes",
         mode=elem.findtext(f"{{{NS}}}mode"),
         xml_backup=elem.findtext(f"{{{NS}}}xml-backup"),
+        complete=elem.get("complete") != "no",
     )
 
 
@@ -147,6 +148,8 @@ def meta_xml(meta: VirtdeckMeta) -> str:
     if meta.role:
         elem.set("role", meta.role)
     elem.set("sealed", "yes" if meta.sealed else "no")
+    if not meta.complete:
+        elem.set("complete", "no")
     for tag, value in (
         ("created", meta.created),
         ("source", meta.source),

@@ -126,6 +126,7 @@ class VirtdeckMeta:
     sealed: bool = False
     mode: str | None = None  # clone: "thin" or "full"
     xml_backup: str | None = None
+    complete: bool = True  # clone: False until its disks are whole (a crash mid-copy)
 
 
 @dataclass(frozen=True)

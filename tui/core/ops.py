@@ -344,6 +344,19 @@ class Undo:
     def pop(self) -> None:
         self.journal.pop()
 
+    @contextlib.contextmanager
+    def step(self, label: str, kind: str, **args: Any) -> Iterator[None]:
+        """Journal the undo, then act; a step refused because its target already exists (it
+        is someone else's) is forgotten, so unwinding never touches that target."""
+        from tui.core.storage.local import AlreadyExists
+
+        self.push(label, kind, **args)
+        try:
+            yield
+        except AlreadyExists:
+            self.pop()
+            raise
+
     def commit(self) -> None:
         """From here on the operation is done: a later failure is reported, not unwound."""
         self.committed = True
@@ -429,11 +442,13 @@ def recover(hv: Hypervisor, item: Pending) -> list[str]:
 # -- undo actions: data, idempotent ----------------------------------------------------------
 
 
-def _undefine(hv: Hypervisor, uuid: str, keep_nvram: bool = False) -> None:
+def _undefine(hv: Hypervisor, uuid: str, name: str, keep_nvram: bool = False) -> None:
     try:
         dom = hv.call(hv.conn.lookupByUUIDString, uuid)
     except NotFoundError:
         return
+    if hv.call(dom.name) != name:
+        return  # that UUID is another domain's (its define is why ours failed): not ours
     if hv.call(dom.isActive):
         hv.call(dom.destroy)
     hv.undefine(dom, keep_nvram=keep_nvram)

@@ -239,6 +239,7 @@ class Template:
     base_images: tuple[BaseImage, ...]
     thin_clones: tuple[str, ...]
     full_clones: tuple[str, ...]
+    incomplete_clones: tuple[str, ...] = ()  # interrupted before their disks were whole
 
     @property
     def virtual_bytes(self) -> int | None:
@@ -260,6 +261,7 @@ class Template:
         data["sealed_operations"] = list(self.sealed_operations)
         data["thin_clones"] = list(self.thin_clones)
         data["full_clones"] = list(self.full_clones)
+        data["incomplete_clones"] = list(self.incomplete_clones)
         return data
 
 
@@ -352,11 +354,13 @@ def list_templates(
     for name, defined, backup_path, meta, disks in found:
         images = tuple(_base_image(disk, graph) for disk in own_images(disks))
         users = {u.name for u in graph.users([b.path for b in images]) if u.how == "backing"}
-        thin, full = [], []
+        thin, full, incomplete = [], [], []
         for d in domains:
             if d.is_template:
                 continue
-            if d.name in users or (
+            if d.meta.role == "clone" and d.meta.source == name and not d.meta.complete:
+                incomplete.append(d.name)
+            elif d.name in users or (
                 d.meta.role == "clone" and d.meta.source == name and d.meta.mode == "thin"
             ):
                 thin.append(d.name)
@@ -375,6 +379,7 @@ def list_templates(
                 base_images=images,
                 thin_clones=tuple(thin),
                 full_clones=tuple(full),
+                incomplete_clones=tuple(incomplete),
             )
         )
     out.sort(key=lambda t: t.name)

@@ -352,7 +352,12 @@ class _Refresh:
                     thin[owner].append((d, dom.name))
                     reached.add(owner)
             src = dom.meta.source
-            if dom.meta.role == "clone" and src in bases and src not in reached:
+            if (
+                dom.meta.role == "clone"
+                and src in bases
+                and src not in reached
+                and dom.meta.complete
+            ):
                 if dom.name in self.incomplete and dom.meta.mode != "full":
                     # Its chain could not be read: trust its metadata, sizes unknown.
                     thin[src].extend((d, dom.name) for d in chains[dom.name])

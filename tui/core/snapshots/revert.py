@@ -302,8 +302,8 @@ def _revert_external(
             )
             if files.lexists(s.overlay):
                 raise InvalidInputError(f"{s.overlay} appeared meanwhile; retry the revert")
-            undo.push(f"remove {s.overlay}", "delete_file", path=s.overlay)
-            files.create_overlay(s.overlay, s.image, s.image_format)
+            with undo.step(f"remove {s.overlay}", "delete_file", path=s.overlay):
+                files.create_overlay(s.overlay, s.image, s.image_format)
         if plan.stop_first and running:
             step(f"forcing '{plan.domain}' off", None)
             # Undone by booting it again on its own disks: an interrupted revert leaves the

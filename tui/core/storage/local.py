@@ -11,6 +11,7 @@ device, a directory or a device node), a new file is never written over an exist
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 from tui.core.errors import InvalidInputError, OperationError
@@ -19,6 +20,10 @@ from tui.core.progress import Progress, no_progress
 from tui.core.storage.qemuimg import QemuImg
 
 READ_ONLY = 0o444
+
+
+class AlreadyExists(InvalidInputError):
+    """A file virtdeck was about to create exists: it is someone else's, never overwritten."""
 
 
 class RemoteHostError(InvalidInputError):
@@ -84,7 +89,7 @@ class LocalFiles:
 
     def _new(self, path: str) -> None:
         if os.path.lexists(path):
-            raise InvalidInputError(f"{path} already exists; virtdeck never overwrites a file")
+            raise AlreadyExists(f"{path} already exists; virtdeck never overwrites a file")
         parent = os.path.dirname(path) or "."
         if not os.path.isdir(parent):
             raise InvalidInputError(f"{parent} is not a directory")
@@ -111,6 +116,27 @@ class LocalFiles:
         self.qemu_img.convert(
             src, dst, src_fmt=src_fmt, dst_fmt=dst_fmt, progress=progress, label=label
         )
+
+    def copy_file(self, src: str, dst: str) -> None:
+        """Copy a small file byte for byte (a template's NVRAM variables) to the new file
+        `dst`, mode 0600 as libvirt keeps NVRAM (it hands it to QEMU's user at start). Never
+        overwrites; a partial copy is removed."""
+        _regular(src, self.operation)
+        try:
+            with open(src, "rb") as fin:
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    with os.fdopen(fd, "wb") as fout:
+                        shutil.copyfileobj(fin, fout, 1024 * 1024)
+                        fout.flush()
+                        os.fsync(fout.fileno())
+                except BaseException:
+                    os.unlink(dst)
+                    raise
+        except FileExistsError:
+            raise AlreadyExists(f"{dst} appeared meanwhile; nothing was kept") from None
+        except OSError as err:
+            raise OperationError(f"copying {src} to {dst}: {err.strerror}") from None
 
     def commit(self, path: str, fmt: str = "qcow2") -> None:
         """Write the overlay `path` into its backing file (a shut-off domain's disk)."""
