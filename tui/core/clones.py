@@ -366,7 +366,6 @@ def execute_clone(
     the error, since its disks and definition are complete.
     """
     files = LocalFiles(hv, "clone", qemu_img=qemu)
-    done_report = progress
     for item in plan.items:
         if hv.exists(item.name):
             raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
@@ -418,19 +417,24 @@ def execute_clone(
                 # Only now is it a clone: until its disks are whole it is marked incomplete
                 # (template ls and usage never count a partial copy as a clone).
                 _mark_complete(hv, item.name)
+            progress(f"{len(plan.items)} {plan.mode} clone(s) of '{plan.template}' made", 1.0)
+            not_started: tuple[str, VirtdeckError] | None = None
+            for item in plan.items if plan.start else ():
+                # An interrupt here still unwinds everything (the undefines force off what
+                # runs); a clone that fails to start is complete, so it stays, named below.
+                progress(f"starting '{item.name}'", None)
+                try:
+                    hv.start(item.name)
+                except VirtdeckError as err:
+                    not_started = (item.name, err)
+                    break
             undo.commit()
     finally:
         hv.invalidate()
-    done_report(f"{len(plan.items)} {plan.mode} clone(s) of '{plan.template}' made", 1.0)
-    if plan.start:
-        for item in plan.items:
-            done_report(f"starting '{item.name}'", None)
-            try:
-                hv.start(item.name)
-            except VirtdeckError as err:
-                raise OperationError(
-                    f"clone '{item.name}' was made but did not start: {err}"
-                ) from None
+    if not_started is not None:
+        raise OperationError(
+            f"clone '{not_started[0]}' was made but did not start: {not_started[1]}"
+        )
     return list(plan.names)
 
 

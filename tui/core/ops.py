@@ -26,7 +26,9 @@ operation (see tui.core.storage.qemuimg).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import enum
 import json
 import os
 import signal
@@ -47,9 +49,15 @@ from tui.core.progress import Progress
 class Interrupted(KeyboardInterrupt):
     """The operation was stopped by a signal (SIGINT, SIGTERM, SIGHUP) or cancel()."""
 
-    def __init__(self, why: str = "interrupted") -> None:
+    def __init__(self, why: str = "interrupted", signum: int | None = None) -> None:
         super().__init__(why)
         self.why = why
+        self.signum = signum if signum is not None else _cancel_signal[0]
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal, as a shell reports a process a signal ended (130 for Ctrl-C)."""
+        return 128 + (self.signum or signal.SIGINT)
 
     def __str__(self) -> str:
         return self.why
@@ -59,13 +67,15 @@ class Interrupted(KeyboardInterrupt):
 
 _cancelled = threading.Event()
 _cancel_reason = ["interrupted"]
+_cancel_signal: list[int | None] = [None]
 _children: set[Any] = set()
 _children_lock = threading.Lock()
 
 
-def cancel(why: str = "interrupted") -> None:
+def cancel(why: str = "interrupted", signum: int | None = None) -> None:
     """Stop every running operation at its next progress report, and end its children."""
     _cancel_reason[0] = why
+    _cancel_signal[0] = signum
     _cancelled.set()
     with _children_lock:
         children = list(_children)
@@ -125,9 +135,9 @@ def handle_signals(*, raise_in_main: bool = True) -> None:
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         why = f"interrupted by {_SIGNAL_NAMES.get(signal.Signals(signum), str(signum))}"
-        cancel(why)
+        cancel(why, signum)
         if raise_in_main:
-            raise Interrupted(why)
+            raise Interrupted(why, signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
@@ -148,8 +158,11 @@ def run_cancellable(fn: Callable[[], Any]) -> Any:
             error.append(err)
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        cancel(f"interrupted by {_SIGNAL_NAMES.get(signal.Signals(signum), str(signum))}")
+        name = _SIGNAL_NAMES.get(signal.Signals(signum), str(signum))
+        cancel(f"interrupted by {name}", signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        return fn()  # signals are the main thread's: a caller there handles them
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for s in old:
         signal.signal(s, handler)
@@ -185,6 +198,27 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def plan_json(plan: Any) -> dict[str, Any]:
+    """Any plan as JSON: its own to_json() where it has one, else its fields; plus the lines a
+    confirmation shows."""
+    if hasattr(plan, "to_json"):
+        data = dict(plan.to_json())
+    else:
+        data = {k: _plain(v) for k, v in dataclasses.asdict(plan).items()}
+    data.setdefault("summary", plan.summary())
+    return data
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 # -- the journal -----------------------------------------------------------------------------
