@@ -22,6 +22,8 @@ import libvirt
 from tui.core.hypervisor import Hypervisor
 
 IMAGES = Path("/var/lib/libvirt/images")
+# Per-domain files libvirt keeps elsewhere, named after the domain (UEFI variables, swtpm log).
+DOMAIN_FILES = (Path("/var/lib/libvirt/qemu/nvram"), Path("/var/log/swtpm/libvirt/qemu"))
 _PREFIX_RE = re.compile(r"^vdt-(\d+)-[0-9a-f]{6}")
 
 
@@ -91,6 +93,7 @@ class SystemLab:
     def cleanup(self) -> None:
         remove_prefixed(self.hv.conn, self.prefix)
         remove_tree(self.dir)
+        remove_domain_files(self.prefix)
 
 
 def remove_prefixed(conn: libvirt.virConnect, prefix: str) -> None:
@@ -115,6 +118,13 @@ def remove_prefixed(conn: libvirt.virConnect, prefix: str) -> None:
             )
 
 
+def remove_domain_files(prefix: str) -> None:
+    for directory in DOMAIN_FILES:
+        for path in directory.glob(f"{prefix}-*"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def remove_tree(path: Path) -> None:
     if not path.exists():
         return
@@ -128,9 +138,15 @@ def remove_tree(path: Path) -> None:
 def sweep_stale(conn: libvirt.virConnect) -> None:
     """Remove what earlier, killed test runs left (their pid is gone)."""
     prefixes = {m.group(0) for d in conn.listAllDomains(0) if (m := _PREFIX_RE.match(d.name()))}
-    prefixes |= {m.group(0) for p in IMAGES.glob("vdt-*") if (m := _PREFIX_RE.match(p.name))}
+    prefixes |= {
+        m.group(0)
+        for d in (IMAGES, *DOMAIN_FILES)
+        for p in d.glob("vdt-*")
+        if (m := _PREFIX_RE.match(p.name))
+    }
     for prefix in prefixes:
         pid = int(prefix.split("-")[1])
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             remove_prefixed(conn, prefix)
             remove_tree(IMAGES / prefix)
+            remove_domain_files(prefix)

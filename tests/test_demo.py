@@ -52,6 +52,25 @@ def test_lab_has_a_template_two_thin_clones_and_a_full_one(cache: Path) -> None:
         hv.close()
 
 
+def test_deploying_from_the_demo_template_gives_each_clone_its_own_resources(
+    cache: Path,
+) -> None:
+    from tui.core.clones import execute_clone, plan_clone
+
+    hv = Hypervisor.open(demo.ensure_lab(), demo=True)
+    try:
+        plan = plan_clone(hv, "template-web", "api", count=2)
+        kinds = {(r.element, r.kind) for r in plan.items[0].rewrites}
+        assert {("os nvram", "copy"), ("serial 0 log", "unique"), ("graphics vnc", "unique"),
+                ("tpm tpm-crb emulator", "fresh")} <= kinds  # fmt: skip
+        execute_clone(hv, plan)
+        template_vars = (cache / "web_VARS.fd").read_bytes()
+        assert (cache / "api-1_VARS.fd").read_bytes() == template_vars
+        assert (cache / "api-2_VARS.fd").read_bytes() == template_vars
+    finally:
+        hv.close()
+
+
 def test_lab_is_rebuilt_when_an_image_is_missing_or_on_reset(cache: Path) -> None:
     demo.ensure_lab()
     web1 = cache / "web-1.qcow2"

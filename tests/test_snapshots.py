@@ -76,7 +76,7 @@ def test_single_snapshot_drawn_like_virsh() -> None:
     assert tree.render(mark_current=False) == "s1\n\n\n"  # what virsh 9.0 prints
 
 
-def test_kinds_and_files(tmp_path: Path) -> None:
+def test_kinds_and_files(tmp_path: Path, test_hv: Hypervisor) -> None:
     ov = tmp_path / "vm.s.vda.qcow2"
     ov.write_bytes(b"x" * 8192)
     internal = S.parse_snapshot_xml(snap_xml("i", state="running", memory="internal"))
@@ -92,8 +92,13 @@ def test_kinds_and_files(tmp_path: Path) -> None:
         ("disk vda", str(ov)),
         ("memory", "/nonexistent/vm.mem"),
     ]
-    assert external.files[0].size_bytes and external.files[0].size_bytes >= 8192
-    assert external.files[1].size_bytes is None  # gone: no size, no crash
+    # Parsing never stats files (they may live on another host); the tree asks the storage
+    # resolver of the domain's hypervisor (here a local test driver) for their sizes.
+    assert all(f.size_bytes is None for f in external.files)
+    sized = S.tree._with_sizes(external, None, test_hv)
+    assert sized.files[0].size_bytes and sized.files[0].size_bytes >= 8192
+    assert sized.files[1].size_bytes is None  # gone: no size, no crash, and the reason
+    assert sized.files[1].problem and "no such file" in sized.files[1].problem
     assert disk_only.kind == "disk-only" and disk_only.description == "x"
     d = disk_only.disk("vda")
     assert d is not None and d.image == "/img/vm.qcow2" and d.overlay == str(ov)

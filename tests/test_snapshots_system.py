@@ -20,7 +20,7 @@ from tui.core import snapshots as S
 from tui.core.errors import InvalidInputError, NotFoundError, OperationError, StateError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
-from tui.core.qemuimg import QemuImg, run_subprocess
+from tui.core.storage.qemuimg import QemuImg, run_subprocess
 
 pytestmark = pytest.mark.system
 
@@ -509,10 +509,16 @@ def test_revert_failing_at_metadata_step_is_undone(
     xml_before = hv.xml(name, inactive=True)
     files_before = sorted(os.listdir(lab.dir))
 
-    def broken(*_a: object, **_k: object) -> None:
-        raise OperationError("injected: metadata")
+    original = S.common.redefine
+    calls: list[int] = []
 
-    monkeypatch.setattr(S, "_redefine", broken)
+    def broken(*a: object, **k: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:  # the revert's step fails; its undo (the same call) works
+            raise OperationError("injected: metadata")
+        original(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(S.common, "redefine", broken)
     with pytest.raises(OperationError, match="injected: metadata"):
         S.revert(hv, S.plan_revert(hv, name, "s1", by_virtdeck=True))
     monkeypatch.undo()

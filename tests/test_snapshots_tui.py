@@ -21,7 +21,7 @@ from tui.widgets.domains import DomainsTable
 from tui.widgets.snapshots_pane import SnapshotsPane
 
 
-async def wait_for(pilot: Pilot[None], fact: Callable[[], bool], timeout: float = 10.0) -> None:
+async def wait_for(pilot: Pilot[None], fact: Callable[[], bool], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not fact():
         assert time.monotonic() < deadline, "timed out"

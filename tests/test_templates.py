@@ -28,7 +28,7 @@ from tui.core.errors import (
 )
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState, VirtdeckMeta
-from tui.core.qemuimg import QemuImg, run_subprocess
+from tui.core.storage.qemuimg import QemuImg, run_subprocess
 from tui.core.templates import (
     Sysprep,
     execute_template,
@@ -503,7 +503,134 @@ def test_refusals_for_snapshots_running_template_and_remote_host(lab: Lab) -> No
     for call in (
         lambda: plan_template(remote, "web", seal=False, backup_dir=lab.backups),
         lambda: plan_clone(remote, "template-unsealed", "x", allow_unsealed=True),
-        lambda: plan_remove(remote, "web"),
+        lambda: plan_remove(remote, "web", storage=True),
     ):
-        with pytest.raises(InvalidInputError, match="far.example/system is remote"):
+        with pytest.raises(InvalidInputError, match="far.example/system is another host"):
             call()
+    # Without --storage nothing is deleted, but who depends on its images cannot be read there.
+    with pytest.raises(OperationError, match="cannot tell which domains on qemu\\+ssh://far"):
+        plan_remove(remote, "template-unsealed")
+
+
+# -- per-domain resources of a clone (tui.core.clonexml) ----------------------------------------
+
+NVRAM_MARKER = b"virtdeck-boot-entry\0" * 16
+
+
+def uefi_template(lab: Lab, *, undefined: bool = False) -> tuple[str, Path]:
+    """A template whose XML has a serial log, a unix channel socket, UEFI with an NVRAM file
+    holding a marker, a VNC port and a TPM emulator; returns (name, its NVRAM file).
+    `undefined`: only its XML backup exists (what a fresh test-driver connection sees)."""
+    disk = make_image(lab.images / "efi.qcow2")
+    nvram = lab.root / "nvram" / "efi_VARS.fd"
+    nvram.parent.mkdir()
+    nvram.write_bytes(NVRAM_MARKER + b"\xff" * 4096)
+    root = domxml.parse(
+        f"""<domain type='test'><name>template-efi</name><memory unit='MiB'>128</memory>
+        <os><type>hvm</type>
+        <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
+        <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{nvram}</nvram></os>
+        <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+        <interface type='network'><mac address='52:54:00:00:00:09'/>
+        <source network='default'/></interface>
+        <serial type='pty'><log file='{lab.root}/efi-serial.log'/><target port='0'/></serial>
+        <channel type='unix'><source mode='bind' path='{lab.root}/efi.agent'/>
+        <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+        <graphics type='vnc' port='5977' autoport='no' listen='127.0.0.1'/>
+        <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
+        </devices></domain>"""
+    )
+    domxml.write_meta(root, VirtdeckMeta(role="template", sealed=True, source="efi"))
+    if undefined:
+        lab.backups.mkdir(exist_ok=True)
+        (lab.backups / "template-efi.xml").write_text(domxml.to_string(root))
+    else:
+        lab.hv.conn.defineXML(domxml.to_string(root))
+    return "template-efi", nvram
+
+
+def test_uefi_clones_get_own_nvram_copy_log_socket_and_port(lab: Lab) -> None:
+    tname, nvram = uefi_template(lab)
+    template_bytes = nvram.read_bytes()
+    plan = plan_clone(lab.hv, tname, "efi", count=2)
+    copies = [str(lab.root / "nvram" / f"efi-{i}_VARS.fd") for i in (1, 2)]
+    assert [c.destination for c in plan.copies] == copies
+    assert all(c.source == str(nvram) and c.bytes == len(template_bytes) for c in plan.copies)
+    thin_only = sum(d.bytes_needed for i in plan.items for d in i.disks)
+    assert plan.bytes_needed == thin_only + 2 * len(template_bytes)
+    lines = plan.summary()
+    assert f"  os nvram: copy of {nvram} -> {copies[0]}" in "\n".join(lines)
+    assert any(f"efi-serial.log -> {lab.root}/efi-2-serial.log" in line for line in lines)
+    assert any("graphics vnc: port 5977 -> autoport" in line for line in lines)
+    assert any("fresh TPM state" in line for line in lines)
+    assert not any(os.path.exists(c) for c in copies)  # planning wrote nothing
+    data = json.loads(json.dumps(plan.to_json()))
+    kinds = {(r["element"], r["kind"]) for r in data["items"][0]["rewrites"]}
+    assert {("os nvram", "copy"), ("serial 0 log", "unique")} <= kinds
+    assert data["items"][1]["copies"][0]["destination"] == copies[1]
+
+    execute_clone(lab.hv, plan)
+    for name, copy in zip(("efi-1", "efi-2"), copies, strict=True):
+        assert Path(copy).read_bytes() == template_bytes
+        assert stat.S_IMODE(os.stat(copy).st_mode) == 0o600
+        root = domxml.parse(lab.hv.xml(name, inactive=True))
+        assert root.findtext("os/nvram") == copy
+        assert root.find("devices/serial/log").get("file") == f"{lab.root}/{name}-serial.log"
+        assert root.find("devices/channel/source").get("path") == f"{lab.root}/{name}.agent"
+        assert root.find("devices/graphics").get("autoport") == "yes"
+    assert nvram.read_bytes() == template_bytes
+    template_root = domxml.parse(lab.hv.xml(tname, inactive=True))
+    assert template_root.findtext("os/nvram") == str(nvram)
+
+
+def test_failure_half_way_removes_the_nvram_copies_too(lab: Lab) -> None:
+    tname, nvram = uefi_template(lab)
+    template_bytes = nvram.read_bytes()
+    plan = plan_clone(lab.hv, tname, "f", count=3)
+    with pytest.raises(OperationError, match="No space left on device"):
+        execute_clone(lab.hv, plan, qemu=failing_qemu("create", nth=2))
+    assert sorted(p.name for p in nvram.parent.iterdir()) == ["efi_VARS.fd"]
+    assert nvram.read_bytes() == template_bytes
+    assert not names(lab.hv) & set(plan.names)
+    # A file that takes a clone's NVRAM path after the plan is neither overwritten nor removed.
+    plan = plan_clone(lab.hv, tname, "g", count=2)
+    theirs = nvram.parent / "g-2_VARS.fd"
+    theirs.write_bytes(b"someone else's")
+    with pytest.raises(InvalidInputError, match="g-2_VARS.fd already exists"):
+        execute_clone(lab.hv, plan)
+    with pytest.raises(InvalidInputError, match="g-2_VARS.fd .*already exists"):
+        plan_clone(lab.hv, tname, "g", count=2)
+    assert theirs.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in nvram.parent.iterdir()) == ["efi_VARS.fd", "g-2_VARS.fd"]
+
+
+def test_missing_template_nvram_gives_fresh_variables(lab: Lab) -> None:
+    tname, nvram = uefi_template(lab)
+    nvram.unlink()
+    plan = plan_clone(lab.hv, tname, "n")
+    assert plan.copies == ()
+    assert any("fresh variables file" in line and "OVMF_VARS_4M.fd" in line
+               for line in plan.summary())  # fmt: skip
+
+
+def test_cli_clone_dry_run_and_json(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    tname, nvram = uefi_template(lab, undefined=True)
+    before = lab.files()
+    argv = ["-c", lab.uri, "clone", tname, "dry", "--count", "2", "--dry-run", "--backup-dir",
+            str(lab.backups)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "virtdeck: plan:   os nvram: copy of" in out.err
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dry_run"] is True and data["clones"] == []
+    assert [i["name"] for i in data["plan"]["items"]] == ["dry-1", "dry-2"]
+    assert lab.files() == before and not names(lab.hv) & {"dry-1", "dry-2"}
+    assert sorted(p.name for p in nvram.parent.iterdir()) == ["efi_VARS.fd"]
+    assert (
+        main(["-c", lab.uri, "clone", tname, "js", "--json", "--backup-dir", str(lab.backups)]) == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["clones"] == ["js"] and data["plan"]["items"][0]["copies"]
+    assert (nvram.parent / "js_VARS.fd").read_bytes() == nvram.read_bytes()

@@ -26,7 +26,7 @@ from tui.cli import main
 from tui.core.clones import execute_clone, execute_remove, plan_clone, plan_remove
 from tui.core.errors import DependencyError, InvalidInputError, OperationError, StateError
 from tui.core.models import DomainState
-from tui.core.qemuimg import QemuImg, run_subprocess
+from tui.core.storage.qemuimg import QemuImg, run_subprocess
 from tui.core.templates import execute_template, list_templates, plan_template
 
 pytestmark = pytest.mark.system

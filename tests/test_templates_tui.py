@@ -17,7 +17,7 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Checkbox, DataTable, Input, RadioButton, SelectionList, Static
 
-from tests.test_templates import Lab
+from tests.test_templates import Lab, uefi_template
 from tui.app import VirtdeckApp
 from tui.core.models import DomainState
 from tui.screens.template_forms import (
@@ -27,7 +27,7 @@ from tui.screens.template_forms import (
     RemoveScreen,
 )
 from tui.widgets.domains import DomainsTable
-from tui.widgets.templates_pane import TemplateProgress, TemplatesPane
+from tui.widgets.templates_pane import TemplatesPane
 
 
 @pytest.fixture
@@ -116,6 +116,31 @@ async def test_deploy_then_refuse_the_base_then_delete_a_clone(lab: Lab) -> None
         await wait_for(pilot, lambda: cell(pane, "template-base", "Thin") == "1")
 
 
+async def test_deploy_plan_shows_what_each_clone_gets_of_its_own(lab: Lab) -> None:
+    tname, nvram = uefi_template(lab)
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        await select(app, pilot, pane, tname)
+        await pilot.press("c")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        app.screen.query_one("#count", Input).value = "2"
+        app.screen.query_one("#name", Input).focus()
+        await pilot.press(*"uefi", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        plan_text = str(app.screen.query_one("#body", Static).render())
+        copy = nvram.parent / "uefi-2_VARS.fd"
+        assert f"os nvram: copy of {nvram} -> {copy}" in plan_text
+        assert f"{lab.root}/efi-serial.log -> {lab.root}/uefi-1-serial.log" in plan_text
+        assert "graphics vnc: port 5977 -> autoport" in plan_text
+        assert "fresh TPM state" in plan_text
+        assert not copy.exists()  # nothing before "y"
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not pane.busy)
+        assert copy.read_bytes() == nvram.read_bytes()
+        assert {"uefi-1", "uefi-2"} <= {d.name for d in lab.hv.domains()}
+
+
 async def test_make_template_from_a_running_vm_with_keys(lab: Lab) -> None:
     app = VirtdeckApp([lab.hv])
     async with app.run_test(size=(160, 50)) as pilot:
@@ -160,14 +185,21 @@ async def test_cancel_changes_nothing(lab: Lab) -> None:
 async def test_full_deploy_reports_progress_and_makes_an_independent_copy(
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Record what the worker reports, where it reports it: the messages that carry it to the
+    # pane may be coalesced under load (can_replace), the calls cannot.
     seen: list[tuple[str, float | None]] = []
-    original = TemplatesPane.on_template_progress
+    original = TemplatesPane._progress
 
-    def record(self: TemplatesPane, message: TemplateProgress) -> None:
-        seen.append((message.text, message.fraction))
-        original(self, message)
+    def recording(self: TemplatesPane) -> Callable[[str, float | None], None]:
+        report = original(self)
 
-    monkeypatch.setattr(TemplatesPane, "on_template_progress", record)
+        def record(text: str, fraction: float | None) -> None:
+            seen.append((text, fraction))
+            report(text, fraction)
+
+        return record
+
+    monkeypatch.setattr(TemplatesPane, "_progress", recording)
     app = VirtdeckApp([lab.hv])
     async with app.run_test(size=(160, 50)) as pilot:
         pane = await start(app, pilot)

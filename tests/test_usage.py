@@ -22,9 +22,9 @@ import pytest
 from tests.lab import SystemLab
 from tui.cli import main
 from tui.core.hypervisor import Hypervisor, is_local_uri
-from tui.core.images import ImageReader, parse_qcow2
 from tui.core.models import DiskInfo, VirtdeckMeta
-from tui.core.qemuimg import QemuImg
+from tui.core.storage.qemuimg import QemuImg
+from tui.core.storage.reader import ImageReader, parse_qcow2
 from tui.core.testdriver import DiskSpec, DomainSpec, node_xml
 from tui.core.usage import UsageCollector, parse_block_stats
 
@@ -573,7 +573,7 @@ def _qdev_path(dom: libvirt.virDomain) -> str:
 
 
 def test_usage_core_loads_no_textual() -> None:
-    code = "import sys, tui.core.usage, tui.core.images\nprint('\\n'.join(sys.modules))"
+    code = "import sys, tui.core.usage, tui.core.storage.reader\nprint('\\n'.join(sys.modules))"
     mods = set(run(sys.executable, "-c", code).split())
     assert "tui.core.usage" in mods
     assert not {m for m in mods if m.split(".")[0] in ("textual", "rich")}

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tui import __version__
+from tui.core import ops
 from tui.core.errors import (
     ConfigError,
     ConnectError,
@@ -42,7 +43,7 @@ Handler = Callable[[argparse.Namespace, list[Hypervisor]], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tui.cli import domains, snapshots, templates, usage
+    from tui.cli import domains, recover, snapshots, templates, usage
 
     parser = argparse.ArgumentParser(
         prog="virtdeck",
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reset", action="store_true", help="with --demo: rebuild the lab")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (domains, templates, snapshots, usage):
+    for module in (domains, templates, snapshots, usage, recover):
         module.register(sub)
     return parser
 
@@ -198,6 +199,40 @@ def format_table(
     ]
 
 
+def add_plan_options(p: argparse.ArgumentParser) -> None:
+    """--dry-run and --json, which every command that changes something takes."""
+    p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    p.add_argument("--json", action="store_true", help="the plan and the result as JSON")
+
+
+def carry_out(
+    args: argparse.Namespace,
+    plan: Any,
+    execute: Callable[[], Any],
+    describe: Callable[[Any], list[str]],
+    *,
+    result_key: str = "result",
+    dry_result: Any = None,
+) -> int:
+    """The one way a command shows its plan and carries it out: the plan's lines on stderr
+    (`virtdeck: plan: ...`); with --dry-run nothing more (exit 0); with --json the plan and
+    the result as one JSON object on stdout, else the result's lines."""
+    for line in plan.summary():
+        print(f"virtdeck: plan: {line}", file=sys.stderr)
+    as_json = bool(getattr(args, "json", False))
+    if getattr(args, "dry_run", False):
+        if as_json:
+            print_json({"plan": ops.plan_json(plan), "dry_run": True, result_key: dry_result})
+        return 0
+    result = execute()
+    if as_json:
+        print_json({"plan": ops.plan_json(plan), "dry_run": False, result_key: result})
+    else:
+        for line in describe(result):
+            print(line)
+    return 0
+
+
 def stderr_progress(message: str, fraction: float | None) -> None:
     """Progress lines on stderr (a percentage when the step has a size)."""
     if fraction is None:
@@ -246,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hypervisors = connect(args)
         try:
             handler: Handler = args.handler
-            status = handler(args, hypervisors)
+            # SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop a running operation
+            # cleanly: it unwinds what it did and says so (tui.core.ops).
+            status = int(ops.run_cancellable(lambda: handler(args, hypervisors)))
         finally:
             for hv in hypervisors:
                 hv.close()
@@ -257,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VirtdeckError as err:
         print(f"virtdeck: {err}", file=sys.stderr)
         return 1
+    except ops.Interrupted as err:
+        print(f"virtdeck: {err}", file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt:
         print("virtdeck: interrupted", file=sys.stderr)
         return 130

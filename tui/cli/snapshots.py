@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import humanize
-
-from tui.cli import find_domain, print_json, stderr_progress
+from tui.cli import add_plan_options, carry_out, find_domain, print_json, stderr_progress
 from tui.core import snapshots
 from tui.core.hypervisor import Hypervisor
+from tui.core.units import size
 
 
 def register(sub: Any) -> None:
@@ -37,26 +36,26 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--quiesce", action="store_true", help="freeze guest file systems (needs the guest agent)"
     )
+    add_plan_options(p)
     p.set_defaults(handler=cmd_create)
 
     p = ssub.add_parser("revert", help="go back to a snapshot (the current state is lost)")
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("name", metavar="NAME")
+    add_plan_options(p)
     p.set_defaults(handler=cmd_revert)
 
     p = ssub.add_parser("delete", help="delete a snapshot (its data merges into what follows)")
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--children", action="store_true", help="delete its descendants too")
+    add_plan_options(p)
     p.set_defaults(handler=cmd_delete)
 
     p = sub.add_parser("rollback", help="revert a domain to its current snapshot")
     p.add_argument("domain", metavar="DOMAIN")
+    add_plan_options(p)
     p.set_defaults(handler=cmd_rollback)
-
-
-def _size(n: int | None) -> str:
-    return "-" if n is None else humanize.naturalsize(n, binary=True)
 
 
 def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
@@ -76,7 +75,8 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             line += f" - {node.description}"
         print(line)
         for f in node.files:
-            print(f"    {f.role}: {f.path} ({_size(f.size_bytes)})")
+            why = f": {f.problem}" if f.problem else ""
+            print(f"    {f.role}: {f.path} ({size(f.size_bytes)}{why})")
     return 0
 
 
@@ -91,36 +91,48 @@ def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         description=args.description,
         quiesce=args.quiesce,
     )
-    for note in plan.notes:
-        stderr_progress(note, None)
-    node = snapshots.create(hv, plan, stderr_progress)
-    print(f"{args.domain}: {node.kind} snapshot '{node.name}' created")
-    return 0
+    return carry_out(
+        args,
+        plan,
+        lambda: snapshots.create(hv, plan, stderr_progress).to_json(),
+        lambda node: [f"{args.domain}: {node['kind']} snapshot '{node['name']}' created"],
+    )
 
 
-def _revert(hv: Hypervisor, plan: snapshots.RevertPlan) -> int:
-    for line in plan.summary()[1:]:
-        stderr_progress(line, None)
-    snapshots.revert(hv, plan, stderr_progress)
-    print(f"{plan.domain}: reverted to '{plan.snapshot}' ({plan.result_state})")
-    return 0
+def _revert(args: argparse.Namespace, hv: Hypervisor, plan: snapshots.RevertPlan) -> int:
+    def execute() -> dict[str, str]:
+        snapshots.revert(hv, plan, stderr_progress)
+        return {"domain": plan.domain, "snapshot": plan.snapshot, "state": plan.result_state}
+
+    return carry_out(
+        args,
+        plan,
+        execute,
+        lambda r: [f"{r['domain']}: reverted to '{r['snapshot']}' ({r['state']})"],
+    )
 
 
 def cmd_revert(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     hv = find_domain(hypervisors, args.domain)
-    return _revert(hv, snapshots.plan_revert(hv, args.domain, args.name))
+    return _revert(args, hv, snapshots.plan_revert(hv, args.domain, args.name))
 
 
 def cmd_rollback(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     hv = find_domain(hypervisors, args.domain)
-    return _revert(hv, snapshots.plan_rollback(hv, args.domain))
+    return _revert(args, hv, snapshots.plan_rollback(hv, args.domain))
 
 
 def cmd_delete(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     hv = find_domain(hypervisors, args.domain)
     plan = snapshots.plan_delete(hv, args.domain, args.name, children=args.children)
-    for note in plan.notes:
-        stderr_progress(note, None)
-    snapshots.delete(hv, plan, stderr_progress)
-    print(f"{args.domain}: deleted {', '.join(repr(n) for n in plan.names)}")
-    return 0
+
+    def execute() -> list[str]:
+        snapshots.delete(hv, plan, stderr_progress)
+        return list(plan.names)
+
+    return carry_out(
+        args,
+        plan,
+        execute,
+        lambda names: [f"{args.domain}: deleted {', '.join(repr(n) for n in names)}"],
+    )

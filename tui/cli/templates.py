@@ -8,13 +8,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import humanize
-
-from tui.cli import find_domain, format_table, print_json, stderr_progress
+from tui.cli import (
+    add_plan_options,
+    carry_out,
+    find_domain,
+    format_table,
+    print_json,
+    stderr_progress,
+)
 from tui.core import clones, templates
 from tui.core.errors import NotFoundError
 from tui.core.hypervisor import Hypervisor
 from tui.core.paths import template_backup_dir
+from tui.core.units import size
 
 
 def register(sub: Any) -> None:
@@ -56,6 +62,7 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="how long to wait for a graceful shutdown (default 120)",
     )
+    add_plan_options(c)
     c.set_defaults(handler=cmd_create)
 
     ls = tsub.add_parser("ls", help="list templates, their base images and clones")
@@ -67,13 +74,20 @@ def register(sub: Any) -> None:
     p.add_argument("template", metavar="TEMPLATE")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--full", action="store_true", help="independent full copy (qemu-img convert)")
-    p.add_argument("--count", type=int, default=1, metavar="N", help="make NAME-1 ... NAME-N")
+    p.add_argument(
+        "--count",
+        type=_count,
+        default=1,
+        metavar="N",
+        help=f"make NAME-1 ... NAME-N (N from 1 to {clones.MAX_COUNT})",
+    )
     p.add_argument("--start", action="store_true", help="start the clones afterwards")
     p.add_argument("--dir", metavar="DIR", help="where the disk files go (default: the base's)")
     p.add_argument(
         "--allow-unsealed", action="store_true", help="clone a template that was not sealed"
     )
     p.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    add_plan_options(p)
     p.set_defaults(handler=cmd_clone)
 
     p = sub.add_parser(
@@ -86,12 +100,18 @@ def register(sub: Any) -> None:
         help="also delete its own disk images (never a shared base)",
     )
     p.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    add_plan_options(p)
     p.set_defaults(handler=cmd_rm)
 
 
-def _plan_lines(lines: list[str]) -> None:
-    for line in lines:
-        print(f"virtdeck: plan: {line}", file=sys.stderr)
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= clones.MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {clones.MAX_COUNT} (got {n})")
+    return n
 
 
 def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
@@ -112,11 +132,17 @@ def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         shutdown_timeout=args.timeout,
         sysprep=sysprep,
     )
-    _plan_lines(plan.summary())
-    t = templates.execute_template(hv, plan, stderr_progress, sysprep=sysprep)
-    state = "defined" if t.defined else "undefined, XML in " + (t.xml_backup or "?")
-    print(f"{t.name}: template made from {plan.vm} ({state})")
-    return 0
+
+    def describe(t: dict[str, Any]) -> list[str]:
+        state = "defined" if t["defined"] else "undefined, XML in " + (t["xml_backup"] or "?")
+        return [f"{t['name']}: template made from {plan.vm} ({state})"]
+
+    return carry_out(
+        args,
+        plan,
+        lambda: templates.execute_template(hv, plan, stderr_progress, sysprep=sysprep).to_json(),
+        describe,
+    )
 
 
 def _find_template(hypervisors: list[Hypervisor], name: str, backup_dir: Path | None) -> Hypervisor:
@@ -150,8 +176,8 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             + [
                 t.name,
                 "yes" if t.defined else "no",
-                humanize.naturalsize(t.virtual_bytes, binary=True),
-                humanize.naturalsize(t.actual_bytes, binary=True),
+                size(t.virtual_bytes),
+                size(t.actual_bytes),
                 sealed,
                 str(len(t.thin_clones)),
                 str(len(t.full_clones)),
@@ -159,6 +185,9 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             ]
         )
     print("\n".join(format_table(rows)))
+    for t in found:
+        for problem in t.problems:
+            print(f"virtdeck: warning: template {t.name}: {problem}", file=sys.stderr)
     return 0
 
 
@@ -175,11 +204,17 @@ def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         allow_unsealed=args.allow_unsealed,
         backup_dir=args.backup_dir,
     )
-    _plan_lines(plan.summary())
-    names = clones.execute_clone(hv, plan, stderr_progress)
-    for name in names:
-        print(f"{name}: {plan.mode} clone of {plan.template}" + (" (started)" * plan.start))
-    return 0
+    return carry_out(
+        args,
+        plan,
+        lambda: clones.execute_clone(hv, plan, stderr_progress),
+        lambda names: [
+            f"{name}: {plan.mode} clone of {plan.template}" + (" (started)" * plan.start)
+            for name in names
+        ],
+        result_key="clones",
+        dry_result=[],
+    )
 
 
 def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
@@ -190,8 +225,11 @@ def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             raise
         hv = hypervisors[0]
     plan = clones.plan_remove(hv, args.name, storage=args.storage, backup_dir=args.backup_dir)
-    _plan_lines(plan.summary())
-    clones.execute_remove(hv, plan, stderr_progress, backup_dir=args.backup_dir)
-    deleted = f" (deleted {', '.join(plan.delete_files)})" if plan.delete_files else ""
-    print(f"{args.name}: removed{deleted}")
-    return 0
+    return carry_out(
+        args,
+        plan,
+        lambda: clones.execute_remove(hv, plan, stderr_progress, backup_dir=args.backup_dir),
+        lambda done: [f"{args.name}: removed" + (f" (deleted {', '.join(done)})" if done else "")],
+        result_key="deleted",
+        dry_result=[],
+    )

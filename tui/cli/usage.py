@@ -6,10 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-import humanize
-
 from tui.cli import format_table, print_json
 from tui.core.hypervisor import Hypervisor
+from tui.core.units import size, total
 from tui.core.usage import TemplateUsage, UsageCollector, UsageReport
 
 
@@ -22,10 +21,6 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_usage)
 
 
-def size(n: int) -> str:
-    return humanize.naturalsize(n, binary=True)
-
-
 def usage_json(reports: list[UsageReport]) -> dict[str, Any]:
     """One object for all hypervisors; each image and template names its host."""
     images = [{**i.to_json(), "host": r.host} for r in reports for i in r.images]
@@ -34,7 +29,7 @@ def usage_json(reports: list[UsageReport]) -> dict[str, Any]:
         "images": images,
         "templates": templates,
         "domains": [{**d.to_json(), "host": r.host} for r in reports for d in r.domains],
-        "total_actual_bytes": sum(r.total_actual_bytes for r in reports),
+        "total_actual_bytes": total(r.total_actual_bytes for r in reports),
         "hosts": [
             {
                 "host": r.host,
@@ -58,7 +53,11 @@ def template_lines(t: TemplateUsage) -> list[str]:
     rows += [["full", c.domain, c.path, size(c.actual_bytes)] for c in t.full]
     if len(rows) > 1:
         lines += _table(rows)
-    pct = f" ({t.saved_bytes / t.full_equivalent_bytes:.0%})" if t.full_equivalent_bytes else ""
+    pct = (
+        f" ({t.saved_bytes / t.full_equivalent_bytes:.0%})"
+        if t.full_equivalent_bytes and t.saved_bytes is not None
+        else ""
+    )
     lines += [
         f"  thin clones: {len(t.thin_domains)} using {size(t.thin_bytes)}; as full copies "
         f"{size(t.full_equivalent_bytes)}; saved {size(t.saved_bytes)}{pct}",

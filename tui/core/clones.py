@@ -2,11 +2,12 @@
 
 Plan, then execute (like virt-manager's cloner): `plan_clone()` validates everything before a
 byte is written (names, file collisions, the template and its seal, free space) and returns the
-names, files, UUIDs, MACs, XML and space needed; `execute_clone()` defines every clone first (so
-an XML error surfaces before any copy), then makes the disks: a qcow2 overlay per disk for a
-thin clone (absolute backing path and backing format recorded in the overlay), a sparse
-`qemu-img convert` copy for a full one. Whatever fails, or an interrupt, undefines what it
-defined and deletes the files it made.
+names, files, UUIDs, MACs, XML and space needed, and every per-domain resource the clone XML
+makes unique, copies, renews or shares (tui.core.clonexml); `execute_clone()` defines every
+clone first (so an XML error surfaces before any copy), then copies the template's NVRAM for
+each clone and makes the disks: a qcow2 overlay per disk for a thin clone (absolute backing
+path and backing format recorded in the overlay), a sparse `qemu-img convert` copy for a full
+one. Whatever fails, or an interrupt, undefines what it defined and deletes the files it made.
 
 `plan_remove()` refuses to remove a domain whose images other domains build on (thin clones of
 a template) and lists them; with storage it deletes only the domain's own top images, never a
@@ -15,19 +16,17 @@ backing file.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import random
 import uuid as uuidlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import clonexml, domxml, ops
+from tui.core.clonexml import FileCopy, Rewrite
 from tui.core.errors import (
     DependencyError,
     InvalidInputError,
@@ -36,21 +35,21 @@ from tui.core.errors import (
     StateError,
     VirtdeckError,
 )
-from tui.core.hypervisor import Hypervisor, libvirt_message, validate_name
-from tui.core.images import ImageReader, resolve_backing
-from tui.core.models import VirtdeckMeta
+from tui.core.hypervisor import Hypervisor, validate_name
+from tui.core.models import DiskInfo, VirtdeckMeta
 from tui.core.progress import Progress, no_progress
-from tui.core.qemuimg import QemuImg
 from tui.core.snapshots import snapshot_tree
+from tui.core.snapshots.common import snapshot_xml
+from tui.core.storage import Chain, LocalFiles, Resolver, require_local
+from tui.core.storage.local import remove_private
+from tui.core.storage.qemuimg import QemuImg
 from tui.core.templates import (
-    backing_files,
     backup_templates,
-    image_users,
+    foreign_disks,
     now_iso,
     own_images,
-    require_local,
+    storage_graph,
     template_xml,
-    undefine_domain,
 )
 
 # Keep the usual prefixes when clone XML is written back (libvirt matches by URI anyway).
@@ -79,6 +78,14 @@ class CloneItem:
     macs: tuple[str, ...]
     disks: tuple[CloneDisk, ...]
     xml: str
+    rewrites: tuple[Rewrite, ...] = ()  # per-domain resources made unique, copied, shared...
+    copies: tuple[FileCopy, ...] = ()  # files copied for it (the template's NVRAM)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rewrites"] = [r.to_json() for r in self.rewrites]
+        data["copies"] = [c.to_json() for c in self.copies]
+        return data
 
 
 @dataclass(frozen=True)
@@ -101,13 +108,29 @@ class ClonePlan:
     def files(self) -> tuple[str, ...]:
         return tuple(d.path for i in self.items for d in i.disks)
 
+    @property
+    def copies(self) -> tuple[FileCopy, ...]:
+        return tuple(c for i in self.items for c in i.copies)
+
+    @property
+    def warnings(self) -> tuple[Rewrite, ...]:
+        """What every clone shares although it is per-domain (once, not per clone)."""
+        found = (r for i in self.items for r in i.rewrites if r.kind == "shared-warning")
+        return tuple(dict.fromkeys(found))
+
     def summary(self) -> list[str]:
         lines = []
+        explained: set[str] = set()  # a reason is given once, at its first clone
         for item in self.items:
             lines.append(f"{item.name}  uuid {item.uuid}  mac {', '.join(item.macs) or '-'}")
             for d in item.disks:
                 how = f"overlay on {d.base}" if self.mode == "thin" else f"copy of {d.base}"
                 lines.append(f"  {d.target}: {d.path} ({how})")
+            for r in item.rewrites:
+                if r.kind != "shared-warning":
+                    why = "" if r.element in explained else f" ({r.why})"
+                    explained.add(r.element)
+                    lines.append(f"  {r.line()}{why}")
         lines.append(f"space needed: {_size(self.bytes_needed)}"
                      + (f" of {_size(self.bytes_free)} free" if self.bytes_free is not None
                         else ""))  # fmt: skip
@@ -115,7 +138,22 @@ class ClonePlan:
             lines.append("start every clone afterwards")
         if not self.sealed:
             lines.append(f"warning: '{self.template}' is not sealed; clones share its identity")
+        lines.extend(f"warning: {r.line()}: {r.why}" for r in self.warnings)
         return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "template": self.template,
+            "template_defined": self.template_defined,
+            "sealed": self.sealed,
+            "mode": self.mode,
+            "start": self.start,
+            "items": [i.to_json() for i in self.items],
+            "bytes_needed": self.bytes_needed,
+            "bytes_free": self.bytes_free,
+            "warnings": [r.to_json() for r in self.warnings],
+        }
 
 
 def _size(n: int | None) -> str:
@@ -140,24 +178,10 @@ def _new_mac(taken: set[str], rng: random.Random) -> str:
             return mac
 
 
-def _measure(qemu: QemuImg, path: str, fmt: str) -> int:
-    """Bytes a sparse copy needs (`qemu-img measure`: allocated clusters, not virtual size)."""
-    out = json.loads(qemu.run("measure", "--output=json", "-f", fmt, "-O", fmt, path))
-    return int(out["required"])
-
-
-def _chain_allocation(reader: ImageReader, path: str, fmt: str | None) -> int:
+def _chain_allocation(chain: Chain) -> int:
     """What an image and its backing chain occupy on the host, plus room for new metadata: an
     upper bound of what a sparse, flattened copy needs, read in-process (no subprocess)."""
-    total, seen = 0, set[str]()
-    current: str | None = path
-    while current and current not in seen and len(seen) < 64:
-        seen.add(current)
-        image = reader.read(current, fmt)
-        total += image.actual_bytes
-        current = resolve_backing(current, image.backing) if image.backing else None
-        fmt = image.backing_format
-    return total + _METADATA_MARGIN
+    return sum(i.actual_bytes or 0 for i in chain.links) + _METADATA_MARGIN
 
 
 _METADATA_MARGIN = 1024**2
@@ -167,14 +191,28 @@ def _target_dir(base: str, directory: str | Path | None) -> str:
     return os.path.abspath(str(directory)) if directory is not None else os.path.dirname(base)
 
 
-def _free_bytes(directory: str) -> int:
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize
+def _check_disks(template: str, disks: tuple[DiskInfo, ...]) -> list[DiskInfo]:
+    """The template's image disks; refuses a writable disk that is not an image file (a block
+    device or a network disk would be shared by every clone, or taken for a local file)."""
+    for disk in foreign_disks(disks):
+        raise InvalidInputError(
+            f"disk {disk.target} of '{template}' is a {disk.described}: virtdeck clones image "
+            "files only (every clone would write to the same device); detach it from the "
+            "template first"
+        )
+    bases = own_images(disks)
+    if not bases:
+        raise InvalidInputError(f"template '{template}' has no disk image to clone")
+    return bases
+
+
+#: More clones than this in one go is a typo, not a plan (and would take minutes to refuse).
+MAX_COUNT = 1000
 
 
 def clone_names(name: str, count: int) -> list[str]:
-    if count < 1:
-        raise InvalidInputError(f"--count must be at least 1 (got {count})")
+    if not 1 <= count <= MAX_COUNT:
+        raise InvalidInputError(f"--count must be from 1 to {MAX_COUNT} (got {count})")
     if count == 1:
         return [validate_name(name)]
     return [validate_name(f"{name}-{i}") for i in range(1, count + 1)]
@@ -195,8 +233,7 @@ def plan_clone(
     rng: random.Random | None = None,
 ) -> ClonePlan:
     """Validate and describe the clones; nothing is written."""
-    require_local(hv)
-    qemu = qemu or QemuImg()
+    files = LocalFiles(hv, "clone", qemu_img=qemu)
     rng = rng or random.SystemRandom()
     names = clone_names(name, count)
     xml, defined = template_xml(hv, template, backup_dir)
@@ -215,40 +252,38 @@ def plan_clone(
     for n in names:
         if hv.exists(n):
             raise InvalidInputError(f"a domain named '{n}' already exists; choose another name")
-    if directory is not None and not os.path.isdir(directory):
+    if directory is not None and not files.is_dir(str(directory)):
         raise InvalidInputError(f"--dir {directory} is not a directory")
-    bases = own_images(domxml.disks(troot))
-    if not bases:
-        raise InvalidInputError(f"template '{template}' has no disk image to clone")
-    for disk in domxml.disks(troot):
-        if disk.device == "disk" and not disk.path:
-            raise InvalidInputError(
-                f"disk {disk.target} of '{template}' is not a local file; cannot clone it"
-            )
-    measured: dict[str, int] = {}
+    bases = _check_disks(template, domxml.disks(troot))
+    resolver = Resolver(hv, qemu_img=qemu)
+    chains: dict[str, Chain] = {}
     for disk in bases:
         assert disk.path is not None
-        if not os.path.isfile(disk.path):
-            raise NotFoundError(f"base image {disk.path} of '{template}' is missing")
+        chain = resolver.chain(disk.path, disk.format)
+        if not chain.complete:
+            raise NotFoundError(f"disk {disk.target} of template '{template}': {chain.problem}")
+        chains[disk.path] = chain
+    measured: dict[str, int] = {}
     if full:
         # The chain's real allocation bounds the copy's size; only where that bound does not
         # clearly fit is `qemu-img measure` (exact, but a subprocess per disk) worth running.
-        reader = ImageReader(qemu)
         for disk in bases:
             assert disk.path is not None
-            measured[disk.path] = _chain_allocation(reader, disk.path, disk.format)
+            measured[disk.path] = _chain_allocation(chains[disk.path])
         bound_by_dev: dict[int, tuple[str, int]] = {}
         for disk in bases:
             assert disk.path is not None
             where = _target_dir(os.path.abspath(disk.path), directory)
-            dev = os.stat(where).st_dev
+            dev = files.device(where)
             total = bound_by_dev.get(dev, (where, 0))[1] + measured[disk.path] * len(names)
             bound_by_dev[dev] = (where, total)
-        if any(total > _free_bytes(where) for where, total in bound_by_dev.values()):
+        if any(total > files.free_bytes(where) for where, total in bound_by_dev.values()):
             for disk in bases:
                 assert disk.path is not None
-                measured[disk.path] = _measure(qemu, disk.path, disk.format or "qcow2")
+                measured[disk.path] = files.measure(disk.path, disk.format or "qcow2")
     mode = "full" if full else "thin"
+    nvram = clonexml.nvram_path(troot)
+    nvram_bytes = os.stat(nvram).st_size if nvram and os.path.isfile(nvram) else None
     taken_macs = _all_macs(hv)
     taken_files: set[str] = set()
     items = []
@@ -264,19 +299,41 @@ def plan_clone(
             where = _target_dir(base, directory)
             stem = n if i == 0 else f"{n}-{disk.target}"
             path = os.path.join(os.path.abspath(where), stem + _EXT.get(fmt, "." + fmt))
-            if os.path.lexists(path) or path in taken_files:
+            if files.lexists(path) or path in taken_files:
                 raise InvalidInputError(f"{path} already exists; choose another name or --dir")
             taken_files.add(path)
             need = measured[disk.path] if full else OVERLAY_BYTES
-            dev = os.stat(os.path.dirname(path)).st_dev
+            dev = files.device(os.path.dirname(path))
             needed_by_dev[dev] = needed_by_dev.get(dev, 0) + need
             dirs_by_dev[dev] = os.path.dirname(path)
             disks.append(CloneDisk(disk.target, base, base_fmt, path, fmt, need))
         uuid = str(uuidlib.uuid4())
-        root = domxml.parse(xml)
-        macs = _rewrite(root, n, uuid, disks, taken_macs, rng, template, mode)
-        items.append(CloneItem(n, uuid, macs, tuple(disks), domxml.to_string(root)))
-    free = {dev: _free_bytes(d) for dev, d in dirs_by_dev.items()}
+        macs = tuple(_new_mac(taken_macs, rng) for _ in range(clonexml.interface_count(troot)))
+        ident = clonexml.CloneIdentity(
+            name=n,
+            uuid=uuid,
+            macs=macs,
+            disks=tuple((d.target, d.path, d.format) for d in disks),
+            meta=VirtdeckMeta(
+                role="clone", created=now_iso(), source=template, mode=mode, complete=False
+            ),
+            old_names=(template, meta.source or ""),
+            nvram_present=nvram_bytes is not None,
+        )
+        out = clonexml.clone_xml(troot, ident)
+        copies = []
+        for c in out.copies:
+            if files.lexists(c.destination) or c.destination in taken_files:
+                raise InvalidInputError(
+                    f"{c.destination} ({c.what} of '{n}') already exists; choose another name"
+                )
+            taken_files.add(c.destination)
+            copies.append(replace(c, bytes=nvram_bytes or 0))
+            dev = files.device(os.path.dirname(c.destination))
+            needed_by_dev[dev] = needed_by_dev.get(dev, 0) + (nvram_bytes or 0)
+            dirs_by_dev.setdefault(dev, os.path.dirname(c.destination))
+        items.append(CloneItem(n, uuid, macs, tuple(disks), out.xml, out.rewrites, tuple(copies)))
+    free = {dev: files.free_bytes(d) for dev, d in dirs_by_dev.items()}
     for dev, need in needed_by_dev.items():
         if need > free[dev]:
             raise InvalidInputError(
@@ -296,62 +353,6 @@ def plan_clone(
     )
 
 
-def _rewrite(
-    root: Any,
-    name: str,
-    uuid: str,
-    disks: Sequence[CloneDisk],
-    taken_macs: set[str],
-    rng: random.Random,
-    template: str,
-    mode: str,
-) -> tuple[str, ...]:
-    """Turn the template's XML into the clone's: identity, MACs, disks, metadata."""
-    for tag, text in (("name", name), ("uuid", uuid)):
-        elem = root.find(tag)
-        if elem is None:
-            elem = domxml.ET.SubElement(root, tag)
-        elem.text = text
-    macs = []
-    for iface in root.findall("./devices/interface"):
-        mac = iface.find("mac")
-        if mac is None:
-            mac = domxml.ET.SubElement(iface, "mac")
-        mac.set("address", _new_mac(taken_macs, rng))
-        macs.append(mac.get("address", ""))
-        target = iface.find("target")
-        if target is not None:
-            iface.remove(target)  # vnetN names belong to the template's last run
-    by_target = {d.target: d for d in disks}
-    for disk in domxml.disk_elements(root):
-        target = disk.find("target")
-        cd = by_target.get(target.get("dev", "") if target is not None else "")
-        if cd is None or disk.get("device", "disk") != "disk" or disk.find("readonly") is not None:
-            continue
-        disk.set("type", "file")
-        source = disk.find("source")
-        if source is None:
-            source = domxml.ET.SubElement(disk, "source")
-        source.attrib.clear()
-        source.set("file", cd.path)
-        driver = disk.find("driver")
-        if driver is None:
-            driver = domxml.ET.SubElement(disk, "driver", name="qemu")
-        driver.set("type", cd.format)
-        for bs in disk.findall("backingStore"):
-            disk.remove(bs)  # libvirt reads the chain from the overlay's header
-    os_elem = root.find("os")
-    if os_elem is not None:
-        for nvram in os_elem.findall("nvram"):
-            # libvirt gives the clone its own NVRAM file, initialised from the firmware's
-            # template on first start; sharing the template's would mix their EFI variables.
-            os_elem.remove(nvram)
-    domxml.write_meta(
-        root, VirtdeckMeta(role="clone", created=now_iso(), source=template, mode=mode)
-    )
-    return tuple(macs)
-
-
 def execute_clone(
     hv: Hypervisor,
     plan: ClonePlan,
@@ -364,90 +365,92 @@ def execute_clone(
     Starting (when asked) comes last: a clone that fails to start stays defined and is named in
     the error, since its disks and definition are complete.
     """
-    qemu = qemu or QemuImg()
-    conn = hv.conn
+    files = LocalFiles(hv, "clone", qemu_img=qemu)
     for item in plan.items:
         if hv.exists(item.name):
             raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
-        for d in item.disks:
-            if os.path.lexists(d.path):
-                raise InvalidInputError(f"{d.path} already exists; plan again")
-    defined: list[Any] = []
-    made: list[str] = []
+        for path in [d.path for d in item.disks] + [c.destination for c in item.copies]:
+            if files.lexists(path):
+                raise InvalidInputError(f"{path} already exists; plan again")
     total = sum(d.bytes_needed for i in plan.items for d in i.disks) or 1
-    done = 0
+    done, progress = 0, ops.cancellable(progress)
+    title = f"deploying {len(plan.items)} {plan.mode} clone(s) of '{plan.template}'"
     try:
-        for item in plan.items:
-            progress(f"defining '{item.name}'", None)
-            try:
-                defined.append(conn.defineXML(item.xml))
-            except libvirt.libvirtError as err:
-                raise OperationError(
-                    f"defining clone '{item.name}' failed: {libvirt_message(err)}"
-                ) from None
-        for item in plan.items:
-            for d in item.disks:
-                if os.path.lexists(d.path):
-                    raise InvalidInputError(f"{d.path} appeared meanwhile; nothing was kept")
-                made.append(d.path)
-                if plan.mode == "thin":
-                    progress(f"{item.name}: overlay {d.path} on {d.base}", done / total)
-                    qemu.create_overlay(d.path, d.base, d.base_format)
-                else:
-                    start, share = done / total, d.bytes_needed / total
+        with ops.running(hv, title) as undo:
+            for item in plan.items:
+                progress(f"defining '{item.name}'", None)
+                # NVRAM is kept by the undefine: the copy below has its own undo, and libvirt's
+                # removal would also take a file someone else put at that path meanwhile.
+                undo.push(f"undefine '{item.name}'", "undefine", uuid=item.uuid,
+                          name=item.name, keep_nvram=True)  # fmt: skip
+                hv.define(item.xml, what=f"defining clone '{item.name}' failed")
+            for item in plan.items:
+                for c in item.copies:
+                    progress(f"{item.name}: copying {c.what} {c.source}", None)
+                    with undo.step(f"remove {c.destination}", "delete_file", path=c.destination):
+                        files.copy_file(c.source, c.destination)
+            for item in plan.items:
+                for d in item.disks:
+                    if files.lexists(d.path):
+                        raise InvalidInputError(f"{d.path} appeared meanwhile; nothing was kept")
+                    with undo.step(f"remove {d.path}", "delete_file", path=d.path):
+                        if plan.mode == "thin":
+                            progress(f"{item.name}: overlay {d.path} on {d.base}", done / total)
+                            files.create_overlay(d.path, d.base, d.base_format)
+                        else:
+                            start, share = done / total, d.bytes_needed / total
 
-                    def scaled(
-                        msg: str, frac: float | None, s: float = start, w: float = share
-                    ) -> None:
-                        progress(msg, None if frac is None else s + frac * w)
+                            def scaled(
+                                msg: str, frac: float | None, s: float = start, w: float = share
+                            ) -> None:
+                                progress(msg, None if frac is None else s + frac * w)
 
-                    qemu.convert(
-                        d.base,
-                        d.path,
-                        src_fmt=d.base_format,
-                        dst_fmt=d.format,
-                        progress=scaled,
-                        label=f"{item.name}: copying {os.path.basename(d.base)}",
-                    )
-                done += d.bytes_needed
-    except BaseException as err:
-        leftovers = _undo_clones(hv, defined, made)
-        if leftovers and isinstance(err, VirtdeckError):
-            raise OperationError(f"{err}; could not clean up: {', '.join(leftovers)}") from err
-        raise
+                            files.copy(
+                                d.base,
+                                d.path,
+                                src_fmt=d.base_format,
+                                dst_fmt=d.format,
+                                progress=scaled,
+                                label=f"{item.name}: copying {os.path.basename(d.base)}",
+                            )
+                    done += d.bytes_needed
+                # Only now is it a clone: until its disks are whole it is marked incomplete
+                # (template ls and usage never count a partial copy as a clone).
+                _mark_complete(hv, item.name)
+            progress(f"{len(plan.items)} {plan.mode} clone(s) of '{plan.template}' made", 1.0)
+            not_started: tuple[str, VirtdeckError] | None = None
+            for item in plan.items if plan.start else ():
+                # An interrupt here still unwinds everything (the undefines force off what
+                # runs); a clone that fails to start is complete, so it stays, named below.
+                progress(f"starting '{item.name}'", None)
+                try:
+                    hv.start(item.name)
+                except VirtdeckError as err:
+                    not_started = (item.name, err)
+                    break
+            undo.commit()
     finally:
         hv.invalidate()
-    progress(f"{len(plan.items)} {plan.mode} clone(s) of '{plan.template}' made", 1.0)
-    if plan.start:
-        for item in plan.items:
-            progress(f"starting '{item.name}'", None)
-            try:
-                hv.start(item.name)
-            except VirtdeckError as err:
-                raise OperationError(
-                    f"clone '{item.name}' was made but did not start: {err}"
-                ) from None
+    if not_started is not None:
+        raise OperationError(
+            f"clone '{not_started[0]}' was made but did not start: {not_started[1]}"
+        )
     return list(plan.names)
 
 
-def _undo_clones(hv: Hypervisor, defined: list[Any], made: list[str]) -> list[str]:
-    """Undefine and delete what a failed execute_clone made; returns what could not go."""
-    leftovers = []
-    for dom in reversed(defined):
-        try:
-            name = dom.name()
-            if dom.isActive():
-                dom.destroy()
-            undefine_domain(dom, keep_nvram=False)
-        except libvirt.libvirtError:
-            leftovers.append(f"domain {name}")
-    for path in reversed(made):
-        try:
-            if os.path.lexists(path):
-                os.unlink(path)
-        except OSError:
-            leftovers.append(path)
-    return leftovers
+def _mark_complete(hv: Hypervisor, name: str) -> None:
+    dom = hv.lookup(name)
+    xml = hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, what=name)
+    meta = domxml.read_meta(domxml.parse(xml))
+    hv.call(
+        dom.setMetadata,
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        domxml.meta_xml(replace(meta, complete=True)),
+        domxml.PREFIX,
+        domxml.NS,
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+        what=f"marking clone '{name}' complete",
+    )
 
 
 # -- removal ---------------------------------------------------------------------------------
@@ -455,16 +458,25 @@ def _undo_clones(hv: Hypervisor, defined: list[Any], made: list[str]) -> list[st
 
 @dataclass(frozen=True)
 class RemovePlan:
+    """What `rm` does: undefine, and (with storage) delete exactly the files listed.
+
+    `delete_files` are the files that belong to the domain alone (its disks' own chains, its
+    snapshots' overlays and memory files), nearest first; `kept` says why each file of its
+    chains stays; `foreign` names its disks that are not image files (never deleted).
+    """
+
     host: str
     name: str
     defined: bool
     is_template: bool
     storage: bool
-    images: tuple[str, ...]  # the domain's own images
-    delete_files: tuple[str, ...]  # those of them deleted (only with storage)
-    kept_files: tuple[str, ...]  # its images left on disk, and the backing files it reads
+    images: tuple[str, ...]  # the domain's own image files
+    delete_files: tuple[str, ...]  # those of its files deleted (only with storage)
+    kept_files: tuple[str, ...]  # its files left on disk, and the backing files it reads
     backup: str | None  # a template's XML backup, removed with it
     snapshots: tuple[str, ...] = ()  # its snapshots, forgotten with it
+    kept: tuple[tuple[str, str], ...] = ()  # (path, why) for files of its chains that stay
+    foreign: tuple[str, ...] = ()  # its disks that are not image files, described
 
     def summary(self) -> list[str]:
         what = "template" if self.is_template else "domain"
@@ -475,7 +487,10 @@ class RemovePlan:
         if self.snapshots:
             lines.append(f"forget its snapshots: {', '.join(self.snapshots)}")
         lines.extend(f"delete {p}" for p in self.delete_files)
-        lines.extend(f"keep {p}" for p in self.kept_files)
+        why = dict(self.kept)
+        lines.extend(f"keep {p}" + (f" ({why[p]})" if p in why else "") for p in self.kept_files)
+        lines.extend(f"keep {d} (not an image file: virtdeck never deletes it)"
+                     for d in self.foreign)  # fmt: skip
         return lines
 
 
@@ -485,11 +500,16 @@ def plan_remove(
     *,
     storage: bool = False,
     backup_dir: Path | None = None,
-    qemu: QemuImg | None = None,
 ) -> RemovePlan:
-    """Refuse a domain other domains build on (listing them); say which files go."""
-    require_local(hv)
-    qemu = qemu or QemuImg()
+    """Refuse a domain other domains build on (listing them); say which files go.
+
+    The files come from the storage graph: every file in the chains of the domain's disks and
+    of its snapshots (also those no longer on the current chain after a revert), minus what
+    any other domain, template backup or image beside them still reads, and minus read-only
+    bases under its own disks.
+    """
+    if storage:
+        require_local(hv, "rm --storage")
     backup: str | None = None
     if hv.exists(name):
         info = hv.domain(name)
@@ -509,9 +529,20 @@ def plan_remove(
             raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
         disks = domxml.disks(found[0].root)
         is_template, defined, backup = True, False, str(found[0].path)
-    own_disks = own_images(disks)
-    images = [d.path for d in own_disks if d.path]
-    users = image_users(hv, images, exclude=name, backup_dir=backup_dir, qemu=qemu)
+    own = own_images(disks)
+    foreign = tuple(
+        f"{d.target}: {d.described}" for d in disks if not d.is_image and d.kind.value != "empty"
+    )
+    images = [d.path for d in own if d.path]
+    graph = storage_graph(hv, backup_dir)
+    if not hv.local and graph.problems:
+        raise OperationError(
+            f"cannot tell which domains on {hv.uri} depend on the images of '{name}' "
+            f"({graph.problems[0]}); nothing was changed"
+        )
+    # Undefining a plain domain harms nobody; deleting its files, or a template others were
+    # deployed from, would.
+    users = graph.users(images, exclude=name) if storage or is_template else []
     if users:
         names = sorted({str(u) for u in users})
         what = "template" if is_template else "domain"
@@ -519,69 +550,55 @@ def plan_remove(
             f"{what} '{name}' cannot be removed: {len(names)} domain(s) depend on its "
             f"image(s): {', '.join(names)} (remove them first)"
         )
-    snapshots, snapshot_files = _snapshot_files(hv, name) if defined else ((), ())
-    chains = [
-        (os.path.realpath(d.path), backing_files(d.path, qemu, d.backing_path))
-        for d in own_disks
-        if d.path
-    ]
-    # Below its top images a domain also owns the chain links nothing else reads (the overlays
-    # an external snapshot left under the current one), and its snapshots' files; a link another
-    # domain or template reads, or a read-only base, and everything under it, is kept.
-    shared = {
-        u.image
-        for u in image_users(
-            hv,
-            [link for _, links in chains for link in links] + list(snapshot_files),
-            exclude=name,
-            backup_dir=backup_dir,
-            qemu=qemu,
-        )
-    }
-    owned: list[str] = []
-    kept: list[str] = []
-    for top, links in chains:
-        owned.append(top)
-        below_shared = False
-        for link in links:
-            below_shared = below_shared or link in shared or _read_only(link)
-            target = kept if below_shared else owned
-            if link not in target:
-                target.append(link)
-    owned += [f for f in snapshot_files if f not in shared and f not in owned and f not in kept]
-    delete = tuple(p for p in owned if storage)
+    snapshots, roots, memory = _snapshot_files(hv, name) if defined else ((), [], [])
+    freed = graph.freed(images + roots, exclude=name, own_tops=images, read_only_is_shared=True)
+    delete = list(freed.delete)
+    if hv.local:
+        delete += [m for m in memory if m not in delete and LocalFiles.lexists(m)]
+    kept = [p for p, _ in freed.kept]
     if not storage:
-        kept = [p for p in owned if os.path.lexists(p)] + kept
+        kept = delete + kept
+        delete = []
     return RemovePlan(
         hv.uri,
         name,
         defined,
         is_template,
         storage,
-        tuple(images),
-        delete,
+        tuple(graph.canonical(p) for p in images),
+        tuple(delete),
         tuple(kept),
         backup,
         snapshots,
+        kept=freed.kept,
+        foreign=foreign,
     )
 
 
-def _read_only(path: str) -> bool:
-    """A file nobody may write (as virtdeck leaves a template's base) is never "owned"."""
-    try:
-        return os.stat(path).st_mode & 0o222 == 0
-    except OSError:
-        return False
-
-
-def _snapshot_files(hv: Hypervisor, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(snapshot names, the overlay and memory files its external snapshots made)."""
+def _journal_definition(hv: Hypervisor, undo: ops.Undo, name: str, dom: Any) -> None:
+    """Journal how to define the domain again, with its snapshots (parents first)."""
     try:
         tree = snapshot_tree(hv, name)
     except OperationError:
-        return (), ()  # a driver without snapshots
-    files = (os.path.realpath(f.path) for node in tree.nodes for f in node.files)
-    return tuple(sorted(tree.names)), tuple(dict.fromkeys(files))
+        tree = None  # a driver without snapshots
+    if tree is not None:
+        for node in reversed(tree.nodes):  # unwound newest first: parents are defined first
+            xml = snapshot_xml(hv, name, node.name)
+            undo.push(f"restore snapshot '{node.name}' of '{name}'", "redefine_snapshot",
+                      domain=name, xml=xml, current=node.current)  # fmt: skip
+    secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    undo.push(f"define '{name}' again", "define", xml=hv.call(dom.XMLDesc, secure, what=name))
+
+
+def _snapshot_files(hv: Hypervisor, name: str) -> tuple[tuple[str, ...], list[str], list[str]]:
+    """(snapshot names, the images and overlays its snapshots name, their memory files)."""
+    try:
+        tree = snapshot_tree(hv, name)
+    except OperationError:
+        return (), [], []  # a driver without snapshots
+    roots = [p for node in tree.nodes for d in node.disks for p in (d.image, d.overlay) if p]
+    memory = [node.memory_file for node in tree.nodes if node.memory_file]
+    return tuple(sorted(tree.names)), list(dict.fromkeys(roots)), memory
 
 
 def execute_remove(
@@ -590,53 +607,47 @@ def execute_remove(
     progress: Progress = no_progress,
     *,
     backup_dir: Path | None = None,
-    qemu: QemuImg | None = None,
-) -> None:
-    """Undefine, then delete the domain's own files (never a backing file). Checks the
-    dependents again: a clone made since the plan must not lose its base."""
-    qemu = qemu or QemuImg()
-    files = list(dict.fromkeys(plan.images + plan.delete_files))
-    users = image_users(hv, files, exclude=plan.name, backup_dir=backup_dir, qemu=qemu)
-    if users:
-        raise DependencyError(
-            f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))} "
-            "now depend on its image(s)"
-        )
-    if plan.defined:
-        progress(f"undefining '{plan.name}'", None)
-        try:
-            dom = hv.conn.lookupByName(plan.name)
-        except libvirt.libvirtError:
-            raise NotFoundError(f"'{plan.name}' no longer exists") from None
-        if dom.isActive():
-            raise StateError(f"'{plan.name}' was started meanwhile; shut it down first")
-        try:
-            # Snapshot metadata goes with the domain; internal snapshots live in its image.
-            dom.undefineFlags(
-                libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+) -> list[str]:
+    """Undefine, then delete the files the plan lists (never a backing file another domain
+    reads); returns the files it deleted. Checks the dependents again: a clone made since the
+    plan must not lose its base."""
+    files = LocalFiles(hv, "rm --storage") if plan.delete_files else None
+    paths = list(dict.fromkeys(plan.images + plan.delete_files))
+    if paths and (plan.storage or plan.is_template):
+        users = storage_graph(hv, backup_dir).users(paths, exclude=plan.name)
+        if users:
+            raise DependencyError(
+                f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))}"
+                " now depend on its image(s)"
             )
-        except libvirt.libvirtError as err:
+    with ops.running(hv, f"removing '{plan.name}'") as undo:
+        if plan.defined:
+            progress(f"undefining '{plan.name}'", None)
             try:
-                undefine_domain(dom, keep_nvram=False)
-            except libvirt.libvirtError:
-                raise OperationError(f"undefining '{plan.name}': {libvirt_message(err)}") from None
-        hv.invalidate()
-    failed = []
-    for path in plan.delete_files:
-        progress(f"deleting {path}", None)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            failed.append(f"{path} ({err.strerror})")
-    if plan.backup:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(plan.backup)
+                dom = hv.lookup(plan.name)
+            except NotFoundError:
+                raise NotFoundError(f"'{plan.name}' no longer exists") from None
+            if hv.call(dom.isActive):
+                raise StateError(f"'{plan.name}' was started meanwhile; shut it down first")
+            _journal_definition(hv, undo, plan.name, dom)
+            hv.undefine_all(dom, what=f"undefining '{plan.name}'")
+            hv.invalidate()
+        # From here on the removal goes forward: a file deleted cannot come back, so the rest
+        # is finished (never half-kept), an interrupt arriving meanwhile included.
+        undo.commit()
+        deleted, failed = [], []
+        with ops.signals_deferred():
+            for path in plan.delete_files:
+                assert files is not None
+                progress(f"deleting {path}", None)
+                try:
+                    if files.delete(path):
+                        deleted.append(path)
+                except OperationError as err:
+                    failed.append(str(err))
+            if plan.backup:
+                remove_private(plan.backup)
     if failed:
-        raise OperationError(
-            f"'{plan.name}' was undefined but could not delete {', '.join(failed)}"
-        )
+        raise OperationError(f"'{plan.name}' was undefined, but {'; '.join(failed)}")
     progress(f"'{plan.name}' removed", 1.0)
+    return deleted

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from tui.core.errors import OperationError
 from tui.core.models import VirtdeckMeta
 from tui.core.paths import cache_dir
-from tui.core.qemuimg import QemuImg
+from tui.core.storage.qemuimg import QemuImg
 from tui.core.testdriver import DiskSpec, DomainSpec, SnapshotSpec, node_xml
 
 GIB = 1024**3
@@ -37,6 +38,28 @@ def _write(path: Path, fmt: str, offset: int, length: int, pattern: int) -> None
         raise OperationError(f"demo lab: qemu-io failed: {proc.stderr.strip()}")
 
 
+def _uefi(d: Path, spec: DomainSpec) -> DomainSpec:
+    """UEFI firmware with its own variables file, a serial console logging to a file, a guest
+    agent socket, a VNC display and a TPM emulator: what a deployed clone must get of its own
+    (the template's VNC port is fixed; its clones' are automatic)."""
+    name = "web" if spec.name == "template-web" else spec.name
+    vnc = "port='5901' autoport='no'" if name == "web" else "autoport='yes'"
+    return replace(
+        spec,
+        os_xml=(
+            "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>",
+            f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>{d}/{name}_VARS.fd</nvram>",
+        ),
+        devices_xml=(
+            f"<serial type='pty'><log file='{d}/{name}-serial.log'/><target port='0'/></serial>",
+            f"<channel type='unix'><source mode='bind' path='{d}/{name}.agent'/>"
+            "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+            f"<graphics type='vnc' {vnc} listen='127.0.0.1'/>",
+            "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>",
+        ),
+    )
+
+
 def _specs(d: Path) -> list[DomainSpec]:
     base = str(d / "template-web.qcow2")
     created = "2026-11-20T09:30:00+00:00"
@@ -45,7 +68,7 @@ def _specs(d: Path) -> list[DomainSpec]:
     def clone(name: str, mode: str) -> VirtdeckMeta:
         return VirtdeckMeta(role="clone", source="template-web", mode=mode, created=created)
 
-    return [
+    specs = [
         DomainSpec(
             "template-web", "shutoff", vcpus=2, memory_mib=2048,
             disks=(DiskSpec(base),),
@@ -86,6 +109,8 @@ def _specs(d: Path) -> list[DomainSpec]:
             ),
         ),
     ]  # fmt: skip
+    web = ("template-web", "web-1", "web-2", "web-3")
+    return [_uefi(d, s) if s.name in web else s for s in specs]
 
 
 def _build(d: Path) -> None:
@@ -102,6 +127,9 @@ def _build(d: Path) -> None:
     q.create(str(d / "db.raw"), "raw", 2 * GIB)
     _write(d / "db.raw", "raw", 0, 24 * MIB, 0x44)
     base.chmod(0o444)  # a template's base is read-only, as virtdeck leaves real ones
+    # UEFI variables (flash-sized, erased) for the template and the clones made from it.
+    for name in ("web", "web-1", "web-2", "web-3"):
+        (d / f"{name}_VARS.fd").write_bytes(b"\xff" * (528 * 1024))
 
 
 def ensure_lab(reset: bool = False) -> str:
@@ -109,7 +137,7 @@ def ensure_lab(reset: bool = False) -> str:
     d = lab_dir()
     node = d / "lab.xml"
     specs = _specs(d)
-    wanted = [disk.path for s in specs for disk in s.disks]
+    wanted = [disk.path for s in specs for disk in s.disks] + [str(d / "web_VARS.fd")]
     if reset or not all(Path(p).exists() for p in wanted):
         # Built in place: overlays record their base's absolute path, so no temporary dir.
         if d.exists():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from tui.core.models import DiskInfo, InterfaceInfo, VirtdeckMeta
+from tui.core.models import DiskInfo, DiskKind, InterfaceInfo, VirtdeckMeta
 
 NS = "https://virtdeck.dev/xmlns/domain/1"
 PREFIX = "virtdeck"
@@ -55,10 +55,26 @@ def disk_elements(root: ET.Element) -> list[ET.Element]:
 
 
 def disk_source(disk: ET.Element) -> str | None:
+    """What the <source> names, for display: a path, `proto://host/name` or `pool/volume`."""
     src = disk.find("source")
     if src is None:
         return None
-    return src.get("file") or src.get("dev") or src.get("name") or src.get("volume")
+    if disk.get("type") == "network":
+        proto = src.get("protocol", "network")
+        host = src.find("host")
+        where = host.get("name") or host.get("socket") or "" if host is not None else ""
+        return f"{proto}://{where}/{src.get('name') or ''}"
+    if disk.get("type") == "volume":
+        return f"{src.get('pool', '?')}/{src.get('volume', '?')}"
+    return src.get("file") or src.get("dev") or src.get("dir") or src.get("name") or None
+
+
+def disk_kind(disk: ET.Element) -> DiskKind:
+    src = disk.find("source")
+    has = src is not None and any(
+        src.get(a) for a in ("file", "dev", "dir", "name", "volume", "protocol")
+    )
+    return DiskKind.from_xml(disk.get("type"), has)
 
 
 def disks(root: ET.Element) -> tuple[DiskInfo, ...]:
@@ -66,15 +82,22 @@ def disks(root: ET.Element) -> tuple[DiskInfo, ...]:
     for disk in disk_elements(root):
         target = disk.find("target")
         driver = disk.find("driver")
+        kind = disk_kind(disk)
+        source = disk_source(disk) if kind != DiskKind.EMPTY else None
         backing = disk.find("backingStore/source")
         out.append(
             DiskInfo(
                 target=target.get("dev", "?") if target is not None else "?",
-                path=disk_source(disk),
+                # Only a file disk has an image path; a device node, an NBD export name or a
+                # volume name is never taken for one (it may match an unrelated local file).
+                path=source if kind == DiskKind.FILE else None,
                 format=driver.get("type") if driver is not None else None,
                 device=disk.get("device", "disk"),
                 readonly=disk.find("readonly") is not None,
                 backing_path=backing.get("file") if backing is not None else None,
+                kind=kind,
+                source=source,
+                shareable=disk.find("shareable") is not None,
             )
         )
     return tuple(out)
@@ -115,6 +138,7 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         sealed=elem.get("sealed") == "yes",
         mode=elem.findtext(f"{{{NS}}}mode"),
         xml_backup=elem.findtext(f"{{{NS}}}xml-backup"),
+        complete=elem.get("complete") != "no",
     )
 
 
@@ -124,6 +148,8 @@ def meta_xml(meta: VirtdeckMeta) -> str:
     if meta.role:
         elem.set("role", meta.role)
     elem.set("sealed", "yes" if meta.sealed else "no")
+    if not meta.complete:
+        elem.set("complete", "no")
     for tag, value in (
         ("created", meta.created),
         ("source", meta.source),

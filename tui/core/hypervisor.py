@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,6 +73,12 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
 _REMOTE_TRANSPORTS = {"ssh", "libssh", "libssh2", "tcp", "tls", "ext"}
+
+_NOT_FOUND = (
+    libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT,
+    libvirt.VIR_ERR_NO_STORAGE_POOL,
+    libvirt.VIR_ERR_NO_STORAGE_VOL,
+)
 
 
 def is_local_uri(uri: str) -> bool:
@@ -228,6 +235,7 @@ class Hypervisor:
         self._listeners: list[EventCallback] = []
         self._callback_ids: list[int] = []
         self._alive = conn is not None
+        self._local: bool | None = None
         self._lock = threading.Lock()
         self._pending: _PendingOpen | None = None
         # Seconds this host gets to answer a call made through tui.core.fleet (set from the
@@ -272,6 +280,7 @@ class Hypervisor:
         with self._lock:
             old, self._conn = self._conn, conn
             self._alive = True
+            self._local = None
             self._xml_cache.clear()
             self._cpu_prev.clear()
         if old is not None:
@@ -279,8 +288,22 @@ class Hypervisor:
 
     @property
     def local(self) -> bool:
-        """True when image paths in this hypervisor's XML are files on this machine."""
-        return is_local_uri(self.uri)
+        """True when image paths in this hypervisor's XML are files on this machine: proved,
+        not guessed from a path. The URI must reach the daemon over a local socket (no host,
+        or the unix transport: `qemu+ssh://localhost/` is remote) and the daemon must report
+        this machine's host name. Anything virtdeck reads or writes as a local file is gated
+        on this (see tui.core.storage)."""
+        if self._conn is None:
+            return False  # not connected yet: nothing is proved
+        if self._local is None:
+            same = False
+            if is_local_uri(self.uri):
+                try:
+                    same = self._conn.getHostname() == socket.gethostname()
+                except libvirt.libvirtError:
+                    same = False
+            self._local = same
+        return self._local
 
     @property
     def conn(self) -> Any:
@@ -346,7 +369,7 @@ class Hypervisor:
         driver = conn.getType()
         return HostInfo(
             uri=self.uri,
-            hostname=self._call(conn.getHostname),
+            hostname=self.call(conn.getHostname),
             driver=driver,
             libvirt_version=version_string(conn.getLibVersion()),
             hypervisor_version=hv_version,
@@ -364,27 +387,44 @@ class Hypervisor:
     def lib_version(self) -> int:
         return int(self.conn.getLibVersion())
 
-    # -- errors -----------------------------------------------------------------------------
+    # -- errors: the one libvirt error translator -------------------------------------------
 
-    def _call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
+        """Call a libvirt method; its error becomes a VirtdeckError (see `translate`)."""
         try:
             return fn(*args)
         except libvirt.libvirtError as err:
-            raise self._translate(err, what) from None
+            raise self.translate(err, what) from None
 
-    def _translate(self, err: libvirt.libvirtError, what: str) -> VirtdeckError:
+    @contextlib.contextmanager
+    def translating(self, what: str = "") -> Iterator[None]:
+        """`with hv.translating("deleting x"):` the block's libvirt errors are translated."""
+        try:
+            yield
+        except libvirt.libvirtError as err:
+            raise self.translate(err, what) from None
+
+    def translate(self, err: libvirt.libvirtError, what: str = "") -> VirtdeckError:
+        """libvirt's error code -> virtdeck's error type, with one operator-readable line.
+
+        A lost connection is always marked, so the dashboard reconnects at once instead of
+        waiting for the next failing call.
+        """
         msg = libvirt_message(err)
         code = err.get_error_code()
         if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) or (
-            code == libvirt.VIR_ERR_SYSTEM_ERROR and not self.alive
+            code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC) and not self.alive
         ):
             self._alive = False
             return ConnectError(f"connection to {self.uri} lost: {msg}")
+        text = f"{what}: {msg}" if what else msg
         if code == libvirt.VIR_ERR_NO_DOMAIN:
             return NotFoundError(f"{what}: no such domain on {self.uri}" if what else msg)
+        if code in _NOT_FOUND:
+            return NotFoundError(text)
         if code == libvirt.VIR_ERR_OPERATION_INVALID:
-            return StateError(f"{what}: {msg}" if what else msg)
-        return OperationError(f"{what}: {msg}" if what else msg)
+            return StateError(text)
+        return OperationError(text)
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -395,7 +435,7 @@ class Hypervisor:
             return conn.lookupByName(name)
         except libvirt.libvirtError as err:
             if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                raise self._translate(err, name) from None
+                raise self.translate(err, name) from None
         if len(name) == 36:
             try:
                 return conn.lookupByUUIDString(name)
@@ -453,7 +493,7 @@ class Hypervisor:
             # host's refresh for up to libvirt's 30 s job timeout.
             pairs = conn.getAllDomainStats(_STATS, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
         except libvirt.libvirtError as err:
-            raise self._translate(err, "listing domains") from None
+            raise self.translate(err, "listing domains") from None
         now = time.monotonic()
         out = []
         seen = set()
@@ -465,7 +505,7 @@ class Hypervisor:
             except libvirt.libvirtError as err:
                 if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     continue  # undefined between the list call and now
-                raise self._translate(err, "listing domains") from None
+                raise self.translate(err, "listing domains") from None
             out.append(info)
         for uuid in set(self._cpu_prev) - seen:
             del self._cpu_prev[uuid]
@@ -485,7 +525,7 @@ class Hypervisor:
                 persistent=bool(dom.isPersistent()),
             )
         except libvirt.libvirtError as err:
-            raise self._translate(err, name) from None
+            raise self.translate(err, name) from None
 
     def _domain_info(
         self, dom: Any, uuid: str, st: dict[str, Any], now: float, *, persistent: bool
@@ -527,12 +567,12 @@ class Hypervisor:
     def xml(self, name: str, *, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         dom = self.lookup(name)
-        return str(self._call(dom.XMLDesc, flags, what=name))
+        return str(self.call(dom.XMLDesc, flags, what=name))
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def _state(self, dom: Any) -> DomainState:
-        return DomainState.from_libvirt(self._call(dom.state)[0])
+        return DomainState.from_libvirt(self.call(dom.state)[0])
 
     def start(self, name: str) -> None:
         dom = self.lookup(name)
@@ -544,39 +584,39 @@ class Hypervisor:
             )
         if self._state(dom).active:
             raise StateError(f"'{name}' is already running")
-        self._call(dom.create, what=f"starting '{name}'")
+        self.call(dom.create, what=f"starting '{name}'")
 
     def shutdown(self, name: str) -> None:
         """Ask the guest to power off (ACPI / agent); returns at once."""
         dom = self.lookup(name)
         if not self._state(dom).active:
             raise StateError(f"'{name}' is not running")
-        self._call(dom.shutdown, what=f"shutting down '{name}'")
+        self.call(dom.shutdown, what=f"shutting down '{name}'")
 
     def destroy(self, name: str) -> None:
         """Force off: pull the plug."""
         dom = self.lookup(name)
         if not self._state(dom).active:
             raise StateError(f"'{name}' is not running")
-        self._call(dom.destroy, what=f"forcing off '{name}'")
+        self.call(dom.destroy, what=f"forcing off '{name}'")
 
     def reboot(self, name: str) -> None:
         dom = self.lookup(name)
         if self._state(dom) != DomainState.RUNNING:
             raise StateError(f"'{name}' is not running")
-        self._call(dom.reboot, 0, what=f"rebooting '{name}'")
+        self.call(dom.reboot, 0, what=f"rebooting '{name}'")
 
     def suspend(self, name: str) -> None:
         dom = self.lookup(name)
         if self._state(dom) != DomainState.RUNNING:
             raise StateError(f"'{name}' is not running, so it cannot be suspended")
-        self._call(dom.suspend, what=f"suspending '{name}'")
+        self.call(dom.suspend, what=f"suspending '{name}'")
 
     def resume(self, name: str) -> None:
         dom = self.lookup(name)
         if self._state(dom) != DomainState.PAUSED:
             raise StateError(f"'{name}' is not paused, so it cannot be resumed")
-        self._call(dom.resume, what=f"resuming '{name}'")
+        self.call(dom.resume, what=f"resuming '{name}'")
 
     def wait_for_state(
         self, name: str, states: Iterable[DomainState], timeout: float, poll: float = 0.2
@@ -595,6 +635,84 @@ class Hypervisor:
     def shutdown_and_wait(self, name: str, timeout: float) -> bool:
         self.shutdown(name)
         return self.wait_for_state(name, [DomainState.SHUTOFF], timeout)
+
+    # -- definitions ------------------------------------------------------------------------
+
+    def undefine(self, dom: Any, *, keep_nvram: bool, what: str = "undefining") -> None:
+        """Undefine, keeping (template) or removing (clone) its NVRAM and TPM state.
+
+        The flags are newer than the call: KEEP_TPM needs libvirt 8.9, and some drivers reject
+        the NVRAM flags, so each rejected set falls back to a smaller one (a domain without
+        NVRAM or TPM never needs them).
+        """
+        managed = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        if keep_nvram:
+            flags = [libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | managed]
+            keep_tpm = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0)
+            if keep_tpm:
+                flags.insert(0, flags[0] | keep_tpm)
+        else:
+            flags = [libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | managed]
+        rejected = (
+            libvirt.VIR_ERR_NO_SUPPORT,
+            libvirt.VIR_ERR_INVALID_ARG,
+            libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+        )
+        for flag in flags:
+            try:
+                dom.undefineFlags(flag)
+                return
+            except libvirt.libvirtError as err:
+                if err.get_error_code() not in rejected:
+                    raise self.translate(err, what) from None
+        self.call(dom.undefine, what=what)
+
+    def undefine_all(self, dom: Any, what: str = "undefining") -> None:
+        """Undefine with its managed save, snapshot metadata and NVRAM (removal of a domain;
+        internal snapshots live in its images)."""
+        try:
+            dom.undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            )
+        except libvirt.libvirtError as err:
+            first = self.translate(err, what)
+            try:
+                self.undefine(dom, keep_nvram=False, what=what)
+            except VirtdeckError:
+                raise first from None
+
+    def rename(self, dom: Any, old: str, new: str) -> Any:
+        """Rename a shut-off domain; returns the (possibly new) virDomain handle.
+
+        virDomainRename exists since libvirt 1.2.19, but not every driver implements it; the
+        fallback undefines the old definition and defines the same XML (same UUID) under the
+        new name, restoring the old one if that define fails.
+        """
+        what = f"renaming '{old}' to '{new}'"
+        try:
+            dom.rename(new, 0)
+            return self.call(self.conn.lookupByName, new, what=what)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise self.translate(err, what) from None
+        xml = self.call(
+            dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE, what=what
+        )
+        root = domxml.parse(xml)
+        name_elem = root.find("name")
+        assert name_elem is not None
+        name_elem.text = new
+        self.undefine(dom, keep_nvram=True, what=what)
+        try:
+            return self.call(self.conn.defineXML, domxml.to_string(root), what=what)
+        except BaseException:
+            self.call(self.conn.defineXML, xml, what=f"restoring '{old}'")
+            raise
+
+    def define(self, xml: str, what: str = "defining") -> Any:
+        return self.call(self.conn.defineXML, xml, what=what)
 
     # -- events -----------------------------------------------------------------------------
 

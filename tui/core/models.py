@@ -32,9 +32,38 @@ class DomainState(enum.Enum):
         return self not in (DomainState.SHUTOFF, DomainState.NOSTATE, DomainState.CRASHED)
 
 
+class DiskKind(enum.Enum):
+    """What a disk's <source> is (the `type` attribute of <disk>), as virtdeck treats it.
+
+    Only FILE disks are image files virtdeck may create, copy, overlay, chmod, commit or
+    delete (see tui.core.storage); the others are shown, never written.
+    """
+
+    FILE = "file"
+    VOLUME = "volume"  # a storage-pool volume named by pool and volume
+    BLOCK = "block"  # a host block device (/dev/...)
+    NETWORK = "network"  # nbd, iscsi, rbd, gluster, http... (the name is not a local path)
+    DIR = "dir"  # a host directory exported as a FAT disk
+    EMPTY = "empty"  # a removable drive without media
+
+    @classmethod
+    def from_xml(cls, disk_type: str | None, has_source: bool) -> DiskKind:
+        if not has_source:
+            return cls.EMPTY
+        try:
+            return cls(disk_type or "file")
+        except ValueError:
+            return cls.NETWORK  # unknown types (nvme, vhostuser...): never a local file
+
+
 @dataclass(frozen=True)
 class DiskInfo:
-    """One disk of a domain, from its XML, with host-side sizes when libvirt reports them."""
+    """One disk of a domain, from its XML, with host-side sizes when libvirt reports them.
+
+    `source` is what the XML names (a file or device path, `nbd://host/export`,
+    `pool/volume`); `path` is set only for FILE disks: it is an image file path on the
+    disk's hypervisor, never on this machine unless that hypervisor is this machine.
+    """
 
     target: str
     path: str | None
@@ -44,6 +73,39 @@ class DiskInfo:
     backing_path: str | None = None
     allocation_bytes: int | None = None
     capacity_bytes: int | None = None
+    kind: DiskKind = DiskKind.FILE
+    source: str | None = None
+    shareable: bool = False
+
+    @property
+    def removable(self) -> bool:
+        return self.device in ("cdrom", "floppy")
+
+    @property
+    def is_image(self) -> bool:
+        """A writable disk image file this domain owns (what clones copy and snapshots cover)."""
+        return (
+            self.kind == DiskKind.FILE
+            and self.device == "disk"
+            and bool(self.path)
+            and not self.readonly
+            and not self.shareable
+        )
+
+    @property
+    def described(self) -> str:
+        """How an operator would name it: 'block device /dev/sdb', 'network disk nbd://h/x'."""
+        what = {
+            DiskKind.FILE: "file",
+            DiskKind.VOLUME: "pool volume",
+            DiskKind.BLOCK: "block device",
+            DiskKind.NETWORK: "network disk",
+            DiskKind.DIR: "host directory",
+            DiskKind.EMPTY: "empty drive",
+        }[self.kind]
+        if self.removable and self.kind != DiskKind.EMPTY:
+            what = f"{self.device} {what}"
+        return f"{what} {self.source}" if self.source else what
 
 
 @dataclass(frozen=True)
@@ -64,6 +126,7 @@ class VirtdeckMeta:
     sealed: bool = False
     mode: str | None = None  # clone: "thin" or "full"
     xml_backup: str | None = None
+    complete: bool = True  # clone: False until its disks are whole (a crash mid-copy)
 
 
 @dataclass(frozen=True)
@@ -97,6 +160,8 @@ class DomainInfo:
         data["state"] = self.state.value
         data["template"] = self.is_template
         data["disk_allocation_bytes"] = self.disk_allocation_bytes
+        for disk in data["disks"]:
+            disk["kind"] = disk["kind"].value
         return data
 
 

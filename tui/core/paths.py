@@ -18,5 +18,12 @@ def cache_dir() -> Path:
     return Path(base) / "virtdeck"
 
 
+def state_dir() -> Path:
+    """What a crash must not lose (the undo journals of running operations):
+    $XDG_STATE_HOME/virtdeck."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "virtdeck"
+
+
 def template_backup_dir() -> Path:
     return data_dir() / "templates"

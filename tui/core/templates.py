@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import stat
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,34 +27,40 @@ from typing import Any
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import domxml, ops, procs
 from tui.core.errors import (
     InvalidInputError,
     NotFoundError,
     OperationError,
     StateError,
-    VirtdeckError,
 )
-from tui.core.hypervisor import Hypervisor, libvirt_message, validate_name
+from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.models import DiskInfo, DomainInfo, DomainState, VirtdeckMeta
 from tui.core.paths import template_backup_dir
 from tui.core.progress import Progress, no_progress
-from tui.core.qemuimg import QemuImg, last_line
+from tui.core.storage import (
+    ImageUser,
+    LocalFiles,
+    Owner,
+    Resolver,
+    StorageGraph,
+    require_local,
+)
+from tui.core.storage.local import write_private
+from tui.core.storage.qemuimg import last_line
+from tui.core.units import total
 
 #: runner(argv, on_line) -> exit status; calls on_line for every line of output (stdout+stderr).
 LineRunner = Callable[[Sequence[str], Callable[[str], None]], int]
 
-READ_ONLY = 0o444
-
 
 def run_streaming(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
     """Run a command (argument list, no shell), handing each output line to `on_line`."""
-    proc = subprocess.Popen(
+    proc = procs.popen(
         list(argv),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        text=True,
         bufsize=1,
     )
     assert proc.stdout is not None
@@ -62,10 +68,8 @@ def run_streaming(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
         for line in proc.stdout:
             on_line(line.rstrip("\n"))
         return proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    finally:
+        procs.finish(proc)  # an interrupt kills virt-sysprep with the operation
 
 
 class Sysprep:
@@ -156,59 +160,40 @@ def _appliance_failed(lines: Sequence[str]) -> bool:
     return any("guestfs_launch failed" in line for line in lines)
 
 
-def require_local(hv: Hypervisor) -> None:
-    """virtdeck reads, writes and chmods the image files itself: the hypervisor must be here."""
-    if not hv.local:
-        raise InvalidInputError(
-            f"templates and clones need the images on this machine; {hv.uri} is remote "
-            "(run virtdeck on that host)"
-        )
-
-
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
-# -- images and backing chains --------------------------------------------------------------
+# -- images and the domains that use them ---------------------------------------------------
 
 
 def own_images(disks: Iterable[DiskInfo]) -> list[DiskInfo]:
-    """The writable disk images a domain owns (CD-ROMs and read-only disks are shared media)."""
-    return [d for d in disks if d.device == "disk" and d.path and not d.readonly]
+    """The writable image files a domain owns (CD-ROMs, read-only and shareable disks, block
+    devices and network disks are not images virtdeck copies, seals or deletes)."""
+    return [d for d in disks if d.is_image]
 
 
-def backing_files(path: str, qemu: QemuImg, xml_backing: str | None = None) -> tuple[str, ...]:
-    """Real paths of the files under `path` in its backing chain, nearest first.
-
-    Read from the image itself (qemu-img info --backing-chain); when it cannot be read (missing
-    file, missing backing file) fall back to the first level, then to libvirt's <backingStore>.
-    """
-    try:
-        chain = qemu.info(path, backing_chain=True)
-        return tuple(os.path.realpath(layer["filename"]) for layer in chain[1:])
-    except (VirtdeckError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        info = qemu.info(path)
-        backing = info.get("full-backing-filename") or info.get("backing-filename")
-        if backing:
-            return (os.path.realpath(backing),)
-    except (VirtdeckError, ValueError):
-        pass
-    return (os.path.realpath(xml_backing),) if xml_backing else ()
+def foreign_disks(disks: Iterable[DiskInfo]) -> list[DiskInfo]:
+    """Writable disks that are not image files (block, network, pool volume, directory)."""
+    return [
+        d
+        for d in disks
+        if d.device == "disk" and not d.readonly and not d.shareable and not d.is_image
+    ]
 
 
-@dataclass(frozen=True)
-class ImageUser:
-    """A domain (or an undefined template's backup) that reads an image."""
+def backup_owners(backup_dir: Path | None = None) -> list[Owner]:
+    """Templates known only from their XML backups, as owners of images."""
+    return [
+        Owner(b.name, domxml.disks(b.root), defined=False) for b in backup_templates(backup_dir)
+    ]
 
-    name: str
-    image: str  # the image it reads (real path)
-    how: str  # "backing" (a thin clone of it) or "disk" (uses the very file)
-    defined: bool = True
 
-    def __str__(self) -> str:
-        return self.name if self.defined else f"{self.name} (undefined template)"
+def storage_graph(
+    hv: Hypervisor, backup_dir: Path | None = None, resolver: Resolver | None = None
+) -> StorageGraph:
+    """Every domain of `hv` and every template backup, with their chains."""
+    return StorageGraph.read(hv, resolver=resolver, extra_owners=backup_owners(backup_dir))
 
 
 def image_users(
@@ -217,52 +202,12 @@ def image_users(
     *,
     exclude: str | None = None,
     backup_dir: Path | None = None,
-    qemu: QemuImg | None = None,
 ) -> list[ImageUser]:
     """Every domain other than `exclude` (name) whose disks are, or build on, one of `images`."""
-    qemu = qemu or QemuImg()
-    wanted = {os.path.realpath(p) for p in images}
-    if not wanted:
+    images = list(images)
+    if not images:
         return []
-    users: list[ImageUser] = []
-    seen: set[tuple[str, str]] = set()
-    # Fresh XML, not the inventory cache: a clone defined a moment ago by another client
-    # must count.
-    candidates: list[tuple[str, bool, tuple[DiskInfo, ...]]] = []
-    try:
-        for dom in hv.conn.listAllDomains(0):
-            name = dom.name()
-            if name == exclude:
-                continue
-            try:
-                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-            except libvirt.libvirtError as err:
-                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    continue  # undefined since the list call
-                raise
-            candidates.append((name, True, domxml.disks(domxml.parse(xml))))
-    except libvirt.libvirtError as err:
-        raise OperationError(f"listing domains: {libvirt_message(err)}") from None
-    defined_names = {name for name, _, _ in candidates} | ({exclude} if exclude else set())
-    for backup in backup_templates(backup_dir):
-        if backup.name not in defined_names:
-            candidates.append((backup.name, False, domxml.disks(backup.root)))
-    for name, defined, disks in candidates:
-        for disk in disks:
-            if disk.device != "disk" or not disk.path:
-                continue
-            top = os.path.realpath(disk.path)
-            hits = []
-            if top in wanted:
-                hits.append((top, "disk"))
-            for base in backing_files(disk.path, qemu, disk.backing_path):
-                if base in wanted:
-                    hits.append((base, "backing"))
-            for image, how in hits:
-                if (name, image) not in seen:
-                    seen.add((name, image))
-                    users.append(ImageUser(name, image, how, defined))
-    return users
+    return storage_graph(hv, backup_dir).users(images, exclude=exclude)
 
 
 # -- the templates of a hypervisor -----------------------------------------------------------
@@ -270,12 +215,15 @@ def image_users(
 
 @dataclass(frozen=True)
 class BaseImage:
+    """A template's base image; sizes and mode nobody could read are None, with the reason."""
+
     path: str
     format: str | None
     target: str
     virtual_bytes: int | None
     actual_bytes: int | None
-    read_only: bool
+    read_only: bool | None
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -291,20 +239,29 @@ class Template:
     base_images: tuple[BaseImage, ...]
     thin_clones: tuple[str, ...]
     full_clones: tuple[str, ...]
+    incomplete_clones: tuple[str, ...] = ()  # interrupted before their disks were whole
 
     @property
-    def virtual_bytes(self) -> int:
-        return sum(b.virtual_bytes or 0 for b in self.base_images)
+    def virtual_bytes(self) -> int | None:
+        return total(b.virtual_bytes for b in self.base_images)
 
     @property
-    def actual_bytes(self) -> int:
-        return sum(b.actual_bytes or 0 for b in self.base_images)
+    def actual_bytes(self) -> int | None:
+        return total(b.actual_bytes for b in self.base_images)
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return tuple(b.problem for b in self.base_images if b.problem)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["virtual_bytes"] = self.virtual_bytes
+        data["actual_bytes"] = self.actual_bytes
+        data["problems"] = list(self.problems)
         data["sealed_operations"] = list(self.sealed_operations)
         data["thin_clones"] = list(self.thin_clones)
         data["full_clones"] = list(self.full_clones)
+        data["incomplete_clones"] = list(self.incomplete_clones)
         return data
 
 
@@ -348,20 +305,19 @@ def template_xml(hv: Hypervisor, name: str, backup_dir: Path | None = None) -> t
     )
 
 
-def _base_image(disk: DiskInfo, qemu: QemuImg) -> BaseImage:
+def _base_image(disk: DiskInfo, graph: StorageGraph) -> BaseImage:
     assert disk.path is not None
-    virtual = actual = None
-    try:
-        info = qemu.info(disk.path)
-        virtual = info.get("virtual-size")
-        actual = info.get("actual-size")
-    except (VirtdeckError, ValueError):
-        pass
-    try:
-        read_only = not os.stat(disk.path).st_mode & 0o222
-    except OSError:
-        read_only = False
-    return BaseImage(disk.path, disk.format, disk.target, virtual, actual, read_only)
+    chain = graph.chain(disk.path, disk.format)
+    top = chain.top
+    return BaseImage(
+        disk.path,
+        disk.format,
+        disk.target,
+        top.virtual_bytes,
+        top.actual_bytes,
+        top.read_only,
+        chain.problem,
+    )
 
 
 def list_templates(
@@ -369,15 +325,14 @@ def list_templates(
     backup_dir: Path | None = None,
     *,
     include_backups: bool = True,
-    qemu: QemuImg | None = None,
     domains: list[DomainInfo] | None = None,
+    resolver: Resolver | None = None,
 ) -> list[Template]:
     """Defined templates, plus undefined ones from their XML backups, with their clones.
 
     A thin clone is a domain whose metadata names the template with mode "thin", or any domain
     whose backing chain reaches one of its base images (clones made by hand count too).
     """
-    qemu = qemu or QemuImg()
     domains = hv.domains() if domains is None else domains
     found: list[tuple[str, bool, str | None, VirtdeckMeta, tuple[DiskInfo, ...]]] = []
     names = {d.name for d in domains}
@@ -391,25 +346,21 @@ def list_templates(
                 found.append(
                     (backup.name, False, str(backup.path), meta, domxml.disks(backup.root))
                 )
-    # One backing-chain read per disk of every other domain, shared by all templates.
-    chains: dict[str, set[str]] = {}
-    for d in domains:
-        if d.is_template:
-            continue
-        bases: set[str] = set()
-        for disk in own_images(d.disks):
-            assert disk.path is not None
-            bases.update(backing_files(disk.path, qemu, disk.backing_path))
-        chains[d.name] = bases
+    # One graph of every domain's chains (read in-process, cached), shared by all templates.
+    graph = StorageGraph(
+        resolver or Resolver(hv), [Owner(d.name, d.disks) for d in domains if not d.is_template]
+    )
     out = []
     for name, defined, backup_path, meta, disks in found:
-        images = tuple(_base_image(disk, qemu) for disk in own_images(disks))
-        paths = {os.path.realpath(b.path) for b in images}
-        thin, full = [], []
+        images = tuple(_base_image(disk, graph) for disk in own_images(disks))
+        users = {u.name for u in graph.users([b.path for b in images]) if u.how == "backing"}
+        thin, full, incomplete = [], [], []
         for d in domains:
             if d.is_template:
                 continue
-            if chains.get(d.name, set()) & paths or (
+            if d.meta.role == "clone" and d.meta.source == name and not d.meta.complete:
+                incomplete.append(d.name)
+            elif d.name in users or (
                 d.meta.role == "clone" and d.meta.source == name and d.meta.mode == "thin"
             ):
                 thin.append(d.name)
@@ -428,16 +379,15 @@ def list_templates(
                 base_images=images,
                 thin_clones=tuple(thin),
                 full_clones=tuple(full),
+                incomplete_clones=tuple(incomplete),
             )
         )
     out.sort(key=lambda t: t.name)
     return out
 
 
-def get_template(
-    hv: Hypervisor, name: str, backup_dir: Path | None = None, qemu: QemuImg | None = None
-) -> Template:
-    for t in list_templates(hv, backup_dir, qemu=qemu):
+def get_template(hv: Hypervisor, name: str, backup_dir: Path | None = None) -> Template:
+    for t in list_templates(hv, backup_dir):
         if t.name == name:
             return t
     raise NotFoundError(f"no template named '{name}' ('virtdeck template ls' lists them)")
@@ -519,7 +469,7 @@ def plan_template(
     sysprep: Sysprep | None = None,
 ) -> TemplatePlan:
     """Check everything before anything changes; the plan says what execute_template() does."""
-    require_local(hv)
+    require_local(hv, "template create")
     info = hv.domain(vm)
     if info.is_template:
         raise StateError(f"'{vm}' is already a template")
@@ -538,20 +488,20 @@ def plan_template(
             f"'{vm}' is {info.state.value}: it cannot shut down gracefully; "
             "resume it first, or force it off with --force"
         )
+    for disk in foreign_disks(info.disks):
+        raise InvalidInputError(
+            f"disk {disk.target} of '{vm}' is a {disk.described}: virtdeck makes templates of "
+            "image files only (it would seal, share and make read-only what is not its own); "
+            "detach it or make the template by hand"
+        )
     images = []
+    resolver = Resolver(hv)
     for disk in own_images(info.disks):
         assert disk.path is not None
-        if not os.path.isfile(disk.path):
-            raise NotFoundError(
-                f"disk {disk.target} of '{vm}' is not a file virtdeck can read: {disk.path}"
-            )
+        chain = resolver.chain(disk.path, disk.format)
+        if not chain.complete:
+            raise NotFoundError(f"disk {disk.target} of '{vm}': {chain.problem}")
         images.append((disk.path, disk.format))
-    for disk in info.disks:
-        if disk.device == "disk" and not disk.path:
-            raise InvalidInputError(
-                f"disk {disk.target} of '{vm}' is not a local file; virtdeck templates need "
-                "file-backed disks"
-            )
     if not images:
         raise InvalidInputError(f"'{vm}' has no disk image to make a template from")
     directory = Path(backup_dir) if backup_dir is not None else template_backup_dir()
@@ -599,8 +549,8 @@ def plan_template(
 
 def _snapshot_count(hv: Hypervisor, vm: str) -> int:
     try:
-        return int(hv.lookup(vm).snapshotNum(0))
-    except libvirt.libvirtError:
+        return int(hv.call(hv.lookup(vm).snapshotNum, 0))
+    except OperationError:
         return 0  # a driver without snapshots has none to block the rename
 
 
@@ -612,7 +562,7 @@ def _shut_down(hv: Hypervisor, plan: TemplatePlan, progress: Progress) -> None:
         progress(f"shutting '{plan.vm}' down", None)
         with contextlib.suppress(StateError):
             hv.shutdown(plan.vm)
-        if hv.wait_for_state(plan.vm, [DomainState.SHUTOFF], plan.shutdown_timeout):
+        if _wait_off(hv, plan.vm, plan.shutdown_timeout):
             return
         if not plan.force:
             raise StateError(
@@ -627,71 +577,20 @@ def _shut_down(hv: Hypervisor, plan: TemplatePlan, progress: Progress) -> None:
     progress(f"forcing '{plan.vm}' off", None)
     with contextlib.suppress(StateError):
         hv.destroy(plan.vm)
-    if not hv.wait_for_state(plan.vm, [DomainState.SHUTOFF], 30):
+    if not _wait_off(hv, plan.vm, 30):
         raise StateError(f"'{plan.vm}' did not power off; nothing was changed")
 
 
-def _libvirt(what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except libvirt.libvirtError as err:
-        raise OperationError(f"{what}: {libvirt_message(err)}") from None
-
-
-def undefine_domain(dom: Any, *, keep_nvram: bool) -> None:
-    """Undefine, keeping (template) or removing (clone) its NVRAM and TPM state.
-
-    The flags are newer than the call: KEEP_TPM needs libvirt 8.9, and some drivers reject the
-    NVRAM flags, so each rejected set falls back to a smaller one (a domain without NVRAM or
-    TPM never needs them).
-    """
-    managed = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    if keep_nvram:
-        flags = [libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | managed]
-        keep_tpm = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0)
-        if keep_tpm:
-            flags.insert(0, flags[0] | keep_tpm)
-    else:
-        flags = [libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | managed]
-    rejected = (
-        libvirt.VIR_ERR_NO_SUPPORT,
-        libvirt.VIR_ERR_INVALID_ARG,
-        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
-    )
-    for flag in flags:
-        try:
-            dom.undefineFlags(flag)
-            return
-        except libvirt.libvirtError as err:
-            if err.get_error_code() not in rejected:
-                raise
-    dom.undefine()
-
-
-def _rename(hv: Hypervisor, dom: Any, old: str, new: str) -> Any:
-    """Rename a shut-off domain; returns the (possibly new) virDomain handle.
-
-    virDomainRename exists since libvirt 1.2.19, but not every driver implements it; the
-    fallback undefines the old definition and defines the same XML (same UUID) under the new
-    name, restoring the old one if that define fails.
-    """
-    try:
-        dom.rename(new, 0)
-        return hv.conn.lookupByName(new)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-            raise OperationError(f"renaming '{old}' to '{new}': {libvirt_message(err)}") from None
-    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-    root = domxml.parse(xml)
-    name_elem = root.find("name")
-    assert name_elem is not None
-    name_elem.text = new
-    _libvirt(f"renaming '{old}'", lambda: undefine_domain(dom, keep_nvram=True))
-    try:
-        return _libvirt(f"renaming '{old}' to '{new}'", hv.conn.defineXML, domxml.to_string(root))
-    except BaseException:
-        hv.conn.defineXML(xml)
-        raise
+def _wait_off(hv: Hypervisor, name: str, timeout: float) -> bool:
+    """Wait for the domain to power off, a second at a time so an interrupt is heard."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ops.check_cancelled()
+        left = deadline - time.monotonic()
+        if hv.wait_for_state(name, [DomainState.SHUTOFF], max(0.0, min(1.0, left))):
+            return True
+        if left <= 1.0:
+            return False
 
 
 def execute_template(
@@ -700,10 +599,13 @@ def execute_template(
     progress: Progress = no_progress,
     *,
     sysprep: Sysprep | None = None,
-    qemu: QemuImg | None = None,
 ) -> Template:
-    """Do what the plan says; on a failure after sealing, undo the rename, metadata, backup,
-    file modes and undefine (the sealing itself cannot be undone, and the VM stays shut off)."""
+    """Do what the plan says, journalled (tui.core.ops): on a failure or an interrupt after
+    sealing, the rename, metadata, backup, file modes and undefine are undone (the sealing
+    itself cannot be, and the VM stays shut off); a crash leaves a journal `virtdeck recover`
+    rolls back."""
+    files = LocalFiles(hv, "template create")
+    done, progress = progress, ops.cancellable(progress)
     dom = hv.lookup(plan.vm)
     if dom.UUIDString() != plan.uuid:
         raise StateError(f"'{plan.vm}' changed since the plan was made; plan again")
@@ -711,90 +613,61 @@ def execute_template(
         raise InvalidInputError(f"a domain named '{plan.name}' already exists; choose --name")
     if os.path.exists(plan.backup_path):
         raise InvalidInputError(f"{plan.backup_path} already exists; choose another --name")
-    _shut_down(hv, plan, progress)
-    if plan.seal:
-        progress(f"sealing '{plan.vm}' with virt-sysprep", None)
-        (sysprep or Sysprep()).seal(
-            uri=hv.uri,
-            domain=plan.vm if hv.uri.startswith("qemu") else None,
-            images=plan.images,
-            operations=plan.operations if plan.chosen_operations else None,
-            progress=progress,
-        )
-    orig_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-    modes = {path: os.stat(path).st_mode for path, _ in plan.images}
-    renamed = wrote_backup = undefined = False
-    chmodded: list[str] = []
+    modes = {path: files.mode(path) for path, _ in plan.images}  # refuses non-files up front
+    secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
     try:
-        if plan.name != plan.vm:
-            progress(f"renaming '{plan.vm}' to '{plan.name}'", None)
-            dom = _rename(hv, dom, plan.vm, plan.name)
-            renamed = True
-        meta = VirtdeckMeta(
-            role="template",
-            created=now_iso(),
-            source=plan.vm,
-            operations=plan.operations if plan.seal else (),
-            sealed=plan.seal,
-            xml_backup=plan.backup_path,
-        )
-        _libvirt(
-            f"recording template metadata on '{plan.name}'",
-            dom.setMetadata,
-            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-            domxml.meta_xml(meta),
-            domxml.PREFIX,
-            domxml.NS,
-            libvirt.VIR_DOMAIN_AFFECT_CONFIG,
-        )
-        progress(f"backing up the XML to {plan.backup_path}", None)
-        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-        try:
-            os.makedirs(plan.backup_dir, exist_ok=True)
-            # 0600: the XML is dumped with VIR_DOMAIN_XML_SECURE (VNC/SPICE passwords).
-            fd = os.open(plan.backup_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            wrote_backup = True
-            with os.fdopen(fd, "w") as fh:
-                fh.write(xml)
-        except OSError as err:
-            raise OperationError(
-                f"cannot write the XML backup {plan.backup_path}: {err.strerror}"
-            ) from None
-        for path, _ in plan.images:
-            chmodded.append(path)
-            os.chmod(path, READ_ONLY)
-        if plan.undefine:
-            progress(f"undefining '{plan.name}' (XML kept in {plan.backup_path})", None)
-            _libvirt(f"undefining '{plan.name}'", lambda: undefine_domain(dom, keep_nvram=True))
-            undefined = True
-    except BaseException:
-        _undo_template(hv, plan, orig_xml, modes, chmodded, renamed, wrote_backup, undefined)
-        raise
+        with ops.running(hv, f"making '{plan.vm}' a template") as undo:
+            _shut_down(hv, plan, progress)
+            if plan.seal:
+                progress(f"sealing '{plan.vm}' with virt-sysprep", None)
+                (sysprep or Sysprep()).seal(
+                    uri=hv.uri,
+                    domain=plan.vm if hv.uri.startswith("qemu") else None,
+                    images=plan.images,
+                    operations=plan.operations if plan.chosen_operations else None,
+                    progress=progress,
+                )
+            orig_xml = hv.call(dom.XMLDesc, secure, what=plan.vm)
+            undo.push(f"restore the definition of '{plan.vm}'", "define", xml=orig_xml)
+            if plan.name != plan.vm:
+                progress(f"renaming '{plan.vm}' to '{plan.name}'", None)
+                undo.push(f"rename back to '{plan.vm}'", "rename", uuid=plan.uuid, name=plan.vm)
+                dom = hv.rename(dom, plan.vm, plan.name)
+            meta = VirtdeckMeta(
+                role="template",
+                created=now_iso(),
+                source=plan.vm,
+                operations=plan.operations if plan.seal else (),
+                sealed=plan.seal,
+                xml_backup=plan.backup_path,
+            )
+            hv.call(
+                dom.setMetadata,
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                domxml.meta_xml(meta),
+                domxml.PREFIX,
+                domxml.NS,
+                libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+                what=f"recording template metadata on '{plan.name}'",
+            )
+            progress(f"backing up the XML to {plan.backup_path}", None)
+            xml = hv.call(dom.XMLDesc, secure, what=plan.name)
+            undo.push(f"remove {plan.backup_path}", "remove_private", path=plan.backup_path)
+            try:
+                # 0600: the XML is dumped with VIR_DOMAIN_XML_SECURE (VNC/SPICE passwords).
+                write_private(plan.backup_path, xml)
+            except OperationError as err:
+                raise OperationError(f"cannot write the XML backup: {err}") from None
+            for path, _ in plan.images:
+                progress(f"making {path} read-only", None)
+                undo.push(f"make {path} writable again", "restore_mode", path=path,
+                          mode=modes[path])  # fmt: skip
+                files.make_read_only(path)
+            if plan.undefine:
+                progress(f"undefining '{plan.name}' (XML kept in {plan.backup_path})", None)
+                hv.undefine(dom, keep_nvram=True, what=f"undefining '{plan.name}'")
+            undo.commit()
     finally:
         hv.invalidate(plan.uuid)
-    progress(f"'{plan.name}' is a template", 1.0)
-    return get_template(hv, plan.name, Path(plan.backup_dir), qemu)
-
-
-def _undo_template(
-    hv: Hypervisor,
-    plan: TemplatePlan,
-    orig_xml: str,
-    modes: dict[str, int],
-    chmodded: list[str],
-    renamed: bool,
-    wrote_backup: bool,
-    undefined: bool,
-) -> None:
-    conn = hv.conn
-    with contextlib.suppress(libvirt.libvirtError, VirtdeckError):
-        if renamed and not undefined:
-            _rename(hv, conn.lookupByName(plan.name), plan.name, plan.vm)
-    with contextlib.suppress(libvirt.libvirtError, VirtdeckError):
-        conn.defineXML(orig_xml)  # original name, no virtdeck metadata
-    for path in chmodded:
-        with contextlib.suppress(OSError):
-            os.chmod(path, stat.S_IMODE(modes[path]))
-    if wrote_backup:
-        with contextlib.suppress(OSError):
-            os.unlink(plan.backup_path)
+    done(f"'{plan.name}' is a template", 1.0)
+    return get_template(hv, plan.name, Path(plan.backup_dir))

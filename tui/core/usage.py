@@ -1,15 +1,11 @@
 """Disk usage of a hypervisor: backing chains, what each domain owns and shares, and what thin
 clones save against full copies. A base shared by many clones is counted once in every total.
 
-Where the numbers come from, per image path:
-1. a local file (the URI has no host part, or uses the unix transport, and the file exists):
-   read in-process by tui.core.images (qemu-img only for formats it does not parse);
-2. a libvirt storage volume (`storageVolLookupByPath`, `virStorageVolGetInfo`, the volume
-   XML's backingStore) - so `-c qemu+ssh://host/system` gives the same numbers with no local
-   file access;
-3. a running domain's bulk block stats with their backing chains (one getAllDomainStats call),
-   for images no pool knows about.
-An image none of them knows is reported with source "missing" and zero sizes, and a problem line.
+Where the numbers come from, per image path: the storage resolver (tui.core.storage.resolver):
+this machine's file read in-process when the hypervisor is proved to be this machine, else a
+libvirt storage volume, else a running domain's bulk block stats. An image none of them knows
+is reported with source "missing", sizes None (unknown, never 0) and a problem line; every
+total that would include it is None too.
 
 How the totals are defined:
 - a thin clone is a non-template domain with a disk whose backing chain reaches an image of a
@@ -20,26 +16,25 @@ How the totals are defined:
   allocation of its whole chain (base included) capped at the disk's virtual size, which is what
   `qemu-img convert` of that chain allocates at most;
 - `saved_bytes` = full_equivalent_bytes - thin_bytes (the base is needed by full clones too).
+- a clone whose chain cannot be read (a remote host without a pool for it) is counted by what
+  its metadata says it is (thin or full), with unknown sizes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
-import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import libvirt
-
 from tui.core import domxml
-from tui.core.hypervisor import Hypervisor, is_local_uri, libvirt_message
-from tui.core.images import Image, ImageReader, resolve_backing
+from tui.core.hypervisor import Hypervisor
 from tui.core.models import DiskInfo, DomainInfo
-from tui.core.qemuimg import QemuImg
+from tui.core.storage import Resolver
+from tui.core.storage.qemuimg import QemuImg
+from tui.core.storage.reader import Image, ImageReader
+from tui.core.storage.resolver import Pass, parse_block_stats
+from tui.core.units import total
 
 __all__ = [
     "CloneDisk",
@@ -49,13 +44,11 @@ __all__ = [
     "TemplateUsage",
     "UsageCollector",
     "UsageReport",
+    "parse_block_stats",
 ]
-
-_MAX_CHAIN = 64
 
 #: Templates known only from an XML backup: (name, disks) pairs.
 BackupSource = Callable[[], list[tuple[str, tuple[DiskInfo, ...]]]]
-_POOL_REFRESH_INTERVAL = 30.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,7 @@ class CloneDisk:
 
     domain: str
     path: str
-    actual_bytes: int
+    actual_bytes: int | None
 
     def to_json(self) -> dict[str, Any]:
         return {"domain": self.domain, "path": self.path, "actual_bytes": self.actual_bytes}
@@ -89,8 +82,8 @@ class DomainUsage:
     name: str
     role: str | None
     disks: tuple[DiskChain, ...]
-    owned_bytes: int
-    shared_bytes: int
+    owned_bytes: int | None
+    shared_bytes: int | None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,16 +101,18 @@ class TemplateUsage:
 
     name: str
     base: str | None
-    base_bytes: int
+    base_bytes: int | None
     thin: tuple[CloneDisk, ...]
     full: tuple[CloneDisk, ...]
-    thin_bytes: int
-    full_bytes: int
-    full_equivalent_bytes: int
+    thin_bytes: int | None
+    full_bytes: int | None
+    full_equivalent_bytes: int | None
     defined: bool = True  # False: known only from its clones' metadata
 
     @property
-    def saved_bytes(self) -> int:
+    def saved_bytes(self) -> int | None:
+        if self.full_equivalent_bytes is None or self.thin_bytes is None:
+            return None
         return max(0, self.full_equivalent_bytes - self.thin_bytes)
 
     @property
@@ -149,7 +144,7 @@ class UsageReport:
     images: tuple[Image, ...]
     templates: tuple[TemplateUsage, ...]
     domains: tuple[DomainUsage, ...]
-    total_actual_bytes: int
+    total_actual_bytes: int | None
     problems: tuple[str, ...] = ()
     _by_path: dict[str, Image] = field(default_factory=dict, repr=False, compare=False)
 
@@ -180,7 +175,7 @@ class UsageReport:
 
 
 class UsageCollector:
-    """Builds UsageReports for one hypervisor, keeping caches between refreshes.
+    """Builds UsageReports for one hypervisor, keeping the resolver's caches between refreshes.
 
     One refresh at a time per collector (the TUI never runs two measures at once); the caches
     themselves are thread-safe.
@@ -197,96 +192,29 @@ class UsageCollector:
     ) -> None:
         self.hv = hv
         self.backups = backups or saved_templates
-        self.local = is_local_uri(hv.uri) if local is None else local
-        self.reader = reader or ImageReader(qemu_img)
-        self._vol_xml: dict[tuple[str, int], tuple[str | None, str | None, str | None]] = {}
-        self._pools_refreshed_at = -_POOL_REFRESH_INTERVAL
+        self.resolver = Resolver(hv, qemu_img=qemu_img, reader=reader, local=local)
         self._lock = threading.Lock()
-        #: counters for tests
-        self.pool_lookups = 0
-        self.blockstats_calls = 0
+
+    @property
+    def local(self) -> bool:
+        return self.resolver.local
+
+    @property
+    def reader(self) -> ImageReader:
+        return self.resolver.reader
+
+    @property
+    def pool_lookups(self) -> int:
+        return self.resolver.pool_lookups
+
+    @property
+    def blockstats_calls(self) -> int:
+        return self.resolver.blockstats_calls
 
     def report(self, domains: Sequence[DomainInfo] | None = None) -> UsageReport:
         """A fresh report; `domains` saves a listing when the caller just made one."""
         with self._lock:
             return _Refresh(self, list(self.hv.domains() if domains is None else domains)).run()
-
-    # -- sources ----------------------------------------------------------------------------
-
-    def pool_image(self, path: str, why: list[str]) -> Image | None:
-        conn = self.hv.conn
-        self.pool_lookups += 1
-        try:
-            vol = conn.storageVolLookupByPath(path)
-        except libvirt.libvirtError:
-            vol = None
-        if vol is None and self._refresh_pools():
-            try:
-                vol = conn.storageVolLookupByPath(path)
-            except libvirt.libvirtError:
-                vol = None
-        if vol is None:
-            return None
-        try:
-            # virStorageVolGetInfo re-reads the file on the hypervisor (refreshVol), so the
-            # allocation is as live as a local stat.
-            _type, capacity, allocation = vol.info()
-            key = (path, int(capacity))
-            facts = self._vol_xml.get(key)
-            if facts is None:
-                facts = _volume_facts(vol.XMLDesc(0))
-                self._vol_xml[key] = facts
-        except libvirt.libvirtError as err:
-            why.append(f"storage volume unreadable: {libvirt_message(err)}")
-            return None
-        fmt, backing, backing_format = facts
-        return Image(
-            path=path,
-            format=fmt,
-            virtual_bytes=int(capacity),
-            actual_bytes=int(allocation),
-            backing=resolve_backing(path, backing) if backing else None,
-            backing_format=backing_format,
-            source="pool",
-        )
-
-    def _refresh_pools(self) -> bool:
-        """Rescan active pools (new clone files), at most every 30 s; True if it did."""
-        now = time.monotonic()
-        if now - self._pools_refreshed_at < _POOL_REFRESH_INTERVAL:
-            return False
-        self._pools_refreshed_at = now
-        try:
-            pools = self.hv.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
-        except libvirt.libvirtError:
-            return False
-        for pool in pools:
-            # A pool busy building a volume refuses; the next round retries.
-            with contextlib.suppress(libvirt.libvirtError):
-                pool.refresh(0)
-        return True
-
-    def block_stats(self, names: Iterable[str]) -> dict[str, tuple[int, int, str | None]]:
-        """path -> (capacity, physical, backing path) for the running domains `names`."""
-        wanted = set(names)
-        if not wanted:
-            return {}
-        self.blockstats_calls += 1
-        # VIR_CONNECT_GET_ALL_DOMAINS_STATS_BACKING: libvirt >= 1.2.15; looked up at run time
-        # so older or newer bindings without it still get the top images.
-        flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE | getattr(
-            libvirt, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_BACKING", 0
-        )
-        try:
-            records = self.hv.conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_BLOCK, flags)
-        except libvirt.libvirtError:
-            return {}
-        out: dict[str, tuple[int, int, str | None]] = {}
-        for dom, st in records:
-            if dom.name() not in wanted:
-                continue
-            out.update(parse_block_stats(st))
-        return out
 
 
 def saved_templates() -> list[tuple[str, tuple[DiskInfo, ...]]]:
@@ -299,108 +227,23 @@ def saved_templates() -> list[tuple[str, tuple[DiskInfo, ...]]]:
         return []
 
 
-def parse_block_stats(st: dict[str, Any]) -> dict[str, tuple[int, int, str | None]]:
-    """Bulk block stats -> path -> (capacity, physical, backing path).
-
-    With the BACKING flag libvirt lists each disk's chain as consecutive entries with the same
-    `name`, top image first. For a running domain `physical` is the file's allocation on the
-    host (QEMU's actual-size); `allocation` would be the highest written offset.
-    """
-    out: dict[str, tuple[int, int, str | None]] = {}
-    entries = []
-    for i in range(int(st.get("block.count", 0))):
-        entries.append(
-            (
-                st.get(f"block.{i}.name"),
-                st.get(f"block.{i}.path"),
-                st.get(f"block.{i}.capacity"),
-                st.get(f"block.{i}.physical", st.get(f"block.{i}.allocation")),
-            )
-        )
-    for i, (name, path, capacity, physical) in enumerate(entries):
-        if not path or capacity is None or physical is None:
-            continue
-        nxt = entries[i + 1] if i + 1 < len(entries) else None
-        backing = nxt[1] if nxt is not None and nxt[0] == name else None
-        out.setdefault(path, (int(capacity), int(physical), backing))
-    return out
-
-
-def _volume_facts(xml: str) -> tuple[str | None, str | None, str | None]:
-    root = ET.fromstring(xml)
-    fmt = root.find("target/format")
-    backing = root.findtext("backingStore/path")
-    backing_fmt = root.find("backingStore/format")
-    return (
-        fmt.get("type") if fmt is not None else None,
-        backing.strip() if backing and backing.strip() else None,
-        backing_fmt.get("type") if backing_fmt is not None else None,
-    )
-
-
-def _norm(path: str) -> str:
-    """One spelling per file (`/a//b/../c` is `/a/c`); symlinks are left alone (remote too)."""
-    return os.path.normpath(path) if path.startswith("/") else path
-
-
 class _Refresh:
-    """One report's worth of work (memoised per path within the refresh)."""
+    """One report's worth of work: one resolver pass (memoised per path)."""
 
     def __init__(self, collector: UsageCollector, domains: list[DomainInfo]) -> None:
         self.c = collector
         self.domains = domains
-        self.images: dict[str, Image] = {}
-        self.problems: list[str] = []
-        self._stats: dict[str, tuple[int, int, str | None]] | None = None
+        running = [d.name for d in domains if d.state.active]
+        self.session: Pass = collector.resolver.session(running)
+        self.images = self.session.images
+        self.problems = self.session.problems
+        self.incomplete: set[str] = set()  # domains with a chain that could not be read whole
 
-    def stats(self) -> dict[str, tuple[int, int, str | None]]:
-        if self._stats is None:
-            running = [d.name for d in self.domains if d.state.active]
-            self._stats = self.c.block_stats(running)
-        return self._stats
-
-    def image(self, path: str, fmt: str | None) -> Image:
-        img = self.images.get(path)
-        if img is not None:
-            return img
-        why: list[str] = []  # reported only when no source at all can tell
-        img = self._local(path, fmt, why) if self.c.local else None
-        if img is None:
-            img = self.c.pool_image(path, why)
-        if img is None:
-            st = self.stats().get(path)
-            if st is not None:
-                capacity, physical, backing = st
-                img = Image(path, fmt, capacity, physical, backing, None, "blockstats")
-        if img is None:
-            where = "locally, " if self.c.local else ""
-            why.append(f"not found {where}in a storage pool or in running domains' block stats")
-            self.problems.append(f"{path}: {'; '.join(why)}")
-            img = Image(path, fmt, 0, 0, None, None, "missing")
-        self.images[path] = img
-        return img
-
-    def _local(self, path: str, fmt: str | None, why: list[str]) -> Image | None:
-        try:
-            return self.c.reader.read(path, fmt)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            why.append(str(err.strerror or err))
-            return None
-
-    def chain(self, path: str, fmt: str | None) -> tuple[str, ...]:
-        out: list[str] = []
-        seen: set[str] = set()
-        nxt: str | None = _norm(path)
-        while nxt is not None and nxt not in seen and len(out) < _MAX_CHAIN:
-            seen.add(nxt)
-            out.append(nxt)
-            img = self.image(nxt, fmt)
-            nxt, fmt = (_norm(img.backing) if img.backing else None), img.backing_format
-        if nxt is not None:
-            self.problems.append(f"{path}: backing chain loops or is deeper than {_MAX_CHAIN}")
-        return tuple(out)
+    def chain(self, path: str, fmt: str | None, owner: str = "") -> tuple[str, ...]:
+        chain = self.session.chain(path, fmt)
+        if not chain.complete and owner:
+            self.incomplete.add(owner)
+        return chain.paths
 
     def run(self) -> UsageReport:
         chains: dict[str, tuple[DiskChain, ...]] = {}
@@ -408,8 +251,8 @@ class _Refresh:
             disks = []
             for disk in dom.disks:
                 if disk.device != "disk" or not disk.path:
-                    continue
-                disks.append(DiskChain(disk.target, self.chain(disk.path, disk.format)))
+                    continue  # only image files: a block or network disk has no chain here
+                disks.append(DiskChain(disk.target, self.chain(disk.path, disk.format, dom.name)))
             chains[dom.name] = tuple(disks)
 
         users: dict[str, set[str]] = {}
@@ -418,8 +261,8 @@ class _Refresh:
                 for p in d.chain:
                     users.setdefault(p, set()).add(name)
 
-        def actual(paths: Iterable[str]) -> int:
-            return sum(self.images[p].actual_bytes for p in set(paths))
+        def actual(paths: Iterable[str]) -> int | None:
+            return total(self.images[p].actual_bytes for p in set(paths))
 
         domains = []
         for dom in self.domains:
@@ -441,7 +284,7 @@ class _Refresh:
             images=images,
             templates=templates,
             domains=tuple(domains),
-            total_actual_bytes=sum(i.actual_bytes for i in images),
+            total_actual_bytes=total(i.actual_bytes for i in images),
             problems=tuple(dict.fromkeys(self.problems)),
         )
 
@@ -461,7 +304,8 @@ class _Refresh:
             if name in names or name in out:
                 continue
             own = [d for d in disks if d.device == "disk" and d.path]
-            if name in sources or any(_norm(d.path or "") in in_use for d in own):
+            if name in sources or any(self.c.resolver.canonical(d.path or "") in in_use
+                                      for d in own):  # fmt: skip
                 out[name] = tuple(
                     DiskChain(d.target, self.chain(d.path or "", d.format)) for d in own
                 )
@@ -508,23 +352,41 @@ class _Refresh:
                     thin[owner].append((d, dom.name))
                     reached.add(owner)
             src = dom.meta.source
-            if dom.meta.role == "clone" and src in bases and src not in reached:
-                full[src].extend(chains[dom.name])
-                full_names[src].extend(dom.name for _ in chains[dom.name])
+            if (
+                dom.meta.role == "clone"
+                and src in bases
+                and src not in reached
+                and dom.meta.complete
+            ):
+                if dom.name in self.incomplete and dom.meta.mode != "full":
+                    # Its chain could not be read: trust its metadata, sizes unknown.
+                    thin[src].extend((d, dom.name) for d in chains[dom.name])
+                else:
+                    full[src].extend(chains[dom.name])
+                    full_names[src].extend(dom.name for _ in chains[dom.name])
 
         out = []
         for name in sorted(bases):
             base_paths = bases[name]
             thin_disks = []
             thin_paths: set[str] = set()
-            equivalent = 0
+            equivalent: int | None = 0
             for d, dom_name in thin[name]:
-                cut = next(i for i, p in enumerate(d.chain) if p in base_paths)
+                cut = next((i for i, p in enumerate(d.chain) if p in base_paths), None)
+                if cut is None:  # an unreadable chain (see above): nothing is known of it
+                    thin_paths.add(d.path)
+                    thin_disks.append(CloneDisk(dom_name, d.path, None))
+                    equivalent = None
+                    continue
                 above = d.chain[:cut]
                 thin_paths.update(above)
                 thin_disks.append(CloneDisk(dom_name, d.path, self._sum(above)))
                 whole = self._sum(d.chain)
-                equivalent += min(whole, self.images[d.path].virtual_bytes or whole)
+                virtual = self.images[d.path].virtual_bytes
+                if equivalent is not None and whole is not None:
+                    equivalent += min(whole, virtual or whole)
+                else:
+                    equivalent = None
             full_disks = []
             full_paths: set[str] = set()
             for fd, dom_name in zip(full[name], full_names[name], strict=True):
@@ -545,5 +407,6 @@ class _Refresh:
             )
         return tuple(out)
 
-    def _sum(self, paths: Iterable[str]) -> int:
-        return sum(self.images[p].actual_bytes for p in set(paths) if p in self.images)
+    def _sum(self, paths: Iterable[str]) -> int | None:
+        return total(self.images[p].actual_bytes if p in self.images else None
+                      for p in set(paths))  # fmt: skip

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import humanize
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -32,6 +31,7 @@ from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 from tui.core.progress import Progress
 from tui.core.snapshots import DeletePlan, RevertPlan, SnapshotNode, SnapshotTree
+from tui.core.units import size
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.snapshot_forms import NewSnapshotScreen, SnapshotRequest
 from tui.widgets.base import Pane
@@ -78,8 +78,8 @@ def details_text(node: SnapshotNode) -> str:
     if node.description:
         lines.append(f"note      {node.description}")
     for f in node.files:
-        size = "gone" if f.size_bytes is None else humanize.naturalsize(f.size_bytes, binary=True)
-        lines.append(f"{f.role:<9} {f.path} ({size})")
+        why = f": {f.problem}" if f.problem else ""
+        lines.append(f"{f.role:<9} {f.path} ({size(f.size_bytes)}{why})")
     return "\n".join(lines)
 
 

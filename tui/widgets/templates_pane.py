@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-import humanize
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -32,6 +31,7 @@ from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 from tui.core.progress import Progress
 from tui.core.templates import Template, TemplatePlan
+from tui.core.units import size
 from tui.screens.template_forms import (
     DeployRequest,
     DeployScreen,
@@ -81,10 +81,6 @@ class OperationDone(Message):
     text: str
 
 
-def _size(n: int | None) -> str:
-    return "-" if not n else humanize.naturalsize(n, binary=True)
-
-
 def row_cells(t: Template) -> tuple[str, ...]:
     if t.sealed:
         when = (t.created or "?")[:16].replace("T", " ")
@@ -96,8 +92,8 @@ def row_cells(t: Template) -> tuple[str, ...]:
         t.name,
         "yes" if t.defined else "backup only",
         " ".join(os.path.basename(b.path) for b in t.base_images),
-        _size(t.virtual_bytes),
-        _size(t.actual_bytes),
+        size(t.virtual_bytes),
+        size(t.actual_bytes),
         sealed,
         str(len(t.thin_clones)),
         str(len(t.full_clones)),
@@ -112,11 +108,13 @@ def details_text(t: Template) -> str:
         f"sealed    {', '.join(t.sealed_operations) or '-'}" if t.sealed else "sealed    no",
     ]
     for b in t.base_images:
-        ro = "read-only" if b.read_only else "WRITABLE"
+        ro = {True: "read-only", False: "WRITABLE", None: "mode unknown"}[b.read_only]
         lines.append(
-            f"base {b.target:<4} {b.path}  ({_size(b.virtual_bytes)} virtual, "
-            f"{_size(b.actual_bytes)} real, {ro})"
+            f"base {b.target:<4} {b.path}  ({size(b.virtual_bytes)} virtual, "
+            f"{size(b.actual_bytes)} real, {ro})"
         )
+        if b.problem:
+            lines.append(f"          unknown: {b.problem}")
     lines.append(f"thin      {', '.join(t.thin_clones) or '-'}  (depend on the base)")
     lines.append(f"full      {', '.join(t.full_clones) or '-'}")
     return "\n".join(lines)
@@ -437,10 +435,8 @@ class TemplatesPane(Pane):
             if not storage:
                 kept = plan.delete_files + plan.kept_files
                 plan = replace(plan, storage=False, delete_files=(), kept_files=kept)
-            clones.execute_remove(hv, plan, progress)
-            text = f"removed '{plan.name}'" + (
-                f" and deleted {', '.join(plan.delete_files)}" if plan.delete_files else ""
-            )
+            done = clones.execute_remove(hv, plan, progress)
+            text = f"removed '{plan.name}'" + (f" and deleted {', '.join(done)}" if done else "")
         self.post_message(OperationDone(text))
 
     def on_template_progress(self, message: TemplateProgress) -> None:

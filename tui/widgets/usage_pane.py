@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import humanize
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -27,17 +26,16 @@ from textual.worker import Worker, WorkerState
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
+from tui.core.units import size, total
 from tui.core.usage import TemplateUsage, UsageCollector, UsageReport
 from tui.widgets.base import Pane
 
 BAR_WIDTH = 32
 
 
-def size(n: int) -> str:
-    return humanize.naturalsize(n, binary=True)
-
-
-def bar(value: int, scale: int, style: str, width: int = BAR_WIDTH) -> str:
+def bar(value: int | None, scale: int, style: str, width: int = BAR_WIDTH) -> str:
+    if value is None:  # unknown: no bar at all, never an empty (zero) one
+        return f"[$text-disabled]{'?' * width}[/]"
     filled = 0 if scale <= 0 else round(width * min(value, scale) / scale)
     if value > 0 and filled == 0:
         filled = 1  # a clone that wrote something is never an empty bar
@@ -46,9 +44,13 @@ def bar(value: int, scale: int, style: str, width: int = BAR_WIDTH) -> str:
 
 def template_markup(t: TemplateUsage) -> list[str]:
     """Side-by-side bars: what the thin clones use, what full copies would use, the saving."""
-    scale = max(t.full_equivalent_bytes, t.thin_bytes, t.full_bytes, 1)
+    scale = max(t.full_equivalent_bytes or 0, t.thin_bytes or 0, t.full_bytes or 0, 1)
     undefined = " [$text-muted](undefined; known from its clones)[/]" if not t.defined else ""
-    pct = f"  {t.saved_bytes / t.full_equivalent_bytes:.0%}" if t.full_equivalent_bytes else ""
+    pct = (
+        f"  {t.saved_bytes / t.full_equivalent_bytes:.0%}"
+        if t.full_equivalent_bytes and t.saved_bytes is not None
+        else ""
+    )
     thin_n, full_n = len(t.thin_domains), len(t.full_domains)
     lines = [
         f"[b]{escape(t.name)}[/b]{undefined}  [$text-muted]base {escape(t.base or '?')} "
@@ -226,7 +228,7 @@ class UsagePane(Pane):
         self._show("#usage-templates", "\n".join(lines))
         totals = []
         for host, report in self.reports.items():
-            saved = sum(t.saved_bytes for t in report.templates)
+            saved = total(t.saved_bytes for t in report.templates)
             totals.append(
                 f"[b]{escape(host)}[/b]: {len(report.images)} images, "
                 f"{size(report.total_actual_bytes)} on disk (shared bases counted once); "

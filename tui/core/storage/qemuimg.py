@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tui.core import procs
 from tui.core.errors import OperationError
 from tui.core.progress import Progress, no_progress
 
@@ -19,7 +20,8 @@ Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 
 def run_subprocess(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    """The real binary, as a child that ends with the operation (tui.core.procs)."""
+    return procs.run(argv)
 
 
 def last_line(text: str) -> str:
@@ -53,6 +55,11 @@ class QemuImg:
             args.append("--backing-chain")
         return json.loads(self.run(*args, path))
 
+    def measure(self, path: str, fmt: str) -> int:
+        """Bytes a sparse copy needs (`qemu-img measure`: allocated clusters, not virtual size)."""
+        out = json.loads(self.run("measure", "--output=json", "-f", fmt, "-O", fmt, path))
+        return int(out["required"])
+
     def create(self, path: str, fmt: str, size: int | str) -> None:
         self.run("create", "-q", "-f", fmt, path, str(size))
 
@@ -77,23 +84,28 @@ class QemuImg:
             progress(label, 1.0)
             return
         try:
-            proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-            )
+            proc = procs.popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                bufsize=1,
+            )  # fmt: skip
         except FileNotFoundError:
             raise OperationError(
                 f"{self.binary} is not installed (apt-get install qemu-utils)"
             ) from None
         assert proc.stdout is not None and proc.stderr is not None
-        buf = ""
-        while chunk := proc.stdout.read(64):
-            buf += chunk
-            found = re.findall(r"\((\d+(?:\.\d+)?)/100%\)", buf)
-            if found:
-                progress(label, float(found[-1]) / 100)
-                buf = buf[-32:]
-        err = proc.stderr.read()
-        if proc.wait() != 0:
+        try:
+            buf = ""
+            while chunk := proc.stdout.read(64):
+                buf += chunk
+                found = re.findall(r"\((\d+(?:\.\d+)?)/100%\)", buf)
+                if found:
+                    progress(label, float(found[-1]) / 100)
+                    buf = buf[-32:]
+            err = proc.stderr.read()
+            status = proc.wait()
+        finally:
+            procs.finish(proc)  # an interrupt (progress raised) kills the copy
+        if status != 0:
             raise OperationError(f"qemu-img convert failed: {last_line(err)}")
         progress(label, 1.0)
 

@@ -1,4 +1,4 @@
-"""Image facts (format, virtual size, real allocation, backing file) read cheaply and cached.
+"""Local image facts (format, virtual size, real allocation, backing file) read cheaply, cached.
 
 A usage refresh looks at every image of every domain every few seconds, so spawning
 `qemu-img info` per image (~10-20 ms each) is too slow at a few hundred images. For the two
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tui.core.errors import OperationError
-from tui.core.qemuimg import QemuImg
+from tui.core.storage.qemuimg import QemuImg
 
 QCOW2_MAGIC = b"QFI\xfb"
 _EXT_END = 0x00000000
@@ -52,20 +52,27 @@ _OTHER_MAGICS = (
 
 @dataclass(frozen=True)
 class Image:
-    """One image file on the host: a link of a backing chain.
+    """One image file on its hypervisor: a link of a backing chain.
 
-    `source` says where the numbers came from: "file" (read in-process), "qemu-img",
-    "pool" (libvirt storage volume), "blockstats" (a running domain's bulk block stats) or
-    "missing" (nobody could tell; the sizes are 0).
+    `source` says where the numbers came from: "file" (read in-process on this machine),
+    "qemu-img", "pool" (libvirt storage volume), "blockstats" (a running domain's bulk block
+    stats) or "missing" (nobody could tell). Unknown is not zero: a size nobody could read is
+    None, and `reason` says why.
     """
 
     path: str
     format: str | None
-    virtual_bytes: int
-    actual_bytes: int
+    virtual_bytes: int | None
+    actual_bytes: int | None
     backing: str | None = None
     backing_format: str | None = None
     source: str = "file"
+    read_only: bool | None = None
+    reason: str | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.source != "missing"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +83,8 @@ class Image:
             "backing": self.backing,
             "backing_format": self.backing_format,
             "source": self.source,
+            "read_only": self.read_only,
+            "reason": self.reason,
         }
 
 
@@ -192,6 +201,8 @@ class ImageReader:
         does.
         """
         st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(21, "is a directory, not an image", path)
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         with self._lock:
             cached = self._cache.get(path)
@@ -211,6 +222,7 @@ class ImageReader:
             backing=resolve_backing(path, header.backing) if header.backing else None,
             backing_format=header.backing_format,
             source=header.source,
+            read_only=st.st_mode & 0o222 == 0,
         )
 
     def _read_header(self, path: str, st: os.stat_result, format_hint: str | None) -> _Header:

@@ -1,0 +1,74 @@
+"""`virtdeck recover`: list and roll back operations whose process died half-way (see
+tui.core.ops: every operation journals how to undo each step before the step acts)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tui.cli import print_json
+from tui.core import ops
+from tui.core.errors import InvalidInputError, VirtdeckError
+from tui.core.hypervisor import Hypervisor
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "recover",
+        help="list, and with --yes roll back, operations a crash or kill left half-done",
+    )
+    p.add_argument("--yes", action="store_true", help="roll them back (default: only list)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_recover)
+
+
+def cmd_recover(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    found = ops.pending()
+    by_uri = {hv.uri: hv for hv in hypervisors}
+    if args.json and not args.yes:
+        print_json([_json(p) for p in found])
+        return 0
+    if not found:
+        print("nothing to recover: no operation was left half-done")
+        return 0
+    status = 0
+    results = []
+    opened: list[Hypervisor] = []
+    for item in found:
+        if not args.yes:
+            print(f"half-done: {item.describe()}")
+            continue
+        hv = by_uri.get(item.host)
+        if hv is None:
+            try:
+                hv = by_uri[item.host] = Hypervisor.open(item.host)
+            except VirtdeckError as err:
+                raise InvalidInputError(f"'{item.title}' ran on {item.host}: {err}") from None
+            opened.append(hv)
+        failed = ops.recover(hv, item)
+        results.append({**_json(item), "failed": failed})
+        if failed:
+            status = 1
+            print(f"virtdeck: could not undo all of '{item.title}': {', '.join(failed)}",
+                  file=sys.stderr)  # fmt: skip
+        elif not args.json:
+            print(f"rolled back: {item.title} on {item.host}")
+    for hv in opened:
+        hv.close()
+    if args.json:
+        print_json(results)
+    elif not args.yes:
+        print("roll them back with 'virtdeck recover --yes'")
+    return status
+
+
+def _json(item: ops.Pending) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "host": item.host,
+        "title": item.title,
+        "started": item.started,
+        "pid": item.pid,
+        "undo": [a.label for a in reversed(item.undo)],
+    }

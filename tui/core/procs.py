@@ -1,0 +1,54 @@
+"""Child processes (qemu-img, virt-sysprep, virsh) that end with the operation that started them.
+
+Each child runs in its own session, so a Ctrl-C or a hang-up sent to the terminal's process
+group reaches virtdeck, which unwinds and ends the child itself (instead of the child dying
+half-way while virtdeck still thinks it runs); it is registered with tui.core.ops so cancel()
+kills it; and where util-linux's `setpriv` exists it gets PR_SET_PDEATHSIG, so that if virtdeck
+itself is killed (SIGKILL, OOM) the child does not go on copying alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+from tui.core import ops
+
+_SETPRIV = shutil.which("setpriv")
+
+
+def argv_with_deathsig(argv: Sequence[str]) -> list[str]:
+    if _SETPRIV is None:
+        return list(argv)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+
+
+def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """Start a child in its own session that cancel() and virtdeck's death both end."""
+    if shutil.which(argv[0]) is None and "/" not in argv[0]:
+        raise FileNotFoundError(argv[0])
+    proc = subprocess.Popen(argv_with_deathsig(argv), start_new_session=True, text=True, **kwargs)
+    proc._virtdeck_forget = ops.watch_child(proc)  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc: subprocess.Popen[str]) -> None:
+    """Forget a child that has ended (or kill it first when the caller gives up on it)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    forget = getattr(proc, "_virtdeck_forget", None)
+    if forget is not None:
+        forget()
+
+
+def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Like subprocess.run(capture_output=True, text=True), as an ending child."""
+    proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        out, err = proc.communicate()
+    finally:
+        finish(proc)
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)

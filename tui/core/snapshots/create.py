@@ -1,0 +1,209 @@
+"""Taking a snapshot: internal (inside qcow2 images, libvirt does it, running or shut off) or
+external (libvirt puts a copy-on-write overlay beside each image file, and saves the memory of
+a running guest). Only image-file disks are snapshotted; a block or network disk is refused
+with the reason, never given an overlay beside its device node.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import libvirt
+
+from tui.core.errors import InvalidInputError, StateError, VirtdeckError
+from tui.core.hypervisor import Hypervisor
+from tui.core.models import DomainState
+from tui.core.progress import Progress, no_progress
+from tui.core.snapshots import common
+from tui.core.snapshots.common import validate_snapshot_name
+from tui.core.snapshots.tree import (
+    DISK_ONLY,
+    EXTERNAL,
+    INTERNAL,
+    SnapshotNode,
+    snapshot_tree,
+)
+from tui.core.storage import LocalFiles
+
+
+@dataclass(frozen=True)
+class CreatePlan:
+    host: str
+    domain: str
+    name: str
+    kind: str
+    description: str
+    running: bool
+    quiesce: bool
+    overlays: tuple[tuple[str, str, str], ...]  # (target, disk now, new overlay)
+    memory_file: str | None
+    xml: str
+    flags: int
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> list[str]:
+        lines = [f"{self.kind} snapshot '{self.name}' of '{self.domain}'"]
+        for target, disk, overlay in self.overlays:
+            lines.append(f"{target}: {disk} becomes read-only; new writes go to {overlay}")
+        if self.memory_file:
+            lines.append(f"memory state saved to {self.memory_file}")
+        return lines + list(self.notes)
+
+
+def plan_create(
+    hv: Hypervisor,
+    domain: str,
+    name: str,
+    *,
+    external: bool = False,
+    disk_only: bool = False,
+    description: str = "",
+    quiesce: bool = False,
+) -> CreatePlan:
+    validate_snapshot_name(name)
+    tree = snapshot_tree(hv, domain)
+    if tree.find(name):
+        raise InvalidInputError(
+            f"'{domain}' already has a snapshot named '{name}': pick another name"
+        )
+    state = common.state(hv, domain)
+    running = state.active
+    if disk_only and not external:
+        raise InvalidInputError(
+            "--disk-only goes with --external (an internal snapshot of a running guest "
+            "always saves its memory)"
+        )
+    if quiesce and not external:
+        raise InvalidInputError("--quiesce goes with --external --disk-only")
+    if quiesce and not disk_only:
+        raise InvalidInputError(
+            "--quiesce goes with --disk-only (libvirt freezes the guest file systems for "
+            "disk-only snapshots)"
+        )
+    if quiesce and state != DomainState.RUNNING:
+        raise StateError(
+            f"--quiesce needs '{domain}' running with the QEMU guest agent; it is {state.value}"
+        )
+    kinds = tree.kinds()
+    if external and INTERNAL in kinds:
+        raise InvalidInputError(
+            f"'{domain}' has internal snapshots; an external one on top would leave them "
+            "impossible to revert: take an internal snapshot, or delete the internal ones first"
+        )
+    if not external and EXTERNAL in kinds:
+        raise InvalidInputError(
+            f"'{domain}' has external snapshots, so its disks are overlays an internal snapshot "
+            "cannot mix with: add --external"
+        )
+    disks = common.disks_of(hv, domain)
+    targets = [d for d in disks if common.snapshottable(d)]
+    if not targets:
+        raise InvalidInputError(f"'{domain}' has no writable disk to snapshot")
+    common.require_image_files(
+        domain, targets, "an external snapshot" if external else "an internal snapshot"
+    )
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = name
+    if description:
+        ET.SubElement(root, "description").text = description
+    notes: list[str] = []
+    overlays: list[tuple[str, str, str]] = []
+    memory_file = None
+    flags = 0
+    if not external:
+        raw = [d for d in targets if d.format != "qcow2"]
+        if raw:
+            d = raw[0]
+            raise InvalidInputError(
+                f"internal snapshots need qcow2 disks; {d.target} of '{domain}' is "
+                f"{d.format or 'of unknown format'} ({d.path}): use --external"
+            )
+        kind = INTERNAL
+        if running:
+            notes.append(f"'{domain}' pauses while its memory and disks are saved")
+        disks_el = ET.SubElement(root, "disks")
+        for d in disks:
+            ET.SubElement(
+                disks_el,
+                "disk",
+                name=d.target,
+                snapshot=INTERNAL if common.snapshottable(d) else "no",
+            )
+    else:
+        # libvirt takes external snapshots of a shut-off domain as disk-only ones (state
+        # "disk-snapshot"): there is no memory to save.
+        disk_only = disk_only or not running
+        kind = DISK_ONLY if disk_only else EXTERNAL
+        flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        if disk_only:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        if quiesce:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+        first_dir = os.path.dirname(str(targets[0].path))
+        if running and not disk_only:
+            memory_file = os.path.join(first_dir, f"{domain}.{name}.mem")
+            ET.SubElement(root, "memory", snapshot="external", file=memory_file)
+            notes.append(f"'{domain}' pauses while its memory is saved")
+        else:
+            ET.SubElement(root, "memory", snapshot="no")
+        disks_el = ET.SubElement(root, "disks")
+        for d in disks:
+            if not common.snapshottable(d):
+                ET.SubElement(disks_el, "disk", name=d.target, snapshot="no")
+                continue
+            overlay = os.path.join(
+                os.path.dirname(str(d.path)), f"{domain}.{name}.{d.target}.qcow2"
+            )
+            overlays.append((d.target, str(d.path), overlay))
+            el = ET.SubElement(disks_el, "disk", name=d.target, snapshot=EXTERNAL)
+            ET.SubElement(el, "driver", type="qcow2")
+            ET.SubElement(el, "source", file=overlay)
+        # On another host libvirt itself refuses to write over an existing file.
+        for path in [o for _, _, o in overlays] + ([memory_file] if memory_file else []):
+            if hv.local and LocalFiles.lexists(path):
+                raise InvalidInputError(
+                    f"{path} already exists; virtdeck never overwrites a file: pick another "
+                    "snapshot name"
+                )
+    return CreatePlan(
+        host=hv.uri,
+        domain=domain,
+        name=name,
+        kind=kind,
+        description=description,
+        running=running,
+        quiesce=quiesce,
+        overlays=tuple(overlays),
+        memory_file=memory_file,
+        xml=ET.tostring(root, encoding="unicode"),
+        flags=flags,
+        notes=tuple(notes),
+    )
+
+
+def create(hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress) -> SnapshotNode:
+    dom = hv.lookup(plan.domain)
+    progress(f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'", None)
+    made = [o for _, _, o in plan.overlays] + ([plan.memory_file] if plan.memory_file else [])
+    files = LocalFiles(hv, "snapshot create") if hv.local else None
+    existed = {p for p in made if files and files.lexists(p)}
+    try:
+        hv.call(
+            dom.snapshotCreateXML,
+            plan.xml,
+            plan.flags,
+            what=f"snapshot '{plan.name}' of '{plan.domain}'",
+        )
+    except VirtdeckError:
+        # ATOMIC: libvirt put the disks back; remove what it may have left (only files that
+        # did not exist before the call), unless in use.
+        if files is not None:
+            in_use = set(common.own_image_paths(hv, plan.domain)) | existed
+            files.delete_quietly([p for p in made if p not in in_use], progress)
+        raise
+    finally:
+        hv.invalidate(dom.UUIDString())
+    progress(f"snapshot '{plan.name}' taken", 1.0)
+    return snapshot_tree(hv, plan.domain).get(plan.name)
