@@ -367,3 +367,104 @@ def test_rm_storage_after_snapshots_and_revert_removes_every_own_file(
     assert checksum(base) == base_sum
     assert other_files <= listing(lab.dir) and hv.exists(other)
     assert not hv.exists(x)
+
+
+# -- another host: nothing local is ever touched ----------------------------------------------
+
+NAMESPACE_SCRIPT = r"""
+import hashlib, json, os, subprocess, sys
+lab, uri, repo, commands = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+names = json.loads(sys.argv[5])
+# This client's view of the image directory: a tmpfs with decoys at the very same paths.
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", lab], check=True)
+for name in names:
+    with open(os.path.join(lab, name), "w") as fh:
+        fh.write("decoy " + name * 100)
+def sums():
+    out = {}
+    for name in names:
+        with open(os.path.join(lab, name), "rb") as fh:
+            out[name] = (hashlib.sha256(fh.read()).hexdigest(), os.stat(fh.fileno()).st_mode)
+    return out
+before = sums()
+results = []
+for argv in commands:
+    p = subprocess.run([sys.executable, "-m", "tui", "-c", uri, *argv], cwd=repo,
+                       capture_output=True, text=True, timeout=120)
+    results.append([argv, p.returncode, p.stdout, p.stderr])
+print(json.dumps({"results": results, "unchanged": sums() == before,
+                  "listing": sorted(os.listdir(lab)) == sorted(names)}))
+"""
+
+
+def test_remote_host_commands_touch_no_local_file(
+    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+) -> None:
+    """The daemon (reached over qemu+ssh, so another host as far as virtdeck can prove) sees
+    the real images; the client runs in a private mount namespace where the same paths hold
+    decoys. Every command that needs image files refuses naming the host; what libvirt does
+    itself works; no decoy changes; the real VM's data is intact."""
+    from tui.core.snapshots import libvirt_handles_external
+
+    hv = lab.hv
+    base = lab.disk("base.qcow2")
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", base], check=True,
+                   capture_output=True)  # fmt: skip
+    tname, _ = define_with(lab, "tr", "", first=base, meta=TEMPLATE)
+    clone = lab.name("cr")
+    virtdeck(hv, "clone", tname, clone, "--allow-unsealed")
+    vm = lab.define("vr")
+    vm_disk = str(lab.dir / "vr.qcow2")
+    subprocess.run(["qemu-io", "-c", "write -P 0x22 0 1M", vm_disk], check=True,
+                   capture_output=True)  # fmt: skip
+    virtdeck(hv, "snapshot", "create", vm, "s1", "--external")
+    names = sorted(p.name for p in lab.dir.iterdir() if p.is_file())
+    native = libvirt_handles_external(hv)
+    commands = [
+        ["rm", clone, "--storage"],
+        ["template", "create", vm, "--no-seal", "--backup-dir", str(tmp_path / "b")],
+        ["clone", tname, lab.name("x1"), "--allow-unsealed"],
+        ["clone", tname, lab.name("x2"), "--full", "--allow-unsealed"],
+        ["snapshot", "revert", vm, "s1"],
+        ["snapshot", "delete", vm, "s1"],
+        ["template", "ls", "--json"],
+        ["usage", "--json"],
+        ["snapshot", "ls", vm, "--json"],
+    ]
+    script = tmp_path / "ns.py"
+    script.write_text(NAMESPACE_SCRIPT)
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, str(script),
+         str(lab.dir), ssh_root_uri, str(REPO), json.dumps(commands), json.dumps(names)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["unchanged"] and out["listing"]
+    results = {
+        " ".join(argv[:2]): (code, stdout, err) for argv, code, stdout, err in out["results"]
+    }
+    for key in ("rm " + clone, "template create", "clone " + tname):
+        code, _, err = results[key]
+        lines = [
+            ln
+            for ln in err.splitlines()
+            if "Traceback" in ln or not ln.startswith("virtdeck: plan")
+        ]
+        assert code == 1 and len(lines) == 1 and "is another host" in lines[0], (key, err)
+    for key in ("snapshot revert", "snapshot delete"):
+        code, _, err = results[key]
+        assert (code == 0) if native else (code == 1 and "is another host" in err), err
+    templates = json.loads(results["template ls"][1])
+    mine = next(t for t in templates if t["name"] == tname)
+    assert mine["virtual_bytes"] is None and "another host" in mine["problems"][0]
+    usage = json.loads(results["usage --json"][1])
+    real = next(i for i in usage["images"] if i["path"] == base)
+    assert real["actual_bytes"] is None and "another host" in real["reason"]
+    assert all("Traceback" not in err for _, _, err in results.values())
+    # Outside the namespace: the real files and domains are as they were.
+    assert hv.exists(clone) and hv.exists(vm) and not hv.exists(lab.name("x1"))
+    assert sorted(p.name for p in lab.dir.iterdir() if p.is_file()) == names or native
+    read = subprocess.run(["qemu-io", "-r", "-U", "-c", "read -P 0x11 0 1M", base],
+                          capture_output=True, text=True)  # fmt: skip
+    assert read.returncode == 0 and "verification failed" not in read.stdout
