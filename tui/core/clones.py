@@ -89,7 +89,7 @@ class CloneItem:
 
 
 @dataclass(frozen=True)
-class ClonePlan:
+class ClonePlan(ops.PlanDefaults):
     host: str
     template: str
     template_defined: bool
@@ -117,6 +117,18 @@ class ClonePlan:
         """What every clone shares although it is per-domain (once, not per clone)."""
         found = (r for i in self.items for r in i.rewrites if r.kind == "shared-warning")
         return tuple(dict.fromkeys(found))
+
+    @property
+    def title(self) -> str:
+        return f"Deploy {len(self.items)} {self.mode} clone(s) of '{self.template}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Deploy"
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        names = execute_clone(hv, self, progress)
+        return f"deployed {', '.join(names)} ({self.mode}) from '{self.template}'"
 
     def summary(self) -> list[str]:
         lines = []
@@ -457,7 +469,7 @@ def _mark_complete(hv: Hypervisor, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class RemovePlan:
+class RemovePlan(ops.PlanDefaults):
     """What `rm` does: undefine, and (with storage) delete exactly the files listed.
 
     `delete_files` are the files that belong to the domain alone (its disks' own chains, its
@@ -477,6 +489,35 @@ class RemovePlan:
     snapshots: tuple[str, ...] = ()  # its snapshots, forgotten with it
     kept: tuple[tuple[str, str], ...] = ()  # (path, why) for files of its chains that stay
     foreign: tuple[str, ...] = ()  # its disks that are not image files, described
+
+    @property
+    def title(self) -> str:
+        return f"Remove '{self.name}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Remove"
+
+    @property
+    def destructive(self) -> bool:
+        return True
+
+    @property
+    def option(self) -> str | None:
+        """Planned with storage, the confirmation asks whether the images go too."""
+        if not self.storage:
+            return None
+        return "Also delete its own files: " + (", ".join(self.delete_files) or "none")
+
+    def choose(self, on: bool) -> RemovePlan:
+        if on or not self.storage:
+            return self
+        kept = self.delete_files + self.kept_files
+        return replace(self, storage=False, delete_files=(), kept_files=kept)
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        done = execute_remove(hv, self, progress)
+        return f"removed '{self.name}'" + (f" and deleted {', '.join(done)}" if done else "")
 
     def summary(self) -> list[str]:
         what = "template" if self.is_template else "domain"

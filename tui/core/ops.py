@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from tui.core.errors import NotFoundError, OperationError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
@@ -198,6 +198,47 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+class Plan(Protocol):
+    """What every operation's plan offers its two faces: the TUI shows one confirmation screen
+    and runs one worker path for any plan, the CLI one plan printer (no per-type branches)."""
+
+    @property
+    def host(self) -> str: ...  # the URI of the hypervisor it runs on
+
+    @property
+    def title(self) -> str: ...  # the confirmation's question
+
+    @property
+    def confirm_label(self) -> str: ...
+
+    @property
+    def destructive(self) -> bool: ...  # the confirmation focuses "No" and paints "Yes" red
+
+    @property
+    def option(self) -> str | None: ...  # a checkbox the confirmation offers, if any
+
+    def choose(self, on: bool) -> Plan: ...  # the plan with the option ticked or not
+
+    def summary(self) -> list[str]: ...
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str: ...  # one line: what was done
+
+
+class PlanDefaults:
+    """Mixin: no option, not destructive unless a plan says so."""
+
+    @property
+    def destructive(self) -> bool:
+        return False
+
+    @property
+    def option(self) -> str | None:
+        return None
+
+    def choose(self, on: bool) -> Any:
+        return self
 
 
 def plan_json(plan: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,23 +24,21 @@ from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import Worker, WorkerState
 
 from tui.core import clones, templates
-from tui.core.clones import ClonePlan, RemovePlan
 from tui.core.errors import VirtdeckError
 from tui.core.fleet import on_each
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
+from tui.core.ops import Plan
 from tui.core.progress import Progress
-from tui.core.templates import Template, TemplatePlan
+from tui.core.templates import Template
 from tui.core.units import size
 from tui.screens.template_forms import (
     DeployRequest,
     DeployScreen,
     MakeTemplateScreen,
-    PlanScreen,
-    RemoveScreen,
     TemplateRequest,
 )
-from tui.widgets.base import Pane
+from tui.widgets.base import Pane, PlanDone
 
 RELOAD_SECONDS = 15.0
 COLUMNS = ("Template", "Defined", "Base image(s)", "Virtual", "Real", "Sealed", "Thin", "Full")
@@ -73,12 +71,7 @@ class OperationsLoaded(Message):
 
 @dataclass
 class Planned(Message):
-    plan: TemplatePlan | ClonePlan | RemovePlan
-
-
-@dataclass
-class OperationDone(Message):
-    text: str
+    plan: Plan
 
 
 def row_cells(t: Template) -> tuple[str, ...]:
@@ -393,51 +386,13 @@ class TemplatesPane(Pane):
         self.post_message(Planned(clones.plan_remove(hv, name, storage=True)))
 
     def on_planned(self, message: Planned) -> None:
-        plan = message.plan
-        if isinstance(plan, RemovePlan):
+        self.confirm_plan(message.plan)
 
-            def remove(storage: bool | None) -> None:
-                if storage is None:
-                    self._idle()
-                else:
-                    self._execute(self.hypervisor(plan.host), plan, storage)
+    def plan_progress(self) -> Progress:
+        return self._progress()
 
-            lines = [line for line in plan.summary() if not line.startswith("delete /")]
-            self.app.push_screen(RemoveScreen(plan.name, lines, plan.delete_files), remove)
-            return
-        if isinstance(plan, TemplatePlan):
-            title, yes = f"Make '{plan.vm}' a template?", "Make template"
-        else:
-            what = f"{len(plan.items)} {plan.mode} clone(s)"
-            title, yes = f"Deploy {what} of '{plan.template}'?", "Deploy"
-
-        def answered(ok: bool | None) -> None:
-            if ok:
-                self._execute(self.hypervisor(plan.host), plan, False)
-            else:
-                self._idle()
-
-        self.app.push_screen(PlanScreen(title, plan.summary(), yes), answered)
-
-    @work(thread=True, exit_on_error=False, group="templates-op", description="templates")
-    def _execute(
-        self, hv: Hypervisor, plan: TemplatePlan | ClonePlan | RemovePlan, storage: bool
-    ) -> None:
-        progress = self._progress()
-        progress("starting", 0.0)
-        if isinstance(plan, TemplatePlan):
-            t = templates.execute_template(hv, plan, progress)
-            text = f"'{t.name}' is a template" + ("" if t.defined else " (undefined)")
-        elif isinstance(plan, ClonePlan):
-            names = clones.execute_clone(hv, plan, progress)
-            text = f"deployed {', '.join(names)} ({plan.mode}) from '{plan.template}'"
-        else:
-            if not storage:
-                kept = plan.delete_files + plan.kept_files
-                plan = replace(plan, storage=False, delete_files=(), kept_files=kept)
-            done = clones.execute_remove(hv, plan, progress)
-            text = f"removed '{plan.name}'" + (f" and deleted {', '.join(done)}" if done else "")
-        self.post_message(OperationDone(text))
+    def plan_cancelled(self) -> None:
+        self._idle()
 
     def on_template_progress(self, message: TemplateProgress) -> None:
         self.add_class("busy")
@@ -448,7 +403,7 @@ class TemplatesPane(Pane):
             bar.update(total=1.0, progress=message.fraction)
         self._status(message.text)
 
-    def on_operation_done(self, message: OperationDone) -> None:
+    def on_plan_done(self, message: PlanDone) -> None:
         self._idle()
         self.notify(message.text, title="templates")
         self.load()

@@ -16,7 +16,7 @@ from typing import Any
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import domxml, ops
 from tui.core.errors import InvalidInputError, OperationError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
@@ -36,7 +36,7 @@ _COMMIT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
-class DeletePlan:
+class DeletePlan(ops.PlanDefaults):
     host: str
     domain: str
     snapshot: str
@@ -46,6 +46,22 @@ class DeletePlan:
     children: bool
     lost: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def title(self) -> str:
+        return f"Delete snapshot '{self.snapshot}' of '{self.domain}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Delete"
+
+    @property
+    def destructive(self) -> bool:
+        return True
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        delete(hv, self, progress)
+        return f"{self.domain}: deleted {', '.join(self.names)}"
 
     def summary(self) -> list[str]:
         what = ", ".join(f"'{n}'" for n in self.names)

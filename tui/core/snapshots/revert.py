@@ -51,7 +51,7 @@ class DiskSwitch:
 
 
 @dataclass(frozen=True)
-class RevertPlan:
+class RevertPlan(ops.PlanDefaults):
     host: str
     domain: str
     snapshot: str
@@ -66,6 +66,22 @@ class RevertPlan:
     start_after: bool = False
     lost: tuple[str, ...] = ()
     domain_xml: str = ""  # virtdeck method: the definition to switch to
+
+    @property
+    def title(self) -> str:
+        return f"Revert '{self.domain}' to '{self.snapshot}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Revert"
+
+    @property
+    def destructive(self) -> bool:
+        return True  # the state since the snapshot is lost
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        revert(hv, self, progress)
+        return f"{self.domain}: back at '{self.snapshot}' ({self.result_state})"
 
     def summary(self) -> list[str]:
         lines = [
