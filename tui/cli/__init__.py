@@ -262,8 +262,9 @@ def run_tui(args: argparse.Namespace, settings: Settings) -> int:
     hosts = len(args.connect) + len(args.host) + len(settings.hosts) * args.all_hosts
     if hosts > 1:  # the connects take up to the deadline: say what the terminal waits for
         print(f"virtdeck: connecting to {hosts} hosts…", file=sys.stderr, flush=True)
-    build_app(args, settings).run()
-    return 0
+    app = build_app(args, settings)
+    app.run()
+    return app.return_code or 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
