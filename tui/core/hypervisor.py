@@ -47,6 +47,7 @@ from tui.core.errors import (
     StateError,
     VirtdeckError,
 )
+from tui.core.events import EventCallback, Events
 from tui.core.models import (
     DiskInfo,
     DomainEvent,
@@ -67,11 +68,6 @@ _STATS = (
     | libvirt.VIR_DOMAIN_STATS_BLOCK
 )
 
-_LIFECYCLE = (
-    "defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown",
-    "pmsuspended", "crashed",
-)  # fmt: skip
-
 _NOT_FOUND = (
     libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT,
     libvirt.VIR_ERR_NO_STORAGE_POOL,
@@ -91,10 +87,7 @@ class _XmlFacts:
     meta: VirtdeckMeta
 
 
-EventCallback = Callable[[DomainEvent], None]
-
-
-class Hypervisor:
+class Hypervisor(Events):
     """One libvirt connection. Safe to use from worker threads (libvirt connections are)."""
 
     def __init__(self, uri: str, conn: Any, *, demo: bool = False) -> None:
@@ -584,86 +577,6 @@ class Hypervisor:
 
     def define(self, xml: str, what: str = "defining") -> Any:
         return self.call(self.conn.defineXML, xml, what=what)
-
-    # -- events -----------------------------------------------------------------------------
-
-    def subscribe(self, callback: EventCallback) -> None:
-        """Call `callback` (on libvirt's event thread) for lifecycle and connection events.
-
-        Needs start_event_loop() before open(). Registering talks to the daemon: call it from
-        the host's own worker, not from a UI thread. Subscribing twice is a no-op.
-        """
-        if callback in self._listeners:
-            return
-        self._listeners.append(callback)
-        if len(self._listeners) == 1 and self._conn is not None:
-            self._register()
-
-    def subscribed(self, callback: EventCallback) -> bool:
-        return callback in self._listeners
-
-    def detach(self, callback: EventCallback, timeout: float = 1.0) -> None:
-        """Stop calling `callback` at once; deregister from the daemon within `timeout` s."""
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-        if not self._listeners and self._callback_ids:
-            t = threading.Thread(target=self._deregister, name="libvirt-deregister", daemon=True)
-            t.start()
-            t.join(timeout)
-
-    def unsubscribe(self, callback: EventCallback) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-        if not self._listeners:
-            self._deregister()
-
-    def _emit(self, event: DomainEvent) -> None:
-        for cb in list(self._listeners):
-            cb(event)
-
-    def _register(self) -> None:
-        conn = self._conn
-
-        def lifecycle(_c: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
-            uuid = dom.UUIDString()
-            self.invalidate(uuid)
-            name = _LIFECYCLE[event] if 0 <= event < len(_LIFECYCLE) else str(event)
-            self._emit(DomainEvent(self.uri, EventKind.LIFECYCLE, dom.name(), uuid, name))
-
-        def changed(_c: Any, dom: Any, *_rest: Any) -> None:
-            uuid = dom.UUIDString()
-            self.invalidate(uuid)
-            self._emit(DomainEvent(self.uri, EventKind.LIFECYCLE, dom.name(), uuid, "changed"))
-
-        def closed(_c: Any, reason: int, _o: Any) -> None:
-            self._alive = False
-            self._callback_ids = []
-            self._emit(DomainEvent(self.uri, EventKind.CONNECTION_LOST, detail=str(reason)))
-
-        ids = [
-            conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
-            )
-        ]
-        for event_id in (
-            libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
-            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
-            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
-        ):
-            # The test driver does not implement every event.
-            with contextlib.suppress(libvirt.libvirtError):
-                ids.append(conn.domainEventRegisterAny(None, event_id, changed, None))
-        self._callback_ids = ids
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.registerCloseCallback(closed, None)
-
-    def _deregister(self) -> None:
-        for cid in self._callback_ids:
-            with contextlib.suppress(libvirt.libvirtError):
-                self._conn.domainEventDeregisterAny(cid)
-        self._callback_ids = []
-        with contextlib.suppress(libvirt.libvirtError):
-            self._conn.unregisterCloseCallback()
 
 
 def _with_block_stats(
