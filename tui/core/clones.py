@@ -489,6 +489,7 @@ class RemovePlan(ops.PlanDefaults):
     snapshots: tuple[str, ...] = ()  # its snapshots, forgotten with it
     kept: tuple[tuple[str, str], ...] = ()  # (path, why) for files of its chains that stay
     foreign: tuple[str, ...] = ()  # its disks that are not image files, described
+    ask: bool = False  # the confirmation asks whether its files go too (the dashboard's x)
 
     @property
     def title(self) -> str:
@@ -504,16 +505,16 @@ class RemovePlan(ops.PlanDefaults):
 
     @property
     def option(self) -> str | None:
-        """Planned with storage, the confirmation asks whether the images go too."""
-        if not self.storage:
+        """Asked, the confirmation offers to delete the files too (unticked by default)."""
+        if not (self.ask and self.storage):
             return None
-        return "Also delete its own files: " + (", ".join(self.delete_files) or "none")
+        return "Also delete its own files (listed above)"
 
     def choose(self, on: bool) -> RemovePlan:
         if on or not self.storage:
-            return self
+            return replace(self, ask=False)
         kept = self.delete_files + self.kept_files
-        return replace(self, storage=False, delete_files=(), kept_files=kept)
+        return replace(self, storage=False, delete_files=(), kept_files=kept, ask=False)
 
     def run(self, hv: Hypervisor, progress: Progress) -> str:
         done = execute_remove(hv, self, progress)
@@ -527,7 +528,8 @@ class RemovePlan(ops.PlanDefaults):
             lines.append(f"delete its XML backup {self.backup}")
         if self.snapshots:
             lines.append(f"forget its snapshots: {', '.join(self.snapshots)}")
-        lines.extend(f"delete {p}" for p in self.delete_files)
+        verb = "if ticked below, delete" if self.ask else "delete"
+        lines.extend(f"{verb} {p}" for p in self.delete_files)
         why = dict(self.kept)
         lines.extend(f"keep {p}" + (f" ({why[p]})" if p in why else "") for p in self.kept_files)
         lines.extend(f"keep {d} (not an image file: virtdeck never deletes it)"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -383,7 +383,8 @@ class TemplatesPane(Pane):
     @work(thread=True, exit_on_error=False, group="templates-op", description="remove plan")
     def _plan_remove(self, hv: Hypervisor, name: str) -> None:
         # Planned with storage so the modal can list the files; the box decides.
-        self.post_message(Planned(clones.plan_remove(hv, name, storage=True)))
+        plan = clones.plan_remove(hv, name, storage=True, backup_dir=self.backup_dir)
+        self.post_message(Planned(replace(plan, ask=True)))
 
     def on_planned(self, message: Planned) -> None:
         self.confirm_plan(message.plan)
