@@ -20,7 +20,7 @@ Handler = Callable[[argparse.Namespace, list[Hypervisor]], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tui.cli import domains, snapshots, templates, usage
+    from tui.cli import details, domains, snapshots, templates, usage
 
     parser = argparse.ArgumentParser(
         prog="virtdeck",
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reset", action="store_true", help="with --demo: rebuild the lab")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (domains, templates, snapshots, usage):
+    for module in (domains, details, templates, snapshots, usage):
         module.register(sub)
     return parser
 

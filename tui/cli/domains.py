@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 import humanize
 
 from tui.cli import find_domain, format_table, print_json
+from tui.core.details import addresses
+from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 
@@ -56,13 +60,38 @@ def _row(d: DomainInfo, show_host: bool) -> list[str]:
 def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     domains = [d for hv in hypervisors for d in hv.domains()]
     if args.json:
-        print_json([d.to_json() for d in domains])
+        by_host = {hv.uri: hv for hv in hypervisors}
+        found = listed_addresses([(by_host[d.host], d) for d in domains])
+        print_json([{**d.to_json(), **found[(d.host, d.name)]} for d in domains])
         return 0
     show_host = len(hypervisors) > 1
     header = (["HOST"] if show_host else []) + ["NAME", "STATE", "VCPUS", "MEMORY", "CPU", "DISK"]
     rows = [header] + [_row(d, show_host) for d in domains]
     print("\n".join(format_table(rows)))
     return 0
+
+
+def listed_addresses(
+    domains: list[tuple[Hypervisor, DomainInfo]],
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each domain's addresses for `ls --json`: running ones only, asked in parallel (lease
+    and a connected guest agent; see tui.core.details.addresses), a failure is a reason."""
+
+    def one(hv: Hypervisor, d: DomainInfo) -> dict[str, Any]:
+        if not d.state.active:
+            return {"addresses": [], "address_errors": {}}
+        try:
+            addrs, sources = addresses(hv, d.name)
+        except VirtdeckError as err:
+            return {"addresses": [], "address_errors": {"all": str(err)}}
+        return {
+            "addresses": [asdict(a) for a in addrs],
+            "address_errors": {s.source: s.reason for s in sources if not s.ok},
+        }
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = {(d.host, d.name): pool.submit(one, hv, d) for hv, d in domains}
+        return {key: f.result() for key, f in futures.items()}
 
 
 def cmd_lifecycle(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:

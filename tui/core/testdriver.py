@@ -49,6 +49,8 @@ class DomainSpec:
     meta: VirtdeckMeta | None = None
     uuid: str = field(default="")
     snapshots: tuple[SnapshotSpec, ...] = ()
+    os_xml: tuple[str, ...] = ()  # extra elements under <os> (e.g. <loader>, <nvram>)
+    devices_xml: tuple[str, ...] = ()  # extra devices (e.g. <serial>, <graphics>, <tpm>)
 
 
 def domain_element(spec: DomainSpec, domain_type: str = "test") -> ET.Element:
@@ -61,6 +63,7 @@ def domain_element(spec: DomainSpec, domain_type: str = "test") -> ET.Element:
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
     os_ = ET.SubElement(dom, "os")
     ET.SubElement(os_, "type").text = "hvm"
+    os_.extend(ET.fromstring(x) for x in spec.os_xml)
     devices = ET.SubElement(dom, "devices")
     for disk in spec.disks:
         d = ET.SubElement(devices, "disk", type="file", device="disk")
@@ -75,6 +78,7 @@ def domain_element(spec: DomainSpec, domain_type: str = "test") -> ET.Element:
         iface = ET.SubElement(devices, "interface", type="network")
         ET.SubElement(iface, "mac", address=mac)
         ET.SubElement(iface, "source", network="default")
+    devices.extend(ET.fromstring(x) for x in spec.devices_xml)
     if spec.meta is not None:
         domxml.write_meta(dom, spec.meta)
     return dom
