@@ -342,11 +342,21 @@ def agent_channel_state(root: ET.Element) -> str | None:
 
 
 def char_devices(root: ET.Element) -> tuple[CharDevice, ...]:
+    """Serial ports and consoles. libvirt shows the first serial port a second time as a
+    `<console>` with a serial target; that copy is left out (it is one device)."""
     out = []
+    serial_ports = {t.get("port") for t in root.findall("./devices/serial/target") if t.get("port")}
     for kind in ("console", "serial"):
         for elem in root.findall(f"./devices/{kind}"):
             target = elem.find("target")
             source = elem.find("source")
+            if (
+                kind == "console"
+                and target is not None
+                and target.get("type", "serial") == "serial"
+                and (target.get("port") or "0") in serial_ports
+            ):
+                continue
             tgt = None
             if target is not None:
                 tgt = target.get("type") or "serial"
