@@ -162,7 +162,14 @@ def build(dest: Path = CACHE, log: Path | None = None) -> GuestImage:
     return GuestImage.at(dest)
 
 
-def domain_xml(name: str, image: GuestImage, overlay: str, *, memory_mib: int = 512) -> str:
+def domain_xml(
+    name: str,
+    image: GuestImage,
+    overlay: str,
+    *,
+    mac: str = "52:54:00:d1:5c:01",
+    memory_mib: int = 512,
+) -> str:
     """A TCG domain booting the guest's kernel directly, on a qcow2 overlay of the image."""
     return (
         f"<domain type='qemu'><name>{name}</name>"
@@ -174,7 +181,7 @@ def domain_xml(name: str, image: GuestImage, overlay: str, *, memory_mib: int = 
         "<devices>"
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
         f"<source file='{overlay}'/><target dev='vda' bus='virtio'/></disk>"
-        "<interface type='user'><mac address='52:54:00:d1:5c:01'/><model type='virtio'/>"
+        f"<interface type='user'><mac address='{mac}'/><model type='virtio'/>"
         "</interface>"
         "<serial type='pty'><target port='0'/></serial>"
         "<console type='pty'><target type='serial' port='0'/></console>"
