@@ -5,7 +5,8 @@
 set -euo pipefail
 
 PKGS=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv
-      qemu-system-x86 qemu-utils libguestfs-tools linux-image-amd64)
+      qemu-system-x86 qemu-utils libguestfs-tools linux-image-amd64
+      mmdebstrap e2fsprogs tmux openssh-client)  # the real test guest; console/ssh keys
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "virtdeck setup: run as root (it installs packages and starts libvirtd)" >&2
