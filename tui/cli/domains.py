@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -71,27 +73,51 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     return 0
 
 
+ADDRESS_DEADLINE = 3.0  # seconds `ls --json` waits for all address answers together
+
+
 def listed_addresses(
-    domains: list[tuple[Hypervisor, DomainInfo]],
+    domains: list[tuple[Hypervisor, DomainInfo]], deadline: float = ADDRESS_DEADLINE
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """Each domain's addresses for `ls --json`: running ones only, asked in parallel (lease
-    and a connected guest agent; see tui.core.details.addresses), a failure is a reason."""
+    and a connected guest agent; see tui.core.details.addresses), a failure is a reason.
 
-    def one(hv: Hypervisor, d: DomainInfo) -> dict[str, Any]:
-        if not d.state.active:
-            return {"addresses": [], "address_errors": {}}
-        try:
-            addrs, sources = addresses(hv, d.name)
-        except VirtdeckError as err:
-            return {"addresses": [], "address_errors": {"all": str(err)}}
-        return {
-            "addresses": [asdict(a) for a in addrs],
-            "address_errors": {s.source: s.reason for s in sources if not s.ok},
-        }
+    A connected but silent guest agent holds its call for libvirt's agent timeout (5 s by
+    default); changing that timeout would change it for everyone using the domain, so the
+    listing stops waiting after `deadline` instead and says so. The callers run in daemon
+    threads, so a call still waiting does not hold the command's exit."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    todo: queue.SimpleQueue[tuple[Hypervisor, DomainInfo]] = queue.SimpleQueue()
+    for hv, d in domains:
+        if d.state.active:
+            todo.put((hv, d))
+        else:
+            out[(d.host, d.name)] = {"addresses": [], "address_errors": {}}
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = {(d.host, d.name): pool.submit(one, hv, d) for hv, d in domains}
-        return {key: f.result() for key, f in futures.items()}
+    def worker() -> None:
+        while True:
+            try:
+                hv, d = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                addrs, sources = addresses(hv, d.name)
+                found = {
+                    "addresses": [asdict(a) for a in addrs],
+                    "address_errors": {s.source: s.reason for s in sources if not s.ok},
+                }
+            except VirtdeckError as err:
+                found = {"addresses": [], "address_errors": {"all": str(err)}}
+            out[(d.host, d.name)] = found
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + deadline
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    late = {"addresses": [], "address_errors": {"all": f"no answer within {deadline:g} s"}}
+    return {(d.host, d.name): dict(out.get((d.host, d.name), late)) for _hv, d in domains}
 
 
 def cmd_lifecycle(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
