@@ -90,7 +90,8 @@ def test_screenshot_script_renders_every_pane(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     svgs = {p.stem: p.read_text() for p in out.glob("*.svg")}
-    assert set(svgs) == {"snapshots", "templates", "usage"}
+    assert set(svgs) == {"snapshots", "templates", "usage", "details"}
+    assert "52:54:00:00:0b:01" in svgs["details"] and "lease" in svgs["details"]
     for text in svgs.values():
         assert text.startswith("<svg") and "DEMO" in text
     assert "before-upgrade" in svgs["snapshots"]  # the demo's snapshot tree
