@@ -92,7 +92,20 @@ def plan_delete(
     if not children and node.children:
         parent = f"'{node.parent}'" if node.parent else "the root"
         notes.append(f"its children ({', '.join(node.children)}) move up to {parent}")
-    if node.kind == INTERNAL or (not by_virtdeck and libvirt_handles_external(hv)):
+    native = node.kind == INTERNAL or (not by_virtdeck and libvirt_handles_external(hv))
+    if native and node.kind != INTERNAL:
+        # libvirt commits each overlay into its image and removes the overlay.
+        touched = [
+            p for n in names for d in tree.get(n).disks if d.snapshot == EXTERNAL
+            for p in (d.image, d.overlay) if p
+        ]  # fmt: skip
+        users = common.used_elsewhere(hv, domain, tree, touched)
+        if users:
+            native = False
+            notes.append(
+                f"done by virtdeck, not libvirt: other images sit on its files ({', '.join(users)})"
+            )
+    if native:
         method = "libvirt"
     else:
         method = "virtdeck"
@@ -123,7 +136,19 @@ def delete(
 ) -> None:
     dom = hv.lookup(plan.domain)
     try:
-        if plan.method == "libvirt":
+        if plan.method == "libvirt" and plan.kind != INTERNAL:
+            # libvirt (11.3) refuses DELETE_CHILDREN for external snapshots ("deletion of
+            # external disk snapshots with children not supported"): one by one, descendants
+            # first.
+            for i, name in enumerate(plan.names):
+                progress(f"deleting '{name}' of '{plan.domain}'", i / len(plan.names))
+                snap = common.lookup_snapshot(hv, dom, plan.domain, name)
+                hv.call(
+                    snap.delete,  # type: ignore[attr-defined]
+                    0,
+                    what=f"deleting snapshot '{name}' of '{plan.domain}'",
+                )
+        elif plan.method == "libvirt":
             snap = common.lookup_snapshot(hv, dom, plan.domain, plan.snapshot)
             flags = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN if plan.children else 0
             progress(f"deleting '{plan.snapshot}' of '{plan.domain}'", None)
