@@ -818,7 +818,15 @@ def plan_revert(
             result_state=result,
             lost=tuple(_lost_lines(domain, state, tree, ())),
         )
-    if not by_virtdeck and libvirt_handles_external(hv):
+    qemu_img = qemu_img or QemuImg()
+    if (
+        not by_virtdeck
+        and libvirt_handles_external(hv)
+        and not _used_elsewhere(hv, domain, tree, _revert_discards(tree, disks), qemu_img)
+    ):
+        # Without a memory state libvirt leaves the domain shut off unless asked to run it;
+        # boot it afresh as virtdeck's own path does.
+        start_after = node.state not in ("running", "paused") and state.active
         return RevertPlan(
             host=hv.uri,
             domain=domain,
@@ -826,10 +834,49 @@ def plan_revert(
             kind=node.kind,
             method="libvirt",
             state_now=state.value,
-            result_state=result,
+            result_state="running (booted afresh from the snapshot's disks)"
+            if start_after
+            else result,
+            start_after=start_after,
             lost=tuple(_lost_lines(domain, state, tree, ())),
         )
-    return _plan_revert_external(hv, domain, node, tree, state, qemu_img or QemuImg())
+    return _plan_revert_external(hv, domain, node, tree, state, qemu_img)
+
+
+def _revert_discards(tree: SnapshotTree, disks: dict[str, _Disk]) -> list[str]:
+    """Files libvirt (>= 9.9) removes when it reverts: those holding the changes since the
+    current external snapshot (its overlays, or the overlays of the last revert to it)."""
+    cur = tree.current
+    if cur is None:
+        return []
+    out: list[str] = []
+    for d in cur.disks:
+        if d.snapshot == EXTERNAL:
+            now = disks.get(d.target)
+            out += [p for p in (d.overlay, now.path if now else None) if p]
+    return out
+
+
+def _used_elsewhere(
+    hv: Hypervisor, domain: str, tree: SnapshotTree, paths: Iterable[str], qemu_img: QemuImg
+) -> list[str]:
+    """Images outside the domain's own disks and snapshots that sit on `paths`, and other
+    domains' disks whose chains hold them. libvirt knows only the domain's own files when it
+    removes an overlay or commits into an image; where others need them, virtdeck does the
+    work itself and keeps what they need."""
+    wanted = {p for p in paths if p}
+    if not wanted:
+        return []
+    files = _scan(hv, qemu_img, domain, tree)
+    own: set[str] = set()
+    for p in _own_paths(hv, domain) + [
+        x for n in tree.nodes for d in n.disks for x in (d.image, d.overlay) if x
+    ]:
+        own.update(files.chain(p))
+    out = {p for p in _other_domain_paths(hv, domain) if wanted & set(files.chain(p))}
+    for p in wanted:
+        out |= files.users(p) - own
+    return sorted(out)
 
 
 def _plan_revert_external(
@@ -933,12 +980,33 @@ def revert(
         if plan.method == "libvirt":
             snap = _lookup_snapshot(dom, plan.domain, plan.snapshot)
             progress(f"reverting '{plan.domain}' to '{plan.snapshot}'", None)
-            _lv(f"reverting '{plan.domain}' to '{plan.snapshot}'", dom.revertToSnapshot, snap, 0)
+            _libvirt_revert(dom, plan, snap)
         else:
             _revert_external(hv, plan, progress, qemu_img or QemuImg())
     finally:
         hv.invalidate(dom.UUIDString())
     progress(f"'{plan.domain}' is back at '{plan.snapshot}'", 1.0)
+
+
+_REVERT_TRIES = 3
+
+
+def _libvirt_revert(dom: Any, plan: RevertPlan, snap: Any) -> None:
+    """libvirt >= 9.9 reverts an external snapshot onto a new overlay named `<stem>.<unix
+    seconds>` and refuses when that file exists ("external snapshot file for disk ... already
+    exists"): two reverts within one second collide. It checks before changing anything, so
+    wait for the next second and try again (a bounded number of times)."""
+    what = f"reverting '{plan.domain}' to '{plan.snapshot}'"
+    flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING if plan.start_after else 0
+    for attempt in range(1, _REVERT_TRIES + 1):
+        try:
+            _lv(what, dom.revertToSnapshot, snap, flags)
+            return
+        except OperationError as err:
+            collided = "external snapshot file" in str(err) and "already exists" in str(err)
+            if plan.kind == INTERNAL or not collided or attempt == _REVERT_TRIES:
+                raise
+        time.sleep(1.05 - time.time() % 1.0)
 
 
 def _revert_external(hv: Hypervisor, plan: RevertPlan, progress: Progress, qimg: QemuImg) -> None:
@@ -1093,12 +1161,24 @@ def plan_delete(
     if not children and node.children:
         parent = f"'{node.parent}'" if node.parent else "the root"
         notes.append(f"its children ({', '.join(node.children)}) move up to {parent}")
-    if node.kind == INTERNAL or (not by_virtdeck and libvirt_handles_external(hv)):
+    qemu_img = qemu_img or QemuImg()
+    native = node.kind == INTERNAL or (not by_virtdeck and libvirt_handles_external(hv))
+    if native and node.kind != INTERNAL:
+        # libvirt commits each overlay into its image and removes the overlay.
+        touched = [
+            p for n in names for d in tree.get(n).disks if d.snapshot == EXTERNAL
+            for p in (d.image, d.overlay) if p
+        ]  # fmt: skip
+        users = _used_elsewhere(hv, domain, tree, touched, qemu_img)
+        if users:
+            native = False
+            notes.append(f"by virtdeck, not libvirt: {', '.join(users)} use(s) its files")
+    if native:
         method = "libvirt"
     else:
         method = "virtdeck"
         # Validate the first step now so refusals come before any change.
-        _plan_delete_one(hv, domain, tree.get(names[0]), tree, qemu_img or QemuImg())
+        _plan_delete_one(hv, domain, tree.get(names[0]), tree, qemu_img)
     return DeletePlan(
         host=hv.uri,
         domain=domain,
@@ -1121,7 +1201,15 @@ def delete(
 ) -> None:
     dom = hv.lookup(plan.domain)
     try:
-        if plan.method == "libvirt":
+        if plan.method == "libvirt" and plan.kind != INTERNAL:
+            # libvirt (11.3) refuses DELETE_CHILDREN for external snapshots ("deletion of
+            # external disk snapshots with children not supported"): one by one, descendants
+            # first.
+            for i, name in enumerate(plan.names):
+                progress(f"deleting '{name}' of '{plan.domain}'", i / len(plan.names))
+                snap = _lookup_snapshot(dom, plan.domain, name)
+                _lv(f"deleting snapshot '{name}' of '{plan.domain}'", snap.delete, 0)
+        elif plan.method == "libvirt":
             snap = _lookup_snapshot(dom, plan.domain, plan.snapshot)
             flags = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN if plan.children else 0
             progress(f"deleting '{plan.snapshot}' of '{plan.domain}'", None)
