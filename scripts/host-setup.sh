@@ -5,7 +5,8 @@
 set -euo pipefail
 
 PKGS=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv
-      qemu-system-x86 qemu-utils libguestfs-tools linux-image-amd64)
+      qemu-system-x86 qemu-utils libguestfs-tools linux-image-amd64
+      mmdebstrap iproute2)  # scripts/other-libvirt.sh: the other release's libvirt
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "virtdeck setup: run as root (it installs packages and starts libvirtd)" >&2

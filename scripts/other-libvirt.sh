@@ -243,11 +243,17 @@ start() {
   say "started in $((SECONDS - t0)) s: $(version)"
 }
 
-# QEMU processes the chrooted daemon started (their root is ours), by PID.
+# What the chrooted daemons left running (QEMU, a daemon that ignored SIGTERM), by PID: only
+# processes whose root is ours and whose program is the root's QEMU or daemons.
 chroot_pids() {
-  local p
+  local p exe
   for p in /proc/[0-9]*; do
-    [ "$(readlink "$p/root" 2>/dev/null)" = "$ROOT" ] && echo "${p#/proc/}"
+    [ "$(readlink "$p/root" 2>/dev/null)" = "$ROOT" ] || continue
+    exe=$(readlink "$p/exe" 2>/dev/null) || continue
+    case "$exe" in
+      "$ROOT"/usr/bin/qemu-system-* | "$ROOT"/usr/sbin/libvirtd | "$ROOT"/usr/sbin/virtlogd)
+        echo "${p#/proc/}" ;;
+    esac
   done
   return 0
 }
