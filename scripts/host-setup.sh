@@ -47,7 +47,7 @@ if ! daemon_up; then
   for _ in $(seq 50); do daemon_up && break; sleep 0.2; done
 fi
 if daemon_up; then
-  virsh -c qemu:///system version | sed -n 's/^Using library: /virtdeck setup: libvirt /p'
+  virsh -c qemu:///system version | sed -n 's/^Using library: /virtdeck setup: /p'
 else
   echo "virtdeck setup: the libvirt daemon did not come up" >&2
   exit 1

@@ -1172,7 +1172,9 @@ def plan_delete(
         users = _used_elsewhere(hv, domain, tree, touched, qemu_img)
         if users:
             native = False
-            notes.append(f"by virtdeck, not libvirt: {', '.join(users)} use(s) its files")
+            notes.append(
+                f"done by virtdeck, not libvirt: other images sit on its files ({', '.join(users)})"
+            )
     if native:
         method = "libvirt"
     else:
