@@ -89,7 +89,8 @@ class VirtdeckApp(App[None]):
 
     def on_hosts_loaded(self, message: HostsLoaded) -> None:
         self.sub_title = f"{len(self.hypervisors)} hosts" if len(self.hypervisors) > 1 else ""
-        self.main.set_hosts(message.hosts)
+        if self.screen_stack:  # not closing
+            self.main.set_hosts(message.hosts)
 
     # -- inventory --------------------------------------------------------------------------
 
@@ -120,6 +121,8 @@ class VirtdeckApp(App[None]):
 
     def on_inventory_loaded(self, message: InventoryLoaded) -> None:
         self._refreshing = False
+        if not self.screen_stack:
+            return  # a worker's result arriving while the app closes: the screens are gone
         for host, why in message.failures.items():
             if host not in self.lost:
                 self.lost.add(host)
