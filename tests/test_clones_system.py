@@ -117,7 +117,7 @@ def test_thin_and_full_uefi_clones_run_together_with_their_own_resources(
         stderr_progress(message, fraction)
 
     monkeypatch.setattr("tui.cli.templates.stderr_progress", progress)
-    common = ["-c", "qemu:///system", "clone", tname]
+    common = ["-c", lab.hv.uri, "clone", tname]
     assert main([*common, lab.name("cthin"), "--count", "3", "--start", "--allow-unsealed"]) == 0
     assert main([*common, lab.name("cfull"), "--full", "--count", "2", "--start",
                  "--allow-unsealed"]) == 0  # fmt: skip

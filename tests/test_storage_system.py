@@ -398,7 +398,7 @@ print(json.dumps({"results": results, "unchanged": sums() == before,
 
 
 def test_remote_host_commands_touch_no_local_file(
-    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
 ) -> None:
     """The daemon (reached over qemu+ssh, so another host as far as virtdeck can prove) sees
     the real images; the client runs in a private mount namespace where the same paths hold
@@ -406,6 +406,7 @@ def test_remote_host_commands_touch_no_local_file(
     itself works; no decoy changes; the real VM's data is intact."""
     from tui.core.snapshots import libvirt_handles_external
 
+    lab = host_lab  # the ssh rig reaches the host's own daemon
     hv = lab.hv
     base = lab.disk("base.qcow2")
     subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", base], check=True,
