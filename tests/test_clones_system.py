@@ -96,6 +96,14 @@ def live(lab: SystemLab, name: str) -> object:
     return domxml.parse(lab.hv.conn.lookupByName(name).XMLDesc(0))
 
 
+@pytest.fixture
+def lab(host_lab: SystemLab) -> SystemLab:
+    """The host's daemon only: UEFI firmware, NVRAM files and swtpm state live in the daemon's
+    own /usr/share and /var/lib/libvirt, which the chrooted daemon does not share with the host
+    (it shares only the image directories)."""
+    return host_lab
+
+
 def test_thin_and_full_uefi_clones_run_together_with_their_own_resources(
     lab: SystemLab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
