@@ -469,7 +469,7 @@ def _mark_complete(hv: Hypervisor, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class RemovePlan(ops.PlanDefaults):
+class RemovePlan(ops.DestructivePlanDefaults):
     """What `rm` does: undefine, and (with storage) delete exactly the files listed.
 
     `delete_files` are the files that belong to the domain alone (its disks' own chains, its
@@ -498,10 +498,6 @@ class RemovePlan(ops.PlanDefaults):
     @property
     def confirm_label(self) -> str:
         return "Remove"
-
-    @property
-    def destructive(self) -> bool:
-        return True
 
     @property
     def option(self) -> str | None:

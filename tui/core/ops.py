@@ -97,6 +97,15 @@ class PlanDefaults:
         return self
 
 
+class DestructivePlanDefaults(PlanDefaults):
+    """Mixin for plans that lose something (a removal, a revert, a delete): the confirmation
+    focuses "No" and paints "Yes" red."""
+
+    @property
+    def destructive(self) -> bool:
+        return True
+
+
 def plan_json(plan: Any) -> dict[str, Any]:
     """Any plan as JSON: its own to_json() where it has one, else its fields; plus the lines a
     confirmation shows."""

@@ -36,7 +36,7 @@ _COMMIT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
-class DeletePlan(ops.PlanDefaults):
+class DeletePlan(ops.DestructivePlanDefaults):
     host: str
     domain: str
     snapshot: str
@@ -54,10 +54,6 @@ class DeletePlan(ops.PlanDefaults):
     @property
     def confirm_label(self) -> str:
         return "Delete"
-
-    @property
-    def destructive(self) -> bool:
-        return True
 
     def run(self, hv: Hypervisor, progress: Progress) -> str:
         delete(hv, self, progress)

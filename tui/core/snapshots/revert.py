@@ -52,7 +52,7 @@ class DiskSwitch:
 
 
 @dataclass(frozen=True)
-class RevertPlan(ops.PlanDefaults):
+class RevertPlan(ops.DestructivePlanDefaults):
     host: str
     domain: str
     snapshot: str
@@ -75,10 +75,6 @@ class RevertPlan(ops.PlanDefaults):
     @property
     def confirm_label(self) -> str:
         return "Revert"
-
-    @property
-    def destructive(self) -> bool:
-        return True  # the state since the snapshot is lost
 
     def run(self, hv: Hypervisor, progress: Progress) -> str:
         revert(hv, self, progress)
@@ -146,24 +142,16 @@ def plan_revert(
                     f"'{domain}' is now {now.path if now else 'gone'} (an external snapshot "
                     "was taken since): revert to that external snapshot first"
                 )
-        return RevertPlan(
-            host=hv.uri,
-            domain=domain,
-            snapshot=name,
-            kind=node.kind,
-            method="libvirt",
-            state_now=state.value,
-            result_state=result,
-            lost=tuple(_lost_lines(domain, state, tree, ())),
-        )
-    if (
+    native = node.kind == INTERNAL or (
         not by_virtdeck
         and libvirt_handles_external(hv)
         and not common.used_elsewhere(hv, domain, tree, _revert_discards(tree, disks))
-    ):
+    )
+    if native:
         # Without a memory state libvirt leaves the domain shut off unless asked to run it;
         # boot it afresh as virtdeck's own path does.
-        start_after = node.state not in ("running", "paused") and state.active
+        start_after = node.kind != INTERNAL and node.state not in ("running", "paused")
+        start_after = start_after and state.active
         return RevertPlan(
             host=hv.uri,
             domain=domain,
