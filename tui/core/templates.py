@@ -40,11 +40,10 @@ from tui.core.paths import template_backup_dir
 from tui.core.progress import Progress, no_progress
 from tui.core.storage import (
     ImageUser,
-    LocalFiles,
     Owner,
     Resolver,
     StorageGraph,
-    require_local,
+    files_for,
 )
 from tui.core.storage.local import write_private
 from tui.core.storage.qemuimg import last_line
@@ -153,6 +152,18 @@ class Sysprep:
             raise OperationError(f"virt-sysprep failed (exit {status}): {why}")
 
 
+def sysprep_for(hv: Hypervisor, sysprep: Sysprep | None = None) -> Sysprep:
+    """virt-sysprep where the images are: here, or on the hypervisor over the SSH target of
+    its qemu+ssh URI (refused with the reason on a transport without SSH)."""
+    if sysprep is not None:
+        return sysprep
+    if hv.local:
+        return Sysprep()
+    from tui.core.storage.remote import run_on_host
+
+    return Sysprep(runner=run_on_host(hv))
+
+
 _TCG_ENV = ("env", "LIBGUESTFS_BACKEND=direct", "LIBGUESTFS_BACKEND_SETTINGS=force_tcg")
 
 
@@ -193,7 +204,9 @@ def storage_graph(
     hv: Hypervisor, backup_dir: Path | None = None, resolver: Resolver | None = None
 ) -> StorageGraph:
     """Every domain of `hv` and every template backup, with their chains."""
-    return StorageGraph.read(hv, resolver=resolver, extra_owners=backup_owners(backup_dir))
+    return StorageGraph.read(
+        hv, resolver=resolver or Resolver(hv, ssh=True), extra_owners=backup_owners(backup_dir)
+    )
 
 
 def image_users(
@@ -469,7 +482,6 @@ def plan_template(
     sysprep: Sysprep | None = None,
 ) -> TemplatePlan:
     """Check everything before anything changes; the plan says what execute_template() does."""
-    require_local(hv, "template create")
     info = hv.domain(vm)
     if info.is_template:
         raise StateError(f"'{vm}' is already a template")
@@ -495,7 +507,7 @@ def plan_template(
             "detach it or make the template by hand"
         )
     images = []
-    resolver = Resolver(hv)
+    resolver = Resolver(hv, ssh=True)
     for disk in own_images(info.disks):
         assert disk.path is not None
         chain = resolver.chain(disk.path, disk.format)
@@ -516,7 +528,7 @@ def plan_template(
     if operations is not None and not seal:
         raise InvalidInputError("--operations only makes sense when sealing (drop --no-seal)")
     if seal:
-        known = (sysprep or Sysprep()).operations()
+        known = sysprep_for(hv, sysprep).operations()
         if operations is not None:
             ops = tuple(o.strip() for o in operations if o.strip())
             if not ops:
@@ -604,7 +616,7 @@ def execute_template(
     sealing, the rename, metadata, backup, file modes and undefine are undone (the sealing
     itself cannot be, and the VM stays shut off); a crash leaves a journal `virtdeck recover`
     rolls back."""
-    files = LocalFiles(hv, "template create")
+    files = files_for(hv, "template create")
     done, progress = progress, ops.cancellable(progress)
     dom = hv.lookup(plan.vm)
     if dom.UUIDString() != plan.uuid:
@@ -620,9 +632,10 @@ def execute_template(
             _shut_down(hv, plan, progress)
             if plan.seal:
                 progress(f"sealing '{plan.vm}' with virt-sysprep", None)
-                (sysprep or Sysprep()).seal(
+                sysprep_for(hv, sysprep).seal(
                     uri=hv.uri,
-                    domain=plan.vm if hv.uri.startswith("qemu") else None,
+                    # On another host virt-sysprep runs there, on the image files (-a).
+                    domain=plan.vm if hv.local and hv.uri.startswith("qemu") else None,
                     images=plan.images,
                     operations=plan.operations if plan.chosen_operations else None,
                     progress=progress,

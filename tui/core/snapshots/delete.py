@@ -29,7 +29,7 @@ from tui.core.snapshots.tree import (
     libvirt_handles_external,
     snapshot_tree,
 )
-from tui.core.storage import LocalFiles, require_local
+from tui.core.storage import Files, files_for
 from tui.core.storage.qemuimg import QemuImg
 
 _COMMIT_TIMEOUT = 600.0
@@ -80,7 +80,6 @@ def plan_delete(
         method = "libvirt"
     else:
         method = "virtdeck"
-        require_local(hv, f"deleting external snapshot '{name}' (libvirt on this host cannot)")
         # Validate the first step now so refusals come before any change, and show it.
         step = _plan_delete_one(hv, domain, tree.get(names[0]), tree)
         notes += [f"merge {c.overlay} into {c.image}" for c in step.commits]
@@ -117,7 +116,7 @@ def delete(
                 what=f"deleting snapshot '{plan.snapshot}' of '{plan.domain}'",
             )
         else:
-            files = LocalFiles(
+            files = files_for(
                 hv,
                 f"deleting external snapshot '{plan.snapshot}' (libvirt on this host cannot)",
                 qemu_img=qemu_img,
@@ -219,7 +218,7 @@ def _plan_delete_one(
     )
 
 
-def _delete_one(hv: Hypervisor, step: _DeleteStep, files: LocalFiles, progress: Progress) -> None:
+def _delete_one(hv: Hypervisor, step: _DeleteStep, files: Files, progress: Progress) -> None:
     dom = hv.lookup(step.domain)
     for note in step.kept:
         progress(note, None)

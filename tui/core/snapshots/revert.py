@@ -38,7 +38,7 @@ from tui.core.snapshots.tree import (
     libvirt_handles_external,
     snapshot_tree,
 )
-from tui.core.storage import LocalFiles
+from tui.core.storage import Files, files_for
 from tui.core.storage.qemuimg import QemuImg
 
 
@@ -150,7 +150,7 @@ def plan_revert(
             result_state=result,
             lost=tuple(_lost_lines(domain, state, tree, ())),
         )
-    files = LocalFiles(
+    files = files_for(
         hv, f"reverting external snapshot '{name}' (libvirt on this host cannot)", qemu_img=qemu_img
     )
     return _plan_revert_external(hv, files, domain, node, tree, state)
@@ -158,7 +158,7 @@ def plan_revert(
 
 def _plan_revert_external(
     hv: Hypervisor,
-    files: LocalFiles,
+    files: Files,
     domain: str,
     node: SnapshotNode,
     tree: SnapshotTree,
@@ -263,7 +263,7 @@ def revert(
                 what=f"reverting '{plan.domain}' to '{plan.snapshot}'",
             )
         else:
-            files = LocalFiles(
+            files = files_for(
                 hv,
                 f"reverting external snapshot '{plan.snapshot}' (libvirt on this host cannot)",
                 qemu_img=qemu_img,
@@ -274,9 +274,7 @@ def revert(
     progress(f"'{plan.domain}' is back at '{plan.snapshot}'", 1.0)
 
 
-def _revert_external(
-    hv: Hypervisor, plan: RevertPlan, progress: Progress, files: LocalFiles
-) -> None:
+def _revert_external(hv: Hypervisor, plan: RevertPlan, progress: Progress, files: Files) -> None:
     dom = hv.lookup(plan.domain)
     old_xml = str(
         hv.call(

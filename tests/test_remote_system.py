@@ -1,0 +1,126 @@
+"""Remote hosts get the whole product (issue 10, part 3): through `qemu+ssh://`.
+
+The daemon is this machine's qemu:///system reached over the SSH rig, so it is another host as
+far as virtdeck can prove. The client runs in a private mount namespace where the image
+directory is a tmpfs holding decoys at the very same paths: the remote images are not
+visible to it, so whatever works, works through libvirt's storage pools (and SSH for what
+libvirt has no API for), and no decoy may change. The results are checked on the host side
+(outside the namespace) with qemu-img and qemu-io.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab import SystemLab
+from tests.test_storage_system import NAMESPACE_SCRIPT, REPO, TEMPLATE, define_with
+from tui.core.models import DomainState
+
+pytestmark = pytest.mark.system
+
+
+def in_namespace(
+    lab: SystemLab, uri: str, tmp_path: Path, commands: list[list[str]]
+) -> dict[str, Any]:
+    """Run virtdeck commands against `uri` from a mount namespace with decoys over lab.dir."""
+    names = sorted(p.name for p in lab.dir.iterdir() if p.is_file())
+    script = tmp_path / "ns.py"
+    script.write_text(NAMESPACE_SCRIPT)
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"),
+               XDG_STATE_HOME=str(tmp_path / "state"))  # fmt: skip
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, str(script),
+         str(lab.dir), uri, str(REPO), json.dumps(commands), json.dumps(names)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout)
+    # The client saw only its decoys, unchanged, and made no file of its own there.
+    assert out["unchanged"] and out["listing"], out
+    for argv, _code, _stdout, err in out["results"]:
+        assert "Traceback" not in err, (argv, err)
+    return out
+
+
+def ok(out: dict[str, Any], i: int) -> str:
+    argv, code, stdout, err = out["results"][i]
+    assert code == 0, (argv, err)
+    return str(stdout)
+
+
+def info(path: str) -> dict[str, Any]:
+    """qemu-img info on the host (outside the namespace)."""
+    proc = subprocess.run(["qemu-img", "info", "-U", "--output=json", path],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def reads(path: str, pattern: int, length: str = "1M") -> bool:
+    proc = subprocess.run(["qemu-io", "-r", "-U", "-c", f"read -P {pattern:#x} 0 {length}", path],
+                          capture_output=True, text=True)  # fmt: skip
+    return proc.returncode == 0 and "verification failed" not in proc.stdout
+
+
+def write(path: str, pattern: int, length: str = "1M") -> None:
+    subprocess.run(["qemu-io", "-c", f"write -P {pattern:#x} 0 {length}", path],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+def test_clones_usage_and_rm_through_qemu_ssh(
+    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+) -> None:
+    hv = lab.hv
+    base = lab.disk("base.qcow2")
+    write(base, 0x11)
+    os.chmod(base, 0o444)  # a template's base
+    tname, _ = define_with(lab, "tpl", "", first=base, meta=TEMPLATE)
+    thin, full = lab.name("t"), lab.name("f")
+    out = in_namespace(lab, ssh_root_uri, tmp_path, [
+        ["clone", tname, thin, "--count", "3", "--dry-run"],
+        ["clone", tname, thin, "--count", "3"],
+        ["clone", tname, full, "--full"],
+        ["usage", "--json"],
+        ["rm", f"{thin}-1", "--storage"],
+        ["rm", tname, "--storage"],
+    ])  # fmt: skip
+    ok(out, 0)
+    dry = out["results"][0][3]  # the plan is printed on stderr
+    assert "storage pool" in dry and str(lab.dir) in dry, dry
+    ok(out, 1)
+    ok(out, 2)
+    # Thin clones: qcow2 overlays on the base, made on the host; the full copy stands alone.
+    for i in (2, 3):
+        path = str(lab.dir / f"{thin}-{i}.qcow2")
+        facts = info(path)
+        assert facts["format"] == "qcow2"
+        assert facts["full-backing-filename"] == base and facts["backing-filename-format"] == (
+            "qcow2"
+        )
+        assert reads(path, 0x11)
+    full_path = str(lab.dir / f"{full}.qcow2")
+    assert "backing-filename" not in info(full_path) and reads(full_path, 0x11)
+    # usage --json: the numbers are qemu-img's on the host.
+    usage = json.loads(ok(out, 3))
+    seen = {i["path"]: i for i in usage["images"]}
+    for path in [base, full_path, str(lab.dir / f"{thin}-2.qcow2")]:
+        facts = info(path)
+        assert seen[path]["virtual_bytes"] == facts["virtual-size"], path
+        assert seen[path]["actual_bytes"] == facts["actual-size"], path
+    # rm --storage: the clone's overlay is gone, nothing else; the template is refused.
+    ok(out, 4)
+    assert not hv.exists(f"{thin}-1") and not (lab.dir / f"{thin}-1.qcow2").exists()
+    code, _, err = out["results"][5][1:]
+    assert code != 0 and f"{thin}-2" in err, err
+    assert hv.exists(tname) and Path(base).exists() and reads(base, 0x11)
+    # A thin clone made through the remote host starts.
+    hv.start(f"{thin}-2")
+    assert hv.domain(f"{thin}-2").state == DomainState.RUNNING
+    hv.destroy(f"{thin}-2")
