@@ -124,3 +124,91 @@ def test_clones_usage_and_rm_through_qemu_ssh(
     hv.start(f"{thin}-2")
     assert hv.domain(f"{thin}-2").state == DomainState.RUNNING
     hv.destroy(f"{thin}-2")
+
+
+def top_of(lab: SystemLab, name: str) -> str:
+    lab.hv.invalidate()  # another process changed it
+    disk = lab.hv.domain(name).disks[0]
+    assert disk.path is not None
+    return disk.path
+
+
+def test_external_snapshots_revert_and_delete_through_qemu_ssh(
+    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+) -> None:
+    """create s1, write, create s2, write; delete s2 (its overlay is committed on the host
+    over SSH), then revert to s1 (a fresh overlay made by the host's storage pool)."""
+    hv = lab.hv
+    vm = lab.define("vs")
+    disk = str(lab.dir / "vs.qcow2")
+    write(disk, 0x22)
+    out = in_namespace(lab, ssh_root_uri, tmp_path, [
+        ["snapshot", "create", vm, "s1", "--external"],
+    ])  # fmt: skip
+    ok(out, 0)
+    o1 = top_of(lab, vm)
+    assert o1 != disk and info(o1)["full-backing-filename"] == disk
+    write(o1, 0x33)
+    out = in_namespace(lab, ssh_root_uri, tmp_path, [
+        ["snapshot", "create", vm, "s2", "--external"],
+    ])  # fmt: skip
+    ok(out, 0)
+    o2 = top_of(lab, vm)
+    subprocess.run(["qemu-io", "-c", "write -P 0x44 1M 1M", o2], check=True,
+                   capture_output=True)  # fmt: skip
+    out = in_namespace(lab, ssh_root_uri, tmp_path, [["snapshot", "delete", vm, "s2"]])
+    ok(out, 0)
+    # Delete: s2's overlay (0x44 at 1M) was merged into o1 (0x33 at 0) and removed.
+    assert not Path(o2).exists() and top_of(lab, vm) == o1
+    assert reads(o1, 0x33)
+    assert (
+        subprocess.run(
+            ["qemu-io", "-r", "-U", "-c", "read -P 0x44 1M 1M", o1], capture_output=True, text=True
+        ).stdout.count("verification")
+        == 0
+    )
+    out = in_namespace(lab, ssh_root_uri, tmp_path, [
+        ["snapshot", "revert", vm, "s1"],
+        ["snapshot", "ls", vm, "--json"],
+    ])  # fmt: skip
+    ok(out, 0)
+    # Revert: the disk is a fresh overlay on the image of s1 (0x22), none of the later writes.
+    top = top_of(lab, vm)
+    assert top not in (disk, o1, o2) and info(top)["full-backing-filename"] == disk
+    assert reads(top, 0x22)
+    probe = subprocess.run(["qemu-io", "-r", "-U", "-c", "read -P 0x44 1M 1M", top],
+                           capture_output=True, text=True)  # fmt: skip
+    assert "verification failed" in probe.stdout or probe.returncode != 0
+    names = [n["name"] for n in json.loads(ok(out, 1))]
+    assert names == ["s1"]
+    hv.start(vm)
+    assert hv.domain(vm).state == DomainState.RUNNING
+    hv.destroy(vm)
+
+
+@pytest.mark.sysprep
+def test_template_create_with_virt_sysprep_on_the_host_then_clones(
+    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+) -> None:
+    """virt-sysprep runs on the hypervisor over SSH (-a on the image), the base is made
+    read-only there, and clones deploy from it."""
+    from tests.test_templates_system import guest_disk, guestfish
+
+    hv = lab.hv
+    disk = guest_disk(lab, "web.qcow2", tmp_path)
+    vm = lab.define("web", disks=[(disk, "qcow2")])
+    tname = lab.name("tweb")
+    out = in_namespace(lab, ssh_root_uri, tmp_path, [
+        ["template", "create", vm, "--name", tname,
+         "--operations", "ssh-hostkeys,machine-id,bash-history"],
+        ["clone", tname, lab.name("c")],
+    ])  # fmt: skip
+    ok(out, 0)
+    assert "sysprep: " in out["results"][0][3]
+    assert oct(os.stat(disk).st_mode & 0o777) == oct(0o444)
+    assert hv.domain(tname).is_template and hv.domain(tname).meta.sealed
+    keys, mid, hostname = guestfish(disk, ["is-file /etc/ssh/ssh_host_ed25519_key",
+                                           "filesize /etc/machine-id", "cat /etc/hostname"])  # fmt: skip
+    assert (keys, mid, hostname) == ("false", "0", "web01")
+    ok(out, 1)
+    assert info(str(lab.dir / f"{lab.name('c')}.qcow2"))["full-backing-filename"] == disk
