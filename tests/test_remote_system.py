@@ -51,7 +51,7 @@ def in_namespace(
 
 def ok(out: dict[str, Any], i: int) -> str:
     argv, code, stdout, err = out["results"][i]
-    assert code == 0, (argv, err)
+    assert code == 0, (argv, err[-3000:])
     return str(stdout)
 
 

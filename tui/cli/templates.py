@@ -119,7 +119,7 @@ def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     ops = None
     if args.operations is not None:
         ops = [o for o in args.operations.split(",")]
-    sysprep = templates.Sysprep()
+    sysprep = templates.sysprep_for(hv) if not args.no_seal else templates.Sysprep()
     plan = templates.plan_template(
         hv,
         args.vm,

@@ -74,9 +74,16 @@ def run_streaming(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
 class Sysprep:
     """virt-sysprep with an injectable runner (a test forces its failure)."""
 
-    def __init__(self, runner: LineRunner | None = None, binary: str = "virt-sysprep") -> None:
+    def __init__(
+        self,
+        runner: LineRunner | None = None,
+        binary: str = "virt-sysprep",
+        *,
+        remote: bool = False,
+    ) -> None:
         self.runner = runner or run_streaming
         self.binary = binary
+        self.remote = remote  # it runs on another host: this process's environment is not its
         self._operations: dict[str, bool] | None = None
 
     def _run(self, argv: Sequence[str], on_line: Callable[[str], None]) -> int:
@@ -135,7 +142,9 @@ class Sysprep:
         if (
             status != 0
             and _appliance_failed(lines)
-            and "force_tcg" not in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
+            and (
+                self.remote or "force_tcg" not in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
+            )
         ):
             # libguestfs' appliance VM cannot start under KVM on some hosts (nested
             # virtualisation, as on these CI machines). It failed before touching the image, so
@@ -161,7 +170,7 @@ def sysprep_for(hv: Hypervisor, sysprep: Sysprep | None = None) -> Sysprep:
         return Sysprep()
     from tui.core.storage.remote import run_on_host
 
-    return Sysprep(runner=run_on_host(hv))
+    return Sysprep(runner=run_on_host(hv), remote=True)
 
 
 _TCG_ENV = ("env", "LIBGUESTFS_BACKEND=direct", "LIBGUESTFS_BACKEND_SETTINGS=force_tcg")
