@@ -213,3 +213,79 @@ def test_template_create_with_virt_sysprep_on_the_host_then_clones(
     assert (keys, mid, hostname) == ("false", "0", "web01")
     ok(out, 1)
     assert info(str(lab.dir / f"{lab.name('c')}.qcow2"))["full-backing-filename"] == disk
+
+
+def test_template_copy_to_another_hypervisor_then_a_thin_clone_there_starts(
+    lab: SystemLab, ssh_root_uri: str, session_uri: str, tmp_path: Path
+) -> None:
+    """system (over qemu+ssh, from the namespace) -> the test user's session hypervisor:
+    sparse streams, same bytes, read-only base, the template defined there; a thin clone
+    deployed on that host starts."""
+    import libvirt
+
+    from tests.lab import domain_xml
+    from tui.core import domxml
+
+    base = lab.disk("cbase.qcow2")
+    write(base, 0x55)
+    os.chmod(base, 0o444)
+    tname = lab.name("ctpl")
+    root = domxml.parse(domain_xml(tname, [(base, "qcow2")], virt_type="qemu"))
+    domxml.write_meta(root, TEMPLATE)
+    lab.hv.conn.defineXML(domxml.to_string(root))
+    clone = lab.name("there")
+    conn = libvirt.open(session_uri)
+    pool = conn.storagePoolLookupByName("vdtest-pool")
+    target_dir = Path(pool_target(pool.XMLDesc(0)))
+    copied = target_dir / "cbase.qcow2"
+    try:
+        out = in_namespace(lab, ssh_root_uri, tmp_path, [
+            ["template", "copy", tname, "--to", session_uri, "--dry-run"],
+            ["template", "copy", tname, "--to", session_uri, "--json"],
+        ])  # fmt: skip
+        ok(out, 0)
+        dry = out["results"][0][3]
+        assert "sparse stream" in dry and str(copied) in dry, dry
+        result = json.loads(ok(out, 1))
+        assert result["template"] == tname and result["plan"]["volumes"][0]["target"] == str(copied)
+        # Same bytes, holes stay holes, read-only, and the template is registered there.
+        cmp = subprocess.run(["qemu-img", "compare", "-U", base, str(copied)],
+                             capture_output=True, text=True)  # fmt: skip
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+        st = os.stat(copied)
+        assert st.st_size == os.stat(base).st_size
+        assert st.st_blocks * 512 < 16 * 1024**2  # 1 MiB of data, not 64 MiB of zeroes
+        assert st.st_mode & 0o777 == 0o444
+        dom = conn.lookupByName(tname)
+        meta = domxml.read_meta(domxml.parse(dom.XMLDesc(0)))
+        assert meta.role == "template" and meta.sealed
+        assert dom.UUIDString() != lab.hv.lookup(tname).UUIDString()
+        # A thin clone deployed on that host starts.
+        proc = subprocess.run([sys.executable, "-m", "tui", "-c", session_uri, "clone", tname,
+                               clone, "--start"], capture_output=True, text=True,
+                              cwd=REPO, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert conn.lookupByName(clone).isActive()
+        assert info(str(target_dir / f"{clone}.qcow2"))["full-backing-filename"] == str(copied)
+    finally:
+        for name in (clone, tname):
+            try:
+                d = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            if d.isActive():
+                d.destroy()
+            d.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        pool.refresh(0)
+        for vol in pool.listAllVolumes(0):
+            if vol.name() in ("cbase.qcow2", f"{clone}.qcow2"):
+                if vol.name() == "cbase.qcow2":
+                    os.chmod(copied, 0o644)
+                vol.delete(0)
+        conn.close()
+
+
+def pool_target(xml: str) -> str:
+    import xml.etree.ElementTree as ET
+
+    return (ET.fromstring(xml).findtext("target/path") or "").strip()
