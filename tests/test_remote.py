@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tui.core.hypervisor import Hypervisor
@@ -46,3 +48,29 @@ def test_transport_without_ssh_refuses_what_libvirt_cannot_do(test_hv: Hyperviso
         files.commit("/images/overlay.qcow2")
     with pytest.raises(RemoteHostError, match="virt-sysprep.*over tls, not SSH"):
         sysprep_for(remote)
+
+
+def test_backups_of_undefined_templates_are_keyed_by_host(
+    test_hv: Hypervisor, tmp_path: Path
+) -> None:
+    from tui.core import domxml
+    from tui.core.models import VirtdeckMeta
+    from tui.core.templates import backup_templates, host_key
+
+    other = Hypervisor("qemu+tls://far.example/system", test_hv.conn)  # another host
+    xml = (
+        "<domain type='test'><name>{n}</name><memory>131072</memory>"
+        "<os><type>hvm</type></os></domain>"
+    )
+    for name, host in (("tpl-here", host_key(test_hv)), ("tpl-far", "qemu+tls://far.example/x"),
+                       ("tpl-old", None)):  # fmt: skip
+        root = domxml.parse(xml.format(n=name))
+        domxml.write_meta(root, VirtdeckMeta(role="template", host=host))
+        (tmp_path / f"{name}.xml").write_text(domxml.to_string(root))
+    assert host_key(test_hv) == test_hv.uri
+    assert sorted(b.name for b in backup_templates(tmp_path)) == ["tpl-far", "tpl-here", "tpl-old"]
+    # This machine's hypervisor: its own backups and those from before hosts were recorded.
+    assert sorted(b.name for b in backup_templates(tmp_path, test_hv)) == ["tpl-here", "tpl-old"]
+    far = Hypervisor("qemu+tls://far.example/x", test_hv.conn)
+    assert [b.name for b in backup_templates(tmp_path, far)] == ["tpl-far"]
+    assert backup_templates(tmp_path, other) == []

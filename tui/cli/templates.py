@@ -166,8 +166,9 @@ def _find_template(hypervisors: list[Hypervisor], name: str, backup_dir: Path | 
     for hv in hypervisors:
         if hv.exists(name):
             return hv
-    if any(b.name == name for b in templates.backup_templates(backup_dir)):
-        return hypervisors[0]
+    for hv in hypervisors:
+        if any(b.name == name for b in templates.backup_templates(backup_dir, hv)):
+            return hv
     where = ", ".join(hv.uri for hv in hypervisors)
     raise NotFoundError(f"no template named '{name}' on {where} ('virtdeck template ls')")
 
@@ -197,11 +198,7 @@ def cmd_copy(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
 
 
 def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    found = [
-        t
-        for i, hv in enumerate(hypervisors)
-        for t in templates.list_templates(hv, args.backup_dir, include_backups=i == 0)
-    ]
+    found = [t for hv in hypervisors for t in templates.list_templates(hv, args.backup_dir)]
     if args.json:
         print_json([t.to_json() for t in found])
         return 0
@@ -260,9 +257,7 @@ def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     try:
         hv = find_domain(hypervisors, args.name)
     except NotFoundError:
-        if not any(b.name == args.name for b in templates.backup_templates(args.backup_dir)):
-            raise
-        hv = hypervisors[0]
+        hv = _find_template(hypervisors, args.name, args.backup_dir)
     plan = clones.plan_remove(hv, args.name, storage=args.storage, backup_dir=args.backup_dir)
     return carry_out(
         args,

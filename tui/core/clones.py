@@ -529,7 +529,7 @@ def plan_remove(
         if is_template and info.meta.xml_backup and os.path.isfile(info.meta.xml_backup):
             backup = info.meta.xml_backup
     else:
-        found = [b for b in backup_templates(backup_dir) if b.name == name]
+        found = [b for b in backup_templates(backup_dir, hv) if b.name == name]
         if not found:
             raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
         disks = domxml.disks(found[0].root)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -33,6 +34,7 @@ from tui.core.errors import (
     NotFoundError,
     OperationError,
     StateError,
+    VirtdeckError,
 )
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.models import DiskInfo, DomainInfo, DomainState, VirtdeckMeta
@@ -202,10 +204,10 @@ def foreign_disks(disks: Iterable[DiskInfo]) -> list[DiskInfo]:
     ]
 
 
-def backup_owners(backup_dir: Path | None = None) -> list[Owner]:
-    """Templates known only from their XML backups, as owners of images."""
+def backup_owners(backup_dir: Path | None = None, hv: Hypervisor | None = None) -> list[Owner]:
+    """Templates known only from their XML backups (of `hv`), as owners of images."""
     return [
-        Owner(b.name, domxml.disks(b.root), defined=False) for b in backup_templates(backup_dir)
+        Owner(b.name, domxml.disks(b.root), defined=False) for b in backup_templates(backup_dir, hv)
     ]
 
 
@@ -214,7 +216,9 @@ def storage_graph(
 ) -> StorageGraph:
     """Every domain of `hv` and every template backup, with their chains."""
     return StorageGraph.read(
-        hv, resolver=resolver or Resolver(hv, ssh=True), extra_owners=backup_owners(backup_dir)
+        hv,
+        resolver=resolver or Resolver(hv, ssh=True),
+        extra_owners=backup_owners(backup_dir, hv),
     )
 
 
@@ -294,8 +298,31 @@ class BackupTemplate:
     root: Any  # ET.Element of the backed-up domain XML
 
 
-def backup_templates(backup_dir: Path | None = None) -> list[BackupTemplate]:
-    """The template XML backups in the backup directory (defined or not)."""
+def host_key(hv: Hypervisor) -> str:
+    """Which hypervisor a template backup belongs to: a system daemon by its host name (so
+    qemu:///system and qemu+ssh://that-host/system are one), any other by its URI."""
+    found = _host_keys.get(hv.uri)
+    if found is not None:
+        return found
+    if urlsplit(hv.uri).path.rstrip("/") != "/system":
+        return hv.uri
+    try:
+        found = _host_keys[hv.uri] = f"system@{hv.call(hv.conn.getHostname)}"
+    except VirtdeckError:
+        return hv.uri  # not cached: asked again once the host answers
+    return found
+
+
+_host_keys: dict[str, str] = {}  # a URI's host name does not change while virtdeck runs
+
+
+def backup_templates(
+    backup_dir: Path | None = None, hv: Hypervisor | None = None
+) -> list[BackupTemplate]:
+    """The template XML backups in the backup directory (defined or not); with `hv`, only
+    those of that hypervisor (a backup from before hosts were recorded belongs to the
+    hypervisors of this machine)."""
+    key = host_key(hv) if hv is not None else None
     directory = Path(backup_dir) if backup_dir is not None else template_backup_dir()
     out = []
     for path in sorted(directory.glob("*.xml")):
@@ -304,8 +331,12 @@ def backup_templates(backup_dir: Path | None = None) -> list[BackupTemplate]:
         except (OSError, domxml.ET.ParseError):
             continue
         name = root.findtext("name")
-        if name and domxml.read_meta(root).role == "template":
-            out.append(BackupTemplate(name, path, root))
+        meta = domxml.read_meta(root)
+        if not name or meta.role != "template":
+            continue
+        if hv is not None and (meta.host != key if meta.host else not hv.local):
+            continue
+        out.append(BackupTemplate(name, path, root))
     return out
 
 
@@ -318,7 +349,7 @@ def template_xml(hv: Hypervisor, name: str, backup_dir: Path | None = None) -> t
                 f"'{name}' is not a template; make one with 'virtdeck template create {name}'"
             )
         return xml, True
-    for backup in backup_templates(backup_dir):
+    for backup in backup_templates(backup_dir, hv):
         if backup.name == name:
             return domxml.to_string(backup.root), False
     raise NotFoundError(
@@ -362,7 +393,7 @@ def list_templates(
         if d.is_template:
             found.append((d.name, True, d.meta.xml_backup, d.meta, d.disks))
     if include_backups:
-        for backup in backup_templates(backup_dir):
+        for backup in backup_templates(backup_dir, hv):
             if backup.name not in names:
                 meta = domxml.read_meta(backup.root)
                 found.append(
@@ -662,6 +693,7 @@ def execute_template(
                 operations=plan.operations if plan.seal else (),
                 sealed=plan.seal,
                 xml_backup=plan.backup_path,
+                host=host_key(hv),
             )
             hv.call(
                 dom.setMetadata,

@@ -31,6 +31,7 @@ from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 from tui.core.progress import Progress
 from tui.core.templates import Template, TemplatePlan
+from tui.core.transfer import TemplateCopyPlan
 from tui.core.units import size
 from tui.screens.template_forms import (
     DeployRequest,
@@ -73,7 +74,7 @@ class OperationsLoaded(Message):
 
 @dataclass
 class Planned(Message):
-    plan: TemplatePlan | ClonePlan | RemovePlan
+    plan: TemplatePlan | ClonePlan | RemovePlan | TemplateCopyPlan
 
 
 @dataclass
@@ -134,6 +135,7 @@ class TemplatesPane(Pane):
         Binding("T", "pane('templates', 'make')", "Make template", id="template.make"),
         Binding("c", "pane('templates', 'deploy')", "Deploy", id="template.deploy"),
         Binding("x", "pane('templates', 'delete')", "Delete VM", id="template.delete"),
+        Binding("C", "pane('templates', 'copy')", "Copy to host", id="template.copy"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -198,12 +200,9 @@ class TemplatesPane(Pane):
     def _load(self, hypervisors: list[Hypervisor]) -> None:
         # Hosts in parallel with a deadline: one that hangs now is left out of this load (the
         # inventory refresh reports it), not waited on.
-        first = hypervisors[0].uri if hypervisors else ""
         result = on_each(
             hypervisors,
-            lambda hv: templates.list_templates(
-                hv, self.backup_dir, include_backups=hv.uri == first
-            ),
+            lambda hv: templates.list_templates(hv, self.backup_dir),  # backups keyed by host
             timeout=max((hv.timeout for hv in hypervisors), default=10.0),
         )
         found = [t for hv in hypervisors for t in result.answers.get(hv.uri, [])]
@@ -319,6 +318,20 @@ class TemplatesPane(Pane):
 
         self.app.push_screen(DeployScreen(name, sealed=sealed), answered)
 
+    def action_copy(self) -> None:
+        """Copy the highlighted template to the next other host (the plan names it)."""
+        t = self.highlighted()
+        if t is None:
+            self.notify("select a template in this pane", severity="warning")
+            return
+        uris = [hv.uri for hv in self.vapp.hypervisors]
+        others = [u for u in uris[uris.index(t.host) + 1 :] + uris if u != t.host]
+        if not others:
+            self.notify("only one host is connected: nowhere to copy to", severity="warning")
+            return
+        if self._begin():
+            self._plan_copy(self.hypervisor(t.host), self.hypervisor(others[0]), t.name)
+
     def action_delete(self) -> None:
         info = self.selected
         if info is None:
@@ -387,6 +400,13 @@ class TemplatesPane(Pane):
         )
         self.post_message(Planned(plan))
 
+    @work(thread=True, exit_on_error=False, group="templates-op", description="copy plan")
+    def _plan_copy(self, source: Hypervisor, target: Hypervisor, template: str) -> None:
+        from tui.core import transfer
+
+        plan = transfer.plan_template_copy(source, target, template, backup_dir=self.backup_dir)
+        self.post_message(Planned(plan))
+
     @work(thread=True, exit_on_error=False, group="templates-op", description="remove plan")
     def _plan_remove(self, hv: Hypervisor, name: str) -> None:
         # Planned with storage so the modal can list the files; the box decides.
@@ -404,6 +424,17 @@ class TemplatesPane(Pane):
 
             lines = [line for line in plan.summary() if not line.startswith("delete /")]
             self.app.push_screen(RemoveScreen(plan.name, lines, plan.delete_files), remove)
+            return
+        if isinstance(plan, TemplateCopyPlan):
+
+            def copy(ok: bool | None) -> None:
+                if ok:
+                    self._copy(plan)
+                else:
+                    self._idle()
+
+            title = f"Copy '{plan.template}' to {plan.target_host}?"
+            self.app.push_screen(PlanScreen(title, plan.summary(), "Copy"), copy)
             return
         if isinstance(plan, TemplatePlan):
             title, yes = f"Make '{plan.vm}' a template?", "Make template"
@@ -438,6 +469,14 @@ class TemplatesPane(Pane):
             done = clones.execute_remove(hv, plan, progress)
             text = f"removed '{plan.name}'" + (f" and deleted {', '.join(done)}" if done else "")
         self.post_message(OperationDone(text))
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="template copy")
+    def _copy(self, plan: TemplateCopyPlan) -> None:
+        from tui.core import transfer
+
+        source, target = self.hypervisor(plan.source_host), self.hypervisor(plan.target_host)
+        transfer.execute_template_copy(source, target, plan, self._progress())
+        self.post_message(OperationDone(f"copied '{plan.template}' to {plan.target_host}"))
 
     def on_template_progress(self, message: TemplateProgress) -> None:
         self.add_class("busy")

@@ -59,7 +59,7 @@ def state(hv: Hypervisor, domain: str) -> DomainState:
 
 def graph(hv: Hypervisor) -> StorageGraph:
     """Every domain's and template backup's chains, read now."""
-    return StorageGraph.read(hv, resolver=Resolver(hv, ssh=True), extra_owners=backup_owners())
+    return StorageGraph.read(hv, resolver=Resolver(hv, ssh=True), extra_owners=backup_owners(hv=hv))
 
 
 def unneeded(g: StorageGraph, domain: str, before: Iterable[str], keep: Iterable[str]) -> list[str]:
