@@ -242,7 +242,10 @@ def test_template_copy_to_another_hypervisor_then_a_thin_clone_there_starts(
         out = in_namespace(lab, ssh_root_uri, tmp_path, [
             ["template", "copy", tname, "--to", session_uri, "--dry-run"],
             ["template", "copy", tname, "--to", session_uri, "--json"],
+            ["template", "copy", tname, "--to", session_uri],
         ])  # fmt: skip
+        code, _, err = out["results"][2][1:]
+        assert code == 1 and "already exists" in err, err  # never over what is there
         ok(out, 0)
         dry = out["results"][0][3]
         assert "sparse stream" in dry and str(copied) in dry, dry
@@ -289,3 +292,44 @@ def pool_target(xml: str) -> str:
     import xml.etree.ElementTree as ET
 
     return (ET.fromstring(xml).findtext("target/path") or "").strip()
+
+
+def test_template_copy_interrupted_leaves_nothing_on_the_target(
+    lab: SystemLab, ssh_root_uri: str, session_uri: str
+) -> None:
+    """An interrupt during the upload unwinds: the uploaded volume is deleted and nothing is
+    defined on the target."""
+    import libvirt
+
+    from tests.lab import domain_xml
+    from tui.core import domxml, transfer
+    from tui.core.hypervisor import Hypervisor
+    from tui.core.ops import Interrupted
+
+    base = lab.disk("ibase.qcow2")
+    write(base, 0x66, "4M")
+    tname = lab.name("itpl")
+    root = domxml.parse(domain_xml(tname, [(base, "qcow2")], virt_type="qemu"))
+    domxml.write_meta(root, TEMPLATE)
+    lab.hv.conn.defineXML(domxml.to_string(root))
+    source, target = Hypervisor.open(ssh_root_uri), Hypervisor.open(session_uri)
+    conn = libvirt.open(session_uri)
+    try:
+        plan = transfer.plan_template_copy(source, target, tname)
+        uploaded = plan.volumes[0].target
+        seen: list[float | None] = []
+
+        def stop(message: str, fraction: float | None) -> None:
+            seen.append(fraction)
+            if fraction is not None and fraction > 0:
+                raise Interrupted("stopped by the test")
+
+        with pytest.raises(Interrupted, match="undid"):
+            transfer.execute_template_copy(source, target, plan, stop)
+        assert seen and not Path(uploaded).exists()
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(tname)
+    finally:
+        conn.close()
+        source.close()
+        target.close()

@@ -84,6 +84,8 @@ def plan_delete(
         step = _plan_delete_one(hv, domain, tree.get(names[0]), tree)
         notes += [f"merge {c.overlay} into {c.image}" for c in step.commits]
         notes += list(step.kept)
+        files = files_for(hv, f"deleting external snapshot '{name}'", define_pools=False)
+        notes += files.pool_notes([c.overlay for c in step.commits])
     return DeletePlan(
         host=hv.uri,
         domain=domain,

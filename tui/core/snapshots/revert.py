@@ -66,6 +66,7 @@ class RevertPlan:
     start_after: bool = False
     lost: tuple[str, ...] = ()
     domain_xml: str = ""  # virtdeck method: the definition to switch to
+    notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined)
 
     def summary(self) -> list[str]:
         lines = [
@@ -75,6 +76,7 @@ class RevertPlan:
         lines += [f"lost: {x}" for x in self.lost]
         for s in self.switches:
             lines.append(f"{s.target}: new overlay {s.overlay} on {s.image}")
+        lines += list(self.notes)
         return lines
 
 
@@ -241,6 +243,7 @@ def _plan_revert_external(
         start_after=start_after,
         lost=tuple(_lost_lines(domain, state, tree, discard)),
         domain_xml=ET.tostring(new_dom, encoding="unicode"),
+        notes=tuple(files.pool_notes([s.overlay for s in switches])),
     )
 
 
