@@ -7,7 +7,8 @@ set -euo pipefail
 PKGS=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv
       qemu-system-x86 qemu-utils libguestfs-tools linux-image-amd64
       openssh-server openssh-client  # ssh: the fleet test rig (tests/rigs.py) and qemu+ssh
-      ovmf swtpm swtpm-tools)  # UEFI firmware and the TPM emulator clones may use
+      ovmf swtpm swtpm-tools  # UEFI firmware and the TPM emulator clones may use
+      mmdebstrap e2fsprogs tmux)  # the real test guest; console/ssh keys
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "virtdeck setup: run as root (it installs packages and starts libvirtd)" >&2

@@ -44,6 +44,16 @@ async def render(outdir: Path) -> list[Path]:
             path = outdir / f"{pane}.svg"
             app.save_screenshot(filename=path.name, path=str(outdir))
             written.append(path)
+        # the details view of a running domain (key i)
+        app.screen.query_one(DomainsTable).select_name("web-1")
+        await pilot.press("i")
+        await pilot.pause(0.5)
+        await app.screen.workers.wait_for_complete()
+        await pilot.pause(0.5)
+        path = outdir / "details.svg"
+        app.save_screenshot(filename=path.name, path=str(outdir))
+        written.append(path)
+        await pilot.press("escape")
     hv.close()
     written.append(await render_fleet(outdir))
     return written

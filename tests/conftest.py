@@ -108,3 +108,14 @@ def hung_daemon() -> Iterator[rigs.PrivateDaemon]:
     """A private libvirtd (test driver, one domain); `.hang()` SIGSTOPs it, `.wake()` resumes."""
     with rigs.private_daemon() as daemon:
         yield daemon
+
+
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Each test has its own $XDG_STATE_HOME (virtdeck's undo journals), and leaves none:
+    a finished or rolled-back operation must not leave a journal behind."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    yield
+    left = sorted(p.name for p in (state / "virtdeck" / "journal").glob("*.json"))
+    assert not left, f"operations left journals behind: {left}"

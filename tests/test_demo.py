@@ -109,7 +109,8 @@ def test_screenshot_script_renders_every_pane(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     svgs = {p.stem: p.read_text() for p in out.glob("*.svg")}
-    assert set(svgs) == {"snapshots", "templates", "usage", "fleet"}
+    assert set(svgs) == {"snapshots", "templates", "usage", "fleet", "details"}
+    assert "52:54:00:00:0b:01" in svgs["details"] and "lease" in svgs["details"]
     for text in svgs.values():
         assert text.startswith("<svg") and "DEMO" in text
     assert "NO&#160;ANSWER" in svgs["fleet"] or "NO ANSWER" in svgs["fleet"]  # the silent host

@@ -223,3 +223,44 @@ def test_interrupted_external_revert_leaves_the_vm_running(lab: SystemLab, tmp_p
         files = {str(p) for p in lab.dir.iterdir()}
         assert files <= used, (delay, files - used)
         assert runner.left_journals() == []
+
+
+@pytest.mark.sysprep
+def test_interrupted_template_create_puts_the_vm_back(lab: SystemLab, tmp_path: Path) -> None:
+    """SIGTERM while virt-sysprep seals: virt-sysprep is ended with the operation, the VM
+    keeps its name and definition, its image its mode, no template or backup appears."""
+    from tests.test_templates_system import guest_disk
+
+    hv = lab.hv
+    runner = Runner(lab, tmp_path / "state")
+    disk = guest_disk(lab, "seal.qcow2", tmp_path)
+    vm = lab.define("seal", disks=[(disk, "qcow2")])
+    xml = hv.xml(vm, inactive=True)
+    mode = os.stat(disk).st_mode
+    backups = lab.dir / "backups"
+    proc = runner.start("template", "create", vm, "--name", lab.name("tseal"),
+                        "--backup-dir", str(backups))  # fmt: skip
+
+    def sealing() -> bool:  # this lab's virt-sysprep (other runs may seal meanwhile)
+        for p in Path("/proc").iterdir():
+            try:
+                line = (p / "cmdline").read_bytes() if p.name.isdigit() else b""
+            except OSError:
+                continue
+            if b"virt-sysprep" in line and lab.prefix.encode() in line:
+                return True
+        return False
+
+    assert wait_until(sealing, proc), proc.communicate()
+    time.sleep(1.0)  # well inside the seal
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "interrupted by SIGTERM" in err.splitlines()[-1], err
+    assert hv.exists(vm) and not hv.exists(lab.name("tseal"))
+    assert hv.xml(vm, inactive=True) == xml
+    assert os.stat(disk).st_mode == mode and not list(backups.glob("*"))
+    deadline = time.monotonic() + 10
+    while sealing() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sealing(), "virt-sysprep went on alone"
+    assert runner.left_journals() == []

@@ -15,7 +15,7 @@ from tui.app import VirtdeckApp
 from tui.core import snapshots as S
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
-from tui.screens.confirm import ConfirmScreen
+from tui.screens.confirm import PlanScreen
 from tui.screens.snapshot_forms import NewSnapshotScreen
 from tui.widgets.domains import DomainsTable
 from tui.widgets.snapshots_pane import SnapshotsPane
@@ -113,7 +113,7 @@ async def test_create_revert_rollback_delete_with_keys(test_hv: Hypervisor) -> N
         # v on "one": the confirmation names what is lost; yes reverts
         highlight(app, "one")
         await pilot.press("v")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
         body = str(app.screen.query_one("#body", Static).render())
         assert "lost:" in body and "'one'" in str(app.screen.query_one("#title").render())
         await pilot.press("y")
@@ -123,16 +123,16 @@ async def test_create_revert_rollback_delete_with_keys(test_hv: Hypervisor) -> N
 
         # R then n: nothing happens
         await pilot.press("R")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
         await pilot.press("n")
         await idle(app, pilot, pane)
-        assert not isinstance(app.screen, ConfirmScreen)
+        assert not isinstance(app.screen, PlanScreen)
         assert not pane.busy
 
         # D on "two": confirmed, deleted
         highlight(app, "two")
         await pilot.press("D")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
         assert "'two'" in str(app.screen.query_one("#title").render())
         await pilot.press("y")
         await idle(app, pilot, pane)
@@ -149,7 +149,7 @@ async def test_refusal_reaches_the_error_funnel(test_hv: Hypervisor) -> None:
         await pilot.press("R")  # no current snapshot
         await idle(app, pilot, pane)
         assert seen and "no current snapshot" in str(seen[0])
-        assert not isinstance(app.screen, ConfirmScreen) and not pane.busy
+        assert not isinstance(app.screen, PlanScreen) and not pane.busy
         # switching domains shows the other domain's (empty) tree
         assert app.screen.query_one(DomainsTable).select_name("alpha")
         await wait_for(pilot, lambda: pane.selected is not None and pane.selected.name == "alpha")
@@ -172,7 +172,7 @@ async def test_two_keys_bring_a_running_vm_back(system_hv: Hypervisor, lab: Syst
         pane = await start(app, pilot, name)
         await wait_for(pilot, lambda: tree_names(app) == ["good"])
         await pilot.press("R")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=30)
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen), timeout=30)
         body = str(app.screen.query_one("#body", Static).render())
         assert "lost:" in body and "running state" in body
         await pilot.press("y")

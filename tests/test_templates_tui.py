@@ -20,11 +20,10 @@ from textual.widgets import Checkbox, DataTable, Input, RadioButton, SelectionLi
 from tests.test_templates import Lab, uefi_template
 from tui.app import VirtdeckApp
 from tui.core.models import DomainState
+from tui.screens.confirm import PlanScreen
 from tui.screens.template_forms import (
     DeployScreen,
     MakeTemplateScreen,
-    PlanScreen,
-    RemoveScreen,
 )
 from tui.widgets.domains import DomainsTable
 from tui.widgets.templates_pane import TemplatesPane
@@ -107,8 +106,8 @@ async def test_deploy_then_refuse_the_base_then_delete_a_clone(lab: Lab) -> None
         # A clone goes, with its own overlay only.
         await select(app, pilot, pane, "www-1")
         await pilot.press("x")
-        await wait_for(pilot, lambda: isinstance(app.screen, RemoveScreen))
-        app.screen.query_one("#storage", Checkbox).value = True
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        app.screen.query_one("#option", Checkbox).value = True
         await pilot.press("y")
         await wait_for(pilot, lambda: not pane.busy)
         assert "www-1" not in {d.name for d in lab.hv.domains()}

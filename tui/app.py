@@ -13,6 +13,9 @@ No libvirt call ever runs on the UI thread, so a hung host never blocks a key pr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -23,6 +26,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
+from tui.core import ops
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor, start_event_loop
 from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind, HostInfo
@@ -79,6 +83,7 @@ class VirtdeckApp(App[None]):
         self.shutdown_timeout = settings.shutdown_timeout
         self.domains: list[DomainInfo] = []  # the last inventory, for panes mounted after it
         self.hosts: dict[str, HostState] = {hv.uri: HostState() for hv in hypervisors}
+        self.interrupted: list[ops.Pending] = []  # operations a crash left half-done
         for uri, why in (unreachable or {}).items():
             if uri in self.hosts:
                 self.hosts[uri].error = why
@@ -121,6 +126,65 @@ class VirtdeckApp(App[None]):
                 self._notify_trouble(uri, st.error)
         self.set_interval(1.0, self._watch_deadlines)
         self.refresh_inventory()
+        self._listen_for_signals()
+        self.find_interrupted()
+
+    # -- interrupts: SIGTERM/SIGHUP unwind what runs; a crash's leftovers are offered back --
+
+    def _listen_for_signals(self) -> None:
+        """SIGTERM and SIGHUP (the SSH session dropped) stop a running operation the way a
+        failure does: it unwinds, then the dashboard exits with 128 + the signal."""
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(sig, self.interrupt, sig)
+
+    def interrupt(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        ops.cancel(f"interrupted by {name}", sig)
+        if ops.active():
+            self.notify(f"{name}: undoing the running operation, then quitting", timeout=30)
+
+        def exit_when_idle() -> None:
+            if not ops.active():
+                self.exit(return_code=128 + sig)
+
+        exit_when_idle()
+        self.set_interval(0.1, exit_when_idle)
+
+    @work(thread=True, group="recover", exit_on_error=False, description="interrupted operations")
+    def find_interrupted(self) -> None:
+        found = [p for p in ops.pending() if p.host in self.hosts]
+        if found:
+            self.call_from_thread(self._offer_recover, found)
+
+    def _offer_recover(self, found: list[ops.Pending]) -> None:
+        self.interrupted = found
+        titles = "; ".join(f"{p.title} on {p.host}" for p in found)
+        self.notify(
+            f"{len(found)} operation(s) were left half-done when virtdeck stopped: {titles}. "
+            "Roll them back from the command palette (ctrl+p: 'Roll back interrupted "
+            "operations') or with 'virtdeck recover --yes'.",
+            title="interrupted",
+            severity="warning",
+            timeout=30,
+        )
+
+    @work(thread=True, group="recover", exit_on_error=False, description="rolling back")
+    def roll_back_interrupted(self) -> None:
+        done: list[str] = []
+        failed: list[str] = []
+        for item in self.interrupted:
+            left = ops.recover(self.hypervisor(item.host), item)
+            (failed if left else done).append(item.title if not left else f"{item.title}: {left}")
+        self.interrupted = []
+        if done:
+            self.call_from_thread(self.notify, f"rolled back: {'; '.join(done)}")
+        if failed:
+            self.call_from_thread(
+                self.notify, f"could not undo: {'; '.join(failed)}", severity="error", timeout=30
+            )
+        self.call_from_thread(self.refresh_inventory)
 
     def on_unmount(self) -> None:
         for hv in self.hypervisors:
@@ -262,7 +326,7 @@ class VirtdeckApp(App[None]):
 
     def report_error(self, error: BaseException) -> None:
         """The one error funnel: a notification with the core's one-line message."""
-        if isinstance(error, VirtdeckError):
+        if isinstance(error, VirtdeckError | ops.Interrupted):
             self.notify(str(error), title="virtdeck", severity="error", timeout=8)
         else:
             self.notify(
@@ -294,6 +358,12 @@ class VirtdeckApp(App[None]):
 
     def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        if self.interrupted:
+            yield SystemCommand(
+                "Roll back interrupted operations",
+                "; ".join(p.describe() for p in self.interrupted),
+                self.roll_back_interrupted,
+            )
         if isinstance(screen, MainScreen):
             yield from screen.row_commands()
 

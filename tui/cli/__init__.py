@@ -43,7 +43,7 @@ Handler = Callable[[argparse.Namespace, list[Hypervisor]], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tui.cli import domains, recover, snapshots, templates, usage
+    from tui.cli import details, domains, recover, snapshots, templates, usage
 
     parser = argparse.ArgumentParser(
         prog="virtdeck",
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reset", action="store_true", help="with --demo: rebuild the lab")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (domains, templates, snapshots, usage, recover):
+    for module in (domains, details, templates, snapshots, usage, recover):
         module.register(sub)
     return parser
 
@@ -262,8 +262,9 @@ def run_tui(args: argparse.Namespace, settings: Settings) -> int:
     hosts = len(args.connect) + len(args.host) + len(settings.hosts) * args.all_hosts
     if hosts > 1:  # the connects take up to the deadline: say what the terminal waits for
         print(f"virtdeck: connecting to {hosts} hosts…", file=sys.stderr, flush=True)
-    build_app(args, settings).run()
-    return 0
+    app = build_app(args, settings)
+    app.run()
+    return app.return_code or 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
+import threading
+import time
+from dataclasses import asdict
 from typing import Any
 
 import humanize
 
 from tui.cli import find_domain, format_table, print_json, report_unreachable
+from tui.core.details import addresses
+from tui.core.errors import VirtdeckError
 from tui.core.fleet import on_each
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
@@ -63,13 +69,62 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     report_unreachable(args, result.failures)
     domains = [d for hv in hypervisors for d in result.answers.get(hv.uri, [])]
     if args.json:
-        print_json([d.to_json() for d in domains])
+        by_host = {hv.uri: hv for hv in hypervisors}
+        found = listed_addresses([(by_host[d.host], d) for d in domains])
+        print_json([{**d.to_json(), **found[(d.host, d.name)]} for d in domains])
         return 0
     show_host = len(hypervisors) + len(args.unreachable) > 1
     header = (["HOST"] if show_host else []) + ["NAME", "STATE", "VCPUS", "MEMORY", "CPU", "DISK"]
     rows = [header] + [_row(d, show_host) for d in domains]
     print("\n".join(format_table(rows)))
     return 0
+
+
+ADDRESS_DEADLINE = 3.0  # seconds `ls --json` waits for all address answers together
+
+
+def listed_addresses(
+    domains: list[tuple[Hypervisor, DomainInfo]], deadline: float = ADDRESS_DEADLINE
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each domain's addresses for `ls --json`: running ones only, asked in parallel (lease
+    and a connected guest agent; see tui.core.details.addresses), a failure is a reason.
+
+    A connected but silent guest agent holds its call for libvirt's agent timeout (5 s by
+    default); changing that timeout would change it for everyone using the domain, so the
+    listing stops waiting after `deadline` instead and says so. The callers run in daemon
+    threads, so a call still waiting does not hold the command's exit."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    todo: queue.SimpleQueue[tuple[Hypervisor, DomainInfo]] = queue.SimpleQueue()
+    for hv, d in domains:
+        if d.state.active:
+            todo.put((hv, d))
+        else:
+            out[(d.host, d.name)] = {"addresses": [], "address_errors": {}}
+
+    def worker() -> None:
+        while True:
+            try:
+                hv, d = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                addrs, sources = addresses(hv, d.name)
+                found = {
+                    "addresses": [asdict(a) for a in addrs],
+                    "address_errors": {s.source: s.reason for s in sources if not s.ok},
+                }
+            except VirtdeckError as err:
+                found = {"addresses": [], "address_errors": {"all": str(err)}}
+            out[(d.host, d.name)] = found
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + deadline
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    late = {"addresses": [], "address_errors": {"all": f"no answer within {deadline:g} s"}}
+    return {(d.host, d.name): dict(out.get((d.host, d.name), late)) for _hv, d in domains}
 
 
 def cmd_lifecycle(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:

@@ -89,7 +89,7 @@ class CloneItem:
 
 
 @dataclass(frozen=True)
-class ClonePlan:
+class ClonePlan(ops.PlanDefaults):
     host: str
     template: str
     template_defined: bool
@@ -118,6 +118,18 @@ class ClonePlan:
         """What every clone shares although it is per-domain (once, not per clone)."""
         found = (r for i in self.items for r in i.rewrites if r.kind == "shared-warning")
         return tuple(dict.fromkeys(found))
+
+    @property
+    def title(self) -> str:
+        return f"Deploy {len(self.items)} {self.mode} clone(s) of '{self.template}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Deploy"
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        names = execute_clone(hv, self, progress)
+        return f"deployed {', '.join(names)} ({self.mode}) from '{self.template}'"
 
     def summary(self) -> list[str]:
         lines = []
@@ -461,7 +473,7 @@ def _mark_complete(hv: Hypervisor, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class RemovePlan:
+class RemovePlan(ops.PlanDefaults):
     """What `rm` does: undefine, and (with storage) delete exactly the files listed.
 
     `delete_files` are the files that belong to the domain alone (its disks' own chains, its
@@ -482,6 +494,36 @@ class RemovePlan:
     kept: tuple[tuple[str, str], ...] = ()  # (path, why) for files of its chains that stay
     foreign: tuple[str, ...] = ()  # its disks that are not image files, described
     notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined)
+    ask: bool = False  # the confirmation asks whether its files go too (the dashboard's x)
+
+    @property
+    def title(self) -> str:
+        return f"Remove '{self.name}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Remove"
+
+    @property
+    def destructive(self) -> bool:
+        return True
+
+    @property
+    def option(self) -> str | None:
+        """Asked, the confirmation offers to delete the files too (unticked by default)."""
+        if not (self.ask and self.storage):
+            return None
+        return "Also delete its own files (listed above)"
+
+    def choose(self, on: bool) -> RemovePlan:
+        if on or not self.storage:
+            return replace(self, ask=False)
+        kept = self.delete_files + self.kept_files
+        return replace(self, storage=False, delete_files=(), kept_files=kept, ask=False)
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        done = execute_remove(hv, self, progress)
+        return f"removed '{self.name}'" + (f" and deleted {', '.join(done)}" if done else "")
 
     def summary(self) -> list[str]:
         what = "template" if self.is_template else "domain"
@@ -491,7 +533,8 @@ class RemovePlan:
             lines.append(f"delete its XML backup {self.backup}")
         if self.snapshots:
             lines.append(f"forget its snapshots: {', '.join(self.snapshots)}")
-        lines.extend(f"delete {p}" for p in self.delete_files)
+        verb = "if ticked below, delete" if self.ask else "delete"
+        lines.extend(f"{verb} {p}" for p in self.delete_files)
         why = dict(self.kept)
         lines.extend(f"keep {p}" + (f" ({why[p]})" if p in why else "") for p in self.kept_files)
         lines.extend(f"keep {d} (not an image file: virtdeck never deletes it)"

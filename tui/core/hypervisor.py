@@ -19,11 +19,26 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import libvirt
 
 from tui.core import domxml
+from tui.core.connection import (  # noqa: F401  (re-exported: the backend's public names)
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_URI,
+    KEEPALIVE_COUNT,
+    KEEPALIVE_INTERVAL,
+    _cannot_connect,
+    _close_bounded,
+    _keepalive,
+    _PendingOpen,
+    default_uris,
+    event_loop_started,
+    is_local_uri,
+    libvirt_message,
+    no_answer,
+    start_event_loop,
+)
 from tui.core.errors import (
     ConnectError,
     InvalidInputError,
@@ -32,6 +47,7 @@ from tui.core.errors import (
     StateError,
     VirtdeckError,
 )
+from tui.core.events import EventCallback, Events
 from tui.core.models import (
     DiskInfo,
     DomainEvent,
@@ -44,17 +60,6 @@ from tui.core.models import (
     version_string,
 )
 
-DEFAULT_URI = "qemu:///system"
-
-# A host that has not answered a connect (or a refresh) within this many seconds is unreachable.
-DEFAULT_CONNECT_TIMEOUT = 10.0
-
-# Keepalive: a ping every 3 s, the connection closed by libvirt after 2 unanswered ones (about
-# 9 s). Only remote-driver connections (qemu:///system included: the remote driver over a unix
-# socket) take it, and only when opened after the event implementation was registered.
-KEEPALIVE_INTERVAL = 3
-KEEPALIVE_COUNT = 2
-
 _STATS = (
     libvirt.VIR_DOMAIN_STATS_STATE
     | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
@@ -63,149 +68,11 @@ _STATS = (
     | libvirt.VIR_DOMAIN_STATS_BLOCK
 )
 
-_LIFECYCLE = (
-    "defined", "undefined", "started", "suspended", "resumed", "stopped", "shutdown",
-    "pmsuspended", "crashed",
-)  # fmt: skip
-
-# libvirt prints every error on stderr unless a handler is registered; virtdeck reports its own.
-libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-
-_REMOTE_TRANSPORTS = {"ssh", "libssh", "libssh2", "tcp", "tls", "ext"}
-
 _NOT_FOUND = (
     libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT,
     libvirt.VIR_ERR_NO_STORAGE_POOL,
     libvirt.VIR_ERR_NO_STORAGE_VOL,
 )
-
-
-def is_local_uri(uri: str) -> bool:
-    """True when the hypervisor's image paths are files on this machine.
-
-    `qemu:///system`, `qemu+unix:///system`, `test:///path`: local. `qemu+ssh://host/system`,
-    `qemu://host/system` (TLS): remote, whatever the host name.
-    """
-    parts = urlsplit(uri)
-    transport = parts.scheme.partition("+")[2]
-    if transport == "unix":
-        return True
-    if transport in _REMOTE_TRANSPORTS:
-        return False
-    return not parts.netloc
-
-
-def default_uris(cli_uris: Iterable[str] | None = None) -> list[str]:
-    """-c/--connect wins, then LIBVIRT_DEFAULT_URI, then qemu:///system (virsh's order)."""
-    uris = [u for u in (cli_uris or []) if u]
-    if uris:
-        return list(dict.fromkeys(uris))
-    return [os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI]
-
-
-_loop_lock = threading.Lock()
-_loop_started = False
-
-
-def start_event_loop() -> None:
-    """Register libvirt's default event loop and run it in a daemon thread (idempotent).
-
-    Must run before any connection is opened: libvirt (9.0) delivers events and keepalive only
-    on connections opened after the implementation was registered. The CLI and the dashboard
-    both call it first thing.
-    """
-    global _loop_started
-    with _loop_lock:
-        if _loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        _loop_started = True
-
-
-def event_loop_started() -> bool:
-    return _loop_started
-
-
-class _PendingOpen:
-    """`libvirt.open` in a daemon thread, so a caller can stop waiting for it.
-
-    A connect to a stopped daemon blocks forever inside libvirt (the kernel accepts the socket,
-    the handshake never answers); the thread is abandoned then and its result, if it ever
-    comes, is adopted by the next reconnect() or closed.
-    """
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.done = threading.Event()
-        self.conn: Any = None
-        self.error: libvirt.libvirtError | None = None
-        self.abandoned = False
-        self._lock = threading.Lock()
-        threading.Thread(target=self._run, name=f"libvirt-open {uri}", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            conn = libvirt.open(self.uri)
-        except libvirt.libvirtError as err:
-            self.error = err
-            conn = None
-        with self._lock:
-            self.conn = conn
-            self.done.set()
-            close = self.abandoned and conn is not None
-        if close:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
-
-    def wait(self, timeout: float) -> bool:
-        return self.done.wait(timeout)
-
-    def abandon(self) -> None:
-        with self._lock:
-            self.abandoned = True
-            conn = self.conn if self.done.is_set() else None
-            self.conn = None
-        if conn is not None:
-            _close_bounded(conn, 1.0)
-
-
-def _close_bounded(conn: Any, timeout: float) -> None:
-    """conn.close() sends an RPC: on a hung host it would never return."""
-
-    def run() -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
-
-    t = threading.Thread(target=run, name="libvirt-close", daemon=True)
-    t.start()
-    t.join(timeout)
-
-
-def no_answer(uri: str, timeout: float) -> ConnectError:
-    return ConnectError(
-        f"{uri}: no answer within {timeout:g} s (host down, daemon stopped, "
-        "or a network dropping packets?)"
-    )
-
-
-def _cannot_connect(uri: str, err: libvirt.libvirtError) -> ConnectError:
-    return ConnectError(
-        f"cannot connect to {uri}: {libvirt_message(err)} "
-        f"(is libvirtd running? try 'virsh -c {uri} list', another -c URI, "
-        "or 'virtdeck --demo')"
-    )
-
-
-def libvirt_message(err: libvirt.libvirtError) -> str:
-    msg = err.get_error_message() or str(err)
-    return " ".join(msg.split())
 
 
 @dataclass(frozen=True)
@@ -220,10 +87,7 @@ class _XmlFacts:
     meta: VirtdeckMeta
 
 
-EventCallback = Callable[[DomainEvent], None]
-
-
-class Hypervisor:
+class Hypervisor(Events):
     """One libvirt connection. Safe to use from worker threads (libvirt connections are)."""
 
     def __init__(self, uri: str, conn: Any, *, demo: bool = False) -> None:
@@ -713,95 +577,6 @@ class Hypervisor:
 
     def define(self, xml: str, what: str = "defining") -> Any:
         return self.call(self.conn.defineXML, xml, what=what)
-
-    # -- events -----------------------------------------------------------------------------
-
-    def subscribe(self, callback: EventCallback) -> None:
-        """Call `callback` (on libvirt's event thread) for lifecycle and connection events.
-
-        Needs start_event_loop() before open(). Registering talks to the daemon: call it from
-        the host's own worker, not from a UI thread. Subscribing twice is a no-op.
-        """
-        if callback in self._listeners:
-            return
-        self._listeners.append(callback)
-        if len(self._listeners) == 1 and self._conn is not None:
-            self._register()
-
-    def subscribed(self, callback: EventCallback) -> bool:
-        return callback in self._listeners
-
-    def detach(self, callback: EventCallback, timeout: float = 1.0) -> None:
-        """Stop calling `callback` at once; deregister from the daemon within `timeout` s."""
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-        if not self._listeners and self._callback_ids:
-            t = threading.Thread(target=self._deregister, name="libvirt-deregister", daemon=True)
-            t.start()
-            t.join(timeout)
-
-    def unsubscribe(self, callback: EventCallback) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-        if not self._listeners:
-            self._deregister()
-
-    def _emit(self, event: DomainEvent) -> None:
-        for cb in list(self._listeners):
-            cb(event)
-
-    def _register(self) -> None:
-        conn = self._conn
-
-        def lifecycle(_c: Any, dom: Any, event: int, detail: int, _o: Any) -> None:
-            uuid = dom.UUIDString()
-            self.invalidate(uuid)
-            name = _LIFECYCLE[event] if 0 <= event < len(_LIFECYCLE) else str(event)
-            self._emit(DomainEvent(self.uri, EventKind.LIFECYCLE, dom.name(), uuid, name))
-
-        def changed(_c: Any, dom: Any, *_rest: Any) -> None:
-            uuid = dom.UUIDString()
-            self.invalidate(uuid)
-            self._emit(DomainEvent(self.uri, EventKind.LIFECYCLE, dom.name(), uuid, "changed"))
-
-        def closed(_c: Any, reason: int, _o: Any) -> None:
-            self._alive = False
-            self._callback_ids = []
-            self._emit(DomainEvent(self.uri, EventKind.CONNECTION_LOST, detail=str(reason)))
-
-        ids = [
-            conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
-            )
-        ]
-        for event_id in (
-            libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
-            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
-            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
-        ):
-            # The test driver does not implement every event.
-            with contextlib.suppress(libvirt.libvirtError):
-                ids.append(conn.domainEventRegisterAny(None, event_id, changed, None))
-        self._callback_ids = ids
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.registerCloseCallback(closed, None)
-
-    def _deregister(self) -> None:
-        for cid in self._callback_ids:
-            with contextlib.suppress(libvirt.libvirtError):
-                self._conn.domainEventDeregisterAny(cid)
-        self._callback_ids = []
-        with contextlib.suppress(libvirt.libvirtError):
-            self._conn.unregisterCloseCallback()
-
-
-def _keepalive(conn: Any) -> None:
-    # Remote drivers notice a dead or hung daemon only through keepalive: libvirt then closes the
-    # connection and fails the calls waiting on it. Needs the event loop registered before
-    # open; local drivers (test:///) refuse it, which is fine.
-    if _loop_started:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
 
 
 def _with_block_stats(

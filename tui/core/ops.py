@@ -31,173 +31,70 @@ import datetime as dt
 import enum
 import json
 import os
-import signal
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
+from tui.core.cancel import (  # noqa: F401  (re-exported: ops is the face)
+    Interrupted,
+    cancel,
+    cancellable,
+    cancelled,
+    check_cancelled,
+    handle_signals,
+    reset_cancel,
+    run_cancellable,
+    signals_deferred,
+    watch_child,
+)
 from tui.core.errors import NotFoundError, OperationError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.paths import state_dir
 from tui.core.progress import Progress
 
 
-class Interrupted(KeyboardInterrupt):
-    """The operation was stopped by a signal (SIGINT, SIGTERM, SIGHUP) or cancel()."""
-
-    def __init__(self, why: str = "interrupted", signum: int | None = None) -> None:
-        super().__init__(why)
-        self.why = why
-        self.signum = signum if signum is not None else _cancel_signal[0]
+class Plan(Protocol):
+    """What every operation's plan offers its two faces: the TUI shows one confirmation screen
+    and runs one worker path for any plan, the CLI one plan printer (no per-type branches)."""
 
     @property
-    def exit_status(self) -> int:
-        """128 + the signal, as a shell reports a process a signal ended (130 for Ctrl-C)."""
-        return 128 + (self.signum or signal.SIGINT)
+    def host(self) -> str: ...  # the URI of the hypervisor it runs on
 
-    def __str__(self) -> str:
-        return self.why
+    @property
+    def title(self) -> str: ...  # the confirmation's question
 
+    @property
+    def confirm_label(self) -> str: ...
 
-# -- cancellation ----------------------------------------------------------------------------
+    @property
+    def destructive(self) -> bool: ...  # the confirmation focuses "No" and paints "Yes" red
 
-_cancelled = threading.Event()
-_cancel_reason = ["interrupted"]
-_cancel_signal: list[int | None] = [None]
-_children: set[Any] = set()
-_children_lock = threading.Lock()
+    @property
+    def option(self) -> str | None: ...  # a checkbox the confirmation offers, if any
 
+    def choose(self, on: bool) -> Plan: ...  # the plan with the option ticked or not
 
-def cancel(why: str = "interrupted", signum: int | None = None) -> None:
-    """Stop every running operation at its next progress report, and end its children."""
-    _cancel_reason[0] = why
-    _cancel_signal[0] = signum
-    _cancelled.set()
-    with _children_lock:
-        children = list(_children)
-    for proc in children:
-        with contextlib.suppress(OSError):
-            proc.kill()
+    def summary(self) -> list[str]: ...
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str: ...  # one line: what was done
 
 
-def cancelled() -> bool:
-    return _cancelled.is_set()
+class PlanDefaults:
+    """Mixin: no option, not destructive unless a plan says so."""
 
+    @property
+    def destructive(self) -> bool:
+        return False
 
-def reset_cancel() -> None:
-    _cancelled.clear()
+    @property
+    def option(self) -> str | None:
+        return None
 
-
-def check_cancelled() -> None:
-    if _cancelled.is_set():
-        raise Interrupted(_cancel_reason[0])
-
-
-def watch_child(proc: Any) -> Callable[[], None]:
-    """Register a child process to be killed by cancel(); returns the function to forget it."""
-    with _children_lock:
-        _children.add(proc)
-    if _cancelled.is_set():
-        with contextlib.suppress(OSError):
-            proc.kill()
-
-    def forget() -> None:
-        with _children_lock:
-            _children.discard(proc)
-
-    return forget
-
-
-def cancellable(progress: Progress) -> Progress:
-    """A progress callback that raises Interrupted once the operation is cancelled."""
-
-    def report(message: str, fraction: float | None) -> None:
-        check_cancelled()
-        progress(message, fraction)
-
-    return report
-
-
-_SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP", signal.SIGINT: "SIGINT"}
-
-
-def handle_signals(*, raise_in_main: bool = True) -> None:
-    """SIGTERM and SIGHUP (a dropped SSH session) stop an operation the way Ctrl-C does.
-
-    With `raise_in_main`, the handler also raises Interrupted in the main thread (the CLI,
-    where the operation runs there); the dashboard runs operations in workers and only
-    cancels them.
-    """
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        why = f"interrupted by {_SIGNAL_NAMES.get(signal.Signals(signum), str(signum))}"
-        cancel(why, signum)
-        if raise_in_main:
-            raise Interrupted(why, signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
-
-
-def run_cancellable(fn: Callable[[], Any]) -> Any:
-    """Run `fn` in a worker thread while the main thread waits for it with SIGINT, SIGTERM
-    and SIGHUP turned into cancel(): no exception is ever raised asynchronously inside the
-    operation (or inside a libvirt object's destructor); it stops at its next progress report
-    or when its child process is killed, unwinds, and its error is raised here."""
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(fn())
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread
-            error.append(err)
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        name = _SIGNAL_NAMES.get(signal.Signals(signum), str(signum))
-        cancel(f"interrupted by {name}", signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        return fn()  # signals are the main thread's: a caller there handles them
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for s in old:
-        signal.signal(s, handler)
-    try:
-        worker = threading.Thread(target=target, name="virtdeck-operation", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.2)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if error:
-        err = error[0]
-        if cancelled() and not isinstance(err, Interrupted):
-            # A child killed by cancel() fails with its own error: say what stopped it.
-            raise Interrupted(f"{_cancel_reason[0]}: {err}") from None
-        raise err
-    return result[0]  # finished: a signal that came too late changes nothing
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """While undoing, further signals are noted, not raised: an undo is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    seen: list[int] = []
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    for s in old:
-        signal.signal(s, lambda signum, _f: seen.append(signum))
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    def choose(self, on: bool) -> Any:
+        return self
 
 
 def plan_json(plan: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Each child runs in its own session, so a Ctrl-C or a hang-up sent to the terminal's process
 group reaches virtdeck, which unwinds and ends the child itself (instead of the child dying
-half-way while virtdeck still thinks it runs); it is registered with tui.core.ops so cancel()
+half-way while virtdeck still thinks it runs); it is registered with tui.core.cancel so cancel()
 kills it; and where util-linux's `setpriv` exists it gets PR_SET_PDEATHSIG, so that if virtdeck
 itself is killed (SIGKILL, OOM) the child does not go on copying alone.
 """
@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from tui.core import ops
+from tui.core import cancel
 
 _SETPRIV = shutil.which("setpriv")
 
@@ -30,7 +30,7 @@ def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
     if shutil.which(argv[0]) is None and "/" not in argv[0]:
         raise FileNotFoundError(argv[0])
     proc = subprocess.Popen(argv_with_deathsig(argv), start_new_session=True, text=True, **kwargs)
-    proc._virtdeck_forget = ops.watch_child(proc)  # type: ignore[attr-defined]
+    proc._virtdeck_forget = cancel.watch_child(proc)  # type: ignore[attr-defined]
     return proc
 
 

@@ -450,7 +450,7 @@ def get_template(hv: Hypervisor, name: str, backup_dir: Path | None = None) -> T
 
 
 @dataclass(frozen=True)
-class TemplatePlan:
+class TemplatePlan(ops.PlanDefaults):
     host: str
     vm: str
     uuid: str
@@ -469,6 +469,18 @@ class TemplatePlan:
     @property
     def needs_shutdown(self) -> bool:
         return self.state.active
+
+    @property
+    def title(self) -> str:
+        return f"Make '{self.vm}' a template?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Make template"
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        t = execute_template(hv, self, progress)
+        return f"'{t.name}' is a template" + ("" if t.defined else " (undefined)")
 
     def summary(self) -> list[str]:
         lines = []

@@ -94,7 +94,18 @@ def node_xml(domains: list[DomainSpec]) -> str:
         for snap in spec.snapshots:
             dom.append(_snapshot_element(spec, snap))
         node.append(dom)
+    if any(spec.macs for spec in domains):
+        # Their interfaces are on network 'default': define it, or the driver's address
+        # queries fail with 'no network with matching name' (it makes up 192.168.122.x).
+        node.append(ET.fromstring(_DEFAULT_NETWORK))
     return ET.tostring(node, encoding="unicode")
+
+
+_DEFAULT_NETWORK = (
+    "<network><name>default</name><bridge name='virbr0'/><forward/>"
+    "<ip address='192.168.122.1' netmask='255.255.255.0'>"
+    "<dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip></network>"
+)
 
 
 def _snapshot_element(spec: DomainSpec, snap: SnapshotSpec) -> ET.Element:

@@ -69,7 +69,7 @@ class CopyVolume:
 
 
 @dataclass(frozen=True)
-class TemplateCopyPlan:
+class TemplateCopyPlan(ops.PlanDefaults):
     source_host: str
     target_host: str
     template: str
@@ -81,6 +81,28 @@ class TemplateCopyPlan:
     bytes_needed: int
     bytes_free: int | None
     notes: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        """It runs (and is journalled) on the target."""
+        return self.target_host
+
+    @property
+    def title(self) -> str:
+        return f"Copy '{self.template}' to {self.target_host}?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Copy"
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        """On the target `hv`; the source is reached by its URI for the streams."""
+        source = Hypervisor.open(self.source_host)
+        try:
+            execute_template_copy(source, hv, self, progress)
+        finally:
+            source.close()
+        return f"copied '{self.template}' to {self.target_host}"
 
     def summary(self) -> list[str]:
         lines = [f"copy template '{self.template}' from {self.source_host} to {self.target_host}"]

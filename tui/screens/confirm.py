@@ -6,7 +6,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Static
+from textual.widgets import Button, Checkbox, Static
+
+from tui.core.ops import Plan
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -70,3 +72,59 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)
+
+
+class PlanScreen(ModalScreen["Plan | None"]):
+    """The one confirmation every plan gets: its question, its lines, the checkbox its option
+    offers (a removal's "also delete its files"). Dismisses with the plan to run (the option
+    applied) on `y`, or None."""
+
+    DEFAULT_CSS = """
+    PlanScreen { align: center middle; }
+    PlanScreen > Vertical {
+        width: 100; height: auto; max-height: 90%; padding: 1 2;
+        border: thick $accent; background: $surface;
+    }
+    PlanScreen.destructive > Vertical { border: thick $error; }
+    PlanScreen #title { text-style: bold; margin-bottom: 1; }
+    PlanScreen #plan { height: auto; max-height: 30; }
+    PlanScreen #buttons { height: auto; align-horizontal: right; margin-top: 1; }
+    PlanScreen Button { margin-left: 2; }
+    """
+
+    BINDINGS = [
+        Binding("y", "answer(True)", "Yes", id="plan.yes"),
+        Binding("n,escape", "answer(False)", "No", id="plan.no"),
+    ]
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(classes="destructive" if plan.destructive else "")
+        self.plan = plan
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(self.plan.title, id="title", markup=False)
+            with VerticalScroll(id="plan"):
+                yield Static("\n".join(self.plan.summary()), id="body", markup=False)
+            if self.plan.option is not None:
+                yield Checkbox(self.plan.option, id="option")
+            with Horizontal(id="buttons"):
+                yield Button("Cancel (n)", id="no")
+                yield Button(
+                    f"{self.plan.confirm_label} (y)",
+                    id="yes",
+                    variant="error" if self.plan.destructive else "primary",
+                )
+
+    def on_mount(self) -> None:
+        self.query_one("#no" if self.plan.destructive else "#yes", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.action_answer(event.button.id == "yes")
+
+    def action_answer(self, answer: bool) -> None:
+        if not answer:
+            self.dismiss(None)
+            return
+        option = self.query("#option")
+        self.dismiss(self.plan.choose(option.first(Checkbox).value) if option else self.plan)

@@ -10,15 +10,19 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar
 
 from rich.markup import escape
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
 
+from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo, DomainState, HostInfo
 from tui.screens.confirm import ConfirmScreen
+from tui.screens.details import DetailsScreen
+from tui.screens.terminal import AttachReady, hand_over, prepare
 from tui.widgets.base import Pane
 from tui.widgets.domains import DomainsTable
 from tui.widgets.snapshots_pane import SnapshotsPane
@@ -40,6 +44,9 @@ DOMAIN_BINDINGS: list[BindingType] = [
     Binding("f", "force_off", "Force off", id="domain.force_off"),
     Binding("r", "lifecycle('reboot')", "Reboot", id="domain.reboot"),
     Binding("p", "pause", "Pause", id="domain.pause"),
+    Binding("i", "details", "Details", id="domain.details"),
+    Binding("C", "attach('console')", "Console", show=False, id="domain.console"),
+    Binding("S", "attach('ssh')", "SSH", show=False, id="domain.ssh"),
     Binding("slash", "filter", "Filter", id="domains.filter"),
     Binding("o", "sort", "Sort", id="domains.sort"),
     Binding("1", "tab('snapshots')", "Snapshots", show=False, id="tab.snapshots"),
@@ -198,6 +205,31 @@ class MainScreen(Screen[None]):
                 self.vapp.run_lifecycle(host, name, "destroy")
 
         self.app.push_screen(ConfirmScreen(title, body, yes_label="Force off"), answered)
+
+    def action_details(self) -> None:
+        info = self._need_selection()
+        if info is not None:
+            self.app.push_screen(DetailsScreen(self.vapp.hypervisor(info.host), info.name))
+
+    def action_attach(self, what: str) -> None:
+        """`C` console, `S` ssh: the worker checks and builds the command, then the terminal
+        is handed over on this (the main) thread."""
+        info = self._need_selection()
+        if info is not None:
+            self._prepare_attach(self.vapp.hypervisor(info.host), info.name, what)
+
+    @work(thread=True, group="attach", exclusive=True, exit_on_error=False)
+    def _prepare_attach(self, hv: Hypervisor, name: str, what: str) -> None:
+        self.post_message(prepare(hv, name, what))
+
+    @on(AttachReady)
+    def _attach_ready(self, message: AttachReady) -> None:
+        hand_over(self.app, message)
+        self.vapp.refresh_inventory()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state is WorkerState.ERROR and event.worker.error is not None:
+            self.vapp.report_error(event.worker.error)
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

@@ -25,7 +25,6 @@ from textual.widgets import (
 
 from tui.core.errors import InvalidInputError
 from tui.core.hypervisor import validate_name
-from tui.screens.confirm import ConfirmScreen
 
 _FORM_CSS = """
 {cls} {{ align: center middle; }}
@@ -207,62 +206,5 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
         )
 
     @on(Button.Pressed, "#cancel")
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-
-class PlanScreen(ConfirmScreen):
-    """A plan, line by line, before it runs: True on `y` or the button."""
-
-    DEFAULT_CSS = _FORM_CSS.format(cls="PlanScreen")
-
-    def __init__(self, title: str, lines: list[str], yes_label: str) -> None:
-        super().__init__(title, "\n".join(lines), yes_label, no_label="Cancel", destructive=False)
-
-
-class RemoveScreen(ModalScreen[bool | None]):
-    """Confirms a removal, naming what is lost; the checkbox adds the disk images.
-
-    Dismisses with None (keep it), False (remove, keep the images) or True (remove with images).
-    """
-
-    DEFAULT_CSS = _FORM_CSS.format(cls="RemoveScreen").replace("$accent", "$error")
-    BINDINGS = [
-        Binding("y", "remove", "Remove", id="remove.yes"),
-        Binding("n,escape", "cancel", "Cancel", id="remove.no"),
-    ]
-
-    def __init__(self, name: str, lines: list[str], files: tuple[str, ...]) -> None:
-        super().__init__()
-        self.name_text = name
-        self.lines = lines
-        self.files = files
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Static(f"Remove '{self.name_text}'?", id="title", markup=False)
-            yield Static("\n".join(self.lines), id="body", markup=False)
-            yield Checkbox(
-                "Also delete its own disk image(s): " + (", ".join(self.files) or "none"),
-                id="storage",
-                disabled=not self.files,
-            )
-            yield Static("Shared base images are never deleted.", id="hint")
-            with Horizontal(id="buttons"):
-                yield Button("Cancel (n)", id="no")
-                yield Button("Remove (y)", id="yes", variant="error")
-
-    def on_mount(self) -> None:
-        self.query_one("#no", Button).focus()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "yes":
-            self.action_remove()
-        elif event.button.id == "no":
-            self.action_cancel()
-
-    def action_remove(self) -> None:
-        self.dismiss(self.query_one("#storage", Checkbox).value)
-
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -14,13 +14,19 @@ Contract between the main screen and a pane (Templates, Snapshots, Disk usage):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from textual import work
 from textual.binding import Binding, BindingType
+from textual.message import Message
 from textual.widget import Widget
 from textual.worker import Worker, WorkerState
 
 from tui.core.models import DomainInfo
+from tui.core.ops import Plan
+from tui.core.progress import Progress
+from tui.screens.confirm import PlanScreen
 
 if TYPE_CHECKING:
     from tui.app import VirtdeckApp
@@ -46,9 +52,43 @@ class Pane(Widget):
     def inventory_changed(self, domains: list[DomainInfo]) -> None:
         """The domain list was refreshed."""
 
+    # -- the one path every plan takes: confirm, run in a worker, report -------------------
+
+    def confirm_plan(self, plan: Plan) -> None:
+        """Show the plan; run what the operator confirmed (any plan, no per-type branches)."""
+
+        def answered(chosen: Plan | None) -> None:
+            if chosen is None:
+                self.plan_cancelled()
+            else:
+                self.run_plan(chosen)
+
+        self.app.push_screen(PlanScreen(plan), answered)
+
+    @work(thread=True, exit_on_error=False, group="plan", description="running a plan")
+    def run_plan(self, plan: Plan) -> None:
+        progress = self.plan_progress()
+        progress("starting", 0.0)
+        text = plan.run(self.hypervisor(plan.host), progress)
+        self.post_message(PlanDone(text))
+
+    def plan_progress(self) -> Progress:
+        """How a running plan reports (a pane posts its own progress messages)."""
+        return lambda _text, _fraction: None
+
+    def plan_cancelled(self) -> None:
+        """The operator said no."""
+
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state is WorkerState.ERROR and event.worker.error is not None:
             self.vapp.report_error(event.worker.error)
 
 
-__all__ = ["Binding", "Pane"]
+@dataclass
+class PlanDone(Message):
+    """A plan ran to its end; `text` says what was done."""
+
+    text: str
+
+
+__all__ = ["Binding", "Pane", "PlanDone"]

@@ -29,12 +29,12 @@ from tui.core import snapshots
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
+from tui.core.ops import Plan
 from tui.core.progress import Progress
-from tui.core.snapshots import DeletePlan, RevertPlan, SnapshotNode, SnapshotTree
+from tui.core.snapshots import SnapshotNode, SnapshotTree
 from tui.core.units import size
-from tui.screens.confirm import ConfirmScreen
 from tui.screens.snapshot_forms import NewSnapshotScreen, SnapshotRequest
-from tui.widgets.base import Pane
+from tui.widgets.base import Pane, PlanDone
 
 
 @dataclass
@@ -58,7 +58,7 @@ class SnapshotProgress(Message):
 class SnapshotPlanned(Message):
     """A revert or delete plan, ready for the confirmation modal."""
 
-    plan: RevertPlan | DeletePlan
+    plan: Plan
 
 
 @dataclass
@@ -343,7 +343,7 @@ class SnapshotsPane(Pane):
 
     @work(thread=True, exit_on_error=False, group="snapshots-op", description="snapshot plan")
     def _plan(self, hv: Hypervisor, domain: str, verb: str, name: str | None) -> None:
-        plan: RevertPlan | DeletePlan
+        plan: Plan
         if verb == "rollback":
             plan = snapshots.plan_rollback(hv, domain)
         elif verb == "revert":
@@ -355,33 +355,17 @@ class SnapshotsPane(Pane):
         self.post_message(SnapshotPlanned(plan))
 
     def on_snapshot_planned(self, message: SnapshotPlanned) -> None:
-        plan = message.plan
-        if isinstance(plan, RevertPlan):
-            title = f"Revert '{plan.domain}' to '{plan.snapshot}'?"
-            yes = "Revert"
-        else:
-            title = f"Delete snapshot '{plan.snapshot}' of '{plan.domain}'?"
-            yes = "Delete"
-        body = "\n".join(plan.summary())
+        self.confirm_plan(message.plan)
 
-        def answered(ok: bool | None) -> None:
-            if ok:
-                self._execute(self.hypervisor(plan.host), plan)
-            else:
-                self.busy = False
-                self._status("")
+    def plan_progress(self) -> Progress:
+        return self._progress()
 
-        self.app.push_screen(ConfirmScreen(title, body, yes_label=yes), answered)
+    def plan_cancelled(self) -> None:
+        self.busy = False
+        self._status("")
 
-    @work(thread=True, exit_on_error=False, group="snapshots-op", description="snapshot")
-    def _execute(self, hv: Hypervisor, plan: RevertPlan | DeletePlan) -> None:
-        if isinstance(plan, RevertPlan):
-            snapshots.revert(hv, plan, self._progress())
-            text = f"{plan.domain}: back at '{plan.snapshot}' ({plan.result_state})"
-        else:
-            snapshots.delete(hv, plan, self._progress())
-            text = f"{plan.domain}: deleted {', '.join(plan.names)}"
-        self.post_message(SnapshotDone(text))
+    def on_plan_done(self, message: PlanDone) -> None:
+        self.post_message(SnapshotDone(message.text))
 
     def on_snapshot_progress(self, message: SnapshotProgress) -> None:
         self._status(message.text)

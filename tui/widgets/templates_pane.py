@@ -24,24 +24,21 @@ from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import Worker, WorkerState
 
 from tui.core import clones, templates
-from tui.core.clones import ClonePlan, RemovePlan
 from tui.core.errors import VirtdeckError
 from tui.core.fleet import on_each
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
+from tui.core.ops import Plan
 from tui.core.progress import Progress
-from tui.core.templates import Template, TemplatePlan
-from tui.core.transfer import TemplateCopyPlan
+from tui.core.templates import Template
 from tui.core.units import size
 from tui.screens.template_forms import (
     DeployRequest,
     DeployScreen,
     MakeTemplateScreen,
-    PlanScreen,
-    RemoveScreen,
     TemplateRequest,
 )
-from tui.widgets.base import Pane
+from tui.widgets.base import Pane, PlanDone
 
 RELOAD_SECONDS = 15.0
 COLUMNS = ("Template", "Defined", "Base image(s)", "Virtual", "Real", "Sealed", "Thin", "Full")
@@ -74,12 +71,7 @@ class OperationsLoaded(Message):
 
 @dataclass
 class Planned(Message):
-    plan: TemplatePlan | ClonePlan | RemovePlan | TemplateCopyPlan
-
-
-@dataclass
-class OperationDone(Message):
-    text: str
+    plan: Plan
 
 
 def row_cells(t: Template) -> tuple[str, ...]:
@@ -135,7 +127,7 @@ class TemplatesPane(Pane):
         Binding("T", "pane('templates', 'make')", "Make template", id="template.make"),
         Binding("c", "pane('templates', 'deploy')", "Deploy", id="template.deploy"),
         Binding("x", "pane('templates', 'delete')", "Delete VM", id="template.delete"),
-        Binding("C", "pane('templates', 'copy')", "Copy to host", id="template.copy"),
+        Binding("y", "pane('templates', 'copy')", "Copy to host", id="template.copy"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -410,73 +402,17 @@ class TemplatesPane(Pane):
     @work(thread=True, exit_on_error=False, group="templates-op", description="remove plan")
     def _plan_remove(self, hv: Hypervisor, name: str) -> None:
         # Planned with storage so the modal can list the files; the box decides.
-        self.post_message(Planned(clones.plan_remove(hv, name, storage=True)))
+        plan = clones.plan_remove(hv, name, storage=True, backup_dir=self.backup_dir)
+        self.post_message(Planned(replace(plan, ask=True)))
 
     def on_planned(self, message: Planned) -> None:
-        plan = message.plan
-        if isinstance(plan, RemovePlan):
+        self.confirm_plan(message.plan)
 
-            def remove(storage: bool | None) -> None:
-                if storage is None:
-                    self._idle()
-                else:
-                    self._execute(self.hypervisor(plan.host), plan, storage)
+    def plan_progress(self) -> Progress:
+        return self._progress()
 
-            lines = [line for line in plan.summary() if not line.startswith("delete /")]
-            self.app.push_screen(RemoveScreen(plan.name, lines, plan.delete_files), remove)
-            return
-        if isinstance(plan, TemplateCopyPlan):
-
-            def copy(ok: bool | None) -> None:
-                if ok:
-                    self._copy(plan)
-                else:
-                    self._idle()
-
-            title = f"Copy '{plan.template}' to {plan.target_host}?"
-            self.app.push_screen(PlanScreen(title, plan.summary(), "Copy"), copy)
-            return
-        if isinstance(plan, TemplatePlan):
-            title, yes = f"Make '{plan.vm}' a template?", "Make template"
-        else:
-            what = f"{len(plan.items)} {plan.mode} clone(s)"
-            title, yes = f"Deploy {what} of '{plan.template}'?", "Deploy"
-
-        def answered(ok: bool | None) -> None:
-            if ok:
-                self._execute(self.hypervisor(plan.host), plan, False)
-            else:
-                self._idle()
-
-        self.app.push_screen(PlanScreen(title, plan.summary(), yes), answered)
-
-    @work(thread=True, exit_on_error=False, group="templates-op", description="templates")
-    def _execute(
-        self, hv: Hypervisor, plan: TemplatePlan | ClonePlan | RemovePlan, storage: bool
-    ) -> None:
-        progress = self._progress()
-        progress("starting", 0.0)
-        if isinstance(plan, TemplatePlan):
-            t = templates.execute_template(hv, plan, progress)
-            text = f"'{t.name}' is a template" + ("" if t.defined else " (undefined)")
-        elif isinstance(plan, ClonePlan):
-            names = clones.execute_clone(hv, plan, progress)
-            text = f"deployed {', '.join(names)} ({plan.mode}) from '{plan.template}'"
-        else:
-            if not storage:
-                kept = plan.delete_files + plan.kept_files
-                plan = replace(plan, storage=False, delete_files=(), kept_files=kept)
-            done = clones.execute_remove(hv, plan, progress)
-            text = f"removed '{plan.name}'" + (f" and deleted {', '.join(done)}" if done else "")
-        self.post_message(OperationDone(text))
-
-    @work(thread=True, exit_on_error=False, group="templates-op", description="template copy")
-    def _copy(self, plan: TemplateCopyPlan) -> None:
-        from tui.core import transfer
-
-        source, target = self.hypervisor(plan.source_host), self.hypervisor(plan.target_host)
-        transfer.execute_template_copy(source, target, plan, self._progress())
-        self.post_message(OperationDone(f"copied '{plan.template}' to {plan.target_host}"))
+    def plan_cancelled(self) -> None:
+        self._idle()
 
     def on_template_progress(self, message: TemplateProgress) -> None:
         self.add_class("busy")
@@ -487,7 +423,7 @@ class TemplatesPane(Pane):
             bar.update(total=1.0, progress=message.fraction)
         self._status(message.text)
 
-    def on_operation_done(self, message: OperationDone) -> None:
+    def on_plan_done(self, message: PlanDone) -> None:
         self._idle()
         self.notify(message.text, title="templates")
         self.load()

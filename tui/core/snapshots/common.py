@@ -8,6 +8,7 @@ clone, an overlay lying beside them) whose backing chain holds them.
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 
@@ -18,7 +19,7 @@ from tui.core.errors import InvalidInputError
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.models import DiskInfo, DiskKind, DomainState
 from tui.core.progress import Progress
-from tui.core.snapshots.tree import snapshot_tree
+from tui.core.snapshots.tree import SnapshotTree, snapshot_tree
 from tui.core.storage import Files, Resolver, StorageGraph
 from tui.core.templates import backup_owners
 
@@ -65,6 +66,29 @@ def graph(hv: Hypervisor) -> StorageGraph:
 def unneeded(g: StorageGraph, domain: str, before: Iterable[str], keep: Iterable[str]) -> list[str]:
     """Files in the chains of `before` that `keep` (the domain's own) and nothing else needs."""
     return list(g.freed(before, exclude=domain, keep=keep).delete)
+
+
+def used_elsewhere(
+    hv: Hypervisor, domain: str, tree: SnapshotTree, paths: Iterable[str]
+) -> list[str]:
+    """Images outside the domain's own disks and snapshots that sit on `paths`, and other
+    domains (or template backups) whose chains hold them. libvirt knows only the domain's own
+    files when it removes an overlay or commits into an image; where others need them,
+    virtdeck does the work itself and keeps what they need."""
+    g = graph(hv)
+    wanted = {g.canonical(p) for p in paths if p}
+    if not wanted:
+        return []
+    g.scan({os.path.dirname(p) for p in wanted if p.startswith("/")})
+    own: set[str] = set()
+    roots = own_image_paths(hv, domain)
+    roots += [x for n in tree.nodes for d in n.disks for x in (d.image, d.overlay) if x]
+    for p in roots:
+        own.update(g.chain_paths(p))
+    out = {str(u) for u in g.users(wanted, exclude=domain)}
+    for p in wanted:
+        out |= g.children(p) - own
+    return sorted(out)
 
 
 def collect(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from tui.core import ops
 from tui.core.errors import InvalidInputError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
@@ -29,7 +30,7 @@ from tui.core.storage import LocalFiles, files_for
 
 
 @dataclass(frozen=True)
-class CreatePlan:
+class CreatePlan(ops.PlanDefaults):
     host: str
     domain: str
     name: str
@@ -42,6 +43,18 @@ class CreatePlan:
     xml: str
     flags: int
     notes: tuple[str, ...] = ()
+
+    @property
+    def title(self) -> str:
+        return f"Take {self.kind} snapshot '{self.name}' of '{self.domain}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Take snapshot"
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        node = create(hv, self, progress)
+        return f"{self.domain}: {node.kind} snapshot '{node.name}' taken"
 
     def summary(self) -> list[str]:
         lines = [f"{self.kind} snapshot '{self.name}' of '{self.domain}'"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import domxml, ops
 from tui.core.errors import InvalidInputError, OperationError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
@@ -36,7 +36,7 @@ _COMMIT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
-class DeletePlan:
+class DeletePlan(ops.PlanDefaults):
     host: str
     domain: str
     snapshot: str
@@ -46,6 +46,22 @@ class DeletePlan:
     children: bool
     lost: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def title(self) -> str:
+        return f"Delete snapshot '{self.snapshot}' of '{self.domain}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Delete"
+
+    @property
+    def destructive(self) -> bool:
+        return True
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        delete(hv, self, progress)
+        return f"{self.domain}: deleted {', '.join(self.names)}"
 
     def summary(self) -> list[str]:
         what = ", ".join(f"'{n}'" for n in self.names)
@@ -76,7 +92,20 @@ def plan_delete(
     if not children and node.children:
         parent = f"'{node.parent}'" if node.parent else "the root"
         notes.append(f"its children ({', '.join(node.children)}) move up to {parent}")
-    if node.kind == INTERNAL or (not by_virtdeck and libvirt_handles_external(hv)):
+    native = node.kind == INTERNAL or (not by_virtdeck and libvirt_handles_external(hv))
+    if native and node.kind != INTERNAL:
+        # libvirt commits each overlay into its image and removes the overlay.
+        touched = [
+            p for n in names for d in tree.get(n).disks if d.snapshot == EXTERNAL
+            for p in (d.image, d.overlay) if p
+        ]  # fmt: skip
+        users = common.used_elsewhere(hv, domain, tree, touched)
+        if users:
+            native = False
+            notes.append(
+                f"done by virtdeck, not libvirt: other images sit on its files ({', '.join(users)})"
+            )
+    if native:
         method = "libvirt"
     else:
         method = "virtdeck"
@@ -108,7 +137,19 @@ def delete(
 ) -> None:
     dom = hv.lookup(plan.domain)
     try:
-        if plan.method == "libvirt":
+        if plan.method == "libvirt" and plan.kind != INTERNAL:
+            # libvirt (11.3) refuses DELETE_CHILDREN for external snapshots ("deletion of
+            # external disk snapshots with children not supported"): one by one, descendants
+            # first.
+            for i, name in enumerate(plan.names):
+                progress(f"deleting '{name}' of '{plan.domain}'", i / len(plan.names))
+                snap = common.lookup_snapshot(hv, dom, plan.domain, name)
+                hv.call(
+                    snap.delete,  # type: ignore[attr-defined]
+                    0,
+                    what=f"deleting snapshot '{name}' of '{plan.domain}'",
+                )
+        elif plan.method == "libvirt":
             snap = common.lookup_snapshot(hv, dom, plan.domain, plan.snapshot)
             flags = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN if plan.children else 0
             progress(f"deleting '{plan.snapshot}' of '{plan.domain}'", None)

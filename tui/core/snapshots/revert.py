@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from tui.core.errors import (
     VirtdeckError,
 )
 from tui.core.hypervisor import Hypervisor
-from tui.core.models import DomainState
+from tui.core.models import DiskInfo, DomainState
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import common
 from tui.core.snapshots.tree import (
@@ -51,7 +52,7 @@ class DiskSwitch:
 
 
 @dataclass(frozen=True)
-class RevertPlan:
+class RevertPlan(ops.PlanDefaults):
     host: str
     domain: str
     snapshot: str
@@ -67,6 +68,22 @@ class RevertPlan:
     lost: tuple[str, ...] = ()
     domain_xml: str = ""  # virtdeck method: the definition to switch to
     notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined)
+
+    @property
+    def title(self) -> str:
+        return f"Revert '{self.domain}' to '{self.snapshot}'?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Revert"
+
+    @property
+    def destructive(self) -> bool:
+        return True  # the state since the snapshot is lost
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        revert(hv, self, progress)
+        return f"{self.domain}: back at '{self.snapshot}' ({self.result_state})"
 
     def summary(self) -> list[str]:
         lines = [
@@ -141,7 +158,14 @@ def plan_revert(
             result_state=result,
             lost=tuple(_lost_lines(domain, state, tree, ())),
         )
-    if not by_virtdeck and libvirt_handles_external(hv):
+    if (
+        not by_virtdeck
+        and libvirt_handles_external(hv)
+        and not common.used_elsewhere(hv, domain, tree, _revert_discards(tree, disks))
+    ):
+        # Without a memory state libvirt leaves the domain shut off unless asked to run it;
+        # boot it afresh as virtdeck's own path does.
+        start_after = node.state not in ("running", "paused") and state.active
         return RevertPlan(
             host=hv.uri,
             domain=domain,
@@ -149,13 +173,30 @@ def plan_revert(
             kind=node.kind,
             method="libvirt",
             state_now=state.value,
-            result_state=result,
+            result_state="running (booted afresh from the snapshot's disks)"
+            if start_after
+            else result,
+            start_after=start_after,
             lost=tuple(_lost_lines(domain, state, tree, ())),
         )
     files = files_for(
         hv, f"reverting external snapshot '{name}' (libvirt on this host cannot)", qemu_img=qemu_img
     )
     return _plan_revert_external(hv, files, domain, node, tree, state)
+
+
+def _revert_discards(tree: SnapshotTree, disks: dict[str, DiskInfo]) -> list[str]:
+    """Files libvirt (>= 9.9) removes when it reverts: those holding the changes since the
+    current external snapshot (its overlays, or the overlays of the last revert to it)."""
+    cur = tree.current
+    if cur is None:
+        return []
+    out: list[str] = []
+    for d in cur.disks:
+        if d.snapshot == EXTERNAL:
+            now = disks.get(d.target)
+            out += [p for p in (d.overlay, now.path if now else None) if p]
+    return out
 
 
 def _plan_revert_external(
@@ -259,12 +300,7 @@ def revert(
         if plan.method == "libvirt":
             snap = common.lookup_snapshot(hv, dom, plan.domain, plan.snapshot)
             progress(f"reverting '{plan.domain}' to '{plan.snapshot}'", None)
-            hv.call(
-                dom.revertToSnapshot,
-                snap,
-                0,
-                what=f"reverting '{plan.domain}' to '{plan.snapshot}'",
-            )
+            _libvirt_revert(hv, dom, plan, snap)
         else:
             files = files_for(
                 hv,
@@ -275,6 +311,27 @@ def revert(
     finally:
         hv.invalidate(dom.UUIDString())
     progress(f"'{plan.domain}' is back at '{plan.snapshot}'", 1.0)
+
+
+_REVERT_TRIES = 3
+
+
+def _libvirt_revert(hv: Hypervisor, dom: object, plan: RevertPlan, snap: object) -> None:
+    """libvirt >= 9.9 reverts an external snapshot onto a new overlay named `<stem>.<unix
+    seconds>` and refuses when that file exists ("external snapshot file for disk ... already
+    exists"): two reverts within one second collide. It checks before changing anything, so
+    wait for the next second and try again (a bounded number of times)."""
+    what = f"reverting '{plan.domain}' to '{plan.snapshot}'"
+    flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING if plan.start_after else 0
+    for attempt in range(1, _REVERT_TRIES + 1):
+        try:
+            hv.call(dom.revertToSnapshot, snap, flags, what=what)  # type: ignore[attr-defined]
+            return
+        except OperationError as err:
+            collided = "external snapshot file" in str(err) and "already exists" in str(err)
+            if plan.kind == INTERNAL or not collided or attempt == _REVERT_TRIES:
+                raise
+        time.sleep(1.05 - time.time() % 1.0)
 
 
 def _revert_external(hv: Hypervisor, plan: RevertPlan, progress: Progress, files: Files) -> None:

@@ -1,0 +1,196 @@
+"""A small real Debian guest for the tests that need an OS that boots (addresses, console).
+
+Built once per machine with mmdebstrap (bookworm, systemd, openssh-server, qemu-guest-agent,
+DHCP on the first NIC by systemd-networkd) into an ext4 filesystem image made without a loop
+device (`mkfs.ext4 -d`), compressed to qcow2, with the image's own kernel and initrd copied
+out for a direct kernel boot (no bootloader). About 2.5 min and ~220 MB; cached under
+/var/cache/virtdeck-test/guest/ (built in a temporary directory beside it and renamed when
+complete, so an interrupted build is never taken for a cached one).
+
+Tests never write to the cached image: each domain gets a qcow2 overlay in its lab directory.
+The domain is TCG (`type='qemu'`, a Linux kernel does not boot under this machine's nested
+/dev/kvm), user-mode networking (the guest gets 10.0.2.15 from QEMU's own DHCP; no packet
+leaves QEMU), a serial console on ttyS0 and the guest agent channel.
+
+    python -m tests.guest            # build the cached image now (no-op when it is there)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE = Path(os.environ.get("VIRTDECK_GUEST_CACHE", "/var/cache/virtdeck-test/guest"))
+SUITE = "bookworm"
+PACKAGES = (
+    "systemd-sysv",
+    "openssh-server",
+    "qemu-guest-agent",
+    "linux-image-amd64",
+    "udev",
+    "dbus",
+)
+HOSTNAME = "vdguest"
+DISK_SIZE = "2G"
+
+_NETWORK = """[Match]
+Name=eth0 en*
+
+[Network]
+DHCP=yes
+"""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """The cached image: a compressed qcow2 root filesystem, its kernel and its initrd."""
+
+    disk: Path
+    kernel: Path
+    initrd: Path
+
+    @classmethod
+    def at(cls, root: Path) -> GuestImage:
+        return cls(root / "root.qcow2", root / "vmlinuz", root / "initrd.img")
+
+    def complete(self) -> bool:
+        return all(
+            p.is_file() and p.stat().st_size > 0 for p in (self.disk, self.kernel, self.initrd)
+        )
+
+
+def _run(args: list[str], log: Path) -> None:
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(args)}\n")
+        out.flush()
+        done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if done.returncode:
+        tail = log.read_text().strip().splitlines()[-5:]
+        raise RuntimeError(
+            f"building the test guest failed: {args[0]} exited {done.returncode} "
+            f"(log {log}): {' | '.join(tail)}"
+        )
+
+
+def _customize(rootfs: Path) -> None:
+    (rootfs / "etc/hostname").write_text(HOSTNAME + "\n")
+    (rootfs / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n")
+    (rootfs / "etc/fstab").write_text("/dev/vda / ext4 defaults,errors=remount-ro 0 1\n")
+    net = rootfs / "etc/systemd/network"
+    net.mkdir(parents=True, exist_ok=True)
+    (net / "20-dhcp.network").write_text(_NETWORK)
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / "systemd-networkd.service"
+    if not link.exists():
+        link.symlink_to("/lib/systemd/system/systemd-networkd.service")
+    # Root logs in on the serial console without a password (sshd refuses empty ones).
+    shadow = rootfs / "etc/shadow"
+    lines = shadow.read_text().splitlines()
+    shadow.write_text(
+        "\n".join(
+            "root::" + line.split(":", 2)[2] if line.startswith("root:") else line for line in lines
+        )
+        + "\n"
+    )
+
+
+def build(dest: Path = CACHE, log: Path | None = None) -> GuestImage:
+    """Build the image into a temporary directory beside `dest`, then rename it into place."""
+    image = GuestImage.at(dest)
+    if image.complete():
+        return image
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = (dest.parent / f".{dest.name}.lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building it right now
+    try:
+        if image.complete():
+            return image
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-build-", dir=dest.parent))
+        try:
+            log = log or work / "build.log"
+            rootfs = work / "rootfs"
+            _run(
+                [
+                    "mmdebstrap",
+                    "--variant=apt",
+                    '--aptopt=APT::Install-Recommends "false"',
+                    "--dpkgopt=path-exclude=/usr/share/doc/*",
+                    "--dpkgopt=path-exclude=/usr/share/man/*",
+                    "--dpkgopt=path-exclude=/usr/share/locale/*",
+                    "--include=" + ",".join(PACKAGES),
+                    SUITE,
+                    str(rootfs),
+                ],
+                log,
+            )
+            _customize(rootfs)
+            boot = rootfs / "boot"
+            kernel = max(boot.glob("vmlinuz-*"))
+            initrd = max(boot.glob("initrd.img-*"))
+            out = GuestImage.at(work)
+            shutil.copyfile(kernel, out.kernel)
+            shutil.copyfile(initrd, out.initrd)
+            raw = work / "root.raw"
+            _run(["mkfs.ext4", "-q", "-L", "root", "-d", str(rootfs), str(raw), DISK_SIZE], log)
+            _run(
+                ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(out.disk)],
+                log,
+            )
+            raw.unlink()
+            shutil.rmtree(rootfs)
+            for p in (out.disk, out.kernel, out.initrd):
+                p.chmod(0o444)  # QEMU (libvirt-qemu) reads them; nobody writes them
+            work.chmod(0o755)
+            if dest.exists():
+                shutil.rmtree(dest)  # an incomplete leftover
+            work.rename(dest)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    return GuestImage.at(dest)
+
+
+def domain_xml(
+    name: str,
+    image: GuestImage,
+    overlay: str,
+    *,
+    mac: str = "52:54:00:d1:5c:01",
+    memory_mib: int = 512,
+) -> str:
+    """A TCG domain booting the guest's kernel directly, on a qcow2 overlay of the image."""
+    return (
+        f"<domain type='qemu'><name>{name}</name>"
+        f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type>"
+        f"<kernel>{image.kernel}</kernel><initrd>{image.initrd}</initrd>"
+        "<cmdline>root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet</cmdline></os>"
+        "<features><acpi/></features>"
+        "<devices>"
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{overlay}'/><target dev='vda' bus='virtio'/></disk>"
+        f"<interface type='user'><mac address='{mac}'/><model type='virtio'/>"
+        "</interface>"
+        "<serial type='pty'><target port='0'/></serial>"
+        "<console type='pty'><target type='serial' port='0'/></console>"
+        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+        "<graphics type='vnc' autoport='yes' listen='127.0.0.1'/>"
+        "</devices></domain>"
+    )
+
+
+if __name__ == "__main__":
+    img = build()
+    print(img.disk, img.kernel, img.initrd, file=sys.stdout)
