@@ -1,5 +1,6 @@
 """The Templates pane: every template with its base images, sizes, seal and clones, and the
-keys that make a template (T), deploy clones (c) and delete a domain (x).
+keys that make a template (T), deploy clones (c), delete a domain (x) and copy the
+highlighted template to the next connected host (y).
 
 The list comes from tui.core.templates.list_templates in a thread worker; it is reloaded when
 the inventory's shape changes (names, roles, disks) and at most every RELOAD_SECONDS otherwise,
