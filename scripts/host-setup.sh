@@ -8,7 +8,8 @@ PKGS=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-d
       qemu-system-x86 qemu-utils libguestfs-tools linux-image-amd64
       openssh-server openssh-client  # ssh: the fleet test rig (tests/rigs.py) and qemu+ssh
       ovmf swtpm swtpm-tools  # UEFI firmware and the TPM emulator clones may use
-      mmdebstrap e2fsprogs tmux)  # the real test guest; console/ssh keys
+      mmdebstrap e2fsprogs tmux  # the real test guest; console/ssh keys
+      iproute2)  # scripts/other-libvirt.sh: the other release's libvirt
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "virtdeck setup: run as root (it installs packages and starts libvirtd)" >&2
@@ -49,7 +50,7 @@ if ! daemon_up; then
   for _ in $(seq 50); do daemon_up && break; sleep 0.2; done
 fi
 if daemon_up; then
-  virsh -c qemu:///system version | sed -n 's/^Using library: /virtdeck setup: libvirt /p'
+  virsh -c qemu:///system version | sed -n 's/^Using library: /virtdeck setup: /p'
 else
   echo "virtdeck setup: the libvirt daemon did not come up" >&2
   exit 1

@@ -1,15 +1,27 @@
-"""Fixtures: a private test-driver hypervisor for fast tests, the real libvirtd for system tests.
+"""Fixtures: a private test-driver hypervisor for fast tests, real libvirt daemons for system tests.
 
-System tests never skip: if qemu:///system does not answer, they fail and say why. The
-virtualisation type (kvm or TCG) is probed, never assumed.
+The system tier runs against two daemons (one session-scoped `system_hv` per daemon, test ids
+like `lv9.0` / `lv11.3` from the daemon's real version): the host's own (qemu:///system) and the
+other Debian release's, chrooted (scripts/other-libvirt.sh), so both of virtdeck's paths for
+external snapshots are exercised: libvirt's own revert/delete (libvirt >= 9.9) and virtdeck's.
+VIRTDECK_SYSTEM_DAEMONS chooses: `host`, `other`, or both (the default, comma-separated); an
+item with a colon is a URI. System tests never skip: if a daemon does not answer, they fail and
+say why. The virtualisation type (kvm or TCG) is probed, never assumed.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
-from collections.abc import Iterator
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import libvirt
 import pytest
 
 from tests import rigs
@@ -47,11 +59,90 @@ def test_hv(test_uri: str) -> Iterator[Hypervisor]:
     hv.close()
 
 
+REPO = Path(__file__).resolve().parent.parent
+HOST_URI = "qemu:///system"
+DAEMONS_ENV = "VIRTDECK_SYSTEM_DAEMONS"
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """One libvirt daemon of the system tier, probed once at collection."""
+
+    label: str  # host, other, or the URI given
+    uri: str
+    id: str  # lv<major>.<minor>, from the daemon's real version
+    error: str = ""  # why it cannot be used (the tests then fail with it)
+
+
+def _other_uri() -> str:
+    uri = os.environ.get("VIRTDECK_OTHER_URI", "")
+    if uri:
+        return uri
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "other-libvirt.sh"), "uri"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip() or "scripts/other-libvirt.sh uri failed")
+    return proc.stdout.strip()
+
+
+def _probe(label: str, uri: str) -> Daemon:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as err:
+        hint = (
+            "start it with 'bash scripts/other-libvirt.sh start' (as root), or run the tier "
+            f"against the host's daemon only: {DAEMONS_ENV}=host"
+            if label == "other"
+            else "run scripts/host-setup.sh"
+        )
+        return Daemon(label, uri, f"{label}-down", f"{uri} does not answer ({err}): {hint}")
+    try:
+        v = conn.getLibVersion()
+    finally:
+        conn.close()
+    return Daemon(label, uri, f"lv{v // 1_000_000}.{v // 1000 % 1000}")
+
+
+@functools.cache
+def system_daemons() -> tuple[Daemon, ...]:
+    daemons = []
+    for label in os.environ.get(DAEMONS_ENV, "host,other").split(","):
+        label = label.strip()
+        if label == "host":
+            daemons.append(_probe(label, HOST_URI))
+        elif label == "other":
+            try:
+                daemons.append(_probe(label, _other_uri()))
+            except RuntimeError as err:
+                daemons.append(Daemon(label, "", "other-none", str(err)))
+        elif ":" in label:
+            daemons.append(_probe(label, label))
+        elif label:
+            raise pytest.UsageError(f"{DAEMONS_ENV}: '{label}' is not host, other or a URI")
+    if not daemons:
+        raise pytest.UsageError(f"{DAEMONS_ENV} names no daemon")
+    return tuple(daemons)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "system_hv" in metafunc.fixturenames:
+        daemons = system_daemons()
+        metafunc.parametrize(
+            "system_hv", daemons, ids=[d.id for d in daemons], indirect=True, scope="session"
+        )
+
+
 @pytest.fixture(scope="session")
-def system_hv() -> Iterator[Hypervisor]:
-    """The real libvirtd. Fails (never skips) when it does not answer: .ci/run starts it."""
-    hv = Hypervisor.open("qemu:///system")
+def system_hv(request: pytest.FixtureRequest) -> Iterator[Hypervisor]:
+    """A real libvirt daemon (once per daemon of the tier). Fails (never skips) when it does
+    not answer: .ci/run starts both."""
+    daemon: Daemon = request.param
+    if daemon.error:
+        pytest.fail(daemon.error, pytrace=False)
+    hv = Hypervisor.open(daemon.uri)
     sweep_stale(hv.conn)
+    _seen[daemon.id] = _describe(hv)
     yield hv
     hv.close()
 
@@ -60,6 +151,27 @@ def system_hv() -> Iterator[Hypervisor]:
 def lab(system_hv: Hypervisor) -> Iterator[SystemLab]:
     """Domains and images under a unique prefix, removed after the test whatever happens."""
     lab = SystemLab(system_hv)
+    try:
+        yield lab
+    finally:
+        lab.cleanup()
+
+
+@pytest.fixture(scope="session")
+def host_hv() -> Iterator[Hypervisor]:
+    """The host's own daemon only, for tests that reach it another way too (over the ssh rig,
+    with virsh, through a dashboard started as the console script): those other ways lead to
+    qemu:///system, not to the chrooted daemon."""
+    hv = Hypervisor.open(HOST_URI)
+    sweep_stale(hv.conn)
+    yield hv
+    hv.close()
+
+
+@pytest.fixture
+def host_lab(host_hv: Hypervisor) -> Iterator[SystemLab]:
+    """A lab on the host's own daemon (see host_hv)."""
+    lab = SystemLab(host_hv)
     try:
         yield lab
     finally:
@@ -119,3 +231,94 @@ def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     yield
     left = sorted(p.name for p in (state / "virtdeck" / "journal").glob("*.json"))
     assert not left, f"operations left journals behind: {left}"
+
+
+# -- what the system tier exercised, printed at the end --------------------------------------
+
+_seen: dict[str, str] = {}  # daemon id -> versions and external snapshot path
+_ext_calls: collections.Counter[tuple[str, str, str]] = collections.Counter()
+_tier_time: collections.Counter[str] = collections.Counter()
+_tier_tests: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+
+
+def _describe(hv: Hypervisor) -> str:
+    from tui.core.models import version_string
+    from tui.core.snapshots import libvirt_handles_external
+
+    native = libvirt_handles_external(hv)
+    path = (
+        "libvirt-native revert/delete (<externalSnapshot/>)"
+        if native
+        else "virtdeck's own revert/delete (no <externalSnapshot/>)"
+    )
+    return (
+        f"{hv.uri}: libvirt {version_string(hv.lib_version())}, "
+        f"QEMU {version_string(hv.conn.getVersion())}, {hv.virt_type()}; external snapshots: {path}"
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _count_external_snapshot_paths() -> Iterator[None]:
+    """Count external-snapshot reverts and deletes by host and by who did them."""
+    from tui.core import snapshots
+
+    def counting(verb: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(hv: Hypervisor, plan: Any, *args: Any, **kwargs: Any) -> Any:
+            if plan.kind != snapshots.INTERNAL:
+                _ext_calls[(hv.uri, verb, plan.method)] += 1
+            return fn(hv, plan, *args, **kwargs)
+
+        return wrapper
+
+    originals = snapshots.revert, snapshots.delete
+    snapshots.revert = counting("revert", snapshots.revert)  # type: ignore[assignment]
+    snapshots.delete = counting("delete", snapshots.delete)  # type: ignore[assignment]
+    yield
+    snapshots.revert, snapshots.delete = originals  # type: ignore[assignment]
+
+
+def _tier(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    daemon = callspec.params.get("system_hv") if callspec else None
+    if isinstance(daemon, Daemon):
+        return f"system {daemon.id}"
+    return "system" if item.get_closest_marker("system") else "fast"
+
+
+_tier_of: dict[str, str] = {}  # test node id -> tier
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    tier = _tier_of[item.nodeid] = _tier(item)
+    start = time.monotonic()
+    try:
+        return (yield)
+    finally:
+        _tier_time[tier] += time.monotonic() - start
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or report.outcome != "passed":
+        _tier_tests[_tier_of.get(report.nodeid, "?")][report.outcome] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _tier_time:
+        return
+    tr = terminalreporter
+    tr.section("tiers")
+    for tier in sorted(_tier_time):
+        counts = ", ".join(f"{n} {o}" for o, n in sorted(_tier_tests.get(tier, {}).items()))
+        tr.write_line(f"{tier:16} {_tier_time[tier]:7.1f} s  ({counts or 'no tests'})")
+    for daemon in system_daemons() if _seen else ():
+        if daemon.id not in _seen:
+            continue
+        tr.write_line(f"{daemon.id}: {_seen[daemon.id]}")
+        done = [
+            f"{verb} by {method}: {n}"
+            for (uri, verb, method), n in sorted(_ext_calls.items())
+            if uri == daemon.uri
+        ]
+        tr.write_line(f"{' ' * len(daemon.id)}  exercised: {'; '.join(done) or 'nothing external'}")

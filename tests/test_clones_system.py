@@ -96,6 +96,14 @@ def live(lab: SystemLab, name: str) -> object:
     return domxml.parse(lab.hv.conn.lookupByName(name).XMLDesc(0))
 
 
+@pytest.fixture
+def lab(host_lab: SystemLab) -> SystemLab:
+    """The host's daemon only: UEFI firmware, NVRAM files and swtpm state live in the daemon's
+    own /usr/share and /var/lib/libvirt, which the chrooted daemon does not share with the host
+    (it shares only the image directories)."""
+    return host_lab
+
+
 def test_thin_and_full_uefi_clones_run_together_with_their_own_resources(
     lab: SystemLab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -117,7 +125,7 @@ def test_thin_and_full_uefi_clones_run_together_with_their_own_resources(
         stderr_progress(message, fraction)
 
     monkeypatch.setattr("tui.cli.templates.stderr_progress", progress)
-    common = ["-c", "qemu:///system", "clone", tname]
+    common = ["-c", lab.hv.uri, "clone", tname]
     assert main([*common, lab.name("cthin"), "--count", "3", "--start", "--allow-unsealed"]) == 0
     assert main([*common, lab.name("cfull"), "--full", "--count", "2", "--start",
                  "--allow-unsealed"]) == 0  # fmt: skip

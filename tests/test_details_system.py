@@ -43,19 +43,21 @@ class Guest:
 
 
 @pytest.fixture(scope="module")
-def booted(system_hv: Hypervisor) -> Iterator[Guest]:
+def booted(host_hv: Hypervisor) -> Iterator[Guest]:
+    # The host's daemon only: the cached guest image (tests/guest.py) lives outside the image
+    # directories the chrooted daemon sees, and one boot under TCG (~30 s) is enough here.
     image = guest.build()  # a few minutes the first time on a machine, then cached
-    lab = SystemLab(system_hv)
+    lab = SystemLab(host_hv)
     try:
         name = lab.name("guest")
         overlay = lab.dir / "root.qcow2"
         qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), str(overlay))
         mac = "52:54:00:" + ":".join(secrets.token_hex(1) for _ in range(3))
-        dom = system_hv.define(guest.domain_xml(name, image, str(overlay), mac=mac))
+        dom = host_hv.define(guest.domain_xml(name, image, str(overlay), mac=mac))
         dom.create()
         deadline = time.monotonic() + BOOT_DEADLINE
         while True:
-            d = read_details(system_hv, name)
+            d = read_details(host_hv, name)
             if any(a.address == USER_NET_ADDRESS and a.source == AGENT for a in d.addresses):
                 break
             if time.monotonic() > deadline:
@@ -64,7 +66,7 @@ def booted(system_hv: Hypervisor) -> Iterator[Guest]:
                     + "; ".join(f"{s.source}: {s.reason or 'ok'}" for s in d.sources)
                 )
             time.sleep(1)
-        yield Guest(system_hv, name, mac)
+        yield Guest(host_hv, name, mac)
     finally:
         lab.cleanup()
 

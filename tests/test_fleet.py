@@ -56,12 +56,12 @@ def _virtdeck(
 
 
 def test_events_reach_the_dashboard_started_like_the_console_script(
-    lab: SystemLab, config_home: Path
+    host_lab: SystemLab, config_home: Path
 ) -> None:
     """A fresh interpreter (no event loop registered by a fixture) builds the app the way
     `virtdeck` does; with a 60 s poll, the suspend must show within 0.5 s: only an event can."""
-    name = lab.define("ev")
-    lab.hv.start(name)
+    name = host_lab.define("ev")
+    host_lab.hv.start(name)
     write_config(config_home, "poll_interval = 60\n")
     probe = subprocess.run(
         [sys.executable, "-m", "tests.dashboard_probe", name, "-c", "qemu:///system"],
@@ -76,7 +76,7 @@ def test_events_reach_the_dashboard_started_like_the_console_script(
     assert result["elapsed"] is not None and result["elapsed"] <= 0.5, result
 
 
-def test_keepalive_is_on_for_connections_virtdeck_opens(lab: SystemLab) -> None:
+def test_keepalive_is_on_for_connections_virtdeck_opens(host_lab: SystemLab) -> None:
     # Registered before open (the conftest fixture, as tui.cli.setup does): keepalive is taken.
     from tui.core.hypervisor import Hypervisor
 
@@ -91,10 +91,10 @@ def test_keepalive_is_on_for_connections_virtdeck_opens(lab: SystemLab) -> None:
 
 
 def test_ls_answers_for_the_healthy_hosts_while_one_hangs(
-    ssh_root_uri: str, session_uri: str, hung_daemon: rigs.PrivateDaemon, lab: SystemLab,
+    ssh_root_uri: str, session_uri: str, hung_daemon: rigs.PrivateDaemon, host_lab: SystemLab,
     config_home: Path,
 ) -> None:  # fmt: skip
-    name = lab.define("ls")
+    name = host_lab.define("ls")
     hung_daemon.hang()
     env = {**os.environ, "XDG_CONFIG_HOME": str(config_home)}
     uris = ["qemu:///system", ssh_root_uri, session_uri, hung_daemon.uri]
@@ -158,7 +158,7 @@ def _session_domain_xml(name: str) -> str:
 
 async def test_dashboard_starts_with_a_hung_host_and_gets_it_back(
     fleet_uris: list[str], hung_daemon: rigs.PrivateDaemon, session_rig: rigs.SessionRig,
-    lab: SystemLab,
+    host_lab: SystemLab,
 ) -> None:  # fmt: skip
     uris = fleet_uris
     hung_daemon.hang()
@@ -167,7 +167,7 @@ async def test_dashboard_starts_with_a_hung_host_and_gets_it_back(
     args, settings = setup(argv)
     app = build_app(args, settings)
     assert time.monotonic() - t0 < settings.connect_timeout + 1
-    extra = lab.name("sess")
+    extra = host_lab.name("sess")
     try:
         async with app.run_test(size=(160, 50)) as pilot:
             healthy = [app.hosts[uri] for uri in uris[:3]]
@@ -181,7 +181,7 @@ async def test_dashboard_starts_with_a_hung_host_and_gets_it_back(
             await pilot.pause()
             assert app.screen.query_one(DomainsTable).sort_column == "state"
             # a change on a healthy host shows (an event from the session daemon over ssh)
-            xml = Path(lab.dir / "sess.xml")
+            xml = Path(host_lab.dir / "sess.xml")
             xml.write_text(_session_domain_xml(extra))
             xml.chmod(0o644)
             session_rig.virsh("define", str(xml))
@@ -201,10 +201,10 @@ async def test_dashboard_starts_with_a_hung_host_and_gets_it_back(
 
 
 async def test_a_host_hanging_later_is_greyed_and_the_others_keep_updating(
-    fleet_uris: list[str], hung_daemon: rigs.PrivateDaemon, lab: SystemLab
+    fleet_uris: list[str], hung_daemon: rigs.PrivateDaemon, host_lab: SystemLab
 ) -> None:
     uris = fleet_uris
-    name = lab.define("later")
+    name = host_lab.define("later")
     args, settings = setup([a for uri in uris for a in ("-c", uri)])
     app = build_app(args, settings)
     try:
@@ -219,7 +219,7 @@ async def test_a_host_hanging_later_is_greyed_and_the_others_keep_updating(
             key = f"{hung_daemon.uri}|" + _rows(app)[(hung_daemon.uri, "test")].uuid  # type: ignore[attr-defined]
             assert "no answer for" in str(table.get_row(key))
             # a healthy host keeps updating: start a domain there
-            lab.hv.start(name)
+            host_lab.hv.start(name)
             await _until(
                 pilot,
                 lambda: (

@@ -1,7 +1,10 @@
 """The daemon restarts under a running virtdeck: it says so, reconnects by itself, and says so.
 
-A private, unprivileged libvirtd (its own socket, serving the test driver) is killed and
-started again, so the system daemon other tests use is never touched.
+A private, unprivileged daemon (its own socket, serving the test driver) is killed and
+started again, so the system daemon other tests use is never touched. The daemon is the
+monolithic libvirtd where the release ships it, else the modular QEMU daemon virtqemud
+(chosen at run time from what is installed; libvirt's test driver is built into libvirt.so,
+which every daemon links, so either serves test:///default).
 """
 
 from __future__ import annotations
@@ -21,12 +24,20 @@ from tui.app import VirtdeckApp
 from tui.core.hypervisor import Hypervisor
 from tui.widgets.domains import DomainsTable
 
+# (binary, its socket's name under $XDG_RUNTIME_DIR/libvirt), monolithic first
+DAEMONS = (("/usr/sbin/libvirtd", "libvirt-sock"), ("/usr/sbin/virtqemud", "virtqemud-sock"))
+
+
+def installed_daemon() -> tuple[str, str] | None:
+    return next(((b, s) for b, s in DAEMONS if os.access(b, os.X_OK)), None)
+
 
 class PrivateDaemon:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, binary: str, socket: str) -> None:
         self.root = root
         root.chmod(0o777)
-        self.socket = root / "libvirt" / "libvirt-sock"
+        self.binary = binary
+        self.socket = root / "libvirt" / socket
         self.uri = f"test+unix:///default?socket={self.socket}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -38,7 +49,7 @@ class PrivateDaemon:
             "XDG_CONFIG_HOME": str(self.root / "cfg"),
             "XDG_CACHE_HOME": str(self.root / "cache"),
         }
-        argv = ["/usr/sbin/libvirtd", "--timeout", "0"]
+        argv = [self.binary, "--timeout", "0"]
         if os.getuid() == 0:  # root always gets the privileged daemon: run it as nobody
             argv = ["runuser", "-u", "nobody", "--", *argv]
         self.proc = subprocess.Popen(
@@ -51,7 +62,7 @@ class PrivateDaemon:
             ):
                 return
             time.sleep(0.1)
-        raise RuntimeError("private libvirtd did not come up")
+        raise RuntimeError(f"private {os.path.basename(self.binary)} did not come up")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -62,7 +73,7 @@ class PrivateDaemon:
                 self.proc.kill()
                 self.proc.wait()
         # runuser forwards the signal; the pid file names the daemon if it survived it
-        pid_file = self.root / "libvirt" / "libvirtd.pid"
+        pid_file = self.root / "libvirt" / f"{os.path.basename(self.binary)}.pid"
         if pid_file.exists():
             with contextlib.suppress(ValueError, ProcessLookupError):
                 os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
@@ -72,11 +83,12 @@ class PrivateDaemon:
 
 @pytest.fixture
 def daemon() -> Iterator[PrivateDaemon]:
-    if not shutil.which("/usr/sbin/libvirtd"):
-        pytest.fail("libvirtd is not installed: run scripts/host-setup.sh")
+    found = installed_daemon()
+    if found is None:
+        pytest.fail("neither libvirtd nor virtqemud is installed: run scripts/host-setup.sh")
     root = Path(f"/tmp/vdt-daemon-{os.getpid()}")
     root.mkdir(exist_ok=True)
-    d = PrivateDaemon(root)
+    d = PrivateDaemon(root, *found)
     d.start()
     try:
         yield d

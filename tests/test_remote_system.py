@@ -75,8 +75,9 @@ def write(path: str, pattern: int, length: str = "1M") -> None:
 
 
 def test_clones_usage_and_rm_through_qemu_ssh(
-    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
 ) -> None:
+    lab = host_lab  # the ssh rig reaches the host's own daemon
     hv = lab.hv
     base = lab.disk("base.qcow2")
     write(base, 0x11)
@@ -134,10 +135,11 @@ def top_of(lab: SystemLab, name: str) -> str:
 
 
 def test_external_snapshots_revert_and_delete_through_qemu_ssh(
-    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
 ) -> None:
     """create s1, write, create s2, write; delete s2 (its overlay is committed on the host
     over SSH), then revert to s1 (a fresh overlay made by the host's storage pool)."""
+    lab = host_lab  # the ssh rig reaches the host's own daemon
     hv = lab.hv
     vm = lab.define("vs")
     disk = str(lab.dir / "vs.qcow2")
@@ -188,10 +190,11 @@ def test_external_snapshots_revert_and_delete_through_qemu_ssh(
 
 @pytest.mark.sysprep
 def test_template_create_with_virt_sysprep_on_the_host_then_clones(
-    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
 ) -> None:
     """virt-sysprep runs on the hypervisor over SSH (-a on the image), the base is made
     read-only there, and clones deploy from it."""
+    lab = host_lab  # the ssh rig reaches the host's own daemon
     from tests.test_templates_system import guest_disk, guestfish
 
     hv = lab.hv
@@ -216,11 +219,12 @@ def test_template_create_with_virt_sysprep_on_the_host_then_clones(
 
 
 def test_template_copy_to_another_hypervisor_then_a_thin_clone_there_starts(
-    lab: SystemLab, ssh_root_uri: str, session_uri: str, tmp_path: Path
+    host_lab: SystemLab, ssh_root_uri: str, session_uri: str, tmp_path: Path
 ) -> None:
     """system (over qemu+ssh, from the namespace) -> the test user's session hypervisor:
     sparse streams, same bytes, read-only base, the template defined there; a thin clone
     deployed on that host starts."""
+    lab = host_lab  # the ssh rig reaches the host's own daemon
     import libvirt
 
     from tests.lab import domain_xml
@@ -295,10 +299,11 @@ def pool_target(xml: str) -> str:
 
 
 def test_template_copy_interrupted_leaves_nothing_on_the_target(
-    lab: SystemLab, ssh_root_uri: str, session_uri: str
+    host_lab: SystemLab, ssh_root_uri: str, session_uri: str
 ) -> None:
     """An interrupt during the upload unwinds: the uploaded volume is deleted and nothing is
     defined on the target."""
+    lab = host_lab  # the ssh rig reaches the host's own daemon
     import libvirt
 
     from tests.lab import domain_xml

@@ -45,12 +45,12 @@ def has_pattern(path: str, pattern: int, offset: int = 0) -> bool:
     return proc.returncode == 0 and "verification failed" not in proc.stdout + proc.stderr
 
 
-def live_write(name: str, pattern: int) -> None:
+def live_write(hv: Hypervisor, name: str, pattern: int) -> None:
     """Write into the running guest's first disk through QEMU itself (the image is locked)."""
     dev = "/machine/peripheral/virtio-disk0/virtio-backend"
     for cmd in (f'qemu-io -d {dev} "write -P {pattern:#x} 0 1M"', f'qemu-io -d {dev} "flush"'):
         out = subprocess.run(
-            ["virsh", "-c", "qemu:///system", "qemu-monitor-command", name, "--hmp", cmd],
+            ["virsh", "-c", hv.uri, "qemu-monitor-command", name, "--hmp", cmd],
             check=True,
             capture_output=True,
             text=True,
@@ -68,17 +68,17 @@ def stop(hv: Hypervisor, name: str) -> None:
         hv.destroy(name)
 
 
-def virsh_tree(name: str) -> str:
+def virsh_tree(hv: Hypervisor, name: str) -> str:
     return subprocess.run(
-        ["virsh", "-c", "qemu:///system", "snapshot-list", "--tree", name],
+        ["virsh", "-c", hv.uri, "snapshot-list", "--tree", name],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(["-c", "qemu:///system", *argv])
+def cli(hv: Hypervisor, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["-c", hv.uri, *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -121,14 +121,14 @@ def test_branching_internal_tree_matches_virsh(
     take(hv, name, "c1")
 
     tree = S.snapshot_tree(hv, name)
-    assert tree.render(mark_current=False) == virsh_tree(name)
+    assert tree.render(mark_current=False) == virsh_tree(hv, name)
     assert tree.current is not None and tree.current.name == "c1"
     assert tree.get("a2").children == ("a3", "c1")
     assert tree.get("b1").parent == "a1"
 
-    code, out, _ = cli(capsys, "snapshot", "ls", name)
+    code, out, _ = cli(hv, capsys, "snapshot", "ls", name)
     assert code == 0 and "c1 (current)" in out
-    code, out, _ = cli(capsys, "snapshot", "ls", name, "--json")
+    code, out, _ = cli(hv, capsys, "snapshot", "ls", name, "--json")
     import json
 
     rows = {r["name"]: r for r in json.loads(out)}
@@ -150,7 +150,7 @@ def test_branching_external_tree_matches_virsh(system_hv: Hypervisor, lab: Syste
     back_to(hv, name, "e1")
     take(hv, name, "f1", external=True, description="after the branch")
     tree = S.snapshot_tree(hv, name)
-    assert tree.render(mark_current=False) == virsh_tree(name)
+    assert tree.render(mark_current=False) == virsh_tree(hv, name)
     assert tree.get("e1").children == ("e2", "f1")
     f1 = tree.get("f1")
     assert f1.current and f1.kind == "disk-only" and f1.description == "after the branch"
@@ -182,13 +182,13 @@ def test_internal_running_round_trip_restores_memory(
     hv = system_hv
     name = lab.define("intrun")
     hv.start(name)
-    live_write(name, 0x11)
+    live_write(hv, name, 0x11)
     plan = S.plan_create(hv, name, "live")
     assert any("pauses" in n for n in plan.notes)
     node = S.create(hv, plan)
     assert node.kind == "internal" and node.state == "running"
-    live_write(name, 0x22)
-    code, out, _ = cli(capsys, "rollback", name)
+    live_write(hv, name, 0x22)
+    code, out, _ = cli(hv, capsys, "rollback", name)
     assert code == 0 and "live" in out
     assert hv.domain(name).state == DomainState.RUNNING  # memory state restored
     stop(hv, name)
@@ -226,19 +226,19 @@ def test_external_running_round_trip_restores_memory(
     hv = system_hv
     name = lab.define("extrun")
     hv.start(name)
-    live_write(name, 0x11)
-    code, out, err = cli(capsys, "snapshot", "create", name, "s1", "--external")
+    live_write(hv, name, 0x11)
+    code, out, err = cli(hv, capsys, "snapshot", "create", name, "s1", "--external")
     assert code == 0, err
     node = S.snapshot_tree(hv, name).get("s1")
     assert node.kind == "external" and node.state == "running"
     assert [f.role for f in node.files] == ["disk vda", "memory"]
-    live_write(name, 0x22)
-    code, out, err = cli(capsys, "snapshot", "revert", name, "s1")
+    live_write(hv, name, 0x22)
+    code, out, err = cli(hv, capsys, "snapshot", "revert", name, "s1")
     assert code == 0, err
     assert hv.domain(name).state == DomainState.RUNNING
     # The tree still agrees with libvirt after virtdeck's own revert.
-    assert S.snapshot_tree(hv, name).render(mark_current=False) == virsh_tree(name)
-    live_write(name, 0x44)  # the guest keeps running on the fresh overlay
+    assert S.snapshot_tree(hv, name).render(mark_current=False) == virsh_tree(hv, name)
+    live_write(hv, name, 0x44)  # the guest keeps running on the fresh overlay
     stop(hv, name)
     path = disk_paths(hv, name)[0]
     assert has_pattern(path, 0x44)
@@ -258,7 +258,7 @@ def test_external_disk_only_running_revert_boots_again(
     hv.start(name)
     node = take(hv, name, "s1", external=True, disk_only=True)
     assert node.kind == "disk-only" and node.memory_file is None
-    live_write(name, 0x22)
+    live_write(hv, name, 0x22)
     plan = back_to(hv, name, "s1")
     # No memory state to restore: the guest boots afresh from the snapshot's disks.
     assert hv.domain(name).state == DomainState.RUNNING
@@ -278,7 +278,7 @@ def test_delete_external_running_block_commit(system_hv: Hypervisor, lab: System
     hv.start(name)
     take(hv, name, "s1", external=True, disk_only=True)
     overlay = disk_paths(hv, name)[0]
-    live_write(name, 0x22)
+    live_write(hv, name, 0x22)
     S.delete(hv, S.plan_delete(hv, name, "s1"))
     assert S.snapshot_tree(hv, name).nodes == ()
     assert disk_paths(hv, name) == [disk]
@@ -301,7 +301,7 @@ def test_delete_external_with_children_shut_off(
     take(hv, name, "s2", external=True)
     io_write(disk_paths(hv, name)[0], 0x33)
     before = set(os.listdir(lab.dir))
-    code, _, err = cli(capsys, "snapshot", "delete", name, "s1")
+    code, _, err = cli(hv, capsys, "snapshot", "delete", name, "s1")
     assert code == 0, err
     tree = S.snapshot_tree(hv, name)
     assert tree.names == ("s2",) and tree.get("s2").parent is None
@@ -312,7 +312,7 @@ def test_delete_external_with_children_shut_off(
     assert has_pattern(disk_paths(hv, name)[0], 0x22)
     # --children on the root takes the whole subtree; the data the disk shows stays.
     io_write(disk_paths(hv, name)[0], 0x44)
-    code, _, err = cli(capsys, "snapshot", "delete", name, "s2", "--children")
+    code, _, err = cli(hv, capsys, "snapshot", "delete", name, "s2", "--children")
     assert code == 0, err
     assert S.snapshot_tree(hv, name).nodes == ()
     assert disk_paths(hv, name) == [disk]
@@ -368,7 +368,7 @@ def test_refusals(
     rname = lab.define("rraw", disks=[(raw, "raw")])
     with pytest.raises(InvalidInputError, match="--external"):
         S.plan_create(hv, rname, "x")
-    code, out, err = cli(capsys, "snapshot", "create", rname, "x")
+    code, out, err = cli(hv, capsys, "snapshot", "create", rname, "x")
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "--external" in err
     with pytest.raises(InvalidInputError, match="--disk-only goes with --external"):
         S.plan_create(hv, rname, "x", disk_only=True)
@@ -378,7 +378,7 @@ def test_refusals(
         S.plan_create(hv, rname, "x", external=True, disk_only=True, quiesce=True)
     with pytest.raises(NotFoundError, match="no current snapshot"):
         S.plan_rollback(hv, rname)
-    code, _, err = cli(capsys, "rollback", rname)
+    code, _, err = cli(hv, capsys, "rollback", rname)
     assert code == 1 and len(err.strip().splitlines()) == 1
 
     name = lab.define("mix")
@@ -389,7 +389,7 @@ def test_refusals(
         S.plan_create(hv, name, "e1", external=True)
     with pytest.raises(NotFoundError, match="no snapshot named 'nope'"):
         S.plan_revert(hv, name, "nope")
-    code, _, err = cli(capsys, "snapshot", "delete", name, "nope")
+    code, _, err = cli(hv, capsys, "snapshot", "delete", name, "nope")
     assert code == 1 and "nope" in err and len(err.strip().splitlines()) == 1
 
     xname = lab.define("xmix")
@@ -409,7 +409,7 @@ def test_refusals(
     with pytest.raises(InvalidInputError, match="--disk-only"):
         S.plan_create(hv, qname, "q", external=True, quiesce=True)
     code, _, err = cli(
-        capsys, "snapshot", "create", qname, "q", "--external", "--disk-only", "--quiesce"
+        hv, capsys, "snapshot", "create", qname, "q", "--external", "--disk-only", "--quiesce"
     )
     assert code == 1 and "agent" in err.strip().splitlines()[-1].lower()
     assert set(os.listdir(lab.dir)) == files and S.snapshot_tree(hv, qname).nodes == ()
@@ -432,7 +432,7 @@ def test_internal_revert_after_external_is_refused(system_hv: Hypervisor, lab: S
     take(hv, name, "i1")
     # Mixed by hand with virsh (virtdeck itself refuses to mix).
     subprocess.run(
-        ["virsh", "-c", "qemu:///system", "snapshot-create-as", name, "e1", "--disk-only"],
+        ["virsh", "-c", hv.uri, "snapshot-create-as", name, "e1", "--disk-only"],
         check=True,
         capture_output=True,
     )

@@ -164,9 +164,9 @@ async def test_two_keys_bring_a_running_vm_back(system_hv: Hypervisor, lab: Syst
     hv = system_hv
     name = lab.define("tui")
     hv.start(name)
-    live_write(name, 0x11)
+    live_write(hv, name, 0x11)
     S.create(hv, S.plan_create(hv, name, "good", external=True))
-    live_write(name, 0x66)  # the "broken" disk
+    live_write(hv, name, 0x66)  # the "broken" disk
     app = VirtdeckApp([hv])
     async with app.run_test(size=(150, 50)) as pilot:
         pane = await start(app, pilot, name)

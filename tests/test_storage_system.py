@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -97,21 +96,20 @@ TEMPLATE = VirtdeckMeta(role="template", sealed=True, created="2026-01-01T00:00:
 
 
 @contextlib.contextmanager
-def nbd_export(image: Path, name: str) -> Iterator[int]:
-    """qemu-nbd serving `image` as export `name` on 127.0.0.1 (loopback only)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def nbd_export(image: Path, name: str, sock: Path) -> Iterator[str]:
+    """qemu-nbd serving `image` as export `name` on a unix socket beside it (no network: the
+    chrooted daemon has a network namespace of its own, but sees the image directory)."""
     proc = subprocess.Popen(
-        ["qemu-nbd", "--persistent", "--shared=4", "-x", name, "-b", "127.0.0.1", "-p",
-         str(port), "-f", "raw", str(image)],
+        ["qemu-nbd", "--persistent", "--shared=4", "-x", name, "-k", str(sock), "-f", "raw",
+         str(image)],
     )  # fmt: skip
     try:
-        for _ in range(100):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+        for _ in range(200):
+            if sock.exists():
                 break
             time.sleep(0.05)
-        yield port
+        os.chmod(sock, 0o666)  # QEMU runs as libvirt-qemu on the host's daemon
+        yield str(sock)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -126,10 +124,10 @@ def test_nbd_export_and_same_named_local_file(lab: SystemLab, tmp_path: Path) ->
     os.chmod(victim, 0o640)
     export = lab.dir / "export.raw"
     qemu_img("create", "-q", "-f", "raw", str(export), "16M")
-    with nbd_export(export, "victim") as port:
+    with nbd_export(export, "victim", lab.dir / "nbd.sock") as sock:
         nbd = (
             "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
-            f"<source protocol='nbd' name='victim'><host name='127.0.0.1' port='{port}'/>"
+            f"<source protocol='nbd' name='victim'><host transport='unix' socket='{sock}'/>"
             "</source><target dev='vdb' bus='virtio'/></disk>"
         )
         name, vda = define_with(lab, "nbd", nbd)
@@ -137,14 +135,14 @@ def test_nbd_export_and_same_named_local_file(lab: SystemLab, tmp_path: Path) ->
         refused(hv, "template", "create", name, "--no-seal", "--backup-dir",
                 str(lab.dir / "b"), match="vdb", cwd=cwd)  # fmt: skip
         refused(hv, "snapshot", "create", name, "s1", "--external",
-                match="network disk nbd://127.0.0.1/victim", cwd=cwd)  # fmt: skip
+                match=f"network disk nbd://{sock}/victim", cwd=cwd)  # fmt: skip
         tname, _ = define_with(lab, "tnbd", nbd, meta=TEMPLATE)
         refused(hv, "clone", tname, lab.name("x"), match="network disk", cwd=cwd)
         refused(hv, "clone", tname, lab.name("x"), "--full", match="network disk", cwd=cwd)
         assert not hv.exists(lab.name("x"))
         assert starts(hv, name)  # it started before; it starts after the refusals
         proc = virtdeck(hv, "rm", name, "--storage", cwd=cwd)
-    assert "keep vdb: network disk nbd://127.0.0.1/victim" in proc.stderr
+    assert f"keep vdb: network disk nbd://{sock}/victim" in proc.stderr
     assert proc.stdout.strip() == f"{name}: removed (deleted {vda})"
     assert victim.read_text() == "an operator's unrelated file\n"
     assert victim.stat().st_mode & 0o777 == 0o640 and export.exists()
@@ -399,12 +397,14 @@ print(json.dumps({"results": results, "unchanged": sums() == before,
 
 
 def test_remote_host_commands_touch_no_local_file(
-    lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
 ) -> None:
     """The daemon (reached over qemu+ssh, so another host as far as virtdeck can prove) sees
     the real images; the client runs in a private mount namespace where the same paths hold
     decoys. Every command works through the host's storage pools (and SSH for what libvirt
     cannot do), no decoy changes, and the real files show the work on the host's side."""
+
+    lab = host_lab  # the ssh rig reaches the host's own daemon
     hv = lab.hv
     base = lab.disk("base.qcow2")
     subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", base], check=True,

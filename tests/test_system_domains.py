@@ -1,4 +1,4 @@
-"""Issue 2 on the real libvirtd: a qcow2-backed domain under KVM (or TCG where /dev/kvm is
+"""Issue 2 on the real libvirt daemons: a qcow2-backed domain under KVM (or TCG where /dev/kvm is
 missing, as probed), driven through the CLI and the TUI, and an event from virsh reaching the TUI.
 """
 
@@ -21,45 +21,46 @@ from tui.widgets.domains import DomainsTable
 pytestmark = pytest.mark.system
 
 
-def virtdeck(*args: str) -> subprocess.CompletedProcess[str]:
+def virtdeck(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tui", "-c", "qemu:///system", *args],
+        [sys.executable, "-m", "tui", "-c", uri, *args],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
 
-def virsh(*args: str) -> str:
+def virsh(uri: str, *args: str) -> str:
     return subprocess.run(
-        ["virsh", "-c", "qemu:///system", *args], check=True, capture_output=True, text=True
+        ["virsh", "-c", uri, *args], check=True, capture_output=True, text=True
     ).stdout.strip()
 
 
 def test_cli_lists_starts_and_stops_a_real_domain(lab: SystemLab) -> None:
+    uri = lab.hv.uri
     name = lab.define("cli")
-    listed = json.loads(virtdeck("ls", "--json").stdout)
+    listed = json.loads(virtdeck(uri, "ls", "--json").stdout)
     row = next(d for d in listed if d["name"] == name)
-    assert row["host"] == "qemu:///system"
+    assert row["host"] == uri
     assert row["state"] == "shut off"
     assert row["disks"][0]["format"] == "qcow2"
     assert row["disks"][0]["path"] == str(lab.dir / "cli.qcow2")
     assert len(row["uuid"]) == 36 and row["memory_bytes"] == 128 * 1024**2
 
-    assert virtdeck("start", name).returncode == 0
-    assert virsh("domstate", name) == "running"
-    again = virtdeck("start", name)
+    assert virtdeck(uri, "start", name).returncode == 0
+    assert virsh(uri, "domstate", name) == "running"
+    again = virtdeck(uri, "start", name)
     assert again.returncode == 1
     assert again.stderr.strip() == f"virtdeck: '{name}' is already running"
 
     # No OS in the guest: ACPI is ignored, the CLI says so and exits 1 after its timeout.
-    slow = virtdeck("shutdown", name, "--timeout", "1")
+    slow = virtdeck(uri, "shutdown", name, "--timeout", "1")
     assert slow.returncode == 1
     assert f"virtdeck destroy {name}" in slow.stderr
-    assert virtdeck("destroy", name).returncode == 0
-    assert virsh("domstate", name) == "shut off"
+    assert virtdeck(uri, "destroy", name).returncode == 0
+    assert virsh(uri, "domstate", name) == "shut off"
 
 
-def test_cli_unknown_domain_and_unreachable_uri() -> None:
-    missing = virtdeck("start", "vdt-no-such-domain")
+def test_cli_unknown_domain_and_unreachable_uri(system_hv: Hypervisor) -> None:
+    missing = virtdeck(system_hv.uri, "start", "vdt-no-such-domain")
     assert missing.returncode == 1
     assert missing.stderr.count("\n") == 1 and "no domain named" in missing.stderr
     bad = subprocess.run(
@@ -95,6 +96,7 @@ async def _wait_for(app: VirtdeckApp, pilot: object, name: str, state: DomainSta
 
 
 async def test_tui_starts_and_stops_with_keys(lab: SystemLab, system_hv: Hypervisor) -> None:
+    uri = system_hv.uri
     name = lab.define("tui")
     app = VirtdeckApp([system_hv], shutdown_timeout=1.0)
     async with app.run_test(size=(140, 45)) as pilot:
@@ -104,7 +106,7 @@ async def test_tui_starts_and_stops_with_keys(lab: SystemLab, system_hv: Hypervi
         await pilot.pause()
         await pilot.press("s")
         assert await _wait_for(app, pilot, name, DomainState.RUNNING)
-        assert virsh("domstate", name) == "running"
+        assert virsh(uri, "domstate", name) == "running"
         await pilot.press("d")  # the BIOS-only guest ignores ACPI: virtdeck offers force off
         for _ in range(100):
             await pilot.pause(0.05)
@@ -113,17 +115,18 @@ async def test_tui_starts_and_stops_with_keys(lab: SystemLab, system_hv: Hypervi
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("y")
         assert await _wait_for(app, pilot, name, DomainState.SHUTOFF)
-        assert virsh("domstate", name) == "shut off"
+        assert virsh(uri, "domstate", name) == "shut off"
 
 
 async def test_event_from_virsh_reaches_the_tui(lab: SystemLab, system_hv: Hypervisor) -> None:
+    uri = system_hv.uri
     name = lab.define("event")
     app = VirtdeckApp([system_hv], poll_interval=3600)  # only an event can update the row
     async with app.run_test(size=(140, 45)) as pilot:
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert await _wait_for(app, pilot, name, DomainState.SHUTOFF)
-        virsh("start", name)
+        virsh(uri, "start", name)
         assert await _wait_for(app, pilot, name, DomainState.RUNNING)
-        virsh("destroy", name)
+        virsh(uri, "destroy", name)
         assert await _wait_for(app, pilot, name, DomainState.SHUTOFF)

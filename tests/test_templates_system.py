@@ -1,4 +1,5 @@
-"""Templates and clones on the real libvirtd (qemu:///system) with real images.
+"""Templates and clones on the real libvirt daemons (the host's and the other release's) with
+real images.
 
 The guest disk is built here: an ext4 filesystem (mkfs.ext4 -d) holding what libguestfs'
 inspection needs to call it a Linux root (/etc with hosts and fstab, /bin, /etc/os-release)
@@ -162,7 +163,7 @@ def test_cli_template_create_with_defaults_undefine_then_clone(
     disk = guest_disk(lab, "db.qcow2", tmp_path)
     vm = lab.define("db", disks=[(disk, "qcow2")])
     backups = str(lab.dir / "backups")
-    argv = ["-c", "qemu:///system", "template", "create", vm, "--name", lab.name("tdb"),
+    argv = ["-c", lab.hv.uri, "template", "create", vm, "--name", lab.name("tdb"),
             "--undefine", "--backup-dir", backups]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr()
@@ -174,16 +175,16 @@ def test_cli_template_create_with_defaults_undefine_then_clone(
                                         "cat /etc/machine-id"])  # fmt: skip
     assert keys == "false"
     assert len(machine_id) == 32 and machine_id != GUEST_FILES["etc/machine-id"].strip()
-    assert main(["-c", "qemu:///system", "template", "ls", "--json", "--backup-dir", backups]) == 0
+    assert main(["-c", lab.hv.uri, "template", "ls", "--json", "--backup-dir", backups]) == 0
     listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)}
     assert listed[lab.name("tdb")]["defined"] is False
     assert "machine-id" in listed[lab.name("tdb")]["sealed_operations"]
-    argv = ["-c", "qemu:///system", "clone", lab.name("tdb"), lab.name("app"),
+    argv = ["-c", lab.hv.uri, "clone", lab.name("tdb"), lab.name("app"),
             "--backup-dir", backups]  # fmt: skip
     assert main(argv) == 0
     assert lab.name("app") in lab_domains(lab)
     # The undefined template's base is protected by its backup.
-    argv = ["-c", "qemu:///system", "rm", lab.name("tdb"), "--storage", "--backup-dir", backups]
+    argv = ["-c", lab.hv.uri, "rm", lab.name("tdb"), "--storage", "--backup-dir", backups]
     assert main(argv) == 1
     assert lab.name("app") in capsys.readouterr().err
     assert os.path.exists(disk)

@@ -235,8 +235,8 @@ class VirtdeckApp(App[None]):
 
     def on_host_loaded(self, message: HostLoaded) -> None:
         st = self.hosts.get(message.host)
-        if st is None:
-            return
+        if st is None or not self.screen_stack:
+            return  # a worker's result arriving while the app closes: the screens are gone
         st.refreshing = False
         if message.info is not None:
             st.info = message.info
