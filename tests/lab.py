@@ -15,6 +15,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
@@ -92,6 +93,7 @@ class SystemLab:
 
     def cleanup(self) -> None:
         remove_prefixed(self.hv.conn, self.prefix)
+        remove_pools(self.hv.conn, self.dir)
         remove_tree(self.dir)
         remove_domain_files(self.prefix)
 
@@ -116,6 +118,18 @@ def remove_prefixed(conn: libvirt.virConnect, prefix: str) -> None:
                 | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                 | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
             )
+
+
+def remove_pools(conn: libvirt.virConnect, directory: Path) -> None:
+    """Storage pools virtdeck defined for a lab directory (a remote host's images)."""
+    for pool in conn.listAllStoragePools(0):
+        with contextlib.suppress(libvirt.libvirtError):
+            path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or ""
+            if os.path.normpath(path.strip()) != os.path.normpath(directory):
+                continue
+            if pool.isActive():
+                pool.destroy()
+            pool.undefine()
 
 
 def remove_domain_files(prefix: str) -> None:
@@ -148,5 +162,6 @@ def sweep_stale(conn: libvirt.virConnect) -> None:
         pid = int(prefix.split("-")[1])
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             remove_prefixed(conn, prefix)
+            remove_pools(conn, IMAGES / prefix)
             remove_tree(IMAGES / prefix)
             remove_domain_files(prefix)

@@ -65,6 +65,21 @@ def register(sub: Any) -> None:
     add_plan_options(c)
     c.set_defaults(handler=cmd_create)
 
+    cp = tsub.add_parser(
+        "copy",
+        help="copy a template (base images and definition) to another hypervisor",
+    )
+    cp.add_argument("template", metavar="TEMPLATE")
+    cp.add_argument("--to", required=True, metavar="URI", help="the target hypervisor's URI")
+    cp.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="directory on the target (default: its pool 'default', else its first dir pool)",
+    )
+    cp.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    add_plan_options(cp)
+    cp.set_defaults(handler=cmd_copy)
+
     ls = tsub.add_parser("ls", help="list templates, their base images and clones")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
@@ -119,7 +134,7 @@ def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     ops = None
     if args.operations is not None:
         ops = [o for o in args.operations.split(",")]
-    sysprep = templates.Sysprep()
+    sysprep = templates.sysprep_for(hv) if not args.no_seal else templates.Sysprep()
     plan = templates.plan_template(
         hv,
         args.vm,
@@ -151,18 +166,39 @@ def _find_template(hypervisors: list[Hypervisor], name: str, backup_dir: Path | 
     for hv in hypervisors:
         if hv.exists(name):
             return hv
-    if any(b.name == name for b in templates.backup_templates(backup_dir)):
-        return hypervisors[0]
+    for hv in hypervisors:
+        if any(b.name == name for b in templates.backup_templates(backup_dir, hv)):
+            return hv
     where = ", ".join(hv.uri for hv in hypervisors)
     raise NotFoundError(f"no template named '{name}' on {where} ('virtdeck template ls')")
 
 
+def cmd_copy(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    from tui.core import transfer
+
+    source = _find_template(hypervisors, args.template, args.backup_dir)
+    target = next((hv for hv in hypervisors if hv.uri == args.to), None)
+    opened = target is None
+    if target is None:
+        target = Hypervisor.open(args.to)
+    try:
+        plan = transfer.plan_template_copy(
+            source, target, args.template, directory=args.dir, backup_dir=args.backup_dir
+        )
+        return carry_out(
+            args,
+            plan,
+            lambda: transfer.execute_template_copy(source, target, plan, stderr_progress),
+            lambda name: [f"{name}: copied to {plan.target_host} ({plan.directory})"],
+            result_key="template",
+        )
+    finally:
+        if opened:
+            target.close()
+
+
 def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    found = [
-        t
-        for i, hv in enumerate(hypervisors)
-        for t in templates.list_templates(hv, args.backup_dir, include_backups=i == 0)
-    ]
+    found = [t for hv in hypervisors for t in templates.list_templates(hv, args.backup_dir)]
     if args.json:
         print_json([t.to_json() for t in found])
         return 0
@@ -221,9 +257,7 @@ def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     try:
         hv = find_domain(hypervisors, args.name)
     except NotFoundError:
-        if not any(b.name == args.name for b in templates.backup_templates(args.backup_dir)):
-            raise
-        hv = hypervisors[0]
+        hv = _find_template(hypervisors, args.name, args.backup_dir)
     plan = clones.plan_remove(hv, args.name, storage=args.storage, backup_dir=args.backup_dir)
     return carry_out(
         args,

@@ -40,7 +40,7 @@ from tui.core.models import DiskInfo, VirtdeckMeta
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import snapshot_tree
 from tui.core.snapshots.common import snapshot_xml
-from tui.core.storage import Chain, LocalFiles, Resolver, require_local
+from tui.core.storage import Chain, Resolver, files_for
 from tui.core.storage.local import remove_private
 from tui.core.storage.qemuimg import QemuImg
 from tui.core.templates import (
@@ -99,6 +99,7 @@ class ClonePlan(ops.PlanDefaults):
     items: tuple[CloneItem, ...]
     bytes_needed: int
     bytes_free: int | None  # on the emptiest target filesystem
+    notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -146,6 +147,7 @@ class ClonePlan(ops.PlanDefaults):
         lines.append(f"space needed: {_size(self.bytes_needed)}"
                      + (f" of {_size(self.bytes_free)} free" if self.bytes_free is not None
                         else ""))  # fmt: skip
+        lines.extend(self.notes)
         if self.start:
             lines.append("start every clone afterwards")
         if not self.sealed:
@@ -164,6 +166,7 @@ class ClonePlan(ops.PlanDefaults):
             "items": [i.to_json() for i in self.items],
             "bytes_needed": self.bytes_needed,
             "bytes_free": self.bytes_free,
+            "notes": list(self.notes),
             "warnings": [r.to_json() for r in self.warnings],
         }
 
@@ -245,7 +248,7 @@ def plan_clone(
     rng: random.Random | None = None,
 ) -> ClonePlan:
     """Validate and describe the clones; nothing is written."""
-    files = LocalFiles(hv, "clone", qemu_img=qemu)
+    files = files_for(hv, "clone", qemu_img=qemu)
     rng = rng or random.SystemRandom()
     names = clone_names(name, count)
     xml, defined = template_xml(hv, template, backup_dir)
@@ -267,7 +270,7 @@ def plan_clone(
     if directory is not None and not files.is_dir(str(directory)):
         raise InvalidInputError(f"--dir {directory} is not a directory")
     bases = _check_disks(template, domxml.disks(troot))
-    resolver = Resolver(hv, qemu_img=qemu)
+    resolver = Resolver(hv, qemu_img=qemu, ssh=True)
     chains: dict[str, Chain] = {}
     for disk in bases:
         assert disk.path is not None
@@ -295,7 +298,7 @@ def plan_clone(
                 measured[disk.path] = files.measure(disk.path, disk.format or "qcow2")
     mode = "full" if full else "thin"
     nvram = clonexml.nvram_path(troot)
-    nvram_bytes = os.stat(nvram).st_size if nvram and os.path.isfile(nvram) else None
+    nvram_bytes = files.file_size(nvram) if nvram else None
     taken_macs = _all_macs(hv)
     taken_files: set[str] = set()
     items = []
@@ -362,6 +365,7 @@ def plan_clone(
         items=tuple(items),
         bytes_needed=sum(needed_by_dev.values()),
         bytes_free=min(free.values()) if free else None,
+        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks])),
     )
 
 
@@ -377,7 +381,7 @@ def execute_clone(
     Starting (when asked) comes last: a clone that fails to start stays defined and is named in
     the error, since its disks and definition are complete.
     """
-    files = LocalFiles(hv, "clone", qemu_img=qemu)
+    files = files_for(hv, "clone", qemu_img=qemu)
     for item in plan.items:
         if hv.exists(item.name):
             raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
@@ -489,6 +493,7 @@ class RemovePlan(ops.DestructivePlanDefaults):
     snapshots: tuple[str, ...] = ()  # its snapshots, forgotten with it
     kept: tuple[tuple[str, str], ...] = ()  # (path, why) for files of its chains that stay
     foreign: tuple[str, ...] = ()  # its disks that are not image files, described
+    notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined)
     ask: bool = False  # the confirmation asks whether its files go too (the dashboard's x)
 
     @property
@@ -530,6 +535,7 @@ class RemovePlan(ops.DestructivePlanDefaults):
         lines.extend(f"keep {p}" + (f" ({why[p]})" if p in why else "") for p in self.kept_files)
         lines.extend(f"keep {d} (not an image file: virtdeck never deletes it)"
                      for d in self.foreign)  # fmt: skip
+        lines.extend(self.notes)
         return lines
 
 
@@ -547,8 +553,7 @@ def plan_remove(
     any other domain, template backup or image beside them still reads, and minus read-only
     bases under its own disks.
     """
-    if storage:
-        require_local(hv, "rm --storage")
+    files = files_for(hv, "rm --storage") if storage else None
     backup: str | None = None
     if hv.exists(name):
         info = hv.domain(name)
@@ -563,7 +568,7 @@ def plan_remove(
         if is_template and info.meta.xml_backup and os.path.isfile(info.meta.xml_backup):
             backup = info.meta.xml_backup
     else:
-        found = [b for b in backup_templates(backup_dir) if b.name == name]
+        found = [b for b in backup_templates(backup_dir, hv) if b.name == name]
         if not found:
             raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
         disks = domxml.disks(found[0].root)
@@ -574,7 +579,7 @@ def plan_remove(
     )
     images = [d.path for d in own if d.path]
     graph = storage_graph(hv, backup_dir)
-    if not hv.local and graph.problems:
+    if not graph.resolver.reads_host and graph.problems:
         raise OperationError(
             f"cannot tell which domains on {hv.uri} depend on the images of '{name}' "
             f"({graph.problems[0]}); nothing was changed"
@@ -592,8 +597,8 @@ def plan_remove(
     snapshots, roots, memory = _snapshot_files(hv, name) if defined else ((), [], [])
     freed = graph.freed(images + roots, exclude=name, own_tops=images, read_only_is_shared=True)
     delete = list(freed.delete)
-    if hv.local:
-        delete += [m for m in memory if m not in delete and LocalFiles.lexists(m)]
+    if files is not None:
+        delete += [m for m in memory if m not in delete and files.lexists(m)]
     kept = [p for p, _ in freed.kept]
     if not storage:
         kept = delete + kept
@@ -611,6 +616,7 @@ def plan_remove(
         snapshots,
         kept=freed.kept,
         foreign=foreign,
+        notes=tuple(files.pool_notes(delete)) if files is not None and delete else (),
     )
 
 
@@ -650,7 +656,7 @@ def execute_remove(
     """Undefine, then delete the files the plan lists (never a backing file another domain
     reads); returns the files it deleted. Checks the dependents again: a clone made since the
     plan must not lose its base."""
-    files = LocalFiles(hv, "rm --storage") if plan.delete_files else None
+    files = files_for(hv, "rm --storage") if plan.delete_files else None
     paths = list(dict.fromkeys(plan.images + plan.delete_files))
     if paths and (plan.storage or plan.is_template):
         users = storage_graph(hv, backup_dir).users(paths, exclude=plan.name)

@@ -139,6 +139,7 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         mode=elem.findtext(f"{{{NS}}}mode"),
         xml_backup=elem.findtext(f"{{{NS}}}xml-backup"),
         complete=elem.get("complete") != "no",
+        host=elem.findtext(f"{{{NS}}}host"),
     )
 
 
@@ -156,6 +157,7 @@ def meta_xml(meta: VirtdeckMeta) -> str:
         ("mode", meta.mode),
         ("xml-backup", meta.xml_backup),
         ("operations", ",".join(meta.operations) if meta.operations else None),
+        ("host", meta.host),
     ):
         if value:
             ET.SubElement(elem, tag).text = value

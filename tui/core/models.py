@@ -127,6 +127,7 @@ class VirtdeckMeta:
     mode: str | None = None  # clone: "thin" or "full"
     xml_backup: str | None = None
     complete: bool = True  # clone: False until its disks are whole (a crash mid-copy)
+    host: str | None = None  # template: the hypervisor it was made on (tui.core.templates.host_key)
 
 
 @dataclass(frozen=True)

@@ -396,9 +396,9 @@ def _undefine(hv: Hypervisor, uuid: str, name: str, keep_nvram: bool = False) ->
 
 
 def _delete_file(hv: Hypervisor, path: str) -> None:
-    from tui.core.storage import LocalFiles
+    from tui.core.storage import files_for
 
-    LocalFiles(hv, "undo").delete(path)
+    files_for(hv, "undo", define_pools=False).delete(path)
 
 
 def _define(hv: Hypervisor, xml: str) -> None:
@@ -407,9 +407,9 @@ def _define(hv: Hypervisor, xml: str) -> None:
 
 
 def _restore_mode(hv: Hypervisor, path: str, mode: int) -> None:
-    from tui.core.storage import LocalFiles
+    from tui.core.storage import files_for
 
-    files = LocalFiles(hv, "undo")
+    files = files_for(hv, "undo", define_pools=False)
     if files.lexists(path):
         files.restore_mode(path, mode)
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -33,6 +34,7 @@ from tui.core.errors import (
     NotFoundError,
     OperationError,
     StateError,
+    VirtdeckError,
 )
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.models import DiskInfo, DomainInfo, DomainState, VirtdeckMeta
@@ -40,11 +42,10 @@ from tui.core.paths import template_backup_dir
 from tui.core.progress import Progress, no_progress
 from tui.core.storage import (
     ImageUser,
-    LocalFiles,
     Owner,
     Resolver,
     StorageGraph,
-    require_local,
+    files_for,
 )
 from tui.core.storage.local import write_private
 from tui.core.storage.qemuimg import last_line
@@ -75,9 +76,16 @@ def run_streaming(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
 class Sysprep:
     """virt-sysprep with an injectable runner (a test forces its failure)."""
 
-    def __init__(self, runner: LineRunner | None = None, binary: str = "virt-sysprep") -> None:
+    def __init__(
+        self,
+        runner: LineRunner | None = None,
+        binary: str = "virt-sysprep",
+        *,
+        remote: bool = False,
+    ) -> None:
         self.runner = runner or run_streaming
         self.binary = binary
+        self.remote = remote  # it runs on another host: this process's environment is not its
         self._operations: dict[str, bool] | None = None
 
     def _run(self, argv: Sequence[str], on_line: Callable[[str], None]) -> int:
@@ -136,7 +144,9 @@ class Sysprep:
         if (
             status != 0
             and _appliance_failed(lines)
-            and "force_tcg" not in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
+            and (
+                self.remote or "force_tcg" not in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
+            )
         ):
             # libguestfs' appliance VM cannot start under KVM on some hosts (nested
             # virtualisation, as on these CI machines). It failed before touching the image, so
@@ -151,6 +161,18 @@ class Sysprep:
         if status != 0:
             why = last_line("\n".join(lines))
             raise OperationError(f"virt-sysprep failed (exit {status}): {why}")
+
+
+def sysprep_for(hv: Hypervisor, sysprep: Sysprep | None = None) -> Sysprep:
+    """virt-sysprep where the images are: here, or on the hypervisor over the SSH target of
+    its qemu+ssh URI (refused with the reason on a transport without SSH)."""
+    if sysprep is not None:
+        return sysprep
+    if hv.local:
+        return Sysprep()
+    from tui.core.storage.remote import run_on_host
+
+    return Sysprep(runner=run_on_host(hv), remote=True)
 
 
 _TCG_ENV = ("env", "LIBGUESTFS_BACKEND=direct", "LIBGUESTFS_BACKEND_SETTINGS=force_tcg")
@@ -182,10 +204,10 @@ def foreign_disks(disks: Iterable[DiskInfo]) -> list[DiskInfo]:
     ]
 
 
-def backup_owners(backup_dir: Path | None = None) -> list[Owner]:
-    """Templates known only from their XML backups, as owners of images."""
+def backup_owners(backup_dir: Path | None = None, hv: Hypervisor | None = None) -> list[Owner]:
+    """Templates known only from their XML backups (of `hv`), as owners of images."""
     return [
-        Owner(b.name, domxml.disks(b.root), defined=False) for b in backup_templates(backup_dir)
+        Owner(b.name, domxml.disks(b.root), defined=False) for b in backup_templates(backup_dir, hv)
     ]
 
 
@@ -193,7 +215,11 @@ def storage_graph(
     hv: Hypervisor, backup_dir: Path | None = None, resolver: Resolver | None = None
 ) -> StorageGraph:
     """Every domain of `hv` and every template backup, with their chains."""
-    return StorageGraph.read(hv, resolver=resolver, extra_owners=backup_owners(backup_dir))
+    return StorageGraph.read(
+        hv,
+        resolver=resolver or Resolver(hv, ssh=True),
+        extra_owners=backup_owners(backup_dir, hv),
+    )
 
 
 def image_users(
@@ -272,8 +298,31 @@ class BackupTemplate:
     root: Any  # ET.Element of the backed-up domain XML
 
 
-def backup_templates(backup_dir: Path | None = None) -> list[BackupTemplate]:
-    """The template XML backups in the backup directory (defined or not)."""
+def host_key(hv: Hypervisor) -> str:
+    """Which hypervisor a template backup belongs to: a system daemon by its host name (so
+    qemu:///system and qemu+ssh://that-host/system are one), any other by its URI."""
+    found = _host_keys.get(hv.uri)
+    if found is not None:
+        return found
+    if urlsplit(hv.uri).path.rstrip("/") != "/system":
+        return hv.uri
+    try:
+        found = _host_keys[hv.uri] = f"system@{hv.call(hv.conn.getHostname)}"
+    except VirtdeckError:
+        return hv.uri  # not cached: asked again once the host answers
+    return found
+
+
+_host_keys: dict[str, str] = {}  # a URI's host name does not change while virtdeck runs
+
+
+def backup_templates(
+    backup_dir: Path | None = None, hv: Hypervisor | None = None
+) -> list[BackupTemplate]:
+    """The template XML backups in the backup directory (defined or not); with `hv`, only
+    those of that hypervisor (a backup from before hosts were recorded belongs to the
+    hypervisors of this machine)."""
+    key = host_key(hv) if hv is not None else None
     directory = Path(backup_dir) if backup_dir is not None else template_backup_dir()
     out = []
     for path in sorted(directory.glob("*.xml")):
@@ -282,8 +331,12 @@ def backup_templates(backup_dir: Path | None = None) -> list[BackupTemplate]:
         except (OSError, domxml.ET.ParseError):
             continue
         name = root.findtext("name")
-        if name and domxml.read_meta(root).role == "template":
-            out.append(BackupTemplate(name, path, root))
+        meta = domxml.read_meta(root)
+        if not name or meta.role != "template":
+            continue
+        if hv is not None and (meta.host != key if meta.host else not hv.local):
+            continue
+        out.append(BackupTemplate(name, path, root))
     return out
 
 
@@ -296,7 +349,7 @@ def template_xml(hv: Hypervisor, name: str, backup_dir: Path | None = None) -> t
                 f"'{name}' is not a template; make one with 'virtdeck template create {name}'"
             )
         return xml, True
-    for backup in backup_templates(backup_dir):
+    for backup in backup_templates(backup_dir, hv):
         if backup.name == name:
             return domxml.to_string(backup.root), False
     raise NotFoundError(
@@ -340,7 +393,7 @@ def list_templates(
         if d.is_template:
             found.append((d.name, True, d.meta.xml_backup, d.meta, d.disks))
     if include_backups:
-        for backup in backup_templates(backup_dir):
+        for backup in backup_templates(backup_dir, hv):
             if backup.name not in names:
                 meta = domxml.read_meta(backup.root)
                 found.append(
@@ -481,7 +534,6 @@ def plan_template(
     sysprep: Sysprep | None = None,
 ) -> TemplatePlan:
     """Check everything before anything changes; the plan says what execute_template() does."""
-    require_local(hv, "template create")
     info = hv.domain(vm)
     if info.is_template:
         raise StateError(f"'{vm}' is already a template")
@@ -507,7 +559,7 @@ def plan_template(
             "detach it or make the template by hand"
         )
     images = []
-    resolver = Resolver(hv)
+    resolver = Resolver(hv, ssh=True)
     for disk in own_images(info.disks):
         assert disk.path is not None
         chain = resolver.chain(disk.path, disk.format)
@@ -528,7 +580,7 @@ def plan_template(
     if operations is not None and not seal:
         raise InvalidInputError("--operations only makes sense when sealing (drop --no-seal)")
     if seal:
-        known = (sysprep or Sysprep()).operations()
+        known = sysprep_for(hv, sysprep).operations()
         if operations is not None:
             ops = tuple(o.strip() for o in operations if o.strip())
             if not ops:
@@ -616,7 +668,7 @@ def execute_template(
     sealing, the rename, metadata, backup, file modes and undefine are undone (the sealing
     itself cannot be, and the VM stays shut off); a crash leaves a journal `virtdeck recover`
     rolls back."""
-    files = LocalFiles(hv, "template create")
+    files = files_for(hv, "template create")
     done, progress = progress, ops.cancellable(progress)
     dom = hv.lookup(plan.vm)
     if dom.UUIDString() != plan.uuid:
@@ -632,9 +684,10 @@ def execute_template(
             _shut_down(hv, plan, progress)
             if plan.seal:
                 progress(f"sealing '{plan.vm}' with virt-sysprep", None)
-                (sysprep or Sysprep()).seal(
+                sysprep_for(hv, sysprep).seal(
                     uri=hv.uri,
-                    domain=plan.vm if hv.uri.startswith("qemu") else None,
+                    # On another host virt-sysprep runs there, on the image files (-a).
+                    domain=plan.vm if hv.local and hv.uri.startswith("qemu") else None,
                     images=plan.images,
                     operations=plan.operations if plan.chosen_operations else None,
                     progress=progress,
@@ -652,6 +705,7 @@ def execute_template(
                 operations=plan.operations if plan.seal else (),
                 sealed=plan.seal,
                 xml_backup=plan.backup_path,
+                host=host_key(hv),
             )
             hv.call(
                 dom.setMetadata,

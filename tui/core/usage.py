@@ -191,7 +191,7 @@ class UsageCollector:
         backups: BackupSource | None = None,
     ) -> None:
         self.hv = hv
-        self.backups = backups or saved_templates
+        self.backups = backups or (lambda: saved_templates(hv))
         self.resolver = Resolver(hv, qemu_img=qemu_img, reader=reader, local=local)
         self._lock = threading.Lock()
 
@@ -217,12 +217,12 @@ class UsageCollector:
             return _Refresh(self, list(self.hv.domains() if domains is None else domains)).run()
 
 
-def saved_templates() -> list[tuple[str, tuple[DiskInfo, ...]]]:
-    """The templates virtdeck keeps an XML backup of (see tui.core.templates)."""
+def saved_templates(hv: Hypervisor | None = None) -> list[tuple[str, tuple[DiskInfo, ...]]]:
+    """The templates virtdeck keeps an XML backup of (of `hv`; see tui.core.templates)."""
     from tui.core.templates import backup_templates
 
     try:
-        return [(b.name, domxml.disks(b.root)) for b in backup_templates()]
+        return [(b.name, domxml.disks(b.root)) for b in backup_templates(hv=hv)]
     except OSError:
         return []
 

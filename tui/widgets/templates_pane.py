@@ -1,5 +1,6 @@
 """The Templates pane: every template with its base images, sizes, seal and clones, and the
-keys that make a template (T), deploy clones (c) and delete a domain (x).
+keys that make a template (T), deploy clones (c), delete a domain (x) and copy the
+highlighted template to the next connected host (y).
 
 The list comes from tui.core.templates.list_templates in a thread worker; it is reloaded when
 the inventory's shape changes (names, roles, disks) and at most every RELOAD_SECONDS otherwise,
@@ -127,6 +128,7 @@ class TemplatesPane(Pane):
         Binding("T", "pane('templates', 'make')", "Make template", id="template.make"),
         Binding("c", "pane('templates', 'deploy')", "Deploy", id="template.deploy"),
         Binding("x", "pane('templates', 'delete')", "Delete VM", id="template.delete"),
+        Binding("y", "pane('templates', 'copy')", "Copy to host", id="template.copy"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -191,12 +193,9 @@ class TemplatesPane(Pane):
     def _load(self, hypervisors: list[Hypervisor]) -> None:
         # Hosts in parallel with a deadline: one that hangs now is left out of this load (the
         # inventory refresh reports it), not waited on.
-        first = hypervisors[0].uri if hypervisors else ""
         result = on_each(
             hypervisors,
-            lambda hv: templates.list_templates(
-                hv, self.backup_dir, include_backups=hv.uri == first
-            ),
+            lambda hv: templates.list_templates(hv, self.backup_dir),  # backups keyed by host
             timeout=max((hv.timeout for hv in hypervisors), default=10.0),
         )
         found = [t for hv in hypervisors for t in result.answers.get(hv.uri, [])]
@@ -312,6 +311,20 @@ class TemplatesPane(Pane):
 
         self.app.push_screen(DeployScreen(name, sealed=sealed), answered)
 
+    def action_copy(self) -> None:
+        """Copy the highlighted template to the next other host (the plan names it)."""
+        t = self.highlighted()
+        if t is None:
+            self.notify("select a template in this pane", severity="warning")
+            return
+        uris = [hv.uri for hv in self.vapp.hypervisors]
+        others = [u for u in uris[uris.index(t.host) + 1 :] + uris if u != t.host]
+        if not others:
+            self.notify("only one host is connected: nowhere to copy to", severity="warning")
+            return
+        if self._begin():
+            self._plan_copy(self.hypervisor(t.host), self.hypervisor(others[0]), t.name)
+
     def action_delete(self) -> None:
         info = self.selected
         if info is None:
@@ -378,6 +391,13 @@ class TemplatesPane(Pane):
             allow_unsealed=request.allow_unsealed,
             backup_dir=self.backup_dir,
         )
+        self.post_message(Planned(plan))
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="copy plan")
+    def _plan_copy(self, source: Hypervisor, target: Hypervisor, template: str) -> None:
+        from tui.core import transfer
+
+        plan = transfer.plan_template_copy(source, target, template, backup_dir=self.backup_dir)
         self.post_message(Planned(plan))
 
     @work(thread=True, exit_on_error=False, group="templates-op", description="remove plan")

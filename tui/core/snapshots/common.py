@@ -20,7 +20,7 @@ from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.models import DiskInfo, DiskKind, DomainState
 from tui.core.progress import Progress
 from tui.core.snapshots.tree import SnapshotTree, snapshot_tree
-from tui.core.storage import LocalFiles, StorageGraph
+from tui.core.storage import Files, Resolver, StorageGraph
 from tui.core.templates import backup_owners
 
 
@@ -60,7 +60,7 @@ def state(hv: Hypervisor, domain: str) -> DomainState:
 
 def graph(hv: Hypervisor) -> StorageGraph:
     """Every domain's and template backup's chains, read now."""
-    return StorageGraph.read(hv, extra_owners=backup_owners())
+    return StorageGraph.read(hv, resolver=Resolver(hv, ssh=True), extra_owners=backup_owners(hv=hv))
 
 
 def unneeded(g: StorageGraph, domain: str, before: Iterable[str], keep: Iterable[str]) -> list[str]:
@@ -92,7 +92,7 @@ def used_elsewhere(
 
 
 def collect(
-    hv: Hypervisor, files: LocalFiles, domain: str, paths: Iterable[str], progress: Progress
+    hv: Hypervisor, files: Files, domain: str, paths: Iterable[str], progress: Progress
 ) -> list[str]:
     """Remove files planned as unneeded, checking again that nothing uses them now."""
     paths = list(paths)

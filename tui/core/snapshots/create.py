@@ -26,7 +26,7 @@ from tui.core.snapshots.tree import (
     SnapshotNode,
     snapshot_tree,
 )
-from tui.core.storage import LocalFiles
+from tui.core.storage import LocalFiles, files_for
 
 
 @dataclass(frozen=True)
@@ -200,8 +200,8 @@ def create(hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress) -
     dom = hv.lookup(plan.domain)
     progress(f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'", None)
     made = [o for _, _, o in plan.overlays] + ([plan.memory_file] if plan.memory_file else [])
-    files = LocalFiles(hv, "snapshot create") if hv.local else None
-    existed = {p for p in made if files and files.lexists(p)}
+    files = files_for(hv, "snapshot create", define_pools=False)
+    existed = {p for p in made if files.lexists(p)}
     try:
         hv.call(
             dom.snapshotCreateXML,
@@ -212,9 +212,8 @@ def create(hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress) -
     except VirtdeckError:
         # ATOMIC: libvirt put the disks back; remove what it may have left (only files that
         # did not exist before the call), unless in use.
-        if files is not None:
-            in_use = set(common.own_image_paths(hv, plan.domain)) | existed
-            files.delete_quietly([p for p in made if p not in in_use], progress)
+        in_use = set(common.own_image_paths(hv, plan.domain)) | existed
+        files.delete_quietly([p for p in made if p not in in_use], progress)
         raise
     finally:
         hv.invalidate(dom.UUIDString())

@@ -29,7 +29,7 @@ from tui.core.snapshots.tree import (
     libvirt_handles_external,
     snapshot_tree,
 )
-from tui.core.storage import LocalFiles, require_local
+from tui.core.storage import Files, files_for
 from tui.core.storage.qemuimg import QemuImg
 
 _COMMIT_TIMEOUT = 600.0
@@ -105,11 +105,12 @@ def plan_delete(
         method = "libvirt"
     else:
         method = "virtdeck"
-        require_local(hv, f"deleting external snapshot '{name}' (libvirt on this host cannot)")
         # Validate the first step now so refusals come before any change, and show it.
         step = _plan_delete_one(hv, domain, tree.get(names[0]), tree)
         notes += [f"merge {c.overlay} into {c.image}" for c in step.commits]
         notes += list(step.kept)
+        files = files_for(hv, f"deleting external snapshot '{name}'", define_pools=False)
+        notes += files.pool_notes([c.overlay for c in step.commits])
     return DeletePlan(
         host=hv.uri,
         domain=domain,
@@ -154,7 +155,7 @@ def delete(
                 what=f"deleting snapshot '{plan.snapshot}' of '{plan.domain}'",
             )
         else:
-            files = LocalFiles(
+            files = files_for(
                 hv,
                 f"deleting external snapshot '{plan.snapshot}' (libvirt on this host cannot)",
                 qemu_img=qemu_img,
@@ -256,7 +257,7 @@ def _plan_delete_one(
     )
 
 
-def _delete_one(hv: Hypervisor, step: _DeleteStep, files: LocalFiles, progress: Progress) -> None:
+def _delete_one(hv: Hypervisor, step: _DeleteStep, files: Files, progress: Progress) -> None:
     dom = hv.lookup(step.domain)
     for note in step.kept:
         progress(note, None)

@@ -39,7 +39,7 @@ from tui.core.snapshots.tree import (
     libvirt_handles_external,
     snapshot_tree,
 )
-from tui.core.storage import LocalFiles
+from tui.core.storage import Files, files_for
 from tui.core.storage.qemuimg import QemuImg
 
 
@@ -67,6 +67,7 @@ class RevertPlan(ops.DestructivePlanDefaults):
     start_after: bool = False
     lost: tuple[str, ...] = ()
     domain_xml: str = ""  # virtdeck method: the definition to switch to
+    notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined)
 
     @property
     def title(self) -> str:
@@ -88,6 +89,7 @@ class RevertPlan(ops.DestructivePlanDefaults):
         lines += [f"lost: {x}" for x in self.lost]
         for s in self.switches:
             lines.append(f"{s.target}: new overlay {s.overlay} on {s.image}")
+        lines += list(self.notes)
         return lines
 
 
@@ -165,7 +167,7 @@ def plan_revert(
             start_after=start_after,
             lost=tuple(_lost_lines(domain, state, tree, ())),
         )
-    files = LocalFiles(
+    files = files_for(
         hv, f"reverting external snapshot '{name}' (libvirt on this host cannot)", qemu_img=qemu_img
     )
     return _plan_revert_external(hv, files, domain, node, tree, state)
@@ -187,7 +189,7 @@ def _revert_discards(tree: SnapshotTree, disks: dict[str, DiskInfo]) -> list[str
 
 def _plan_revert_external(
     hv: Hypervisor,
-    files: LocalFiles,
+    files: Files,
     domain: str,
     node: SnapshotNode,
     tree: SnapshotTree,
@@ -270,6 +272,7 @@ def _plan_revert_external(
         start_after=start_after,
         lost=tuple(_lost_lines(domain, state, tree, discard)),
         domain_xml=ET.tostring(new_dom, encoding="unicode"),
+        notes=tuple(files.pool_notes([s.overlay for s in switches])),
     )
 
 
@@ -287,7 +290,7 @@ def revert(
             progress(f"reverting '{plan.domain}' to '{plan.snapshot}'", None)
             _libvirt_revert(hv, dom, plan, snap)
         else:
-            files = LocalFiles(
+            files = files_for(
                 hv,
                 f"reverting external snapshot '{plan.snapshot}' (libvirt on this host cannot)",
                 qemu_img=qemu_img,
@@ -319,9 +322,7 @@ def _libvirt_revert(hv: Hypervisor, dom: object, plan: RevertPlan, snap: object)
         time.sleep(1.05 - time.time() % 1.0)
 
 
-def _revert_external(
-    hv: Hypervisor, plan: RevertPlan, progress: Progress, files: LocalFiles
-) -> None:
+def _revert_external(hv: Hypervisor, plan: RevertPlan, progress: Progress, files: Files) -> None:
     dom = hv.lookup(plan.domain)
     old_xml = str(
         hv.call(

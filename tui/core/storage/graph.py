@@ -12,14 +12,16 @@ of anything (its source string may name an unrelated local file).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import libvirt
 
 from tui.core import domxml
-from tui.core.errors import NotFoundError
+from tui.core.errors import NotFoundError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DiskInfo, DiskKind
 from tui.core.storage.resolver import Chain, Pass, Resolver
@@ -151,6 +153,7 @@ class StorageGraph:
         """Also know the images lying in these directories of this machine (overlays made by
         hand or by other tools): a file whose chain reaches an image keeps it alive."""
         if not self.resolver.local:
+            self._scan_pools(directories)
             return
         for directory in directories:
             if directory in self._scanned:
@@ -165,6 +168,31 @@ class StorageGraph:
                     path = self.canonical(entry.path)
                     if path not in self._loose:
                         self._loose[path] = self.session.chain(entry.path)
+
+    def _scan_pools(self, directories: Iterable[str]) -> None:
+        """On another host: the volumes of the pools that are these directories."""
+        hv = self.resolver.hv
+        wanted = {os.path.normpath(d) for d in directories} - self._scanned
+        if not wanted:
+            return
+        self._scanned |= wanted
+        try:
+            pools = hv.call(
+                hv.conn.listAllStoragePools, libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE
+            )
+            for pool in pools:
+                root = ET.fromstring(hv.call(pool.XMLDesc, 0))
+                target = root.findtext("target/path")
+                if not target or os.path.normpath(target.strip()) not in wanted:
+                    continue
+                with contextlib.suppress(VirtdeckError):
+                    hv.call(pool.refresh, 0)
+                for vol in hv.call(pool.listAllVolumes, 0):
+                    path = self.canonical(hv.call(vol.path))
+                    if path not in self._loose:
+                        self._loose[path] = self.session.chain(path)
+        except VirtdeckError:
+            return  # the chains of the domains still protect what they use
 
     def children(self, path: str) -> set[str]:
         """Known images whose backing file is `path`."""
@@ -235,7 +263,7 @@ class StorageGraph:
                     changed = True
         delete = []
         for path in order:
-            if path in candidates and self._is_local_file(path):
+            if path in candidates and self._deletable(path):
                 delete.append(path)
         kept = tuple((p, why[p]) for p in order if p in why and self._exists(p))
         return Freed(tuple(delete), kept)
@@ -243,6 +271,10 @@ class StorageGraph:
     def _exists(self, path: str) -> bool:
         return self.session.image(path).known
 
-    def _is_local_file(self, path: str) -> bool:
+    def _deletable(self, path: str) -> bool:
+        """An image file of this hypervisor: read here when it is this machine; a pool
+        volume or a file qemu-img read over SSH on another host (never a block-stats guess)."""
         img = self.session.image(path)
-        return img.known and img.source in ("file", "qemu-img")
+        if self.resolver.local:
+            return img.known and img.source in ("file", "qemu-img")
+        return img.known and img.source in ("pool", "ssh")

@@ -73,6 +73,15 @@ class LocalFiles:
         return stat.S_IMODE(_regular(path, self.operation).st_mode)
 
     @staticmethod
+    def file_size(path: str) -> int | None:
+        return os.stat(path).st_size if os.path.isfile(path) else None
+
+    @staticmethod
+    def pool_notes(paths: object) -> list[str]:
+        """Nothing to tell: local image directories need no storage pool."""
+        return []
+
+    @staticmethod
     def free_bytes(directory: str) -> int:
         st = os.statvfs(directory)
         return st.f_bavail * st.f_frsize

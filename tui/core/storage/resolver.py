@@ -9,7 +9,10 @@ hypervisor:
    XML's backingStore and permissions): the same numbers for a `qemu+ssh://` host, with no
    local file access;
 3. a running domain's bulk block stats with their backing chains (one getAllDomainStats call
-   per pass), for images no pool knows about.
+   per pass), for images no pool knows about;
+4. for an operation on another host reached over SSH (`ssh=True`): `qemu-img info -U
+   --backing-chain` run there (tui.core.storage.remote), one call per chain, for images
+   outside any pool (an operation must know every chain before it deletes or shares a base).
 An image none of them knows is returned with source "missing", sizes None and the reason.
 
 Identity: `canonical()` gives one spelling per image (the real path on this machine, a
@@ -82,9 +85,18 @@ class Resolver:
         qemu_img: QemuImg | None = None,
         reader: ImageReader | None = None,
         local: bool | None = None,
+        ssh: bool = False,
     ) -> None:
         self.hv = hv
         self.local = hv.local if local is None else local
+        self._ssh_qemu_img: QemuImg | None = None
+        if ssh and not self.local:
+            from tui.core.storage.remote import Ssh, ssh_target
+
+            target = ssh_target(hv.uri)
+            if target is not None:
+                self._ssh_qemu_img = QemuImg(runner=Ssh(target).run)
+        self._ssh_images: dict[str, Image] = {}
         self.reader = reader or ImageReader(qemu_img)
         self._vol_xml: dict[tuple[str, int], _VolumeFacts] = {}
         self._canonical: dict[str, str] = {}
@@ -163,6 +175,40 @@ class Resolver:
             read_only=facts.read_only,
         )
 
+    @property
+    def reads_host(self) -> bool:
+        """Every image of the host is readable: it is this machine, or SSH reaches it."""
+        return self.local or self._ssh_qemu_img is not None
+
+    def ssh_image(self, path: str, why: list[str]) -> Image | None:
+        """The image (and its chain, cached) read by qemu-img on the host over SSH."""
+        if self._ssh_qemu_img is None or not path.startswith("/"):
+            return None
+        found = self._ssh_images.get(path)
+        if found is not None:
+            return found
+        try:
+            entries = self._ssh_qemu_img.info(path, backing_chain=True)
+        except VirtdeckError as err:
+            why.append(f"qemu-img on the host: {err}")
+            return None
+        for i, entry in enumerate(entries):
+            name = path if i == 0 else entry.get("filename")
+            if not isinstance(name, str):
+                continue
+            backing = entry.get("full-backing-filename") or entry.get("backing-filename")
+            img = Image(
+                path=name,
+                format=entry.get("format"),
+                virtual_bytes=entry.get("virtual-size"),
+                actual_bytes=entry.get("actual-size"),
+                backing=resolve_backing(name, backing) if backing else None,
+                backing_format=entry.get("backing-filename-format"),
+                source="ssh",
+            )
+            self._ssh_images.setdefault(name, img)
+        return self._ssh_images.get(path)
+
     def _refresh_pools(self) -> bool:
         """Rescan active pools (new clone files), at most every 30 s; True if it did."""
         with self._lock:
@@ -236,6 +282,8 @@ class Pass:
             if st is not None:
                 capacity, physical, backing = st
                 img = Image(path, fmt, capacity, physical, backing, None, "blockstats")
+        if img is None:
+            img = self.r.ssh_image(path, why)
         if img is None:
             if not self.r.local:
                 why.append(

@@ -1,0 +1,412 @@
+"""Templates between hosts: copy a template's base image(s) and definition to another hypervisor.
+
+Plan, then execute, on the journal (tui.core.ops) of the target host.
+
+`plan_template_copy()` reads the template on its host (defined, or an XML backup), the chain of
+each base image, and the target: its storage pool for the chosen directory (one is defined for
+a directory no pool covers, and the plan says so), free space, name and file collisions (a
+domain or a file already there is refused, never overwritten). Each layer of a base's chain is
+copied as it is (layer by layer, never flattened: a thin base stays thin), so the target holds
+the same chain; where the directory differs, the upper layers are rebased (`qemu-img rebase
+-u`, the data is the same) onto their new backing paths, which needs the target to be this
+machine or reachable over SSH.
+
+`execute_template_copy()` streams each volume with `virStorageVolDownload` from the source
+and `virStorageVolUpload` to the target, both with sparse streams (holes stay holes: only
+allocated data crosses the wire), verifies the target file has the source's size, makes the
+base read-only there and defines the template with its own UUID and MAC addresses (the
+per-domain rules of tui.core.clonexml), so clones can be deployed on that host. Any failure
+or interrupt deletes what was uploaded and undefines what was defined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import random
+import uuid as uuidlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from tui.core import clonexml, domxml, ops
+from tui.core.errors import (
+    InvalidInputError,
+    NotFoundError,
+    OperationError,
+    StateError,
+    VirtdeckError,
+)
+from tui.core.hypervisor import Hypervisor
+from tui.core.progress import Progress, no_progress
+from tui.core.storage import Resolver, files_for
+from tui.core.storage.remote import RemoteFiles
+from tui.core.templates import own_images, template_xml
+
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CopyVolume:
+    """One layer of a base image, copied to the target as it is."""
+
+    source: str  # path on the source host
+    target: str  # path on the target host
+    format: str
+    virtual_bytes: int
+    file_bytes: int  # the file's length (what the stream covers)
+    allocated_bytes: int  # what actually crosses (holes do not)
+    backing: str | None = None  # the target path of the layer below (rebased onto it)
+    backing_format: str | None = None
+    rebase: bool = False  # the backing path changes: rebase -u on the target
+    base: bool = False  # a template disk's top image (made read-only there)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class TemplateCopyPlan(ops.PlanDefaults):
+    source_host: str
+    target_host: str
+    template: str
+    uuid: str  # the template's UUID on the target (its own)
+    directory: str  # on the target
+    pool: str | None  # the target's pool for it (None: one is defined)
+    volumes: tuple[CopyVolume, ...]  # lowest layer first
+    xml: str
+    bytes_needed: int
+    bytes_free: int | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        """It runs (and is journalled) on the target."""
+        return self.target_host
+
+    @property
+    def title(self) -> str:
+        return f"Copy '{self.template}' to {self.target_host}?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Copy"
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        """On the target `hv`; the source is reached by its URI for the streams."""
+        source = Hypervisor.open(self.source_host)
+        try:
+            execute_template_copy(source, hv, self, progress)
+        finally:
+            source.close()
+        return f"copied '{self.template}' to {self.target_host}"
+
+    def summary(self) -> list[str]:
+        lines = [f"copy template '{self.template}' from {self.source_host} to {self.target_host}"]
+        for v in self.volumes:
+            how = "base, made read-only" if v.base else "backing layer"
+            lines.append(
+                f"  {v.source} -> {v.target} ({v.format}, {_mib(v.allocated_bytes)} of data, "
+                f"{how}; sparse stream)"
+            )
+            if v.rebase:
+                lines.append(f"  rebase {v.target} onto {v.backing} (same data, new path)")
+        lines.append(
+            "copied layer by layer (not flattened); pool "
+            + (f"'{self.pool}'" if self.pool else "(new)")
+            + f" for {self.directory} on the target"
+        )
+        lines.append(f"define '{self.template}' there as a template (uuid {self.uuid})")
+        lines.append(
+            f"space needed: {_mib(self.bytes_needed)}"
+            + (f" of {_mib(self.bytes_free)} free" if self.bytes_free is not None else "")
+        )
+        lines.extend(self.notes)
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source_host": self.source_host,
+            "target_host": self.target_host,
+            "template": self.template,
+            "uuid": self.uuid,
+            "directory": self.directory,
+            "pool": self.pool,
+            "volumes": [v.to_json() for v in self.volumes],
+            "bytes_needed": self.bytes_needed,
+            "bytes_free": self.bytes_free,
+            "notes": list(self.notes),
+        }
+
+
+def _mib(n: int | None) -> str:
+    return f"{(n or 0) / 1024**2:.1f} MiB"
+
+
+def _pool_dir(files: RemoteFiles, preferred: str | None) -> tuple[str, str | None]:
+    """The target directory and its pool: --dir, else the pool 'default', else the first."""
+    if preferred is not None:
+        p = files.pool_of(preferred)
+        return posixpath.normpath(preferred), p.name if p else None
+    pools = files.pools()
+    for p in pools:
+        if p.name == "default":
+            return p.path, p.name
+    if pools:
+        return pools[0].path, pools[0].name
+    raise InvalidInputError(
+        f"{files.hv.uri} has no directory storage pool: choose where the images go with --dir"
+    )
+
+
+def _physical(hv: Hypervisor, vol: Any) -> tuple[int, int, int]:
+    """(capacity, file length, allocation) of a volume."""
+    _t, capacity, allocation = hv.call(vol.info)
+    length = int(allocation)
+    flag = getattr(libvirt, "VIR_STORAGE_VOL_GET_PHYSICAL", None)
+    if flag is not None:
+        length = int(hv.call(vol.infoFlags, flag)[2])
+    return int(capacity), length, int(allocation)
+
+
+def plan_template_copy(
+    source: Hypervisor,
+    target: Hypervisor,
+    template: str,
+    *,
+    directory: str | None = None,
+    backup_dir: Path | None = None,
+    rng: random.Random | None = None,
+) -> TemplateCopyPlan:
+    """Check everything on both hosts; nothing is written."""
+    if source.uri == target.uri:
+        raise InvalidInputError(f"'{template}' is already on {target.uri}: choose another --to")
+    xml, defined = template_xml(source, template, backup_dir)
+    if defined and source.domain(template).state.active:
+        raise StateError(f"template '{template}' is running on {source.uri}; shut it down first")
+    root = domxml.parse(xml)
+    meta = domxml.read_meta(root)
+    if target.exists(template):
+        raise InvalidInputError(f"a domain named '{template}' already exists on {target.uri}")
+    src_files = RemoteFiles(source, "template copy")
+    dst_files = RemoteFiles(target, "template copy")
+    where, pool = _pool_dir(dst_files, directory)
+    resolver = Resolver(source, ssh=True)
+    volumes: list[CopyVolume] = []
+    disk_paths: list[tuple[str, str, str]] = []
+    seen: dict[str, str] = {}
+    for disk in own_images(domxml.disks(root)):
+        assert disk.path is not None
+        chain = resolver.chain(disk.path, disk.format)
+        if not chain.complete:
+            raise NotFoundError(f"disk {disk.target} of '{template}': {chain.problem}")
+        below: str | None = None
+        below_fmt: str | None = None
+        for i, img in enumerate(reversed(chain.links)):
+            top = i == len(chain.links) - 1
+            if img.path in seen:
+                below, below_fmt = seen[img.path], img.format
+                continue
+            vol = src_files._volume(img.path) or _source_volume(src_files, img.path)
+            capacity, length, allocation = _physical(source, vol)
+            dest = posixpath.join(where, posixpath.basename(img.path))
+            if dest in seen.values():
+                raise InvalidInputError(
+                    f"two layers are named {posixpath.basename(img.path)}: copy it by hand"
+                )
+            if dst_files.lexists(dest):
+                raise InvalidInputError(
+                    f"{dest} already exists on {target.uri}; virtdeck never overwrites a file "
+                    "(choose another --dir)"
+                )
+            rebase = below is not None and img.backing is not None and img.backing != below
+            volumes.append(
+                CopyVolume(
+                    source=img.path,
+                    target=dest,
+                    format=img.format or "raw",
+                    virtual_bytes=capacity,
+                    file_bytes=length,
+                    allocated_bytes=allocation,
+                    backing=below,
+                    backing_format=below_fmt,
+                    rebase=rebase,
+                    base=top,
+                )
+            )
+            seen[img.path] = dest
+            below, below_fmt = dest, img.format or "raw"
+        disk_paths.append((disk.target, seen[chain.links[0].path], chain.links[0].format or "raw"))
+    if not volumes:
+        raise InvalidInputError(f"template '{template}' has no disk image to copy")
+    if any(v.rebase for v in volumes) and not (target.local or dst_files.ssh is not None):
+        raise InvalidInputError(
+            f"the base of '{template}' has backing layers whose paths change on {target.uri}, "
+            "and rebasing them needs SSH to that host (or --dir with the same directory)"
+        )
+    needed = sum(v.allocated_bytes for v in volumes)
+    free = dst_files.free_bytes(where) if pool is not None or dst_files.ssh else None
+    if free is not None and needed > free:
+        raise InvalidInputError(
+            f"not enough space in {where} on {target.uri}: {_mib(needed)} needed, {_mib(free)} free"
+        )
+    rng = rng or random.SystemRandom()
+    from tui.core.clones import _all_macs, _new_mac  # per-domain rules of clones
+
+    taken = _all_macs(target)
+    new_uuid = str(uuidlib.uuid4())
+    macs = tuple(_new_mac(taken, rng) for _ in range(clonexml.interface_count(root)))
+    ident = clonexml.CloneIdentity(
+        name=template,
+        uuid=new_uuid,
+        macs=macs,
+        disks=tuple(disk_paths),
+        meta=replace(meta, xml_backup=None),
+        old_names=(template,),
+        nvram_present=False,
+    )
+    out = clonexml.clone_xml(root, ident)
+    notes = list(dst_files.pool_notes([where + "/x"])) if pool is None else []
+    if out.copies:
+        notes.append(
+            "its UEFI variables are not copied: the target starts fresh ones from the "
+            "firmware's template"
+        )
+    notes += [f"{r.line()}: {r.why}" for r in out.rewrites if r.kind == "shared-warning"]
+    return TemplateCopyPlan(
+        source_host=source.uri,
+        target_host=target.uri,
+        template=template,
+        uuid=new_uuid,
+        directory=where,
+        pool=pool,
+        volumes=tuple(volumes),
+        xml=out.xml,
+        bytes_needed=needed,
+        bytes_free=free,
+        notes=tuple(notes),
+    )
+
+
+def _source_volume(files: RemoteFiles, path: str) -> Any:
+    """The source image as a pool volume (its directory gets a pool when none covers it)."""
+    files.ensure_pool(posixpath.dirname(path))
+    vol = files._volume(path)
+    if vol is None:
+        raise NotFoundError(f"{path} is not a storage volume on {files.hv.uri}")
+    return vol
+
+
+def execute_template_copy(
+    source: Hypervisor,
+    target: Hypervisor,
+    plan: TemplateCopyPlan,
+    progress: Progress = no_progress,
+) -> str:
+    """Upload every layer, verify, make the base read-only, define the template there."""
+    src_files = RemoteFiles(source, "template copy")
+    dst_pools = RemoteFiles(target, "template copy")
+    dst_files = files_for(target, "template copy")
+    if target.exists(plan.template):
+        raise InvalidInputError(f"'{plan.template}' exists on {target.uri} now; plan again")
+    total = sum(v.file_bytes for v in plan.volumes) or 1
+    done, progress = 0, ops.cancellable(progress)
+    title = f"copying template '{plan.template}' to {target.uri}"
+    with ops.running(target, title) as undo:
+        pool = dst_pools.ensure_pool(plan.directory)
+        for v in plan.volumes:
+            if dst_pools.lexists(v.target):
+                raise InvalidInputError(f"{v.target} appeared on {target.uri}; nothing was kept")
+            src_vol = _source_volume(src_files, v.source)
+            label = f"uploading {os.path.basename(v.source)}"
+            with undo.step(f"remove {v.target} on {target.uri}", "delete_file", path=v.target):
+                xml = (
+                    f"<volume><name>{_esc(posixpath.basename(v.target))}</name>"
+                    f"<capacity unit='bytes'>{v.file_bytes}</capacity>"
+                    "<allocation unit='bytes'>0</allocation>"
+                    "<target><format type='raw'/></target></volume>"
+                )
+                dst_vol = target.call(pool.pool.createXML, xml, 0, what=f"creating {v.target}")
+                start = done
+
+                def report(n: int, start: int = start, label: str = label) -> None:
+                    progress(label, (start + n) / total)
+
+                _stream(source, target, src_vol, dst_vol, v.file_bytes, report)
+            done += v.file_bytes
+            dst_pools._refresh(pool, force=True)
+            got = dst_pools._volume(v.target)
+            if got is None:
+                raise OperationError(f"{v.target} is missing on {target.uri} after the upload")
+            _cap, length, _alloc = _physical(target, got)
+            if length != v.file_bytes:
+                raise OperationError(
+                    f"{v.target} on {target.uri} has {length} bytes after the upload, the "
+                    f"source {v.file_bytes}: the copy is incomplete"
+                )
+            if v.rebase and v.backing:
+                progress(f"rebasing {v.target} onto {v.backing}", None)
+                dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
+            dst_files.make_read_only(v.target)
+        progress(f"defining '{plan.template}' on {target.uri}", None)
+        undo.push(f"undefine '{plan.template}' on {target.uri}", "undefine", uuid=plan.uuid,
+                  name=plan.template, keep_nvram=True)  # fmt: skip
+        target.define(plan.xml, what=f"defining template '{plan.template}' on {target.uri}")
+        undo.commit()
+    target.invalidate()
+    progress(f"'{plan.template}' copied to {target.uri}", 1.0)
+    return plan.template
+
+
+def _stream(
+    source: Hypervisor,
+    target: Hypervisor,
+    src_vol: Any,
+    dst_vol: Any,
+    length: int,
+    report: Any,
+) -> None:
+    """Download -> upload with sparse streams: data is sent, holes are sent as holes."""
+    down = source.call(source.conn.newStream, 0)
+    up = target.call(target.conn.newStream, 0)
+    moved = 0
+    try:
+        with source.translating("downloading the image"):
+            src_vol.download(down, 0, length, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+        with target.translating("uploading the image"):
+            dst_vol.upload(up, 0, length, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+        while True:
+            with source.translating("downloading the image"):
+                got = down.recvFlags(_CHUNK, libvirt.VIR_STREAM_RECV_STOP_AT_HOLE)
+                hole = down.recvHole(0) if got == -3 else 0
+            if isinstance(got, int) and got != -3:
+                raise OperationError(f"download stream returned {got}")
+            with target.translating("uploading the image"):
+                if got == -3:
+                    up.sendHole(hole, 0)
+                    moved += hole
+                elif not got:
+                    break
+                else:
+                    view = memoryview(got)
+                    while view:
+                        sent = up.send(bytes(view))
+                        view = view[sent:]
+                    moved += len(got)
+            report(moved)
+        with source.translating("finishing the download"):
+            down.finish()
+        with target.translating("finishing the upload"):
+            up.finish()
+    except BaseException:
+        for hv, st in ((source, down), (target, up)):
+            with contextlib.suppress(VirtdeckError):
+                hv.call(st.abort)
+        raise
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
