@@ -345,7 +345,8 @@ class TemplatesPane(Pane):
     def _sysprep_operations(self, host: str, vm: str, running: bool) -> None:
         note = ""
         try:
-            ops = templates.Sysprep().operations()
+            # virt-sysprep where the images are: here, or on the hypervisor over ssh
+            ops = templates.sysprep_for(self.hypervisor(host)).operations()
         except VirtdeckError as err:
             ops, note = {}, f"cannot seal: {err}"
         self.post_message(OperationsLoaded(host, vm, running, ops, note))
