@@ -1,0 +1,183 @@
+"""Lifecycle and definitions of one hypervisor's domains: start, shut down, force off,
+reboot, pause/resume, waiting for a state, and undefine/rename/define with libvirt's flag
+fallbacks (a mixin of tui.core.hypervisor.Hypervisor, which owns the connection and the one
+error translator)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import libvirt
+
+from tui.core import domxml
+from tui.core.errors import StateError, VirtdeckError
+from tui.core.models import DomainState
+
+
+class Lifecycle:
+    """What a domain's owner does to it; every libvirt call goes through `call`/`translate`."""
+
+    uri: str
+
+    @property
+    def conn(self) -> Any:
+        raise NotImplementedError
+
+    def call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
+        raise NotImplementedError
+
+    def translate(self, err: libvirt.libvirtError, what: str = "") -> VirtdeckError:
+        raise NotImplementedError
+
+    def lookup(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def _facts(self, dom: Any, uuid: str) -> Any:
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _state(self, dom: Any) -> DomainState:
+        return DomainState.from_libvirt(self.call(dom.state)[0])
+
+    def start(self, name: str) -> None:
+        dom = self.lookup(name)
+        facts = self._facts(dom, dom.UUIDString())
+        if facts.meta.role == "template":
+            raise StateError(
+                f"'{name}' is a template and is never started (its disks back clones); "
+                f"deploy one with 'virtdeck clone {name} NEWNAME'"
+            )
+        if self._state(dom).active:
+            raise StateError(f"'{name}' is already running")
+        self.call(dom.create, what=f"starting '{name}'")
+
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (ACPI / agent); returns at once."""
+        dom = self.lookup(name)
+        if not self._state(dom).active:
+            raise StateError(f"'{name}' is not running")
+        self.call(dom.shutdown, what=f"shutting down '{name}'")
+
+    def destroy(self, name: str) -> None:
+        """Force off: pull the plug."""
+        dom = self.lookup(name)
+        if not self._state(dom).active:
+            raise StateError(f"'{name}' is not running")
+        self.call(dom.destroy, what=f"forcing off '{name}'")
+
+    def reboot(self, name: str) -> None:
+        dom = self.lookup(name)
+        if self._state(dom) != DomainState.RUNNING:
+            raise StateError(f"'{name}' is not running")
+        self.call(dom.reboot, 0, what=f"rebooting '{name}'")
+
+    def suspend(self, name: str) -> None:
+        dom = self.lookup(name)
+        if self._state(dom) != DomainState.RUNNING:
+            raise StateError(f"'{name}' is not running, so it cannot be suspended")
+        self.call(dom.suspend, what=f"suspending '{name}'")
+
+    def resume(self, name: str) -> None:
+        dom = self.lookup(name)
+        if self._state(dom) != DomainState.PAUSED:
+            raise StateError(f"'{name}' is not paused, so it cannot be resumed")
+        self.call(dom.resume, what=f"resuming '{name}'")
+
+    def wait_for_state(
+        self, name: str, states: Iterable[DomainState], timeout: float, poll: float = 0.2
+    ) -> bool:
+        """Wait until the domain reaches one of `states`; False on timeout."""
+        wanted = set(states)
+        dom = self.lookup(name)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._state(dom) in wanted:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+
+    def shutdown_and_wait(self, name: str, timeout: float) -> bool:
+        self.shutdown(name)
+        return self.wait_for_state(name, [DomainState.SHUTOFF], timeout)
+
+    # -- definitions ------------------------------------------------------------------------
+
+    def undefine(self, dom: Any, *, keep_nvram: bool, what: str = "undefining") -> None:
+        """Undefine, keeping (template) or removing (clone) its NVRAM and TPM state.
+
+        The flags are newer than the call: KEEP_TPM needs libvirt 8.9, and some drivers reject
+        the NVRAM flags, so each rejected set falls back to a smaller one (a domain without
+        NVRAM or TPM never needs them).
+        """
+        managed = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        if keep_nvram:
+            flags = [libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | managed]
+            keep_tpm = getattr(libvirt, "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0)
+            if keep_tpm:
+                flags.insert(0, flags[0] | keep_tpm)
+        else:
+            flags = [libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | managed]
+        rejected = (
+            libvirt.VIR_ERR_NO_SUPPORT,
+            libvirt.VIR_ERR_INVALID_ARG,
+            libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+        )
+        for flag in flags:
+            try:
+                dom.undefineFlags(flag)
+                return
+            except libvirt.libvirtError as err:
+                if err.get_error_code() not in rejected:
+                    raise self.translate(err, what) from None
+        self.call(dom.undefine, what=what)
+
+    def undefine_all(self, dom: Any, what: str = "undefining") -> None:
+        """Undefine with its managed save, snapshot metadata and NVRAM (removal of a domain;
+        internal snapshots live in its images)."""
+        try:
+            dom.undefineFlags(
+                libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            )
+        except libvirt.libvirtError as err:
+            first = self.translate(err, what)
+            try:
+                self.undefine(dom, keep_nvram=False, what=what)
+            except VirtdeckError:
+                raise first from None
+
+    def rename(self, dom: Any, old: str, new: str) -> Any:
+        """Rename a shut-off domain; returns the (possibly new) virDomain handle.
+
+        virDomainRename exists since libvirt 1.2.19, but not every driver implements it; the
+        fallback undefines the old definition and defines the same XML (same UUID) under the
+        new name, restoring the old one if that define fails.
+        """
+        what = f"renaming '{old}' to '{new}'"
+        try:
+            dom.rename(new, 0)
+            return self.call(self.conn.lookupByName, new, what=what)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise self.translate(err, what) from None
+        xml = self.call(
+            dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE, what=what
+        )
+        root = domxml.parse(xml)
+        name_elem = root.find("name")
+        assert name_elem is not None
+        name_elem.text = new
+        self.undefine(dom, keep_nvram=True, what=what)
+        try:
+            return self.call(self.conn.defineXML, domxml.to_string(root), what=what)
+        except BaseException:
+            self.call(self.conn.defineXML, xml, what=f"restoring '{old}'")
+            raise
+
+    def define(self, xml: str, what: str = "defining") -> Any:
+        return self.call(self.conn.defineXML, xml, what=what)
