@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tui.core import cancel
@@ -42,6 +42,25 @@ def finish(proc: subprocess.Popen[str]) -> None:
     forget = getattr(proc, "_virtdeck_forget", None)
     if forget is not None:
         forget()
+
+
+def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
+    """Run a command (argument list, no shell) as an ending child, handing each output line
+    (stdout and stderr) to `on_line`; returns its exit status. An interrupt kills it."""
+    proc = popen(
+        list(argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        bufsize=1,
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            on_line(line.rstrip("\n"))
+        return proc.wait()
+    finally:
+        finish(proc)
 
 
 def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:

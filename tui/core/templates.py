@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,20 +64,7 @@ LineRunner = Callable[[Sequence[str], Callable[[str], None]], int]
 
 def run_streaming(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
     """Run a command (argument list, no shell), handing each output line to `on_line`."""
-    proc = procs.popen(
-        list(argv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        bufsize=1,
-    )
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            on_line(line.rstrip("\n"))
-        return proc.wait()
-    finally:
-        procs.finish(proc)  # an interrupt kills virt-sysprep with the operation
+    return procs.stream(argv, on_line)  # an interrupt kills virt-sysprep with the operation
 
 
 class Sysprep:

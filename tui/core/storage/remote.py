@@ -127,20 +127,7 @@ class Ssh:
 
     def stream(self, argv: Sequence[str], on_line: Callable[[str], None]) -> int:
         """Run `argv` on the host, handing each output line to `on_line` (virt-sysprep)."""
-        proc = procs.popen(
-            self.target.argv(argv),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            bufsize=1,
-        )
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                on_line(line.rstrip("\n"))
-            return proc.wait()
-        finally:
-            procs.finish(proc)
+        return procs.stream(self.target.argv(argv), on_line)
 
 
 @dataclass(frozen=True)
