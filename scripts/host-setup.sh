@@ -32,6 +32,14 @@ chmod 0644 /boot/vmlinuz-* 2>/dev/null || true
 # QEMU runs as libvirt-qemu (group kvm): let it open /dev/kvm.
 if [ -e /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 660 /dev/kvm; fi
 
+# swtpm's local CA: libvirt runs swtpm_setup as tss when that user existed when the daemon
+# started, as root otherwise; a daemon started before swtpm-tools made tss leaves the CA's files
+# (and its lock) owned by root, and every later TPM start as tss fails ("Need read/write rights
+# on /var/lib/swtpm-localca/.lock.swtpm-localca for user tss"). root reads them either way.
+if [ -d /var/lib/swtpm-localca ] && getent passwd tss >/dev/null; then
+  chown -R tss:root /var/lib/swtpm-localca
+fi
+
 mkdir -p /var/log/libvirt /var/lib/libvirt/images /run/libvirt
 daemon_up() { virsh -c qemu:///system version >/dev/null 2>&1; }
 if ! daemon_up; then

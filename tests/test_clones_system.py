@@ -92,6 +92,12 @@ def uefi_template(lab: SystemLab) -> tuple[str, dict[str, Path]]:
     return execute_template(lab.hv, plan).name, files
 
 
+def swtpm_logs(lab: SystemLab) -> str:
+    """The clones' swtpm logs (the lab's clean-up removes them): why a TPM did not start."""
+    logs = sorted(Path("/var/log/swtpm/libvirt/qemu").glob(f"{lab.prefix}-*-swtpm.log"))
+    return "\n".join(f"{p}:\n{p.read_text(errors='replace')}" for p in logs)
+
+
 def live(lab: SystemLab, name: str) -> object:
     return domxml.parse(lab.hv.conn.lookupByName(name).XMLDesc(0))
 
@@ -126,9 +132,10 @@ def test_thin_and_full_uefi_clones_run_together_with_their_own_resources(
 
     monkeypatch.setattr("tui.cli.templates.stderr_progress", progress)
     common = ["-c", lab.hv.uri, "clone", tname]
-    assert main([*common, lab.name("cthin"), "--count", "3", "--start", "--allow-unsealed"]) == 0
-    assert main([*common, lab.name("cfull"), "--full", "--count", "2", "--start",
-                 "--allow-unsealed"]) == 0  # fmt: skip
+    rc = main([*common, lab.name("cthin"), "--count", "3", "--start", "--allow-unsealed"])
+    assert rc == 0, swtpm_logs(lab)
+    rc = main([*common, lab.name("cfull"), "--full", "--count", "2", "--start", "--allow-unsealed"])
+    assert rc == 0, swtpm_logs(lab)
     clones = [lab.name(f"cthin-{i}") for i in (1, 2, 3)] + [lab.name(f"cfull-{i}") for i in (1, 2)]
 
     # All five run at the same time.
