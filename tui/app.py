@@ -33,6 +33,7 @@ from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind, Hos
 from tui.core.settings import Settings
 from tui.messages import HostLoaded, LibvirtEvent, ShutdownTimedOut
 from tui.screens.main import MainScreen
+from tui.screens.palette import EverythingCommands
 
 BACKOFF_MAX = 30.0  # seconds between reconnect attempts, at most
 
@@ -56,6 +57,9 @@ class VirtdeckApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "virtdeck"
     ENABLE_COMMAND_PALETTE = True
+    # The selected row's actions (get_system_commands) and any domain's, template's or
+    # snapshot's by typing (tui.screens.palette).
+    COMMANDS = App.COMMANDS | {EverythingCommands}
 
     def __init__(
         self,

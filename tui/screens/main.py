@@ -18,6 +18,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
+from tui.core.catalog import Template
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo, DomainState, HostInfo
 from tui.screens.confirm import ConfirmScreen
@@ -276,6 +277,55 @@ class MainScreen(Screen[None]):
     @on(TabbedContent.TabActivated)
     def _tab_activated(self) -> None:
         self.refresh_bindings()
+
+    # -- command palette: any domain, template or snapshot (tui.screens.palette) -------------
+
+    def all_domains(self) -> list[DomainInfo]:
+        return list(self.vapp.domains)
+
+    def hosts(self) -> list[str]:
+        return [hv.uri for hv in self.vapp.hypervisors]
+
+    def answering_hypervisors(self) -> list[Hypervisor]:
+        lost = self.vapp.lost
+        return [hv for hv in self.vapp.hypervisors if hv.uri not in lost]
+
+    def templates(self) -> list[Template]:
+        return list(self.query_one(TemplatesPane).templates)
+
+    def show_domain(self, host: str, name: str) -> DomainInfo | None:
+        """Put the cursor on a domain (clearing a filter that hides it) and tell the panes;
+        None when it is gone."""
+        table = self.query_one(DomainsTable)
+        if not table.select_row(host, name):
+            box = self.query_one("#filter", Input)
+            box.value = ""
+            box.display = False
+            table.set_filter("")
+            if not table.select_row(host, name):
+                self.notify(f"'{name}' is no longer on {host}", severity="warning")
+                return None
+        info = table.selected()
+        self._selected_changed(info)
+        table.focus()
+        return info
+
+    async def act_on_domain(self, host: str, name: str, action: str) -> None:
+        if self.show_domain(host, name) is not None:
+            await self.run_action(action)
+
+    async def deploy_template(self, host: str, name: str, sealed: bool) -> None:
+        self.action_tab("templates")
+        self.query_one(TemplatesPane).deploy(host, name, sealed)
+
+    async def copy_template(self, host: str, name: str) -> None:
+        self.action_tab("templates")
+        self.query_one(TemplatesPane).copy(host, name)
+
+    async def snapshot_action(self, host: str, domain: str, verb: str, name: str) -> None:
+        if self.show_domain(host, domain) is not None:
+            self.action_tab("snapshots")
+            self.query_one(SnapshotsPane).plan_for(host, domain, verb, name)
 
     # -- command palette: the actions of the selected row -----------------------------------
 

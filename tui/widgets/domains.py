@@ -168,3 +168,12 @@ class DomainsTable(DataTable[Any]):
                 self.move_cursor(row=i, animate=False)
                 return True
         return False
+
+    def select_row(self, host: str, name: str) -> bool:
+        """Put the cursor on a domain of a host; False when no visible row is that domain."""
+        for i, key in enumerate(self._order):
+            d = self.domains[key]
+            if (d.host, d.name) == (host, name):
+                self.move_cursor(row=i, animate=False)
+                return True
+        return False

@@ -317,6 +317,14 @@ class SnapshotsPane(Pane):
         self.busy = True
         self._plan(self.hypervisor(info.host), info.name, verb, name)
 
+    def plan_for(self, host: str, domain: str, verb: str, name: str) -> None:
+        """Plan `verb` ('revert' or 'delete') of snapshot `name` of any domain (the palette)."""
+        if self.busy:
+            self.notify("a snapshot operation is still running", severity="warning")
+            return
+        self.busy = True
+        self._plan(self.hypervisor(host), domain, verb, name)
+
     # -- workers ----------------------------------------------------------------------------
 
     def _progress(self) -> Progress:

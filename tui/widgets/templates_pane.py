@@ -299,7 +299,10 @@ class TemplatesPane(Pane):
         if target is None:
             self.notify("select a template (domain row or this pane's row)", severity="warning")
             return
-        host, name, sealed = target
+        self.deploy(*target)
+
+    def deploy(self, host: str, name: str, sealed: bool) -> None:
+        """The deploy form for template `name` of `host`, then its plan."""
         if not self._begin():
             return
 
@@ -317,13 +320,17 @@ class TemplatesPane(Pane):
         if t is None:
             self.notify("select a template in this pane", severity="warning")
             return
+        self.copy(t.host, t.name)
+
+    def copy(self, host: str, name: str) -> None:
+        """Plan copying template `name` of `host` to the next other host."""
         uris = [hv.uri for hv in self.vapp.hypervisors]
-        others = [u for u in uris[uris.index(t.host) + 1 :] + uris if u != t.host]
+        others = [u for u in uris[uris.index(host) + 1 :] + uris if u != host]
         if not others:
             self.notify("only one host is connected: nowhere to copy to", severity="warning")
             return
         if self._begin():
-            self._plan_copy(self.hypervisor(t.host), self.hypervisor(others[0]), t.name)
+            self._plan_copy(self.hypervisor(host), self.hypervisor(others[0]), name)
 
     def action_delete(self) -> None:
         info = self.selected

@@ -24,6 +24,7 @@ from tui.core.snapshots.tree import (
     build_tree,
     libvirt_handles_external,
     parse_snapshot_xml,
+    snapshot_names,
     snapshot_tree,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "plan_revert",
     "plan_rollback",
     "revert",
+    "snapshot_names",
     "snapshot_tree",
     "validate_snapshot_name",
 ]

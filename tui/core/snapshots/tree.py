@@ -260,6 +260,24 @@ def snapshot_tree(hv: Hypervisor, domain: str, *, resolver: Resolver | None = No
     return build_tree(domain, nodes)
 
 
+def snapshot_names(hv: Hypervisor) -> dict[str, tuple[str, ...]]:
+    """Domain name -> its snapshots' names, for every domain of the host that has any: one
+    listAllDomains (libvirt filters by "has a snapshot") and one listAllSnapshots per such
+    domain; no XML (the command palette's index)."""
+    import libvirt
+
+    flag = libvirt.VIR_CONNECT_LIST_DOMAINS_HAS_SNAPSHOT
+    out: dict[str, tuple[str, ...]] = {}
+    for dom in hv.call(hv.conn.listAllDomains, flag, what="listing domains"):
+        try:
+            name = dom.name()
+            snaps = hv.call(dom.listAllSnapshots, 0, what=f"listing snapshots of '{name}'")
+        except NotFoundError:
+            continue  # undefined between the two calls
+        out[name] = tuple(sorted(s.getName() for s in snaps))
+    return out
+
+
 def _with_sizes(node: SnapshotNode, resolver: Resolver | None, hv: Hypervisor) -> SnapshotNode:
     if not node.files:
         return node
