@@ -29,6 +29,14 @@ fi
 # libguestfs' appliance (virt-sysprep) reads the host kernel.
 chmod 0644 /boot/vmlinuz-* 2>/dev/null || true
 
+# QEMU opens /dev/ptmx for every serial console. Twice on these machines it had become a
+# symlink to a devpts instance with ptmxmode=000 ("Failed to create PTY: Permission denied");
+# a character device again, as on any Debian machine.
+if [ ! -c /dev/ptmx ]; then
+  echo "virtdeck setup: /dev/ptmx is not the pty multiplexer; making it one again" >&2
+  rm -f /dev/ptmx && mknod -m 666 /dev/ptmx c 5 2
+fi
+
 # QEMU runs as libvirt-qemu (group kvm): let it open /dev/kvm.
 if [ -e /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 660 /dev/kvm; fi
 
