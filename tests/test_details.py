@@ -12,7 +12,7 @@ import getpass
 import io
 import json
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import libvirt
@@ -268,6 +268,16 @@ def _suspend() -> Iterator[None]:
     yield  # the headless test driver cannot hand its terminal over; tmux tests do it for real
 
 
+async def _until(app: VirtdeckApp, pilot: object, done: Callable[[], bool]) -> None:
+    """Let workers and the messages they post run until `done()` (a bounded number of turns,
+    not a time: a loaded machine only takes more turns)."""
+    for _ in range(200):
+        await app.workers.wait_for_complete()
+        await pilot.pause()  # type: ignore[attr-defined]
+        if done():
+            return
+
+
 async def test_ssh_and_console_keys_hand_over_or_refuse(
     hv: Hypervisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -283,23 +293,22 @@ async def test_ssh_and_console_keys_hand_over_or_refuse(
     async with app.run_test(size=(140, 45)) as pilot:
         await _open(app, pilot, "web")
         await pilot.press("S")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await _until(app, pilot, lambda: len(ran) == 1)  # worker -> message -> hand-over
         await pilot.press("C")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await _until(app, pilot, lambda: len(ran) == 2)
         assert ran[0][0] == "ssh" and ran[0][1].startswith("root@192.168.122.")
         assert ran[1] == ["virsh", "-c", hv.uri, "console", "web"]
         await _open(app, pilot, "bare")
-        await pilot.press("C")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+
+        def messages() -> list[str]:
+            return [n.message for n in app._notifications]
+
+        await pilot.press("C")  # one at a time: a second attach key cancels the first's worker
+        await _until(app, pilot, lambda: len([m for m in messages() if "'bare'" in m]) >= 1)
         await pilot.press("S")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        messages = [n.message for n in app._notifications]
-        assert any("'bare' has no serial console" in m for m in messages)
-        assert any("no address known for 'bare'" in m for m in messages)
+        await _until(app, pilot, lambda: len([m for m in messages() if "'bare'" in m]) >= 2)
+        assert any("'bare' has no serial console" in m for m in messages())
+        assert any("no address known for 'bare'" in m for m in messages())
         assert len(ran) == 2
 
 
