@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ["XDG_CACHE_HOME"] = "/tmp/virtdeck-screenshots"
 
+from textual.widgets import Static  # noqa: E402
+
 from tui.app import VirtdeckApp  # noqa: E402
 from tui.core import demo  # noqa: E402
 from tui.core.fleet import connect_all  # noqa: E402
@@ -75,7 +77,12 @@ async def render_fleet(outdir: Path) -> Path:
         settings = Settings(poll_interval=3600, connect_timeout=1, answer_timeout=1)
         app = VirtdeckApp(hvs, settings=settings, unreachable=failures)
         async with app.run_test(size=SIZE) as pilot:
-            await pilot.pause(2.5)  # the silent host's refresh passes its 1 s deadline
+            # The silent host's refresh passes its 1 s deadline: wait for its badge (a loaded
+            # machine takes longer, so a condition and not a fixed pause).
+            for _ in range(300):
+                await pilot.pause(0.1)
+                if "NO ANSWER" in str(app.screen.query_one("#hosts", Static).render()):
+                    break
             app.screen.query_one(DomainsTable).select_name("web-1")
             await pilot.press("2")
             await pilot.pause(1.0)
