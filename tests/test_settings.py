@@ -143,6 +143,7 @@ async def test_templates_pane_has_a_host_column_with_several_hosts(test_hv: Hype
             assert [str(c.label) for c in table.columns.values()][0] == "Host"
             hosts = {str(table.get_row_at(i)[0]) for i in range(table.row_count)}
             assert hosts == {test_hv.uri, other.uri}
+            await app.workers.wait_for_complete()  # no worker still inside `other` when it closes
     finally:
         other.close()
 
