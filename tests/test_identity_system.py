@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -132,5 +133,14 @@ def test_a_failed_customisation_rolls_back_every_clone(
     assert not left
 
 
-def pgrep(pattern: str) -> str:
-    return subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
+def pgrep(pattern: str) -> list[str]:
+    """Command lines of the processes matching `pattern` (a regular expression)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # it ended meanwhile
+        if re.search(pattern, text):
+            found.append(text)
+    return found

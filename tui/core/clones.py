@@ -318,13 +318,15 @@ def plan_clone(
                 measured[disk.path] = files.measure(disk.path, disk.format or "qcow2")
     mode = "full" if full else "thin"
     hostname, hostname_why = wanted.hostname, ""
+    kept: tuple[str, ...] = ()
     if hostname is None and wanted.hostname_by_default:
         first = bases[0]
         assert first.path is not None
-        hostname_why = hostname_default(
+        applies, why = hostname_default(
             meta.sealed, (first.path, first.format or "qcow2"), _customisable(hv, troot)
         )
-        hostname = DEFAULT_HOSTNAME if hostname_why else None
+        hostname, hostname_why = (DEFAULT_HOSTNAME, why) if applies else (None, "")
+        kept = () if applies or not why else (why,)
     if hostname is not None or wanted.explicit:
         require_tool()
     nvram = clonexml.nvram_path(troot)
@@ -408,7 +410,7 @@ def plan_clone(
         items=tuple(items),
         bytes_needed=sum(needed_by_dev.values()),
         bytes_free=min(free.values()) if free else None,
-        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks])),
+        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks])) + kept,
     )
 
 

@@ -273,13 +273,17 @@ def disk_has_os(path: str, fmt: str) -> bool:
         return False
 
 
-def hostname_default(sealed: bool, first_disk: tuple[str, str] | None, local: bool) -> str:
-    """Why the default hostname applies ("" when it does not)."""
-    if not sealed or first_disk is None or not local:
-        return ""
+def hostname_default(
+    sealed: bool, first_disk: tuple[str, str] | None, local: bool
+) -> tuple[bool, str]:
+    """Whether the default hostname ({name}) applies, and the plan's word on it."""
+    if not sealed or first_disk is None:
+        return False, ""  # an unsealed template's clones share its identity (a warning says)
+    if not local:
+        return False, "hostname kept: renaming needs the clones' image files on this machine"
     if not disk_has_os(*first_disk):
-        return ""
-    return "the template is sealed and has an OS; --keep-hostname keeps its own"
+        return False, "hostname kept: the template's disk shows no OS for virt-customize"
+    return True, "the template is sealed and has an OS; --keep-hostname keeps its own"
 
 
 def require_tool() -> None:
