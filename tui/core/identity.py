@@ -153,7 +153,8 @@ def check_hostname(hostname: str, clone: str) -> str:
     if len(hostname) > 253 or not all(_LABEL.match(label) for label in labels):
         raise IdentityError(
             f"hostname {hostname!r} for '{clone}' is not a valid host name (letters, digits "
-            "and inner hyphens, dot-separated, 63 per label); choose --hostname-template"
+            "and inner hyphens, dot-separated, 63 per label); choose --hostname-template or "
+            "--keep-hostname"
         )
     return hostname
 
