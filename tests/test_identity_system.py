@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -144,3 +145,29 @@ def pgrep(pattern: str) -> list[str]:
         if re.search(pattern, text):
             found.append(text)
     return found
+
+
+def test_an_interrupt_during_customisation_ends_it_and_undoes_the_clones(
+    host_lab: SystemLab, tmp_path: Path
+) -> None:
+    """SIGTERM to the command's process group while virt-customize runs for two clones."""
+    from tests.test_interrupts_system import Runner, wait_until
+
+    lab = host_lab
+    tname, base = guest_template(lab, "tint")
+    before = sha256(base), sorted(p.name for p in lab.dir.iterdir())
+    runner = Runner(lab, tmp_path / "state")
+    proc = runner.start("clone", tname, lab.name("int"), "--count", "2", "--first-boot", "true")
+    mine = f"virt-customize.*{lab.prefix}"
+    assert wait_until(lambda: bool(pgrep(mine)), proc), proc.communicate()
+    time.sleep(1.0)  # inside the appliance's start
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "interrupted by SIGTERM" in err.splitlines()[-1], err
+    assert not {lab.name("int-1"), lab.name("int-2")} & {d.name for d in lab.hv.domains()}
+    assert (sha256(base), sorted(p.name for p in lab.dir.iterdir())) == before
+    deadline = time.monotonic() + 30
+    while pgrep(mine) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not pgrep(mine), "virt-customize went on alone"
+    assert runner.left_journals() == []
