@@ -19,8 +19,8 @@ read-only with qemu-io). A template without an OS (a blank disk) keeps its hostn
 virt-customize refuses a disk where it finds no OS; SSH keys and first-boot commands are
 only ever written when asked for.
 
-Under TCG (these machines) one customisation of a small Debian guest takes about 40 s;
-three in parallel on 2 cores take about 60 s (measured, see README).
+Under TCG (these machines) one customisation of a small Debian guest takes 35-50 s; three
+on 2 cores take about 110 s two at a time, 150 s one after another (benchmarks/bench_identity.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -365,8 +366,6 @@ class _Stopped(Exception):
 
 
 def _key_dir(c: Customisation) -> str:
-    import tempfile
-
     directory = tempfile.mkdtemp(prefix="virtdeck-keys-")
     for i, key in enumerate(c.ssh_keys):
         with open(os.path.join(directory, f"key{i}.pub"), "w", encoding="utf-8") as out:
