@@ -35,7 +35,18 @@ from tui.core.errors import (
     VirtdeckError,
 )
 from tui.core.hypervisor import Hypervisor, validate_name
-from tui.core.models import DiskInfo, VirtdeckMeta
+from tui.core.identity import (
+    DEFAULT_HOSTNAME,
+    Customisation,
+    Customiser,
+    Identity,
+    IdentityError,
+    check_hostname,
+    customise_all,
+    hostname_default,
+    require_tool,
+)
+from tui.core.models import DiskInfo, DiskKind, VirtdeckMeta
 from tui.core.progress import Progress, no_progress
 from tui.core.storage import Chain, Resolver, files_for
 from tui.core.storage.qemuimg import QemuImg
@@ -74,11 +85,13 @@ class CloneItem:
     xml: str
     rewrites: tuple[Rewrite, ...] = ()  # per-domain resources made unique, copied, shared...
     copies: tuple[FileCopy, ...] = ()  # files copied for it (the template's NVRAM)
+    customise: Customisation | None = None  # its hostname, SSH keys, first-boot commands
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["rewrites"] = [r.to_json() for r in self.rewrites]
         data["copies"] = [c.to_json() for c in self.copies]
+        data["customise"] = self.customise.to_json() if self.customise else None
         return data
 
 
@@ -130,6 +143,13 @@ class ClonePlan(ops.PlanDefaults):
         explained: set[str] = set()  # a reason is given once, at its first clone
         for item in self.items:
             lines.append(f"{item.name}  uuid {item.uuid}  mac {', '.join(item.macs) or '-'}")
+            if item.customise is not None:
+                why = item.customise.hostname_why
+                lines.append(
+                    f"  identity: {item.customise.line()}"
+                    + (f" ({why})" if why and "identity" not in explained else "")
+                )
+                explained.add("identity")
             for d in item.disks:
                 how = f"overlay on {d.base}" if self.mode == "thin" else f"copy of {d.base}"
                 lines.append(f"  {d.target}: {d.path} ({how})")
@@ -162,6 +182,7 @@ class ClonePlan(ops.PlanDefaults):
             "bytes_free": self.bytes_free,
             "notes": list(self.notes),
             "warnings": [r.to_json() for r in self.warnings],
+            "customised": [i.name for i in self.items if i.customise is not None],
         }
 
 
@@ -240,8 +261,10 @@ def plan_clone(
     backup_dir: Path | None = None,
     qemu: QemuImg | None = None,
     rng: random.Random | None = None,
+    identity: Identity | None = None,
 ) -> ClonePlan:
-    """Validate and describe the clones; nothing is written."""
+    """Validate and describe the clones; nothing is written. `identity`: what each clone gets
+    of its own (tui.core.identity); by default nothing."""
     files = files_for(hv, "clone", qemu_img=qemu)
     rng = rng or random.SystemRandom()
     names = clone_names(name, count)
@@ -264,6 +287,9 @@ def plan_clone(
     if directory is not None and not files.is_dir(str(directory)):
         raise InvalidInputError(f"--dir {directory} is not a directory")
     bases = _check_disks(template, domxml.disks(troot))
+    wanted = identity or Identity()
+    if wanted.explicit:
+        _check_customisable(hv, template, domxml.disks(troot))
     resolver = Resolver(hv, qemu_img=qemu, ssh=True)
     chains: dict[str, Chain] = {}
     for disk in bases:
@@ -291,11 +317,23 @@ def plan_clone(
                 assert disk.path is not None
                 measured[disk.path] = files.measure(disk.path, disk.format or "qcow2")
     mode = "full" if full else "thin"
+    hostname, hostname_why = wanted.hostname, ""
+    kept: tuple[str, ...] = ()
+    if hostname is None and wanted.hostname_by_default:
+        first = bases[0]
+        assert first.path is not None
+        applies, why = hostname_default(
+            meta.sealed, (first.path, first.format or "qcow2"), _customisable(hv, troot)
+        )
+        hostname, hostname_why = (DEFAULT_HOSTNAME, why) if applies else (None, "")
+        kept = () if applies or not why else (why,)
+    if hostname is not None or wanted.explicit:
+        require_tool()
     nvram = clonexml.nvram_path(troot)
     nvram_bytes = files.file_size(nvram) if nvram else None
     taken_macs = _all_macs(hv)
     taken_files: set[str] = set()
-    items = []
+    items: list[CloneItem] = []
     needed_by_dev: dict[int, int] = {}
     dirs_by_dev: dict[int, str] = {}
     for n in names:
@@ -341,7 +379,20 @@ def plan_clone(
             dev = files.device(os.path.dirname(c.destination))
             needed_by_dev[dev] = needed_by_dev.get(dev, 0) + (nvram_bytes or 0)
             dirs_by_dev.setdefault(dev, os.path.dirname(c.destination))
-        items.append(CloneItem(n, uuid, macs, tuple(disks), out.xml, out.rewrites, tuple(copies)))
+        custom = None
+        if hostname is not None or wanted.ssh_keys or wanted.first_boot:
+            custom = Customisation(
+                images=tuple((d.path, d.format) for d in disks),
+                hostname=None
+                if hostname is None
+                else check_hostname(hostname.format(name=n, n=len(items) + 1), n),
+                ssh_keys=wanted.ssh_keys,
+                first_boot=wanted.first_boot,
+                hostname_why=hostname_why,
+            )
+        items.append(
+            CloneItem(n, uuid, macs, tuple(disks), out.xml, out.rewrites, tuple(copies), custom)
+        )
     free = {dev: files.free_bytes(d) for dev, d in dirs_by_dev.items()}
     for dev, need in needed_by_dev.items():
         if need > free[dev]:
@@ -359,8 +410,29 @@ def plan_clone(
         items=tuple(items),
         bytes_needed=sum(needed_by_dev.values()),
         bytes_free=min(free.values()) if free else None,
-        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks])),
+        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks])) + kept,
     )
+
+
+def _customisable(hv: Hypervisor, troot: Any) -> bool:
+    """virt-customize can write this template's clones: this machine's files, image disks."""
+    disks = domxml.disks(troot)
+    return hv.local and all(d.kind == DiskKind.FILE for d in own_images(disks))
+
+
+def _check_customisable(hv: Hypervisor, template: str, disks: tuple[DiskInfo, ...]) -> None:
+    if not hv.local:
+        raise IdentityError(
+            f"cannot give clones on {hv.uri} their own identity: virt-customize writes the "
+            "clone's disk on this machine and that host is not proved to be this one; make "
+            "the clones there, or drop --hostname-template/--ssh-key/--first-boot"
+        )
+    for d in own_images(disks):
+        if d.kind != DiskKind.FILE:
+            raise IdentityError(
+                f"disk {d.target} of '{template}' is a {d.described}: virt-customize writes "
+                "image files only; drop --hostname-template/--ssh-key/--first-boot"
+            )
 
 
 def execute_clone(
@@ -369,8 +441,10 @@ def execute_clone(
     progress: Progress = no_progress,
     *,
     qemu: QemuImg | None = None,
+    customiser: Customiser | None = None,
 ) -> list[str]:
-    """Define every clone, then make its disks; undo all of it on any failure or interrupt.
+    """Define every clone, then make its disks, then customise them (virt-customize, in
+    parallel); undo all of it on any failure or interrupt.
 
     Starting (when asked) comes last: a clone that fails to start stays defined and is named in
     the error, since its disks and definition are complete.
@@ -424,9 +498,15 @@ def execute_clone(
                                 label=f"{item.name}: copying {os.path.basename(d.base)}",
                             )
                     done += d.bytes_needed
-                # Only now is it a clone: until its disks are whole it is marked incomplete
-                # (template ls and usage never count a partial copy as a clone).
-                _mark_complete(hv, item.name)
+                # Only now is it a clone: until its disks are whole (and customised) it is
+                # marked incomplete (template ls and usage never count a partial copy).
+                if item.customise is None:
+                    _mark_complete(hv, item.name)
+            work = [(i.name, i.customise) for i in plan.items if i.customise is not None]
+            if work:
+                customise_all(work, progress, customiser=customiser)
+                for name, _ in work:
+                    _mark_complete(hv, name)
             progress(f"{len(plan.items)} {plan.mode} clone(s) of '{plan.template}' made", 1.0)
             not_started: tuple[str, VirtdeckError] | None = None
             for item in plan.items if plan.start else ():

@@ -44,9 +44,15 @@ def finish(proc: subprocess.Popen[str]) -> None:
         forget()
 
 
-def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
+def stream(
+    argv: Sequence[str],
+    on_line: Callable[[str], None],
+    *,
+    on_start: Callable[[subprocess.Popen[str]], None] | None = None,
+) -> int:
     """Run a command (argument list, no shell) as an ending child, handing each output line
-    (stdout and stderr) to `on_line`; returns its exit status. An interrupt kills it."""
+    (stdout and stderr) to `on_line`; returns its exit status. An interrupt kills it, and so
+    can whoever `on_start` hands the child to (one of several parallel children failed)."""
     proc = popen(
         list(argv),
         stdout=subprocess.PIPE,
@@ -56,6 +62,8 @@ def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
     )
     assert proc.stdout is not None
     try:
+        if on_start is not None:
+            on_start(proc)
         for line in proc.stdout:
             on_line(line.rstrip("\n"))
         return proc.wait()

@@ -127,34 +127,49 @@ class Sysprep:
                 argv += ["-a", path]
         if operations is not None:
             argv += ["--operations", ",".join(operations)]
-        lines: list[str] = []
-
-        def on_line(line: str) -> None:
-            lines.append(line)
-            if line.strip():
-                progress(f"sysprep: {line.strip()}", None)
-
-        status = self._run(argv, on_line)
-        if (
-            status != 0
-            and _appliance_failed(lines)
-            and (
-                self.remote or "force_tcg" not in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
-            )
-        ):
-            # libguestfs' appliance VM cannot start under KVM on some hosts (nested
-            # virtualisation, as on these CI machines). It failed before touching the image, so
-            # run it again under TCG: slower (about 30 s for a small guest) but it works.
-            progress(
-                "sysprep: the libguestfs appliance did not start under KVM; retrying with TCG "
-                "(slower)",
-                None,
-            )
-            lines.clear()
-            status = self._run([*_TCG_ENV, *argv], on_line)
+        status, lines = run_guestfs(
+            self._run, argv, progress=progress, label="sysprep", remote=self.remote
+        )
         if status != 0:
             why = last_line("\n".join(lines))
             raise OperationError(f"virt-sysprep failed (exit {status}): {why}")
+
+
+def run_guestfs(
+    run: LineRunner,
+    argv: Sequence[str],
+    *,
+    progress: Progress,
+    label: str,
+    remote: bool = False,
+) -> tuple[int, list[str]]:
+    """Run a libguestfs tool (virt-sysprep, virt-customize), each output line reported as
+    `label: line`; returns its exit status and its lines. When its appliance VM fails to start
+    under KVM it is run once more under TCG."""
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if line.strip():
+            progress(f"{label}: {line.strip()}", None)
+
+    status = run(argv, on_line)
+    if (
+        status != 0
+        and _appliance_failed(lines)
+        and (remote or "force_tcg" not in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", ""))
+    ):
+        # libguestfs' appliance VM cannot start under KVM on some hosts (nested
+        # virtualisation, as on these CI machines). It failed before touching the image, so
+        # run it again under TCG: slower (about 30 s for a small guest) but it works.
+        progress(
+            f"{label}: the libguestfs appliance did not start under KVM; retrying with TCG "
+            "(slower)",
+            None,
+        )
+        lines.clear()
+        status = run([*_TCG_ENV, *argv], on_line)
+    return status, lines
 
 
 def sysprep_for(hv: Hypervisor, sysprep: Sysprep | None = None) -> Sysprep:

@@ -5,7 +5,8 @@ Forms only collect and check input; planning and the work run in the pane's work
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 from textual import on
 from textual.app import ComposeResult
@@ -25,6 +26,7 @@ from textual.widgets import (
 
 from tui.core.errors import InvalidInputError
 from tui.core.hypervisor import validate_name
+from tui.core.identity import DEFAULT_HOSTNAME, Identity
 
 _FORM_CSS = """
 {cls} {{ align: center middle; }}
@@ -136,10 +138,12 @@ class DeployRequest:
     full: bool
     start: bool
     allow_unsealed: bool
+    identity: Identity = Identity()
 
 
 class DeployScreen(ModalScreen[DeployRequest | None]):
-    """Name, count, thin or full, start afterwards (and allow an unsealed template)."""
+    """Name, count, thin or full, start afterwards (and allow an unsealed template); the
+    clones' hostname (prefilled `{name}` for a sealed template) and an SSH key file."""
 
     DEFAULT_CSS = _FORM_CSS.format(cls="DeployScreen")
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="deploy_form.cancel")]
@@ -160,6 +164,10 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
                 yield RadioButton("Thin (qcow2 overlay on the template)", value=True, id="thin")
                 yield RadioButton("Full (independent copy)", id="full")
             yield Checkbox("Start after deploying", id="start")
+            yield Label("Hostname ({name}: the clone's name, {n}: its number; empty: keep)")
+            yield Input(value=DEFAULT_HOSTNAME if self.sealed else "", id="hostname")
+            yield Label("SSH public key file for root (optional)")
+            yield Input(placeholder="e.g. ~/.ssh/id_ed25519.pub", id="ssh-key")
             if not self.sealed:
                 yield Checkbox(
                     "Deploy although the template is not sealed (clones share its identity)",
@@ -195,6 +203,21 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
         if not self.sealed and not allow:
             error.update("the template is not sealed: tick the box to deploy anyway")
             return
+        hostname = self.query_one("#hostname", Input).value.strip()
+        key = self.query_one("#ssh-key", Input).value.strip()
+        try:
+            identity = Identity.from_options(
+                hostname_template=hostname or None,
+                keep_hostname=not hostname,
+                ssh_key_files=[os.path.expanduser(key)] if key else [],
+            )
+        except InvalidInputError as err:
+            error.update(str(err))
+            return
+        if self.sealed and hostname == DEFAULT_HOSTNAME:
+            # Left as offered: the default, which applies when the template's disk has an
+            # OS (the plan says when it does not), as `virtdeck clone` does.
+            identity = replace(identity, hostname=None, hostname_by_default=True)
         self.dismiss(
             DeployRequest(
                 name=name,
@@ -202,6 +225,7 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
                 full=self.query_one("#full", RadioButton).value,
                 start=self.query_one("#start", Checkbox).value,
                 allow_unsealed=allow,
+                identity=identity,
             )
         )
 

@@ -398,6 +398,7 @@ class TemplatesPane(Pane):
             start=request.start,
             allow_unsealed=request.allow_unsealed,
             backup_dir=self.backup_dir,
+            identity=request.identity,
         )
         self.post_message(Planned(plan))
 

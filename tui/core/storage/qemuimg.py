@@ -117,3 +117,23 @@ class QemuImg:
         """Point `path` at another backing file without copying data (`rebase -u`): only right
         when the new backing shows the same content as the old one, e.g. after a commit."""
         self.run("rebase", "-u", "-f", "qcow2", "-F", backing_fmt, "-b", backing, path)
+
+
+_HEX_ROW = re.compile(r"^[0-9a-f]{8}:\s+((?:[0-9a-f]{2} ){1,16})")
+
+
+def read_head(path: str, fmt: str, length: int = 4096, runner: Runner | None = None) -> bytes:
+    """The first `length` bytes the guest sees of an image (through its backing chain), read
+    with `qemu-io -r` (read-only: it never takes a write lock or changes the image)."""
+    argv = ["qemu-io", "-r", "-f", fmt, "-c", f"read -v 0 {length}", path]
+    try:
+        proc = (runner or run_subprocess)(argv)
+    except FileNotFoundError:
+        raise OperationError("qemu-io is not installed (apt-get install qemu-utils)") from None
+    if proc.returncode != 0:
+        raise OperationError(f"qemu-io could not read {path}: {last_line(proc.stderr)}")
+    data = bytearray()
+    for line in proc.stdout.splitlines():
+        if m := _HEX_ROW.match(line):
+            data += bytes.fromhex(m.group(1))
+    return bytes(data)
