@@ -158,6 +158,24 @@ def test_group_snapshot_failing_on_the_last_deletes_the_others(group_hv: Hypervi
     assert ops.pending() == [] and not list(ops.journal_dir().glob("*.json"))
 
 
+def test_group_snapshot_interrupted_after_the_first_deletes_it(group_hv: Hypervisor) -> None:
+    members = groups.select(one_host(group_hv), template="template-web")
+    plan = groups.plan_group(resolver(group_hv), "snapshot", members, snapshot="pre")
+
+    def progress(text: str, _fraction: float | None) -> None:
+        if text == "snapshot 'pre' taken":
+            ops.cancel()  # as Ctrl-C or SIGTERM would, once web-1's snapshot is taken
+
+    try:
+        with pytest.raises(ops.Interrupted, match="undid 1 step"):
+            plan.run(group_hv, progress)
+    finally:
+        ops.reset_cancel()
+    for name in ("web-1", "web-2", "web-3"):
+        assert S.snapshot_tree(group_hv, name).names == (), name
+    assert not list(ops.journal_dir().glob("*.json"))
+
+
 def test_delete_snapshot_undo_is_idempotent_and_recoverable(group_hv: Hypervisor) -> None:
     S.create(group_hv, S.plan_create(group_hv, "web-1", "pre"))
     action = ops.UndoAction("delete snapshot 'pre' of 'web-1'", "delete_snapshot",
@@ -388,3 +406,21 @@ async def test_keys_act_on_the_marked_domains_through_one_confirmation(
         assert "Start 3 domains?" in str(app.screen.query_one("#title", Static).render())
         await pilot.press("n")
         await wait_for(pilot, lambda: not isinstance(app.screen, PlanScreen))
+
+
+async def test_palette_offers_the_group_actions(group_hv: Hypervisor) -> None:
+    app = VirtdeckApp([group_hv])
+    async with app.run_test(size=(150, 50)) as pilot:
+        table = await ready(app, pilot)
+        titles = [c.title for c in app.screen.row_commands()]
+        assert "Mark matching domains…" in titles and not any("marked" in t for t in titles)
+        table.mark_clones("template-web")
+        await wait_for(pilot, lambda: len(marked(app)) == 3)
+        commands = {c.title: c for c in app.screen.row_commands()}
+        assert "Snapshot 3 marked domains" in commands and "Remove 3 marked domains" in commands
+        commands["Start 3 marked domains"].callback()
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        assert "Start 3 domains?" in str(app.screen.query_one("#title", Static).render())
+        await pilot.press("y")
+        await wait_for(pilot, lambda: all(group_hv.domain(n).state is DomainState.RUNNING
+                                          for n in ("web-1", "web-3")))  # fmt: skip

@@ -378,6 +378,7 @@ class GroupPlan(ops.PlanDefaults):
             with contextlib.ExitStack() as stack:
                 undos: dict[str, ops.Undo] = {}
                 for m in self.members:
+                    ops.check_cancelled()  # Ctrl-C between members: the taken ones go again
                     hv = resolve(m.host)
                     if m.host not in undos:
                         undos[m.host] = stack.enter_context(ops.running(hv, title))

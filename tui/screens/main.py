@@ -330,17 +330,13 @@ class MainScreen(Screen[None]):
     # -- command palette: the actions of the selected row -----------------------------------
 
     def row_commands(self) -> Iterable[SystemCommand]:
+        yield from self.group_commands()
         info = self.selected
         if info is None:
             return
         for binding in self.BINDINGS:
             assert isinstance(binding, Binding)
-            if binding.id and binding.id.split(".")[0] in (
-                "domain",
-                "template",
-                "snapshot",
-                "group",
-            ):
+            if binding.id and binding.id.split(".")[0] in ("domain", "template", "snapshot"):
                 # the visible pane bindings only run while their tab is active; not so here
                 action = binding.action.replace("pane(", "pane_anywhere(", 1)
 
@@ -354,6 +350,41 @@ class MainScreen(Screen[None]):
                 )
 
     # -- groups: marked rows, one plan ------------------------------------------------------
+
+    GROUP_COMMANDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("start", "Start"),
+        ("shutdown", "Shut down"),
+        ("destroy", "Force off"),
+        ("reboot", "Reboot"),
+        ("snapshot", "Snapshot"),
+        ("rollback", "Roll back"),
+        ("rm", "Remove"),
+    )
+
+    def group_commands(self) -> Iterable[SystemCommand]:
+        """The palette's group actions: marking always, the verbs while domains are marked
+        (each runs `group(verb)`: one plan, one confirmation)."""
+        for action, title, helptext in (
+            ("mark_matching", "Mark matching domains…", "mark the domains a name pattern matches"),
+            ("mark_clones", "Mark clones of this template", "the clones of the template under "
+             "the cursor (of a clone: its template's)"),
+            ("clear_marks", "Unmark all", "clear the marks"),
+        ):  # fmt: skip
+
+            async def run_mark(action: str = action) -> None:
+                await self.run_action(action)
+
+            yield SystemCommand(title, helptext, run_mark)
+        marked = self.marked
+        if not marked:
+            return
+        names = ", ".join(d.name for d in marked)
+        for verb, title in self.GROUP_COMMANDS:
+
+            def run(verb: str = verb) -> None:
+                self.group(verb)
+
+            yield SystemCommand(f"{title} {len(marked)} marked domains", names, run)
 
     @property
     def marked(self) -> list[DomainInfo]:
