@@ -277,6 +277,7 @@ def test_cli_existing_single_shapes_still_work(
         (["shutdown", "--match", "zz*"], 1, "no domain name matches 'zz*'"),
         (["destroy", "web-1", "nope"], 1, "no domain named 'nope'"),
         (["rm", "--template", "template-web"], 1, "'web-2' is running"),
+        (["rm", "template-web", "web-1"], 1, "remove the clones first"),
         (["snapshot", "create", "bad/name", "--template", "template-web"], 1, "snapshot name"),
     ],
 )

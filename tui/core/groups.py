@@ -462,6 +462,8 @@ def plan_group(
         raise InvalidInputError("the selection is empty")
     if verb == "snapshot" and not snapshot:
         raise InvalidInputError("a group snapshot needs a name")
+    if verb == "rm":
+        _refuse_template_with_its_clones(hosts, members)
     plans: list[Any] = []
     for m in members:
         hv = hosts(m.host)
@@ -492,6 +494,26 @@ def plan_group(
                 raise
             raise type(err)(f"{about(m.name, str(err))} (nothing was changed)") from None
     return GroupPlan(verb, tuple(plans), snapshot=snapshot, hosts=hosts)
+
+
+def _refuse_template_with_its_clones(hosts: HostResolver, members: Sequence[Member]) -> None:
+    """A template is removed after its clones are gone (its removal plan asks the storage
+    graph, which still sees them): refuse both in one group, saying the order."""
+    infos = {}
+    for m in members:
+        hv = hosts(m.host)
+        if hv.exists(m.name):
+            infos[m] = hv.domain(m.name)
+    for m, info in infos.items():
+        if not info.is_template:
+            continue
+        clones = [x.name for x in infos.values() if x.host == m.host and x.meta.source == m.name
+                  and x.meta.role == "clone"]  # fmt: skip
+        if clones:
+            raise InvalidInputError(
+                f"template '{m.name}' and its clones ({', '.join(clones)}) are both selected: "
+                f"remove the clones first ('virtdeck rm --template {m.name}'), then the template"
+            )
 
 
 def delete_snapshot(hv: Hypervisor, domain: str, name: str) -> None:
