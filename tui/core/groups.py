@@ -311,8 +311,8 @@ class GroupPlan(ops.PlanDefaults):
     def execute(
         self, hv: Hypervisor | None = None, progress: Progress = no_progress
     ) -> list[MemberResult]:
-        """Carry the group out; returns a result per member. Lifecycle verbs return the
-        failures too (and raise only when told with `raise_failed`, which run() does)."""
+        """Carry the group out; returns a result per member. A lifecycle group tries every
+        member and then raises GroupFailed (holding every member's result) if any failed."""
         resolve = self._resolver(hv)
         if self.verb == "snapshot":
             return self._snapshot(resolve, progress)
