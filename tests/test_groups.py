@@ -425,3 +425,16 @@ async def test_palette_offers_the_group_actions(group_hv: Hypervisor) -> None:
         await pilot.press("y")
         await wait_for(pilot, lambda: all(group_hv.domain(n).state is DomainState.RUNNING
                                           for n in ("web-1", "web-3")))  # fmt: skip
+
+
+def test_cli_group_across_two_hosts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = node(tmp_path, "a", fleet()), node(tmp_path, "b", fleet("app", states=("shutoff",)))
+    argv = ["-c", a, "-c", b, "snapshot", "create", "s1", "--domain", "web-1", "--domain", "app-1"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert f"virtdeck: plan: on {a}:" in err and f"virtdeck: plan: on {b}:" in err
+    assert out.splitlines() == ["web-1: internal snapshot 's1' taken",
+                                "app-1: internal snapshot 's1' taken"]  # fmt: skip
+    # db-1 is on both: the name alone is refused, with the way out
+    assert cli.main(["-c", a, "-c", b, "start", "db-1", "web-1"]) == 1
+    assert "'db-1' exists on" in capsys.readouterr().err
