@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,9 +57,31 @@ async def render(outdir: Path) -> list[Path]:
         app.save_screenshot(filename=path.name, path=str(outdir))
         written.append(path)
         await pilot.press("escape")
+        written.append(await render_group(app, pilot, outdir))
     hv.close()
     written.append(await render_fleet(outdir))
     return written
+
+
+async def render_group(app: VirtdeckApp, pilot: Any, outdir: Path) -> Path:
+    """A group plan: the clones of template-web marked (t), one snapshot for all (n)."""
+    from tui.screens.confirm import PlanScreen
+
+    await pilot.pause(0.3)
+    await pilot.press("1")
+    app.screen.query_one(DomainsTable).select_name("web-1")
+    await pilot.press("t", "n")
+    await pilot.pause(0.3)
+    await pilot.press(*"pre-upgrade", "enter")
+    for _ in range(100):
+        if isinstance(app.screen, PlanScreen):
+            break
+        await pilot.pause(0.1)
+    await pilot.pause(0.5)
+    path = outdir / "group.svg"
+    app.save_screenshot(filename=path.name, path=str(outdir))
+    await pilot.press("n", "U")
+    return path
 
 
 async def render_fleet(outdir: Path) -> Path:

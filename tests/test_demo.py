@@ -109,13 +109,16 @@ def test_screenshot_script_renders_every_pane(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     svgs = {p.stem: p.read_text() for p in out.glob("*.svg")}
-    assert set(svgs) == {"snapshots", "templates", "usage", "fleet", "details"}
+    assert set(svgs) == {"snapshots", "templates", "usage", "fleet", "details", "group"}
     assert "52:54:00:00:0b:01" in svgs["details"] and "lease" in svgs["details"]
     for text in svgs.values():
         assert text.startswith("<svg") and "DEMO" in text
     assert "NO&#160;ANSWER" in svgs["fleet"] or "NO ANSWER" in svgs["fleet"]  # the silent host
     assert "before-upgrade" in svgs["snapshots"]  # the demo's snapshot tree
     assert "template-web" in svgs["templates"]
+    group = svgs["group"].replace("&#160;", " ")  # the group plan: every clone listed
+    assert "3 selected" in group and "pre-upgrade" in group
+    assert all(f"of '{n}'" in group.replace("&#x27;", "'") for n in ("web-1", "web-2", "web-3"))
 
 
 def test_dashboard_without_a_terminal_says_so_instead_of_hanging(cache: Path) -> None:

@@ -75,11 +75,14 @@ async def test_rollback_of_a_domain_that_is_not_selected(lab: Hypervisor) -> Non
         await _ready(app, pilot)
         table = app.main.query_one(DomainsTable)
         assert table.select_name("web-2")
+        await pilot.press("space")  # web-2 marked: the keys would act on it; the palette names db
         await pilot.pause()
+        assert [d.name for d in table.marked_domains()] == ["web-2"]
         hit = await _choose(app, pilot, "rollback db")
         assert "Rollback db" in hit
         screen = await _plan_screen(app, pilot)
         assert "db" in screen.plan.title and "pre-migration" in " ".join(screen.plan.summary())
+        assert "web-2" not in screen.plan.title + " ".join(screen.plan.summary())
         selected = table.selected()
         assert selected is not None and selected.name == "db"  # the cursor followed the command
 

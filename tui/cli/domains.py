@@ -13,6 +13,15 @@ from typing import Any
 import humanize
 
 from tui.cli import find_domain, format_table, print_json, report_unreachable
+from tui.cli.groups import (
+    add_group_options,
+    carry_out_group,
+    is_group,
+    members,
+    need_selection,
+    resolver,
+)
+from tui.core import groups
 from tui.core.details import addresses
 from tui.core.errors import VirtdeckError
 from tui.core.fleet import on_each
@@ -25,17 +34,18 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_ls)
     for name, helptext in (
-        ("start", "start a domain"),
-        ("destroy", "force a domain off (pull the plug)"),
-        ("reboot", "reboot a running domain"),
-        ("suspend", "pause a running domain"),
-        ("resume", "resume a paused domain"),
+        ("start", "start domains"),
+        ("destroy", "force domains off (pull the plug)"),
+        ("reboot", "reboot running domains"),
+        ("suspend", "pause running domains"),
+        ("resume", "resume paused domains"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("name", metavar="NAME")
-        p.set_defaults(handler=cmd_lifecycle, action=name)
-    p = sub.add_parser("shutdown", help="shut a domain down gracefully and wait for it")
-    p.add_argument("name", metavar="NAME")
+        p.add_argument("names", metavar="NAME", nargs="*", help="one or more domains")
+        add_group_options(p)
+        p.set_defaults(handler=cmd_lifecycle, action=name, parser_error=p.error)
+    p = sub.add_parser("shutdown", help="shut domains down gracefully and wait for them")
+    p.add_argument("names", metavar="NAME", nargs="*", help="one or more domains")
     p.add_argument(
         "--timeout",
         type=float,
@@ -45,7 +55,8 @@ def register(sub: Any) -> None:
         "(default: config timeouts.shutdown, else 60)",
     )
     p.add_argument("--no-wait", action="store_true", help="ask the guest and return at once")
-    p.set_defaults(handler=cmd_shutdown)
+    add_group_options(p)
+    p.set_defaults(handler=cmd_shutdown, parser_error=p.error)
 
 
 def _row(d: DomainInfo, show_host: bool) -> list[str]:
@@ -127,27 +138,48 @@ def listed_addresses(
     return {(d.host, d.name): dict(out.get((d.host, d.name), late)) for _hv, d in domains}
 
 
+def _single(args: argparse.Namespace) -> bool:
+    """One NAME, no selection options, no plan options: the plain single-domain command."""
+    return not is_group(args, args.names) and not (args.dry_run or args.json)
+
+
+def _group(args: argparse.Namespace, hypervisors: list[Hypervisor], action: str) -> int:
+    need_selection(args.parser_error, args, args.names)
+    found = members(args, hypervisors, args.names)
+    timeout = getattr(args, "timeout", None)
+    plan = groups.plan_group(resolver(hypervisors), action, found, timeout=timeout)
+    return carry_out_group(args, plan)
+
+
 def cmd_lifecycle(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    hv = find_domain(hypervisors, args.name)
-    getattr(hv, args.action)(args.name)
-    print(f"{args.name}: {args.action} done")
+    if not _single(args):
+        return _group(args, hypervisors, args.action)
+    name = args.names[0]
+    hv = find_domain(hypervisors, name)
+    getattr(hv, args.action)(name)
+    print(f"{name}: {args.action} done")
     return 0
 
 
 def cmd_shutdown(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    hv = find_domain(hypervisors, args.name)
-    if args.no_wait:
-        hv.shutdown(args.name)
-        print(f"{args.name}: shutdown requested")
-        return 0
-    if args.timeout is None:
+    if args.timeout is None and not args.no_wait:
         args.timeout = args.settings.shutdown_timeout
-    if hv.shutdown_and_wait(args.name, args.timeout):
-        print(f"{args.name}: shut off")
+    if args.no_wait:
+        args.timeout = None
+    if not _single(args):
+        return _group(args, hypervisors, "shutdown")
+    name = args.names[0]
+    hv = find_domain(hypervisors, name)
+    if args.no_wait:
+        hv.shutdown(name)
+        print(f"{name}: shutdown requested")
+        return 0
+    if hv.shutdown_and_wait(name, args.timeout):
+        print(f"{name}: shut off")
         return 0
     print(
-        f"virtdeck: '{args.name}' is still running after {args.timeout:g} s "
-        f"(the guest ignored the request); force it off with 'virtdeck destroy {args.name}'",
+        f"virtdeck: '{name}' is still running after {args.timeout:g} s "
+        f"(the guest ignored the request); force it off with 'virtdeck destroy {name}'",
         file=sys.stderr,
     )
     return 1

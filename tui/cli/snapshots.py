@@ -6,7 +6,15 @@ import argparse
 from typing import Any
 
 from tui.cli import add_plan_options, carry_out, find_domain, print_json, stderr_progress
-from tui.core import snapshots
+from tui.cli.groups import (
+    add_group_options,
+    carry_out_group,
+    is_group,
+    members,
+    need_selection,
+    resolver,
+)
+from tui.core import groups, snapshots
 from tui.core.hypervisor import Hypervisor
 from tui.core.units import size
 
@@ -21,9 +29,22 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_ls)
 
-    p = ssub.add_parser("create", help="take a snapshot")
-    p.add_argument("domain", metavar="DOMAIN")
-    p.add_argument("name", metavar="NAME")
+    p = ssub.add_parser(
+        "create",
+        help="take a snapshot (of one DOMAIN, or of a group: NAME with --domain, --template "
+        "or --match)",
+        usage="%(prog)s [DOMAIN] NAME [--domain D ...] [--template T] [--match GLOB] [options]",
+    )
+    p.add_argument("words", metavar="[DOMAIN] NAME", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--domain",
+        dest="domains",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="a domain of the group (repeatable); the same snapshot NAME for each",
+    )
+    add_group_options(p, plan_options=False)
     p.add_argument(
         "--external",
         action="store_true",
@@ -37,7 +58,7 @@ def register(sub: Any) -> None:
         "--quiesce", action="store_true", help="freeze guest file systems (needs the guest agent)"
     )
     add_plan_options(p)
-    p.set_defaults(handler=cmd_create)
+    p.set_defaults(handler=cmd_create, parser_error=p.error)
 
     p = ssub.add_parser("revert", help="go back to a snapshot (the current state is lost)")
     p.add_argument("domain", metavar="DOMAIN")
@@ -52,10 +73,10 @@ def register(sub: Any) -> None:
     add_plan_options(p)
     p.set_defaults(handler=cmd_delete)
 
-    p = sub.add_parser("rollback", help="revert a domain to its current snapshot")
-    p.add_argument("domain", metavar="DOMAIN")
-    add_plan_options(p)
-    p.set_defaults(handler=cmd_rollback)
+    p = sub.add_parser("rollback", help="revert domains to their current snapshot")
+    p.add_argument("domains", metavar="DOMAIN", nargs="*", help="one or more domains")
+    add_group_options(p)
+    p.set_defaults(handler=cmd_rollback, parser_error=p.error)
 
 
 def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
@@ -80,7 +101,40 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     return 0
 
 
+def _create_shape(args: argparse.Namespace) -> tuple[str | None, str]:
+    """`create DOMAIN NAME`, or `create NAME` with --domain/--template/--match (a group)."""
+    grouped = bool(args.domains) or args.template is not None or args.match is not None
+    if grouped:
+        if len(args.words) != 1:
+            args.parser_error(
+                "with --domain, --template or --match give only the snapshot NAME "
+                f"(got {' '.join(args.words)})"
+            )
+        return None, args.words[0]
+    if len(args.words) != 2:
+        args.parser_error(
+            "give DOMAIN NAME, or NAME with --domain DOMAIN (repeatable), --template T or "
+            "--match GLOB"
+        )
+    return args.words[0], args.words[1]
+
+
 def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    domain, name = _create_shape(args)
+    if domain is None:
+        found = members(args, hypervisors, args.domains)
+        group = groups.plan_group(
+            resolver(hypervisors),
+            "snapshot",
+            found,
+            snapshot=name,
+            external=args.external,
+            disk_only=args.disk_only,
+            description=args.description,
+            quiesce=args.quiesce,
+        )
+        return carry_out_group(args, group)
+    args.domain, args.name = domain, name
     hv = find_domain(hypervisors, args.domain)
     plan = snapshots.plan_create(
         hv,
@@ -118,8 +172,12 @@ def cmd_revert(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    hv = find_domain(hypervisors, args.domain)
-    return _revert(args, hv, snapshots.plan_rollback(hv, args.domain))
+    need_selection(args.parser_error, args, args.domains)
+    if is_group(args, args.domains):
+        found = members(args, hypervisors, args.domains)
+        return carry_out_group(args, groups.plan_group(resolver(hypervisors), "rollback", found))
+    hv = find_domain(hypervisors, args.domains[0])
+    return _revert(args, hv, snapshots.plan_rollback(hv, args.domains[0]))
 
 
 def cmd_delete(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:

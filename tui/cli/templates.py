@@ -16,6 +16,7 @@ from tui.cli import (
     print_json,
     stderr_progress,
 )
+from tui.cli.groups import add_group_options, cmd_rm_group, is_group
 from tui.core import clones, templates
 from tui.core.errors import NotFoundError
 from tui.core.hypervisor import Hypervisor
@@ -142,7 +143,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "rm", help="remove a domain or template (refused while thin clones depend on it)"
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("names", metavar="NAME", nargs="*", help="one or more domains or templates")
+    add_group_options(p, plan_options=False)
     p.add_argument(
         "--storage",
         action="store_true",
@@ -150,7 +152,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
     add_plan_options(p)
-    p.set_defaults(handler=cmd_rm)
+    p.set_defaults(handler=cmd_rm, parser_error=p.error)
 
 
 def _count(text: str) -> int:
@@ -300,6 +302,9 @@ def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    if is_group(args, args.names):  # several: one group plan (tui.cli.groups)
+        return cmd_rm_group(args, hypervisors)
+    args.name = args.names[0]
     try:
         hv = find_domain(hypervisors, args.name)
     except NotFoundError:

@@ -453,6 +453,12 @@ def _restore_memory(hv: Hypervisor, domain: str, path: str, xml: str, running: b
     hv.call(hv.conn.restoreFlags, path, xml, flags, what=f"restoring '{domain}'")
 
 
+def _delete_snapshot(hv: Hypervisor, domain: str, name: str) -> None:
+    from tui.core.groups import delete_snapshot
+
+    delete_snapshot(hv, domain, name)
+
+
 UNDO: dict[str, Callable[..., None]] = {
     "undefine": _undefine,
     "delete_file": _delete_file,
@@ -463,4 +469,5 @@ UNDO: dict[str, Callable[..., None]] = {
     "redefine_snapshot": _redefine_snapshot,
     "start": _start,
     "restore_memory": _restore_memory,
+    "delete_snapshot": _delete_snapshot,  # a group snapshot's member (tui.core.groups)
 }

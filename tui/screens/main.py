@@ -2,27 +2,38 @@
 
 Keys live here (not on the App) so a modal screen above it never triggers them. Pane keys are
 merged in from each pane's SCREEN_BINDINGS (see tui.widgets.base).
+
+Groups: space marks rows (shift+up/down extends, `t` the clones of the template under the
+cursor, `m` names matching a glob, `U` clears). While rows are marked, start, shutdown, force
+off, reboot, pause, snapshot (`n`), rollback (`R`) and remove (`x`) act on the marked domains:
+one group plan (tui.core.groups), one PlanScreen listing every one of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
+from tui.core import groups
 from tui.core.catalog import Template
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo, DomainState, HostInfo
-from tui.screens.confirm import ConfirmScreen
+from tui.core.progress import Progress
+from tui.screens.confirm import ConfirmScreen, PlanScreen
 from tui.screens.details import DetailsScreen
+from tui.screens.group_forms import MatchScreen
+from tui.screens.snapshot_forms import NewSnapshotScreen, SnapshotRequest
 from tui.screens.terminal import AttachReady, hand_over, prepare
 from tui.widgets.base import Pane
 from tui.widgets.domains import DomainsTable
@@ -48,6 +59,12 @@ DOMAIN_BINDINGS: list[BindingType] = [
     Binding("i", "details", "Details", id="domain.details"),
     Binding("C", "attach('console')", "Console", show=False, id="domain.console"),
     Binding("S", "attach('ssh')", "SSH", show=False, id="domain.ssh"),
+    Binding("space", "toggle_mark", "Mark", id="group.mark"),
+    Binding("shift+down", "extend_marks(1)", "Mark down", show=False, id="group.extend_down"),
+    Binding("shift+up", "extend_marks(-1)", "Mark up", show=False, id="group.extend_up"),
+    Binding("t", "mark_clones", "Mark clones", show=False, id="group.clones"),
+    Binding("m", "mark_matching", "Mark matching", id="group.match"),
+    Binding("U", "clear_marks", "Unmark all", show=False, id="group.clear"),
     Binding("slash", "filter", "Filter", id="domains.filter"),
     Binding("o", "sort", "Sort", id="domains.sort"),
     Binding("1", "tab('snapshots')", "Snapshots", show=False, id="tab.snapshots"),
@@ -57,6 +74,23 @@ DOMAIN_BINDINGS: list[BindingType] = [
 ]
 
 SORT_CYCLE = ("name", "state", "cpu", "memory", "disk", "vcpus")
+
+# Pane keys that act on the marked domains while there are any: (pane, verb) -> group verb.
+GROUP_PANE_VERBS = {
+    ("snapshots", "new"): "snapshot",
+    ("snapshots", "rollback"): "rollback",
+    ("templates", "delete"): "rm",
+}
+
+
+@dataclass
+class GroupPlanned(Message):
+    plan: groups.GroupPlan
+
+
+@dataclass
+class GroupDone(Message):
+    text: str
 
 
 def binding_ids() -> set[str]:
@@ -167,6 +201,9 @@ class MainScreen(Screen[None]):
         return info
 
     def action_lifecycle(self, action: str) -> None:
+        if self.marked:
+            self.group(action)
+            return
         info = self._need_selection()
         if info is not None:
             self.vapp.run_lifecycle(info.host, info.name, action)
@@ -175,12 +212,19 @@ class MainScreen(Screen[None]):
         self.action_lifecycle("shutdown")
 
     def action_pause(self) -> None:
+        if self.marked:
+            paused = all(d.state is DomainState.PAUSED for d in self.marked)
+            self.group("resume" if paused else "suspend")
+            return
         info = self._need_selection()
         if info is not None:
             action = "resume" if info.state is DomainState.PAUSED else "suspend"
             self.vapp.run_lifecycle(info.host, info.name, action)
 
     def action_force_off(self) -> None:
+        if self.marked:
+            self.group("destroy")
+            return
         info = self._need_selection()
         if info is None:
             return
@@ -251,6 +295,8 @@ class MainScreen(Screen[None]):
             box.value = ""
             box.display = False
             self.query_one(DomainsTable).focus()
+        elif self.marked:
+            self.action_clear_marks()
 
     def action_sort(self) -> None:
         table = self.query_one(DomainsTable)
@@ -262,6 +308,10 @@ class MainScreen(Screen[None]):
         self.query_one(TabbedContent).active = f"tab-{pane_id}"
 
     def action_pane(self, pane_id: str, verb: str) -> None:
+        group_verb = GROUP_PANE_VERBS.get((pane_id, verb))
+        if group_verb is not None and self.marked:
+            self.group(group_verb)
+            return
         pane = self.query_one(f"#{pane_id}", Pane)
         self.action_tab(pane_id)
         getattr(pane, f"action_{verb}")()
@@ -312,7 +362,7 @@ class MainScreen(Screen[None]):
 
     async def act_on_domain(self, host: str, name: str, action: str) -> None:
         if self.show_domain(host, name) is not None:
-            await self.run_action(action)
+            await self.one_domain(action)
 
     async def deploy_template(self, host: str, name: str, sealed: bool) -> None:
         self.action_tab("templates")
@@ -330,6 +380,7 @@ class MainScreen(Screen[None]):
     # -- command palette: the actions of the selected row -----------------------------------
 
     def row_commands(self) -> Iterable[SystemCommand]:
+        yield from self.group_commands()
         info = self.selected
         if info is None:
             return
@@ -340,10 +391,157 @@ class MainScreen(Screen[None]):
                 action = binding.action.replace("pane(", "pane_anywhere(", 1)
 
                 async def run(action: str = action) -> None:
-                    await self.run_action(action)
+                    await self.one_domain(action)
 
                 yield SystemCommand(
                     f"{binding.description}: {info.name}",
                     f"{binding.description} the selected domain (key {binding.key})",
                     run,
                 )
+
+    # -- groups: marked rows, one plan ------------------------------------------------------
+
+    GROUP_COMMANDS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("start", "Start"),
+        ("shutdown", "Shut down"),
+        ("destroy", "Force off"),
+        ("reboot", "Reboot"),
+        ("snapshot", "Snapshot"),
+        ("rollback", "Roll back"),
+        ("rm", "Remove"),
+    )
+
+    def group_commands(self) -> Iterable[SystemCommand]:
+        """The palette's group actions: marking always, the verbs while domains are marked
+        (each runs `group(verb)`: one plan, one confirmation)."""
+        for action, title, helptext in (
+            ("mark_matching", "Mark matching domains…", "mark the domains a name pattern matches"),
+            ("mark_clones", "Mark clones of this template", "the clones of the template under "
+             "the cursor (of a clone: its template's)"),
+            ("clear_marks", "Unmark all", "clear the marks"),
+        ):  # fmt: skip
+
+            async def run_mark(action: str = action) -> None:
+                await self.run_action(action)
+
+            yield SystemCommand(title, helptext, run_mark)
+        marked = self.marked
+        if not marked:
+            return
+        names = ", ".join(d.name for d in marked)
+        for verb, title in self.GROUP_COMMANDS:
+
+            def run(verb: str = verb) -> None:
+                self.group(verb)
+
+            yield SystemCommand(f"{title} {len(marked)} marked domains", names, run)
+
+    @property
+    def marked(self) -> list[DomainInfo]:
+        """The marked domains (the group the keys act on), in the table's order; none while a
+        palette command that names one domain runs (`one_domain`)."""
+        if self._one_domain:
+            return []
+        return self.query_one(DomainsTable).marked_domains()
+
+    _one_domain = False
+
+    async def one_domain(self, action: str) -> None:
+        """Run a key's action on the cursor's domain alone, whatever is marked (a palette
+        command names its domain: "Rollback db" never rolls back the marked group)."""
+        self._one_domain = True
+        try:
+            await self.run_action(action)
+        finally:
+            self._one_domain = False
+
+    def action_toggle_mark(self) -> None:
+        self.query_one(DomainsTable).toggle_mark()
+
+    def action_extend_marks(self, step: int) -> None:
+        self.query_one(DomainsTable).extend_marks(step)
+
+    def action_clear_marks(self) -> None:
+        self.query_one(DomainsTable).clear_marks()
+
+    def action_mark_clones(self) -> None:
+        """Mark the clones of the template under the cursor (of a clone's template)."""
+        info = self._need_selection()
+        if info is None:
+            return
+        template = info.name if info.is_template else info.meta.source
+        if not template or not (info.is_template or info.meta.role == "clone"):
+            self.notify(f"'{info.name}' is neither a template nor a clone", severity="warning")
+            return
+        n = self.query_one(DomainsTable).mark_clones(template)
+        self.notify(f"{n} clone(s) of '{template}' marked", timeout=3)
+
+    def action_mark_matching(self) -> None:
+        def answered(pattern: str | None) -> None:
+            if pattern:
+                n = self.query_one(DomainsTable).mark_matching(pattern)
+                text = f"{n} domain(s) match '{pattern}'"
+                self.notify(text, severity="information" if n else "warning", timeout=3)
+
+        self.app.push_screen(MatchScreen(), answered)
+
+    @on(DomainsTable.MarksChanged)
+    def _marks_changed(self, message: DomainsTable.MarksChanged) -> None:
+        self.sub_title = f"{message.count} selected" if message.count else ""
+
+    def group(self, verb: str) -> None:
+        """Plan `verb` for the marked domains (a worker), then one confirmation for all."""
+        marked = self.marked
+        members = [groups.Member(d.host, d.name) for d in marked]
+        if verb != "snapshot":
+            self._plan_group(verb, members, {})
+            return
+
+        def answered(request: SnapshotRequest | None) -> None:
+            if request is not None:
+                opts = {
+                    "snapshot": request.name,
+                    "external": request.external,
+                    "disk_only": request.disk_only,
+                    "description": request.description,
+                }
+                self._plan_group("snapshot", members, opts)
+
+        names = ", ".join(d.name for d in marked)
+        running = any(d.state.active for d in marked)
+        self.app.push_screen(NewSnapshotScreen(names, running=running), answered)
+
+    @work(thread=True, exit_on_error=False, group="group-plan", description="group plan")
+    def _plan_group(self, verb: str, members: list[groups.Member], opts: dict[str, Any]) -> None:
+        if verb == "rm":  # planned with storage so the modal lists the files; its box decides
+            opts = {"storage": True, "backup_dir": self.vapp.settings.backup_dir}
+        if verb == "shutdown":
+            opts = {"timeout": self.vapp.shutdown_timeout}
+        plan = groups.plan_group(self.vapp.hypervisor, verb, members, **opts)
+        if verb == "rm":
+            plan = replace(plan, members=tuple(replace(m, ask=True) for m in plan.members))
+        self.post_message(GroupPlanned(plan))
+
+    @on(GroupPlanned)
+    def _group_planned(self, message: GroupPlanned) -> None:
+        def answered(chosen: Any) -> None:
+            if chosen is not None:
+                self.notify(f"{chosen.title.rstrip('?')}…", timeout=3)
+                self._run_group(chosen)
+
+        self.app.push_screen(PlanScreen(message.plan), answered)
+
+    @work(thread=True, exit_on_error=False, group="plan", description="running a group plan")
+    def _run_group(self, plan: groups.GroupPlan) -> None:
+        progress: Progress = lambda _text, _fraction: None  # noqa: E731
+        try:
+            text = plan.run(self.vapp.hypervisor(plan.host), progress)
+        finally:
+            self.app.call_from_thread(self.vapp.refresh_inventory)
+        self.post_message(GroupDone(text))
+
+    @on(GroupDone)
+    def _group_done(self, message: GroupDone) -> None:
+        self.notify(message.text, title="group")
+        for pane in self.query(Pane):
+            pane.domain_selected(self.selected)

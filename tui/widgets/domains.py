@@ -1,15 +1,26 @@
-"""The domains table: one row per domain of every host, updated in place, sortable, filterable."""
+"""The domains table: one row per domain of every host, updated in place, sortable, filterable.
+
+Rows can be marked (a group: tui.core.groups): the first column shows the mark; marks are kept
+by row key (host|uuid) across refreshes, sorting and filtering, and dropped with their domain.
+Every change of the marks posts `DomainsTable.MarksChanged` (the screen shows "N selected").
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import humanize
 from rich.text import Text
+from textual.message import Message
 from textual.widgets import DataTable
 
+from tui.core.groups import clones_of
 from tui.core.models import DomainInfo, DomainState
+
+MARK = "●"
 
 _STATE_STYLE = {
     DomainState.RUNNING: "bold green",
@@ -41,6 +52,12 @@ def _size(n: int | None) -> str:
 class DomainsTable(DataTable[Any]):
     """Rows keyed by host|uuid; cells rewritten only when their text changes."""
 
+    @dataclass
+    class MarksChanged(Message):
+        """The marked rows changed; `count` of them are marked now."""
+
+        count: int
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.domains: dict[str, DomainInfo] = {}
@@ -50,10 +67,12 @@ class DomainsTable(DataTable[Any]):
         self.show_host = False
         self.stale: dict[str, str] = {}  # host -> "no answer for N s": its rows are greyed
         self._order: list[str] = []
+        self.marked: set[str] = set()  # row keys
         self._add_columns()
 
     def _add_columns(self) -> None:
         self.clear(columns=True)
+        self.add_column(" ", key="mark")
         if self.show_host:
             self.add_column("Host", key="host")
         for label, key in (
@@ -77,7 +96,7 @@ class DomainsTable(DataTable[Any]):
         note = self.stale.get(d.host)
         if note is not None:  # last known values, greyed, with how long the host is silent
             cells = [Text(str(c), style="dim") for c in self._live_cells(d)]
-            cells[1 + self.show_host] = Text(f"{d.state.value}? {note}", style="dim italic")
+            cells[2 + self.show_host] = Text(f"{d.state.value}? {note}", style="dim italic")
             return cells
         return self._live_cells(d)
 
@@ -97,7 +116,8 @@ class DomainsTable(DataTable[Any]):
         ]
         if self.show_host:
             cells.insert(0, Text(d.host, style="dim"))
-        return cells
+        mark = Text(MARK, style="bold cyan") if row_key(d) in self.marked else Text(" ")
+        return [mark, *cells]
 
     def visible_domains(self) -> list[DomainInfo]:
         needle = self.filter_text.lower()
@@ -117,7 +137,11 @@ class DomainsTable(DataTable[Any]):
     ) -> None:
         self.domains = {row_key(d): d for d in domains}
         self.stale = dict(stale or {})
+        gone = self.marked - self.domains.keys()
+        self.marked -= gone
         self._render_rows()
+        if gone:
+            self.post_message(self.MarksChanged(len(self.marked)))
 
     def set_stale(self, stale: dict[str, str]) -> None:
         if stale != self.stale:
@@ -177,3 +201,51 @@ class DomainsTable(DataTable[Any]):
                 self.move_cursor(row=i, animate=False)
                 return True
         return False
+
+    # -- marks (a group) --------------------------------------------------------------------
+
+    def marked_domains(self) -> list[DomainInfo]:
+        """The marked domains, in the table's order (marked rows a filter hides included)."""
+        shown = {k: i for i, k in enumerate(self._order)}
+        keys = sorted(self.marked, key=lambda k: (shown.get(k, len(shown)), k))
+        return [self.domains[k] for k in keys if k in self.domains]
+
+    def set_marks(self, keys: Iterable[str]) -> None:
+        marked = {k for k in keys if k in self.domains}
+        if marked != self.marked:
+            self.marked = marked
+            self._render_rows()
+        self.post_message(self.MarksChanged(len(self.marked)))
+
+    def toggle_mark(self) -> None:
+        """Mark the cursor's row, or unmark it, and move to the next row."""
+        key = self.selected_key()
+        if key is None:
+            return
+        self.set_marks(self.marked ^ {key})
+        if self.cursor_row < len(self._order) - 1:
+            self.move_cursor(row=self.cursor_row + 1, animate=False)
+
+    def extend_marks(self, step: int) -> None:
+        """Mark the cursor's row and the next one up (-1) or down (+1), moving there."""
+        key = self.selected_key()
+        if key is None:
+            return
+        row = max(0, min(len(self._order) - 1, self.cursor_row + step))
+        self.set_marks(self.marked | {key, self._order[row]})
+        self.move_cursor(row=row, animate=False)
+
+    def clear_marks(self) -> None:
+        self.set_marks(())
+
+    def mark_clones(self, template: str) -> int:
+        """Mark the clones of `template` (adding to the marks); returns how many."""
+        found = [row_key(d) for d in clones_of(self.domains.values(), template)]
+        self.set_marks(self.marked | set(found))
+        return len(found)
+
+    def mark_matching(self, pattern: str) -> int:
+        """Mark every domain whose name matches the glob (adding to the marks)."""
+        found = [k for k, d in self.domains.items() if fnmatch.fnmatchcase(d.name, pattern)]
+        self.set_marks(self.marked | set(found))
+        return len(found)
