@@ -3,8 +3,8 @@
 `Identity` is what the operator asked for (a hostname template such as `{name}`, the SSH
 public keys read and checked when it is made, first-boot commands); `plan_clone` turns it
 into one `Customisation` per clone (the hostname filled in, the clone's own disk images) and
-`customise_all` runs them with virt-customize, one child per clone, in parallel up to the
-machine's cores.
+`customise_all` runs them with virt-customize, one child per clone, in parallel (twice the
+cores, as many as the available memory holds: `default_workers`).
 
 virt-customize writes only to the images it is given: the clone's own overlay or copy. The
 template's base is opened read-only by qemu through the overlay's backing chain, so its
@@ -20,7 +20,8 @@ virt-customize refuses a disk where it finds no OS; SSH keys and first-boot comm
 only ever written when asked for.
 
 Under TCG (these machines) one customisation of a small Debian guest takes 35-50 s; three
-on 2 cores take about 110 s two at a time, 150 s one after another (benchmarks/bench_identity.py).
+on 2 cores take about 76 s all at once, 110 s two at a time, 150 s one after another
+(benchmarks/bench_identity.py).
 """
 
 from __future__ import annotations
@@ -377,6 +378,24 @@ def _remove_key_dir(directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+APPLIANCE_BYTES = 1280 * 1024**2  # libguestfs' appliance VM memory (its default memsize)
+
+
+def default_workers() -> int:
+    """How many customisations run at once: twice the cores (an appliance under TCG waits on
+    I/O as much as it computes: measured, 3 clones on 2 cores took 76 s all at once, 110 s two
+    at a time), and no more appliances than the available memory holds."""
+    cores = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
+    except (OSError, StopIteration, ValueError):
+        return cores
+    return max(1, min(2 * cores, avail // APPLIANCE_BYTES))
+
+
 def customise_all(
     work: Sequence[tuple[str, Customisation]],
     progress: Progress,
@@ -384,12 +403,11 @@ def customise_all(
     customiser: Customiser | None = None,
     workers: int | None = None,
 ) -> dict[str, float]:
-    """Customise every clone, as many at once as the machine has cores (each child is one
-    appliance VM using about one core under TCG). The first failure ends the others and is
+    """Customise every clone, `default_workers()` at once. The first failure ends the others and is
     raised; an interrupt (cancel()) kills every child and raises Interrupted. Returns the
     seconds each took."""
     customiser = customiser or Customiser()
-    limit = max(1, min(workers or os.cpu_count() or 1, len(work)))
+    limit = max(1, min(workers or default_workers(), len(work)))
     children = _Children()
     took: dict[str, float] = {}
 
