@@ -10,10 +10,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import humanize
-
 from tui.cli import find_domain, format_table, print_json, report_unreachable
-from tui.core.details import addresses
 from tui.core.errors import VirtdeckError
 from tui.core.fleet import on_each
 from tui.core.hypervisor import Hypervisor
@@ -49,6 +46,8 @@ def register(sub: Any) -> None:
 
 
 def _row(d: DomainInfo, show_host: bool) -> list[str]:
+    import humanize  # (here, not at import: `virtdeck ls` starts faster)
+
     alloc = d.disk_allocation_bytes
     row = [
         d.name + (" [T]" if d.is_template else ""),
@@ -93,6 +92,8 @@ def listed_addresses(
     default); changing that timeout would change it for everyone using the domain, so the
     listing stops waiting after `deadline` instead and says so. The callers run in daemon
     threads, so a call still waiting does not hold the command's exit."""
+    from tui.core.details import addresses
+
     out: dict[tuple[str, str], dict[str, Any]] = {}
     todo: queue.SimpleQueue[tuple[Hypervisor, DomainInfo]] = queue.SimpleQueue()
     for hv, d in domains:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from tui.core import audit, domxml
+from tui.core import domxml
 from tui.core.errors import StateError, VirtdeckError
 from tui.core.models import DomainState
 
@@ -26,6 +26,8 @@ def _audited(title: str) -> Callable[[_Verb], _Verb]:
     def wrap(fn: _Verb) -> _Verb:
         @functools.wraps(fn)
         def verb(self: Lifecycle, name: str, *args: Any, **kwargs: Any) -> None:
+            from tui.core import audit  # (not at import: `virtdeck ls` starts faster)
+
             with audit.recorded(self.uri, title.format(name=name), (name,)):
                 fn(self, name, *args, **kwargs)
 
