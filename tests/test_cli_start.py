@@ -26,7 +26,7 @@ def _registered() -> dict[str, tuple[str, str]]:
 
 
 def test_the_command_table_is_what_the_modules_register() -> None:
-    assert COMMANDS == _registered()
+    assert _registered() == COMMANDS
 
 
 def test_main_help_lists_every_command_with_its_help() -> None:
