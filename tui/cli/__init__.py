@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
@@ -106,8 +107,45 @@ class LazyCommands(_SubParsers):
         importlib.import_module(f"tui.cli.{module_name}").register(self)
 
 
+def _columns() -> int:
+    """shutil.get_terminal_size().columns without importing shutil (and bz2 with it)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter; argparse builds one for every add_argument, and its own
+    looks the width up through shutil (a few ms of every start)."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every virtdeck parser (subcommands get the class of their parent) uses _Formatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="virtdeck",
         description="Keyboard-driven dashboard and CLI for KVM/libvirt: templates, thin and "
         "full clones, snapshot trees. Without a command it starts the dashboard.",
@@ -375,7 +413,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("virtdeck: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `virtdeck ls --json | head`
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

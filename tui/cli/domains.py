@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import queue
 import sys
 import threading
 import time
@@ -92,6 +91,8 @@ def listed_addresses(
     default); changing that timeout would change it for everyone using the domain, so the
     listing stops waiting after `deadline` instead and says so. The callers run in daemon
     threads, so a call still waiting does not hold the command's exit."""
+    import queue
+
     from tui.core.details import addresses
 
     out: dict[tuple[str, str], dict[str, Any]] = {}
