@@ -222,3 +222,14 @@ def test_show_lists_the_domain_s_recent_operations(
     at = lines.index("Recent operations")
     assert "forcing off 'beta'  ok" in lines[at + 1]
     assert details.to_json()["operations"][0]["result"] == "ok"
+
+
+def test_recent_reads_back_across_rotated_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "MAX_BYTES", 1500)
+    for i in range(30):
+        dom = 'we"b' if i % 3 == 0 else "db"
+        audit.write(audit.make_record(f"test:///{i % 2}", f"op {i}", [dom], [], "ok"))
+    assert len(audit.files()) > 2
+    assert [r.operation for r in audit.recent('we"b')] == [f"op {i}" for i in (15, 18, 21, 24, 27)]
+    assert [r.operation for r in audit.recent('we"b', "test:///1", 2)] == ["op 21", "op 27"]
+    assert audit.recent("nope") == []

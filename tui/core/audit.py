@@ -289,9 +289,24 @@ def select(
 
 
 def recent(domain: str, host: str | None = None, limit: int = 5) -> list[Record]:
-    """The domain's last operations (the details view); an unreadable log is none."""
-    try:
-        records, _ = read()
-    except OSError:
-        return []
-    return select(records, domain=domain, host=host, limit=limit)
+    """The domain's last operations, oldest first (the details view): read from the newest
+    file backwards, so it stops early; an unreadable log or line is left out."""
+    found: list[Record] = []
+    needle = json.dumps(domain, ensure_ascii=False)  # as a record holds it
+    for p in reversed(files()):
+        try:
+            lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in reversed(lines):
+            if needle not in line:  # cheap: a record naming it holds it as this JSON string
+                continue
+            try:
+                record = Record.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if domain in record.domains and (host is None or record.host == host):
+                found.append(record)
+                if len(found) == limit:
+                    return found[::-1]
+    return found[::-1]
