@@ -284,6 +284,9 @@ def _check_audit() -> list[str]:
     results = collections.Counter(str(r.get("result")) for r in listed)
     if not set(results) <= {"ok", "failed", "interrupted", "undone"}:
         problems.append(f"records without a valid result: {dict(results)}")
+    anonymous = [r.get("operation") for r in listed if not r.get("domains")]
+    if anonymous:  # every operation and lifecycle verb names the domains it acts on
+        problems.append(f"operations that name no domain: {anonymous[:5]}")
     if any(t.startswith("system") for t in _tier_tests) and not listed:
         problems.append("the system tier ran but recorded no operation")
     counts = ", ".join(f"{n} {r}" for r, n in sorted(results.items()))
