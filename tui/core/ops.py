@@ -15,7 +15,8 @@ process, a host crash — what was started can be taken back: at once by the unw
 find journals whose process is gone. Undo actions are data (a kind and its arguments), not
 closures, so a later process can replay them; each is idempotent (undefining a domain that is
 not there, or deleting a file that is gone, is not an error), since a journal may record a step
-that never got to act. A finished or rolled-back operation leaves no journal behind.
+that never got to act. A finished or rolled-back operation leaves no journal behind. Every
+operation, and every recovery, is also recorded in the audit trail (tui.core.audit).
 
 Signals: `handle_signals()` makes SIGTERM and SIGHUP behave like Ctrl-C (an `Interrupted`
 raised in the main thread) and `cancel()` makes every running operation stop at its next
