@@ -231,12 +231,17 @@ def _private_state(
     """Each test has its own $XDG_STATE_HOME (virtdeck's undo journals and audit log), and
     leaves no journal: a finished or rolled-back operation must not leave one behind. A system
     test's audit records are also appended to the run's audit log (checked at the end)."""
-    monkeypatch.delenv("VIRTDECK_AUDIT_LOG", raising=False)
     state = tmp_path_factory.mktemp("state")
     monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    system = _tier(request.node).startswith("system")
+    audit_log = state / "virtdeck" / "audit.log"
+    if system:  # (also where a test's child processes with a state dir of their own write)
+        monkeypatch.setenv("VIRTDECK_AUDIT_LOG", str(audit_log))
+    else:
+        monkeypatch.delenv("VIRTDECK_AUDIT_LOG", raising=False)
     yield
-    if _tier(request.node).startswith("system"):
-        _collect_audit(state / "virtdeck" / "audit.log", tmp_path_factory)
+    if system:
+        _collect_audit(audit_log, tmp_path_factory)
     left = sorted(p.name for p in (state / "virtdeck" / "journal").glob("*.json"))
     assert not left, f"operations left journals behind: {left}"
 

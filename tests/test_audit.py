@@ -61,6 +61,18 @@ def test_an_operation_records_its_steps_and_how_it_ended(test_hv: Hypervisor) ->
     assert interrupted.result == "interrupted" and "nothing had changed" in interrupted.error
 
 
+def test_a_failure_after_a_cancel_is_an_interrupt(test_hv: Hypervisor) -> None:
+    """A signal kills the operation's child first; the step then fails: still an interrupt."""
+    ops.cancel("interrupted by SIGTERM", 15)
+    try:
+        with pytest.raises(OperationError), audit.recorded(test_hv.uri, "sealing", ["beta"]):
+            raise OperationError("virt-sysprep failed (exit -9)")
+    finally:
+        ops.reset_cancel()
+    (rec,) = records()
+    assert rec.result == "interrupted" and rec.error == "interrupted: virt-sysprep failed (exit -9)"
+
+
 def test_a_lifecycle_verb_inside_an_operation_is_the_operation_s(test_hv: Hypervisor) -> None:
     with ops.running(test_hv, "deploying", domains=["beta"]):
         test_hv.start("beta")

@@ -238,11 +238,14 @@ def recorded(host: str, operation: str, domains: Iterable[str] = ()) -> Iterator
 
 
 def classify(err: BaseException) -> tuple[str, str]:
-    from tui.core.cancel import Interrupted
+    """The result and the error line of an operation that raised `err`."""
+    from tui.core.cancel import Interrupted, cancelled
 
     line = str(err).splitlines()[0] if str(err) else type(err).__name__
     if isinstance(err, (Interrupted, KeyboardInterrupt)):
-        return "interrupted", line or "interrupted"
+        return "interrupted", line
+    if cancelled():  # a signal ended its child first: the child's failure is the interrupt's
+        return "interrupted", f"interrupted: {line}"
     return "failed", line
 
 
