@@ -245,3 +245,34 @@ def test_recent_reads_back_across_rotated_files(monkeypatch: pytest.MonkeyPatch)
     assert [r.operation for r in audit.recent('we"b')] == [f"op {i}" for i in (15, 18, 21, 24, 27)]
     assert [r.operation for r in audit.recent('we"b', "test:///1", 2)] == ["op 21", "op 27"]
     assert audit.recent("nope") == []
+
+
+async def test_details_screen_shows_the_domain_s_recent_operations(tmp_path: Path) -> None:
+    from tests.test_details import SPECS, _open, _screen_text
+    from tui.app import VirtdeckApp
+    from tui.core.testdriver import node_xml
+    from tui.screens.details import DetailsScreen
+
+    (tmp_path / "node.xml").write_text(node_xml(SPECS))
+    hv = Hypervisor.open(f"test://{tmp_path / 'node.xml'}")
+    try:
+        hv.suspend("web")
+        with pytest.raises(StateError):
+            hv.suspend("web")
+        hv.resume("web")
+        hv.start("off")  # another domain's: not shown
+        app = VirtdeckApp([hv], poll_interval=3600)
+        async with app.run_test(size=(140, 45)) as pilot:
+            await _open(app, pilot, "web")
+            await pilot.press("i")
+            await pilot.pause()
+            assert isinstance(app.screen, DetailsScreen)
+            await app.screen.workers.wait_for_complete()
+            await pilot.pause()
+            shown = _screen_text(app)
+    finally:
+        hv.close()
+    recent = shown[shown.index("Recent operations") :]
+    assert "suspending 'web'" in recent and "resuming 'web'" in recent
+    assert "'web' is not running, so it cannot be suspended" in recent
+    assert "'off'" not in recent
