@@ -60,3 +60,18 @@ def test_ls_imports_only_its_own_path() -> None:
              "tui.core.storage", "tui.core.ops", "tui.core.details", "tui.core.audit",
              "tomllib", "json", "textual", "rich"}  # fmt: skip
     assert not heavy & mods
+
+
+def test_a_command_the_table_names_but_no_module_registers_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tui.cli
+
+    monkeypatch.setitem(tui.cli.COMMANDS, "gone", ("log", "a command that was removed"))
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["gone"])
+    assert done.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == "virtdeck: error: command 'gone' is not available"
+    )

@@ -93,6 +93,8 @@ class LazyCommands(_SubParsers):
     ) -> None:
         if values and values[0] in COMMANDS:
             self.load(COMMANDS[values[0]][0])
+            if self._name_parser_map.get(values[0]) is None:  # the table and module disagree
+                parser.error(f"command '{values[0]}' is not available")
         super().__call__(parser, namespace, values, option_string)
 
     def load(self, module_name: str) -> None:
