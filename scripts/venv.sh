@@ -8,4 +8,7 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
 fi
 extras=""
 if [ $# -gt 0 ]; then extras="[$(IFS=,; echo "$*")]"; fi
-"$repo/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo$extras"
+# editable_mode=compat: a plain path in a .pth instead of setuptools' import hook, which
+# costs every start of the `virtdeck` script ~10 ms (benchmarks/bench_start.py).
+"$repo/.venv/bin/python" -m pip install -q --disable-pip-version-check \
+  --config-settings editable_mode=compat -e "$repo$extras"

@@ -223,14 +223,86 @@ def hung_daemon() -> Iterator[rigs.PrivateDaemon]:
 
 
 @pytest.fixture(autouse=True)
-def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Each test has its own $XDG_STATE_HOME (virtdeck's undo journals), and leaves none:
-    a finished or rolled-back operation must not leave a journal behind."""
+def _private_state(
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+):
+    """Each test has its own $XDG_STATE_HOME (virtdeck's undo journals and audit log), and
+    leaves no journal: a finished or rolled-back operation must not leave one behind. A system
+    test's audit records are also appended to the run's audit log (checked at the end)."""
     state = tmp_path_factory.mktemp("state")
     monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    system = _tier(request.node).startswith("system")
+    audit_log = state / "virtdeck" / "audit.log"
+    if system:  # (also where a test's child processes with a state dir of their own write)
+        monkeypatch.setenv("VIRTDECK_AUDIT_LOG", str(audit_log))
+    else:
+        monkeypatch.delenv("VIRTDECK_AUDIT_LOG", raising=False)
     yield
+    if system:
+        _collect_audit(audit_log, tmp_path_factory)
     left = sorted(p.name for p in (state / "virtdeck" / "journal").glob("*.json"))
     assert not left, f"operations left journals behind: {left}"
+
+
+# -- the system tier's audit trail: one log for the run, read back with `virtdeck log` --------
+
+_audit: dict[str, Any] = {"path": None, "records": 0}
+
+
+def _collect_audit(log: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tui.core import audit
+
+    if _audit["path"] is None:
+        _audit["path"] = tmp_path_factory.getbasetemp() / "audit-system-tier.log"
+    lines = [
+        line
+        for p in audit.files(log)
+        for line in p.read_text().splitlines(keepends=True)
+        if line.strip()
+    ]
+    with open(_audit["path"], "a") as fh:
+        fh.writelines(lines)
+    _audit["records"] += len(lines)
+
+
+def _check_audit() -> list[str]:
+    """`virtdeck log --json` on the run's log lists every operation the system tests
+    performed, each with a result; a summary line, or the lines saying what is wrong."""
+    import json
+    import sys
+
+    path = _audit["path"]
+    if path is None:
+        return []
+    proc = subprocess.run(
+        [sys.executable, "-m", "tui", "log", "--json"],
+        capture_output=True, text=True, env={**os.environ, "VIRTDECK_AUDIT_LOG": str(path)},
+    )  # fmt: skip
+    problems = []
+    if proc.returncode != 0 or proc.stderr:
+        problems.append(f"virtdeck log --json: exit {proc.returncode}: {proc.stderr.strip()}")
+    listed = json.loads(proc.stdout or "[]")
+    if len(listed) != _audit["records"]:
+        problems.append(f"{_audit['records']} records written, {len(listed)} listed")
+    results = collections.Counter(str(r.get("result")) for r in listed)
+    if not set(results) <= {"ok", "failed", "interrupted", "undone"}:
+        problems.append(f"records without a valid result: {dict(results)}")
+    anonymous = [r.get("operation") for r in listed if not r.get("domains")]
+    if anonymous:  # every operation and lifecycle verb names the domains it acts on
+        problems.append(f"operations that name no domain: {anonymous[:5]}")
+    if any(t.startswith("system") for t in _tier_tests) and not listed:
+        problems.append("the system tier ran but recorded no operation")
+    counts = ", ".join(f"{n} {r}" for r, n in sorted(results.items()))
+    summary = f"audit: `virtdeck log --json` lists {len(listed)} operations ({counts}): {path}"
+    return [f"AUDIT CHECK FAILED: {p}" for p in problems] or [summary]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _audit["lines"] = _check_audit()
+    if any(line.startswith("AUDIT CHECK FAILED") for line in _audit["lines"]):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # -- what the system tier exercised, printed at the end --------------------------------------
@@ -312,6 +384,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for tier in sorted(_tier_time):
         counts = ", ".join(f"{n} {o}" for o, n in sorted(_tier_tests.get(tier, {}).items()))
         tr.write_line(f"{tier:16} {_tier_time[tier]:7.1f} s  ({counts or 'no tests'})")
+    for line in _audit.get("lines", []):
+        tr.write_line(line)
     for daemon in system_daemons() if _seen else ():
         if daemon.id not in _seen:
             continue

@@ -15,14 +15,15 @@ host that died into an error instead of a hang.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import os
 import sys
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tui import __version__
-from tui.core import ops
+from tui.core.cancel import Interrupted, run_cancellable
 from tui.core.errors import (
     ConfigError,
     ConnectError,
@@ -42,10 +43,111 @@ START_SETTLE = 1.0  # seconds the dashboard waits for the other hosts once one a
 Handler = Callable[[argparse.Namespace, list[Hypervisor]], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tui.cli import details, domains, recover, snapshots, templates, usage
+# Every command: the module under tui.cli whose register() defines it, and its one-line help.
+# argparse knows every name and help from here; only the chosen command's module is imported
+# (a fast start: `virtdeck ls` does not load the snapshot, template or usage code).
+# tests/test_cli_start.py checks this table against what the modules register.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ls": ("domains", "list domains of every connected hypervisor"),
+    "start": ("domains", "start domains"),
+    "destroy": ("domains", "force domains off (pull the plug)"),
+    "reboot": ("domains", "reboot running domains"),
+    "suspend": ("domains", "pause running domains"),
+    "resume": ("domains", "resume paused domains"),
+    "shutdown": ("domains", "shut domains down gracefully and wait for them"),
+    "show": ("details", "a domain's addresses, consoles, graphics and disks"),
+    "console": ("details", "attach to a running domain's serial console (Ctrl-] detaches)"),
+    "ssh": ("details", "ssh to a running domain's first address"),
+    "template": ("templates", "make and list templates"),
+    "clone": ("templates", "deploy thin (default) or full clones of a template"),
+    "rm": ("templates", "remove a domain or template (refused while thin clones depend on it)"),
+    "snapshot": ("snapshots", "snapshot trees: list, create, revert, delete"),
+    "rollback": ("snapshots", "revert domains to their current snapshot"),
+    "usage": (
+        "usage",
+        "disk usage: what thin clones cost against full copies, backing chains, host totals",
+    ),
+    "recover": (
+        "recover",
+        "list, and with --yes roll back, operations a crash or kill left half-done",
+    ),
+    "log": ("log", "the audit trail: every operation virtdeck carried out, newest last"),
+}
 
-    parser = argparse.ArgumentParser(
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    _SubParsers = argparse._SubParsersAction
+
+
+class LazyCommands(_SubParsers):
+    """The subcommands: placeholders named in COMMANDS until one is chosen, then its module's
+    register() replaces the placeholders of that module with the real parsers."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if values and values[0] in COMMANDS:
+            self.load(COMMANDS[values[0]][0])
+            if self._name_parser_map.get(values[0]) is None:  # the table and module disagree
+                parser.error(f"command '{values[0]}' is not available")
+        super().__call__(parser, namespace, values, option_string)
+
+    def load(self, module_name: str) -> None:
+        loaded: set[str] = self.__dict__.setdefault("loaded", set())
+        if module_name in loaded:
+            return
+        loaded.add(module_name)
+        names = {n for n, (m, _) in COMMANDS.items() if m == module_name}
+        for n in names:
+            self._name_parser_map.pop(n, None)
+        self._choices_actions[:] = [a for a in self._choices_actions if a.dest not in names]
+        importlib.import_module(f"tui.cli.{module_name}").register(self)
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns without importing shutil (and bz2 with it)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter; argparse builds one for every add_argument, and its own
+    looks the width up through shutil (a few ms of every start)."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every virtdeck parser (subcommands get the class of their parent) uses _Formatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="virtdeck",
         description="Keyboard-driven dashboard and CLI for KVM/libvirt: templates, thin and "
         "full clones, snapshot trees. Without a command it starts the dashboard.",
@@ -84,9 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the demo lab (real qcow2 images, libvirt's test driver): no hypervisor needed",
     )
     parser.add_argument("--reset", action="store_true", help="with --demo: rebuild the lab")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (domains, details, templates, snapshots, usage, recover):
-        module.register(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=LazyCommands)
+    for name, (_module, helptext) in COMMANDS.items():
+        # A placeholder (an ArgumentParser each would cost a millisecond): LazyCommands puts
+        # the real parser in its place before argparse looks the name up.
+        sub._name_parser_map[name] = None  # type: ignore[assignment]
+        sub._choices_actions.append(sub._ChoicesPseudoAction(name, (), helptext))
     return parser
 
 
@@ -180,6 +285,8 @@ def find_domain(hypervisors: list[Hypervisor], name: str) -> Hypervisor:
 
 
 def print_json(data: Any) -> None:
+    import json
+
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
 
@@ -222,10 +329,14 @@ def carry_out(
     as_json = bool(getattr(args, "json", False))
     if getattr(args, "dry_run", False):
         if as_json:
+            from tui.core import ops
+
             print_json({"plan": ops.plan_json(plan), "dry_run": True, result_key: dry_result})
         return 0
     result = execute()
     if as_json:
+        from tui.core import ops
+
         print_json({"plan": ops.plan_json(plan), "dry_run": False, result_key: result})
     else:
         for line in describe(result):
@@ -279,12 +390,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command is None:
             return run_tui(args, settings)
+        if not getattr(args, "needs_hosts", True):  # `virtdeck log` reads a file, no host
+            return int(args.handler(args, []))
         hypervisors = connect(args)
         try:
             handler: Handler = args.handler
             # SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop a running operation
             # cleanly: it unwinds what it did and says so (tui.core.ops).
-            status = int(ops.run_cancellable(lambda: handler(args, hypervisors)))
+            status = int(run_cancellable(lambda: handler(args, hypervisors)))
         finally:
             for hv in hypervisors:
                 hv.close()
@@ -295,14 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VirtdeckError as err:
         print(f"virtdeck: {err}", file=sys.stderr)
         return 1
-    except ops.Interrupted as err:
+    except Interrupted as err:
         print(f"virtdeck: {err}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         print("virtdeck: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `virtdeck ls --json | head`
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -94,4 +94,12 @@ def describe(d: DomainDetails) -> list[str]:
         lines.append(f"  {disk.target}  {disk.described}")
     if not d.disks:
         lines.append("  none")
+    lines += ["", "Recent operations"]
+    for r in d.operations:
+        when = r.time.replace("T", " ")[:19]
+        lines.append(f"  {when}  {r.user}  {r.operation}  {r.result}  {r.duration:.1f}s")
+        if r.error:
+            lines.append(f"    {r.error}")
+    if not d.operations:
+        lines.append("  none recorded ('virtdeck log' shows the whole trail)")
     return lines

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tui.cli import add_plan_options, carry_out, find_domain, report_unreachable, stderr_progress
-from tui.core import groups
 from tui.core.errors import OperationError
 from tui.core.fleet import on_each
 from tui.core.hypervisor import Hypervisor
+
+if TYPE_CHECKING:
+    from tui.core import groups
 
 
 def add_group_options(p: argparse.ArgumentParser, *, plan_options: bool = True) -> None:
@@ -56,6 +58,8 @@ def members(
 ) -> list[groups.Member]:
     """The selection's members. Names alone are looked up one by one (as single-domain
     commands do); --template and --match read every host's domains, in parallel."""
+    from tui.core import groups  # here: `virtdeck ls` shares this module's imports
+
     if args.template is None and args.match is None:
         out = [groups.Member(find_domain(hypervisors, n).uri, n) for n in names]
         return list(dict.fromkeys(out))
@@ -68,6 +72,8 @@ def members(
 
 def carry_out_group(args: argparse.Namespace, plan: groups.GroupPlan) -> int:
     """The group's plan through `carry_out`; a line per member; exit 1 if any failed."""
+    from tui.core import groups
+
     results: list[groups.MemberResult] = []
 
     def execute() -> list[dict[str, Any]]:
@@ -94,6 +100,8 @@ def carry_out_group(args: argparse.Namespace, plan: groups.GroupPlan) -> int:
 def cmd_rm_group(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     """`virtdeck rm A B …` / `rm --template T` / `rm --match GLOB`: domains only (a template
     without its domain definition is removed by itself, by name)."""
+    from tui.core import groups
+
     need_selection(args.parser_error, args, args.names)
     found = members(args, hypervisors, args.names)
     plan = groups.plan_group(

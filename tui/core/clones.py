@@ -460,7 +460,7 @@ def execute_clone(
     done, progress = 0, ops.cancellable(progress)
     title = f"deploying {len(plan.items)} {plan.mode} clone(s) of '{plan.template}'"
     try:
-        with ops.running(hv, title) as undo:
+        with ops.running(hv, title, domains=[plan.template, *(i.name for i in plan.items)]) as undo:
             for item in plan.items:
                 progress(f"defining '{item.name}'", None)
                 # NVRAM is kept by the undefine: the copy below has its own undo, and libvirt's

@@ -14,7 +14,6 @@ import os
 import threading
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 import libvirt
 
@@ -44,6 +43,8 @@ def is_local_uri(uri: str) -> bool:
     `qemu:///system`, `qemu+unix:///system`, `test:///path`: local. `qemu+ssh://host/system`,
     `qemu://host/system` (TLS): remote, whatever the host name.
     """
+    from urllib.parse import urlsplit  # (here: `virtdeck ls` starts faster without it)
+
     parts = urlsplit(uri)
     transport = parts.scheme.partition("+")[2]
     if transport == "unix":

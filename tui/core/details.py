@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import audit, domxml
 from tui.core.errors import ConnectError, OperationError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor, is_local_uri
 from tui.core.models import DiskInfo, DomainState
@@ -135,6 +135,7 @@ class DomainDetails:
     consoles: tuple[CharDevice, ...] = ()
     disks: tuple[DiskInfo, ...] = ()
     agent_channel: str | None = None  # None: no channel; else its state ("connected"...)
+    operations: tuple[audit.Record, ...] = ()  # its last operations (the audit trail), oldest first
 
     @property
     def addresses(self) -> tuple[Address, ...]:
@@ -197,6 +198,9 @@ class DomainDetails:
 # -- reading --------------------------------------------------------------------------------
 
 
+RECENT_OPERATIONS = 5  # how many of a domain's last operations the details show
+
+
 def read_details(hv: Hypervisor, name: str) -> DomainDetails:
     """Everything the details view shows; libvirt calls only (no guest traffic)."""
     dom = hv.lookup(name)
@@ -224,6 +228,7 @@ def read_details(hv: Hypervisor, name: str) -> DomainDetails:
         consoles=char_devices(root),
         disks=domxml.disks(root),
         agent_channel=agent,
+        operations=tuple(audit.recent(name, hv.uri, RECENT_OPERATIONS)),
     )
 
 

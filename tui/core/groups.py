@@ -381,7 +381,8 @@ class GroupPlan(ops.PlanDefaults):
                     ops.check_cancelled()  # Ctrl-C between members: the taken ones go again
                     hv = resolve(m.host)
                     if m.host not in undos:
-                        undos[m.host] = stack.enter_context(ops.running(hv, title))
+                        here = [x.domain for x in self.members if x.host == m.host]
+                        undos[m.host] = stack.enter_context(ops.running(hv, title, domains=here))
                     undo = undos[m.host]
                     undo.push(
                         f"delete snapshot '{m.name}' of '{m.domain}'",

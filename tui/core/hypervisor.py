@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -163,6 +162,8 @@ class Hypervisor(Lifecycle, Events):
         if self._local is None:
             same = False
             if is_local_uri(self.uri):
+                import socket  # (here: `virtdeck ls` starts faster without it)
+
                 try:
                     same = self._conn.getHostname() == socket.gethostname()
                 except libvirt.libvirtError:

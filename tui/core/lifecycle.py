@@ -5,15 +5,35 @@ error translator)."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 
 from tui.core import domxml
 from tui.core.errors import StateError, VirtdeckError
 from tui.core.models import DomainState
+
+_Verb = TypeVar("_Verb", bound=Callable[..., None])
+
+
+def _audited(title: str) -> Callable[[_Verb], _Verb]:
+    """Record the verb in the audit trail (tui.core.audit), whoever calls it; inside a larger
+    operation (a clone started after its deploy) the operation's record covers it."""
+
+    def wrap(fn: _Verb) -> _Verb:
+        @functools.wraps(fn)
+        def verb(self: Lifecycle, name: str, *args: Any, **kwargs: Any) -> None:
+            from tui.core import audit  # (not at import: `virtdeck ls` starts faster)
+
+            with audit.recorded(self.uri, title.format(name=name), (name,)):
+                fn(self, name, *args, **kwargs)
+
+        return verb  # type: ignore[return-value]
+
+    return wrap
 
 
 class Lifecycle:
@@ -42,6 +62,7 @@ class Lifecycle:
     def _state(self, dom: Any) -> DomainState:
         return DomainState.from_libvirt(self.call(dom.state)[0])
 
+    @_audited("starting '{name}'")
     def start(self, name: str) -> None:
         dom = self.lookup(name)
         facts = self._facts(dom, dom.UUIDString())
@@ -54,6 +75,7 @@ class Lifecycle:
             raise StateError(f"'{name}' is already running")
         self.call(dom.create, what=f"starting '{name}'")
 
+    @_audited("shutting down '{name}'")
     def shutdown(self, name: str) -> None:
         """Ask the guest to power off (ACPI / agent); returns at once."""
         dom = self.lookup(name)
@@ -61,6 +83,7 @@ class Lifecycle:
             raise StateError(f"'{name}' is not running")
         self.call(dom.shutdown, what=f"shutting down '{name}'")
 
+    @_audited("forcing off '{name}'")
     def destroy(self, name: str) -> None:
         """Force off: pull the plug."""
         dom = self.lookup(name)
@@ -68,18 +91,21 @@ class Lifecycle:
             raise StateError(f"'{name}' is not running")
         self.call(dom.destroy, what=f"forcing off '{name}'")
 
+    @_audited("rebooting '{name}'")
     def reboot(self, name: str) -> None:
         dom = self.lookup(name)
         if self._state(dom) != DomainState.RUNNING:
             raise StateError(f"'{name}' is not running")
         self.call(dom.reboot, 0, what=f"rebooting '{name}'")
 
+    @_audited("suspending '{name}'")
     def suspend(self, name: str) -> None:
         dom = self.lookup(name)
         if self._state(dom) != DomainState.RUNNING:
             raise StateError(f"'{name}' is not running, so it cannot be suspended")
         self.call(dom.suspend, what=f"suspending '{name}'")
 
+    @_audited("resuming '{name}'")
     def resume(self, name: str) -> None:
         dom = self.lookup(name)
         if self._state(dom) != DomainState.PAUSED:

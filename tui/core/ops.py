@@ -15,7 +15,8 @@ process, a host crash — what was started can be taken back: at once by the unw
 find journals whose process is gone. Undo actions are data (a kind and its arguments), not
 closures, so a later process can replay them; each is idempotent (undefining a domain that is
 not there, or deleting a file that is gone, is not an error), since a journal may record a step
-that never got to act. A finished or rolled-back operation leaves no journal behind.
+that never got to act. A finished or rolled-back operation leaves no journal behind. Every
+operation, and every recovery, is also recorded in the audit trail (tui.core.audit).
 
 Signals: `handle_signals()` makes SIGTERM and SIGHUP behave like Ctrl-C (an `Interrupted`
 raised in the main thread) and `cancel()` makes every running operation stop at its next
@@ -32,12 +33,14 @@ import enum
 import json
 import os
 import threading
+import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tui.core import audit
 from tui.core.cancel import (  # noqa: F401  (re-exported: ops is the face)
     Interrupted,
     cancel,
@@ -156,6 +159,7 @@ class Pending:
     started: str
     pid: int
     undo: tuple[UndoAction, ...]
+    domains: tuple[str, ...] = ()
 
     def describe(self) -> str:
         steps = "; ".join(a.label for a in reversed(self.undo)) or "nothing to undo"
@@ -165,9 +169,16 @@ class Pending:
 class Journal:
     """The persistent undo stack of one running operation (small JSON, fsync'd per push)."""
 
-    def __init__(self, host: str, title: str, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        title: str,
+        directory: Path | None = None,
+        domains: Iterable[str] = (),
+    ) -> None:
         self.host = host
         self.title = title
+        self.domains = list(domains)
         self.id = uuidlib.uuid4().hex[:12]
         self.actions: list[UndoAction] = []
         directory = directory or journal_dir()
@@ -181,6 +192,7 @@ class Journal:
             "id": self.id,
             "host": self.host,
             "title": self.title,
+            "domains": self.domains,
             "started": self.started,
             "pid": os.getpid(),
             "boot": _boot_id(),
@@ -258,6 +270,7 @@ def pending(directory: Path | None = None) -> list[Pending]:
                     str(data["started"]),
                     pid,
                     actions,
+                    tuple(str(d) for d in data.get("domains", ())),
                 )  # fmt: skip
             )
         except (OSError, ValueError, KeyError, TypeError):
@@ -277,12 +290,16 @@ class Undo:
     journal: Journal
     committed: bool = False
     notes: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # labels of the steps that acted (audit)
 
     def push(self, label: str, kind: str, **args: Any) -> None:
         self.journal.push(label, kind, **args)
+        self.steps.append(label)
 
     def pop(self) -> None:
         self.journal.pop()
+        if self.steps:
+            self.steps.pop()
 
     @contextlib.contextmanager
     def step(self, label: str, kind: str, **args: Any) -> Iterator[None]:
@@ -317,19 +334,34 @@ def unwind(hv: Hypervisor, actions: list[UndoAction]) -> list[str]:
 
 
 @contextlib.contextmanager
-def running(hv: Hypervisor, title: str, *, journal_directory: Path | None = None) -> Iterator[Undo]:
+def running(
+    hv: Hypervisor,
+    title: str,
+    *,
+    domains: Iterable[str] = (),
+    journal_directory: Path | None = None,
+) -> Iterator[Undo]:
     """Run an operation's steps; on any failure or interrupt, undo what was done.
 
     The error that stopped it is raised again with one line naming what was undone (or what
-    could not be undone, so the operator knows what to look at).
+    could not be undone, so the operator knows what to look at). The operation is recorded in
+    the audit trail (tui.core.audit) with the `domains` it acts on, its steps and its result.
     """
     check_cancelled()
-    journal = Journal(hv.uri, title, journal_directory)
-    undo = Undo(hv, journal)
+    with audit.recorded(hv.uri, title, domains) as entry:
+        journal = Journal(hv.uri, title, journal_directory, entry.domains)
+        undo = Undo(hv, journal, steps=entry.steps)
+        with _running(hv, title, undo):
+            yield undo
+
+
+@contextlib.contextmanager
+def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
+    journal = undo.journal
     with _active_lock:
         _active[0] += 1
     try:
-        yield undo
+        yield
     except BaseException as err:
         if undo.committed:
             raise
@@ -372,10 +404,22 @@ def _why(err: BaseException) -> str:
 
 def recover(hv: Hypervisor, item: Pending) -> list[str]:
     """Roll back an interrupted operation of `hv`; returns what could not be undone."""
+    start = time.monotonic()
     failed = unwind(hv, list(item.undo))
     if not failed:
         with contextlib.suppress(FileNotFoundError):
             item.path.unlink()
+    audit.write(
+        audit.make_record(
+            hv.uri,
+            f"recovering: {item.title}",
+            item.domains,
+            [a.label for a in reversed(item.undo)],
+            "failed" if failed else "undone",
+            f"could not undo: {', '.join(failed)}" if failed else "",
+            time.monotonic() - start,
+        )
+    )
     return failed
 
 

@@ -230,7 +230,7 @@ def execute_remove(
                 f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))}"
                 " now depend on its image(s)"
             )
-    with ops.running(hv, f"removing '{plan.name}'") as undo:
+    with ops.running(hv, f"removing '{plan.name}'", domains=[plan.name]) as undo:
         if plan.defined:
             progress(f"undefining '{plan.name}'", None)
             try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,8 @@ def load_settings(path: Path | None = None) -> Settings:
 
 
 def parse_settings(text: str, path: Path) -> Settings:
+    import tomllib  # (only when there is a file: `virtdeck ls` starts faster)
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

@@ -429,7 +429,8 @@ def execute_template(
     modes = {path: files.mode(path) for path, _ in plan.images}  # refuses non-files up front
     secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
     try:
-        with ops.running(hv, f"making '{plan.vm}' a template") as undo:
+        title = f"making '{plan.vm}' a template"
+        with ops.running(hv, title, domains=[plan.vm, plan.name]) as undo:
             _shut_down(hv, plan, progress)
             if plan.seal:
                 progress(f"sealing '{plan.vm}' with virt-sysprep", None)

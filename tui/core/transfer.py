@@ -315,7 +315,7 @@ def execute_template_copy(
     total = sum(v.file_bytes for v in plan.volumes) or 1
     done, progress = 0, ops.cancellable(progress)
     title = f"copying template '{plan.template}' to {target.uri}"
-    with ops.running(target, title) as undo:
+    with ops.running(target, title, domains=[plan.template]) as undo:
         pool = dst_pools.ensure_pool(plan.directory)
         for v in plan.volumes:
             if dst_pools.lexists(v.target):

@@ -172,4 +172,17 @@ def render(d: DomainDetails) -> RenderableType:
             disk.source or "-",
         )
     parts.append(disks if d.disks else Text("Disks: none", style="bold"))
+    parts.append(Text(""))
+
+    ops = Table(title="Recent operations", title_justify="left", expand=True, box=None)
+    for col in ("Time", "User", "Operation", "Result", "Took"):
+        ops.add_column(col, no_wrap=col not in ("Operation", "Result"))
+    for r in d.operations:
+        result = Text(r.result, style="green" if r.result == "ok" else "bold red")
+        if r.error:
+            result.append(f"  {r.error}", style="dim")
+        ops.add_row(
+            r.time.replace("T", " ")[:19], r.user, r.operation, result, f"{r.duration:.1f}s"
+        )
+    parts.append(ops if d.operations else Text("Recent operations: none", style="bold"))
     return Group(*parts)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from tui.core import ops
+from tui.core import audit, ops
 from tui.core.errors import InvalidInputError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
@@ -197,6 +197,14 @@ def plan_create(
 
 
 def create(hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress) -> SnapshotNode:
+    title = f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'"
+    with audit.recorded(hv.uri, title, [plan.domain]) as entry:
+        node = _create(hv, plan, progress)
+        entry.steps.append(f"snapshot '{plan.name}' taken")
+        return node
+
+
+def _create(hv: Hypervisor, plan: CreatePlan, progress: Progress) -> SnapshotNode:
     dom = hv.lookup(plan.domain)
     progress(f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'", None)
     made = [o for _, _, o in plan.overlays] + ([plan.memory_file] if plan.memory_file else [])

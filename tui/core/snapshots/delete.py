@@ -16,7 +16,7 @@ from typing import Any
 
 import libvirt
 
-from tui.core import domxml, ops
+from tui.core import audit, domxml, ops
 from tui.core.errors import InvalidInputError, OperationError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
@@ -131,6 +131,18 @@ def delete(
     *,
     qemu_img: QemuImg | None = None,
 ) -> None:
+    title = f"deleting snapshot(s) {', '.join(repr(n) for n in plan.names)} of '{plan.domain}'"
+    with audit.recorded(hv.uri, title, [plan.domain]) as entry:
+        _delete(hv, plan, progress, qemu_img, entry.steps)
+
+
+def _delete(
+    hv: Hypervisor,
+    plan: DeletePlan,
+    progress: Progress,
+    qemu_img: QemuImg | None,
+    steps: list[str],
+) -> None:
     dom = hv.lookup(plan.domain)
     try:
         if plan.method == "libvirt" and plan.kind != INTERNAL:
@@ -145,6 +157,7 @@ def delete(
                     0,
                     what=f"deleting snapshot '{name}' of '{plan.domain}'",
                 )
+                steps.append(f"deleted '{name}'")
         elif plan.method == "libvirt":
             snap = common.lookup_snapshot(hv, dom, plan.domain, plan.snapshot)
             flags = libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_CHILDREN if plan.children else 0
@@ -154,6 +167,7 @@ def delete(
                 flags,
                 what=f"deleting snapshot '{plan.snapshot}' of '{plan.domain}'",
             )
+            steps.extend(f"deleted '{name}'" for name in plan.names)
         else:
             files = files_for(
                 hv,
@@ -165,6 +179,7 @@ def delete(
                 tree = snapshot_tree(hv, plan.domain)
                 step = _plan_delete_one(hv, plan.domain, tree.get(name), tree)
                 _delete_one(hv, step, files, progress)
+                steps.append(f"deleted '{name}'")
     finally:
         hv.invalidate(dom.UUIDString())
     progress(f"deleted {', '.join(plan.names)}", 1.0)

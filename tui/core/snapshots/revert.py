@@ -341,7 +341,8 @@ def _revert_external(hv: Hypervisor, plan: RevertPlan, progress: Progress, files
     )
     running = common.state(hv, plan.domain).active
     step = ops.cancellable(progress)  # until the commit an interrupt unwinds
-    with ops.running(hv, f"reverting '{plan.domain}' to '{plan.snapshot}'") as undo:
+    title = f"reverting '{plan.domain}' to '{plan.snapshot}'"
+    with ops.running(hv, title, domains=[plan.domain]) as undo:
         for i, s in enumerate(plan.switches):
             step(
                 f"new overlay for {s.target} on {os.path.basename(s.image)}", i / len(plan.switches)
