@@ -31,7 +31,11 @@ class MatchScreen(ModalScreen[str | None]):
             yield Static("Select matching domains", id="title")
             yield Label("Name pattern")
             yield Input(placeholder="e.g. web-*", id="pattern")
-            yield Static("* any text, ? one character, [ab] one of; Enter marks them", id="hint")
+            yield Static(
+                "* any text, ? one character, [ab] one of; Enter marks them",
+                id="hint",
+                markup=False,
+            )
             yield Static("", id="error", markup=False)
 
     def on_mount(self) -> None:

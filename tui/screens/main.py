@@ -509,7 +509,8 @@ class MainScreen(Screen[None]):
 
         names = ", ".join(d.name for d in marked)
         running = any(d.state.active for d in marked)
-        self.app.push_screen(NewSnapshotScreen(names, running=running), answered)
+        what = f"{len(marked)} domains: {names}"
+        self.app.push_screen(NewSnapshotScreen(what, running=running), answered)
 
     @work(thread=True, exit_on_error=False, group="group-plan", description="group plan")
     def _plan_group(self, verb: str, members: list[groups.Member], opts: dict[str, Any]) -> None:

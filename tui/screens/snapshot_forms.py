@@ -42,15 +42,16 @@ class NewSnapshotScreen(ModalScreen[SnapshotRequest | None]):
 
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="snapshot_form.cancel")]
 
-    def __init__(self, domain: str, *, running: bool, default_external: bool = False) -> None:
+    def __init__(self, what: str, *, running: bool, default_external: bool = False) -> None:
+        """`what`: the title's object ("'web-1'", or "3 domains: web-1, web-2, web-3")."""
         super().__init__()
-        self.domain = domain
+        self.domain = what
         self.running = running
         self.default_external = default_external
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(f"New snapshot of '{self.domain}'", id="title", markup=False)
+            yield Static(f"New snapshot of {self.domain}", id="title", markup=False)
             yield Label("Name")
             yield Input(placeholder="e.g. before-upgrade", id="name")
             with RadioSet(id="kind"):

@@ -290,7 +290,9 @@ class SnapshotsPane(Pane):
                 self._create(self.hypervisor(info.host), info.name, request)
 
         self.app.push_screen(
-            NewSnapshotScreen(info.name, running=info.state.active, default_external=external),
+            NewSnapshotScreen(
+                f"'{info.name}'", running=info.state.active, default_external=external
+            ),
             answered,
         )
 
