@@ -223,23 +223,22 @@ def hung_daemon() -> Iterator[rigs.PrivateDaemon]:
 
 
 @pytest.fixture(autouse=True)
-def _private_state(
-    tmp_path_factory: pytest.TempPathFactory,
-    monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
-):
+def _private_state(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """Each test has its own $XDG_STATE_HOME (virtdeck's undo journals and audit log), and
     leaves no journal: a finished or rolled-back operation must not leave one behind. A system
-    test's audit records are also appended to the run's audit log (checked at the end)."""
+    test's audit records are also appended to the run's audit log (checked at the end).
+    A MonkeyPatch of its own: a test's `monkeypatch.undo()` must not send the rest of the test
+    to the operator's real state directory."""
     state = tmp_path_factory.mktemp("state")
-    monkeypatch.setenv("XDG_STATE_HOME", str(state))
     system = _tier(request.node).startswith("system")
     audit_log = state / "virtdeck" / "audit.log"
-    if system:  # (also where a test's child processes with a state dir of their own write)
-        monkeypatch.setenv("VIRTDECK_AUDIT_LOG", str(audit_log))
-    else:
-        monkeypatch.delenv("VIRTDECK_AUDIT_LOG", raising=False)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_STATE_HOME", str(state))
+        if system:  # (also where a test's child processes with a state dir of their own write)
+            mp.setenv("VIRTDECK_AUDIT_LOG", str(audit_log))
+        else:
+            mp.delenv("VIRTDECK_AUDIT_LOG", raising=False)
+        yield
     if system:
         _collect_audit(audit_log, tmp_path_factory)
     left = sorted(p.name for p in (state / "virtdeck" / "journal").glob("*.json"))
