@@ -147,11 +147,17 @@ def run_guestfs(
     `label: line`; returns its exit status and its lines. When its appliance VM fails to start
     under KVM it is run once more under TCG."""
     lines: list[str] = []
+    held: list[str] = []  # the tool's error block: shown once it is known no retry follows
 
     def on_line(line: str) -> None:
         lines.append(line)
-        if line.strip():
-            progress(f"{label}: {line.strip()}", None)
+        text = line.strip()
+        if not text:
+            return
+        if held or ": error:" in text:
+            held.append(text)
+        else:
+            progress(f"{label}: {text}", None)
 
     status = run(argv, on_line)
     if (
@@ -168,7 +174,10 @@ def run_guestfs(
             None,
         )
         lines.clear()
+        held.clear()  # the KVM attempt's dozen lines of advice on debugging libguestfs
         status = run([*_TCG_ENV, *argv], on_line)
+    for text in held:
+        progress(f"{label}: {text}", None)
     return status, lines
 
 
