@@ -112,6 +112,25 @@ def test_a_demo_deploy_is_recorded_with_the_clone_and_its_steps(
     assert "undefine 'api'" in rec.steps and len(rec.steps) >= 2
 
 
+def test_snapshot_create_revert_and_delete_by_libvirt_are_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tui.core import demo, snapshots
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    hv = Hypervisor.open(demo.ensure_lab(), demo=True)
+    try:
+        snapshots.create(hv, snapshots.plan_create(hv, "web-2", "s1"))
+        snapshots.revert(hv, snapshots.plan_revert(hv, "web-2", "s1"))
+        snapshots.delete(hv, snapshots.plan_delete(hv, "web-2", "s1"))
+    finally:
+        hv.close()
+    taken, reverted, deleted = records()
+    assert reverted.operation == "reverting 'web-2' to 's1'"
+    assert [r.result for r in (taken, reverted, deleted)] == ["ok"] * 3
+    assert all(r.domains == ("web-2",) for r in (taken, reverted, deleted))
+
+
 def test_a_failing_audit_write_warns_and_the_operation_goes_on(
     test_hv: Hypervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

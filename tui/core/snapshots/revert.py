@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from tui.core import ops
+from tui.core import audit, ops
 from tui.core.errors import (
     InvalidInputError,
     NotFoundError,
@@ -287,8 +287,10 @@ def revert(
     try:
         if plan.method == "libvirt":
             snap = common.lookup_snapshot(hv, dom, plan.domain, plan.snapshot)
-            progress(f"reverting '{plan.domain}' to '{plan.snapshot}'", None)
-            _libvirt_revert(hv, dom, plan, snap)
+            title = f"reverting '{plan.domain}' to '{plan.snapshot}'"
+            progress(title, None)
+            with audit.recorded(hv.uri, title, [plan.domain]):  # (virtdeck's path: ops.running)
+                _libvirt_revert(hv, dom, plan, snap)
         else:
             files = files_for(
                 hv,
