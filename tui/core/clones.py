@@ -286,10 +286,12 @@ def plan_clone(
             raise InvalidInputError(f"a domain named '{n}' already exists; choose another name")
     if directory is not None and not files.is_dir(str(directory)):
         raise InvalidInputError(f"--dir {directory} is not a directory")
-    bases = _check_disks(template, domxml.disks(troot))
+    tdisks = domxml.disks(troot)
+    bases = _check_disks(template, tdisks)
     wanted = identity or Identity()
-    if wanted.explicit:
-        _check_customisable(hv, template, domxml.disks(troot))
+    not_customisable = _not_customisable(hv, template, tdisks)
+    if wanted.explicit and not_customisable:
+        raise IdentityError(not_customisable)
     resolver = Resolver(hv, qemu_img=qemu, ssh=True)
     chains: dict[str, Chain] = {}
     for disk in bases:
@@ -323,7 +325,7 @@ def plan_clone(
         first = bases[0]
         assert first.path is not None
         applies, why = hostname_default(
-            meta.sealed, (first.path, first.format or "qcow2"), _customisable(hv, troot)
+            meta.sealed, (first.path, first.format or "qcow2"), not not_customisable
         )
         hostname, hostname_why = (DEFAULT_HOSTNAME, why) if applies else (None, "")
         kept = () if applies or not why else (why,)
@@ -414,25 +416,22 @@ def plan_clone(
     )
 
 
-def _customisable(hv: Hypervisor, troot: Any) -> bool:
-    """virt-customize can write this template's clones: this machine's files, image disks."""
-    disks = domxml.disks(troot)
-    return hv.local and all(d.kind == DiskKind.FILE for d in own_images(disks))
-
-
-def _check_customisable(hv: Hypervisor, template: str, disks: tuple[DiskInfo, ...]) -> None:
+def _not_customisable(hv: Hypervisor, template: str, disks: tuple[DiskInfo, ...]) -> str:
+    """Why virt-customize cannot write this template's clones ("" when it can: this
+    machine's files, image disks only)."""
     if not hv.local:
-        raise IdentityError(
+        return (
             f"cannot give clones on {hv.uri} their own identity: virt-customize writes the "
             "clone's disk on this machine and that host is not proved to be this one; make "
             "the clones there, or drop --hostname-template/--ssh-key/--first-boot"
         )
     for d in own_images(disks):
         if d.kind != DiskKind.FILE:
-            raise IdentityError(
+            return (
                 f"disk {d.target} of '{template}' is a {d.described}: virt-customize writes "
                 "image files only; drop --hostname-template/--ssh-key/--first-boot"
             )
+    return ""
 
 
 def execute_clone(

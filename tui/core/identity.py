@@ -339,11 +339,8 @@ class Customiser:
                 raise _Stopped
             if self.runner is not None:
                 return self.runner(argv, on_line)
-            try:
-                return procs.stream(argv, on_line, on_start=group.add)
-            except FileNotFoundError:
-                require_tool()
-                raise
+            # (virt-customize's presence is checked when planning: require_tool)
+            return procs.stream(argv, on_line, on_start=group.add)
 
         started = time.monotonic()
         key_dir = _key_dir(c)
