@@ -259,6 +259,14 @@ def files(path: Path | None = None) -> list[Path]:
     return [p for p in [*rotated, path] if p.is_file()]
 
 
+def parse(line: str) -> Record | None:
+    """One log line as a record; None when it is not one (corrupt or foreign)."""
+    try:
+        return Record.from_json(json.loads(line))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def read(path: Path | None = None) -> tuple[list[Record], int]:
     """Every record, oldest first, and how many lines were not records (skipped)."""
     records: list[Record] = []
@@ -268,10 +276,11 @@ def read(path: Path | None = None) -> tuple[list[Record], int]:
             for line in fh:
                 if not line.strip():
                     continue
-                try:
-                    records.append(Record.from_json(json.loads(line)))
-                except (ValueError, KeyError, TypeError):
+                record = parse(line)
+                if record is None:
                     bad += 1
+                else:
+                    records.append(record)
     return records, bad
 
 
@@ -304,9 +313,8 @@ def recent(domain: str, host: str | None = None, limit: int = 5) -> list[Record]
         for line in reversed(lines):
             if needle not in line:  # cheap: a record naming it holds it as this JSON string
                 continue
-            try:
-                record = Record.from_json(json.loads(line))
-            except (ValueError, KeyError, TypeError):
+            record = parse(line)
+            if record is None:
                 continue
             if domain in record.domains and (host is None or record.host == host):
                 found.append(record)

@@ -81,6 +81,11 @@ def clones_of(domains: Iterable[DomainInfo], template: str) -> list[DomainInfo]:
     return [d for d in domains if d.meta.role == "clone" and d.meta.source == template]
 
 
+def matching(domains: Iterable[DomainInfo], pattern: str) -> list[DomainInfo]:
+    """The domains whose name matches the glob `pattern` (`web-*`, `db-?`, `[ab]*`)."""
+    return [d for d in domains if fnmatch.fnmatchcase(d.name, pattern)]
+
+
 def select(
     domains: Mapping[str, Sequence[DomainInfo]],
     *,
@@ -115,7 +120,7 @@ def select(
             raise InvalidInputError(f"template '{template}' has no clones")
         out += sorted(Member(d.host, d.name) for d in found)
     if match is not None:
-        found = [d for d in everyone if fnmatch.fnmatchcase(d.name, match)]
+        found = matching(everyone, match)
         if not found:
             raise InvalidInputError(f"no domain name matches '{match}'")
         out += sorted(Member(d.host, d.name) for d in found)
@@ -508,8 +513,8 @@ def _refuse_template_with_its_clones(hosts: HostResolver, members: Sequence[Memb
     for m, info in infos.items():
         if not info.is_template:
             continue
-        clones = [x.name for x in infos.values() if x.host == m.host and x.meta.source == m.name
-                  and x.meta.role == "clone"]  # fmt: skip
+        here = [x for x in infos.values() if x.host == m.host]
+        clones = [x.name for x in clones_of(here, m.name)]
         if clones:
             raise InvalidInputError(
                 f"template '{m.name}' and its clones ({', '.join(clones)}) are both selected: "

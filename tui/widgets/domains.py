@@ -7,7 +7,6 @@ Every change of the marks posts `DomainsTable.MarksChanged` (the screen shows "N
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from rich.text import Text
 from textual.message import Message
 from textual.widgets import DataTable
 
-from tui.core.groups import clones_of
+from tui.core.groups import clones_of, matching
 from tui.core.models import DomainInfo, DomainState
 
 MARK = "●"
@@ -246,6 +245,6 @@ class DomainsTable(DataTable[Any]):
 
     def mark_matching(self, pattern: str) -> int:
         """Mark every domain whose name matches the glob (adding to the marks)."""
-        found = [k for k, d in self.domains.items() if fnmatch.fnmatchcase(d.name, pattern)]
+        found = [row_key(d) for d in matching(self.domains.values(), pattern)]
         self.set_marks(self.marked | set(found))
         return len(found)
