@@ -341,14 +341,14 @@ async def test_marking_keys(group_hv: Hypervisor) -> None:
         await wait_for(pilot, lambda: marked(app) == [])
         # m: a glob
         await pilot.press("m")
-        await wait_for(pilot, lambda: isinstance(app.screen, MatchScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, MatchScreen) and app.screen.is_mounted)
         app.screen.query_one("#pattern", Input).value = "*-1"
         await pilot.press("enter")
         await wait_for(pilot, lambda: marked(app) == ["db-1", "web-1"])
 
         # x: one removal plan for both, with the files checkbox; y removes both
         await pilot.press("x")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         body = str(app.screen.query_one("#body", Static).render())
         assert "undefine domain 'db-1'" in body and "undefine domain 'web-1'" in body
         assert app.screen.query("#option").first(Checkbox).label.plain.startswith("Also delete")
@@ -369,7 +369,7 @@ async def test_keys_act_on_the_marked_domains_through_one_confirmation(
 
         # f: force off, one confirmation naming every marked domain; No changes nothing
         await pilot.press("f")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         body = str(app.screen.query_one("#body", Static).render())
         for name in ("web-1", "web-2", "web-3"):
             assert f"force '{name}' off" in body
@@ -379,10 +379,12 @@ async def test_keys_act_on_the_marked_domains_through_one_confirmation(
 
         # n: one snapshot name for all; y takes it on every one
         await pilot.press("n")
-        await wait_for(pilot, lambda: isinstance(app.screen, NewSnapshotScreen))
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, NewSnapshotScreen) and app.screen.is_mounted
+        )
         app.screen.query_one("#name", Input).value = "pre"
         await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         assert "of 3 domains" in str(app.screen.query_one("#title", Static).render())
         await pilot.press("y")
         await wait_for(
@@ -394,7 +396,7 @@ async def test_keys_act_on_the_marked_domains_through_one_confirmation(
         # R: rollback of all three, destructive (No is focused), y reverts each
         await app.workers.wait_for_complete()
         await pilot.press("R")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         body = str(app.screen.query_one("#body", Static).render())
         assert body.count("revert '") == 3 and "cannot be undone" in body
         await pilot.press("y")
@@ -403,7 +405,7 @@ async def test_keys_act_on_the_marked_domains_through_one_confirmation(
         # s: start offers one plan for the three
         await wait_for(pilot, lambda: not isinstance(app.screen, PlanScreen))
         await pilot.press("s")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         assert "Start 3 domains?" in str(app.screen.query_one("#title", Static).render())
         await pilot.press("n")
         await wait_for(pilot, lambda: not isinstance(app.screen, PlanScreen))
@@ -420,7 +422,7 @@ async def test_palette_offers_the_group_actions(group_hv: Hypervisor) -> None:
         commands = {c.title: c for c in app.screen.row_commands()}
         assert "Snapshot 3 marked domains" in commands and "Remove 3 marked domains" in commands
         commands["Start 3 marked domains"].callback()
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         assert "Start 3 domains?" in str(app.screen.query_one("#title", Static).render())
         await pilot.press("y")
         await wait_for(pilot, lambda: all(group_hv.domain(n).state is DomainState.RUNNING

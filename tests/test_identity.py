@@ -237,7 +237,9 @@ async def test_deploy_form_checks_the_key_and_the_plan_shows_each_identity(
         pane = await start(app, pilot)
         await select(app, pilot, pane, "template-base")
         await pilot.press("c")
-        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen.is_mounted
+        )
         form = app.screen
         assert form.query_one("#hostname", Input).value == "{name}"  # a sealed template
         form.query_one("#count", Input).value = "2"
@@ -251,7 +253,7 @@ async def test_deploy_form_checks_the_key_and_the_plan_shows_each_identity(
         form.query_one("#hostname", Input).value = "{name}-{n}.lab"
         form.query_one("#name", Input).focus()
         await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         body = str(app.screen.query_one("#body", Static).render())
         for n in (1, 2):
             assert f"identity: hostname idf-{n}-{n}.lab; ssh key for root (ed25519" in body

@@ -83,7 +83,9 @@ async def test_create_revert_rollback_delete_with_keys(test_hv: Hypervisor) -> N
 
         # n: the modal, a bad name is refused in place, a good one creates the snapshot
         await pilot.press("n")
-        await wait_for(pilot, lambda: isinstance(app.screen, NewSnapshotScreen))
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, NewSnapshotScreen) and app.screen.is_mounted
+        )
         form = app.screen
         form.query_one("#name", Input).value = "bad/name"
         await pilot.press("enter")
@@ -113,7 +115,7 @@ async def test_create_revert_rollback_delete_with_keys(test_hv: Hypervisor) -> N
         # v on "one": the confirmation names what is lost; yes reverts
         highlight(app, "one")
         await pilot.press("v")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         body = str(app.screen.query_one("#body", Static).render())
         assert "lost:" in body and "'one'" in str(app.screen.query_one("#title").render())
         await pilot.press("y")
@@ -123,7 +125,7 @@ async def test_create_revert_rollback_delete_with_keys(test_hv: Hypervisor) -> N
 
         # R then n: nothing happens
         await pilot.press("R")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         await pilot.press("n")
         await idle(app, pilot, pane)
         assert not isinstance(app.screen, PlanScreen)
@@ -132,7 +134,7 @@ async def test_create_revert_rollback_delete_with_keys(test_hv: Hypervisor) -> N
         # D on "two": confirmed, deleted
         highlight(app, "two")
         await pilot.press("D")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         assert "'two'" in str(app.screen.query_one("#title").render())
         await pilot.press("y")
         await idle(app, pilot, pane)

@@ -75,11 +75,13 @@ async def test_deploy_then_refuse_the_base_then_delete_a_clone(lab: Lab) -> None
 
         await select(app, pilot, pane, "template-base")
         await pilot.press("c")
-        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen.is_mounted
+        )
         app.screen.query_one("#count", Input).value = "2"
         app.screen.query_one("#name", Input).focus()
         await pilot.press(*"www", "enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         plan_text = str(app.screen.query_one("#body", Static).render())
         assert "www-1" in plan_text and "www-2" in plan_text
         assert str(lab.images / "www-1.qcow2") in plan_text and "space needed" in plan_text
@@ -106,7 +108,7 @@ async def test_deploy_then_refuse_the_base_then_delete_a_clone(lab: Lab) -> None
         # A clone goes, with its own overlay only.
         await select(app, pilot, pane, "www-1")
         await pilot.press("x")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         app.screen.query_one("#option", Checkbox).value = True
         await pilot.press("y")
         await wait_for(pilot, lambda: not pane.busy)
@@ -122,11 +124,13 @@ async def test_deploy_plan_shows_what_each_clone_gets_of_its_own(lab: Lab) -> No
         pane = await start(app, pilot)
         await select(app, pilot, pane, tname)
         await pilot.press("c")
-        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen.is_mounted
+        )
         app.screen.query_one("#count", Input).value = "2"
         app.screen.query_one("#name", Input).focus()
         await pilot.press(*"uefi", "enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         plan_text = str(app.screen.query_one("#body", Static).render())
         copy = nvram.parent / "uefi-2_VARS.fd"
         assert f"os nvram: copy of {nvram} -> {copy}" in plan_text
@@ -146,14 +150,16 @@ async def test_make_template_from_a_running_vm_with_keys(lab: Lab) -> None:
         pane = await start(app, pilot)
         await select(app, pilot, pane, "web")
         await pilot.press("T")
-        await wait_for(pilot, lambda: isinstance(app.screen, MakeTemplateScreen))
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, MakeTemplateScreen) and app.screen.is_mounted
+        )
         ops = app.screen.query_one("#ops", SelectionList)
         assert "machine-id" in ops.selected  # virt-sysprep's defaults are ticked
         app.screen.query_one("#seal", Checkbox).value = False  # no sysprep on the test driver
         app.screen.query_one("#name", Input).value = "tpl-web"
         app.screen.query_one("#name", Input).focus()
         await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         body = str(app.screen.query_one("#body", Static).render())
         assert "rename 'web' to 'tpl-web'" in body and "do not seal" in body
         await pilot.press("y")
@@ -171,10 +177,12 @@ async def test_cancel_changes_nothing(lab: Lab) -> None:
         pane = await start(app, pilot)
         await select(app, pilot, pane, "template-base")
         await pilot.press("c")
-        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen.is_mounted
+        )
         app.screen.query_one("#name", Input).focus()
         await pilot.press(*"nope", "enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         await pilot.press("n")
         await wait_for(pilot, lambda: not pane.busy)
         assert "nope" not in {d.name for d in lab.hv.domains()}
@@ -204,11 +212,13 @@ async def test_full_deploy_reports_progress_and_makes_an_independent_copy(
         pane = await start(app, pilot)
         await select(app, pilot, pane, "template-base")
         await pilot.press("c")
-        await wait_for(pilot, lambda: isinstance(app.screen, DeployScreen))
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen.is_mounted
+        )
         app.screen.query_one("#full", RadioButton).value = True
         app.screen.query_one("#name", Input).focus()
         await pilot.press(*"db", "enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen))
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         assert "copy of" in str(app.screen.query_one("#body", Static).render())
         await pilot.press("y")
         await wait_for(pilot, lambda: not pane.busy)
