@@ -315,7 +315,8 @@ def execute_template_copy(
     total = sum(v.file_bytes for v in plan.volumes) or 1
     done, progress = 0, ops.cancellable(progress)
     title = f"copying template '{plan.template}' to {target.uri}"
-    with ops.running(target, title, domains=[plan.template]) as undo:
+    dirs = {posixpath.dirname(v.target) for v in plan.volumes}
+    with ops.running(target, title, domains=[plan.template], dirs=dirs) as undo:
         pool = dst_pools.ensure_pool(plan.directory)
         for v in plan.volumes:
             if dst_pools.lexists(v.target):

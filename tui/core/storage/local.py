@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from typing import Any
 
+from tui.core import private
 from tui.core.errors import InvalidInputError, OperationError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
@@ -80,6 +82,12 @@ class LocalFiles:
     def pool_notes(paths: object) -> list[str]:
         """Nothing to tell: local image directories need no storage pool."""
         return []
+
+    @staticmethod
+    def identity(path: str) -> dict[str, Any] | None:
+        """What the file at `path` is (device, inode, change time; a link itself, never
+        followed), recorded by an undo journal right after a step made it; None if gone."""
+        return private.identity(path)
 
     @staticmethod
     def free_bytes(directory: str) -> int:

@@ -320,6 +320,21 @@ class RemoteFiles:
         proc = self._sh('test -f "$1" && stat -c %s "$1"', path, what=f"reading {path}")
         return int(proc.stdout.strip()) if proc.returncode == 0 else None
 
+    def identity(self, path: str) -> dict[str, Any] | None:
+        """What the file at `path` is, for an undo journal: device, inode and change time
+        over SSH; else the volume's key and change time from its pool; None if gone."""
+        if self.ssh is not None:
+            proc = self._sh('stat -c "%d %i %z" -- "$1"', path, what=f"reading {path}")
+            fields = proc.stdout.strip().split(" ", 2)
+            if proc.returncode == 0 and len(fields) == 3 and fields[1].isdigit():
+                return {"dev": int(fields[0]), "ino": int(fields[1]), "ctime": fields[2]}
+            return None
+        vol = self._volume(path)
+        if vol is None:
+            return None
+        root = ET.fromstring(self.hv.call(vol.XMLDesc, 0))
+        return {"key": root.findtext("key"), "ctime": root.findtext("target/timestamps/ctime")}
+
     def free_bytes(self, directory: str) -> int:
         p = self.pool_of(directory)
         if p is not None:
