@@ -9,6 +9,7 @@ byte is written.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -52,7 +53,7 @@ def open_private(path: Path, flags: int) -> int:
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     except OSError as err:
-        if err.errno == 40:  # ELOOP: the last component is a symbolic link
+        if err.errno == errno.ELOOP:  # the last component is a symbolic link
             raise UnsafeFileError(
                 f"{path} is a symbolic link; virtdeck does not write through it"
             ) from None
@@ -79,3 +80,32 @@ def identity(path: str) -> dict[str, int] | None:
     except OSError:
         return None
     return {"dev": st.st_dev, "ino": st.st_ino, "ctime": st.st_ctime_ns}
+
+
+def read_bounded(path: str | Path, limit: int) -> bytes:
+    """The bytes of a file the user named (a key, the config), at most `limit` of them: the
+    size is checked on the open file before reading, and no more than limit + 1 bytes are
+    ever read (a FIFO, /dev/zero or a huge sparse file cannot fill memory). ValueError says
+    what is wrong; OSError when it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"is {st.st_size} bytes, more than the {limit} allowed")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    if total > limit:
+        raise ValueError(f"grew past the {limit} bytes allowed while being read")
+    return b"".join(chunks)

@@ -14,7 +14,7 @@ from typing import Any
 
 from tui.core import domxml
 from tui.core.errors import NotFoundError, VirtdeckError
-from tui.core.hypervisor import Hypervisor
+from tui.core.hypervisor import Hypervisor, printable
 from tui.core.storage import Resolver
 
 INTERNAL = "internal"
@@ -214,7 +214,7 @@ def parse_snapshot_xml(xml: str, *, current: bool = False) -> SnapshotNode:
         state=state,
         kind=kind,
         current=current,
-        description=(root.findtext("description") or "").strip(),
+        description=printable((root.findtext("description") or "").strip()),
         files=tuple(files),
         disks=tuple(disks),
         memory_file=mem_file,

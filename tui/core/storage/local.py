@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from pathlib import Path
 from typing import Any
 
 from tui.core import private
@@ -211,11 +212,7 @@ class LocalFiles:
 def write_private(path: str, text: str) -> None:
     """A new file of virtdeck's own on this machine that only its owner can read (a template's
     XML backup holds the secure XML); never written over an existing one."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as err:
-        raise OperationError(f"cannot write {path}: {err.strerror}") from None
+    fd = private.open_private(Path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
