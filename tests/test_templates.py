@@ -28,6 +28,7 @@ from tui.core.errors import (
 )
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState, VirtdeckMeta
+from tui.core.storage.local import LocalFiles
 from tui.core.storage.qemuimg import QemuImg, run_subprocess
 from tui.core.templates import (
     Sysprep,
@@ -639,3 +640,42 @@ def test_cli_clone_dry_run_and_json(lab: Lab, capsys: pytest.CaptureFixture[str]
     data = json.loads(capsys.readouterr().out)
     assert data["clones"] == ["js"] and data["plan"]["items"][0]["copies"]
     assert (nvram.parent / "js_VARS.fd").read_bytes() == nvram.read_bytes()
+
+
+# -- disk names with control characters (issue 17, case 8a) -----------------------------------
+
+
+def test_a_disk_whose_name_holds_a_newline_is_refused_and_the_other_file_is_kept(
+    lab: Lab,
+) -> None:
+    """libvirt writes the newline raw in the attribute; read as a space it names another
+    file ('-nl dir/-rf x.qcow2'): every operation refuses the disk at planning."""
+    from tui.core import snapshots
+    from tui.core.models import DiskKind
+
+    (lab.images / "-nl\ndir").mkdir()
+    make_image(lab.images / "-nl\ndir" / "-rf x.qcow2")
+    (lab.images / "-nl dir").mkdir()
+    other = make_image(lab.images / "-nl dir" / "-rf x.qcow2", data=True)
+    before = subprocess.run(["sha256sum", other], capture_output=True, text=True).stdout
+    lab.hv.conn.defineXML(
+        "<domain type='test'><name>nl</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{lab.images}/-nl&#10;dir/-rf x.qcow2'/><target dev='vda'/></disk>"
+        "</devices></domain>"
+    )
+    raw = lab.hv.conn.lookupByName("nl").XMLDesc(0)
+    assert "-nl\ndir" in raw  # (what libvirt stores: the newline raw in the attribute)
+    disk = lab.hv.domain("nl").disks[0]
+    assert disk.kind == DiskKind.UNSAFE and disk.path is None
+    assert disk.source == f"{lab.images}/-nl\\ndir/-rf x.qcow2"
+    with pytest.raises(InvalidInputError, match="disk vda of 'nl' is a disk whose name holds"):
+        plan_template(lab.hv, "nl", seal=False, backup_dir=lab.backups)
+    with pytest.raises(InvalidInputError, match="disk vda of 'nl' is a disk whose name holds"):
+        plan_remove(lab.hv, "nl", storage=True, backup_dir=lab.backups)
+    with pytest.raises(InvalidInputError):
+        snapshots.plan_create(lab.hv, "nl", "s1")
+    with pytest.raises(InvalidInputError, match="holds a control character"):
+        LocalFiles(lab.hv, "test").delete(f"{lab.images}/-nl\ndir/-rf x.qcow2")
+    after = subprocess.run(["sha256sum", other], capture_output=True, text=True).stdout
+    assert after == before and (lab.images / "-nl\ndir" / "-rf x.qcow2").exists()

@@ -59,6 +59,7 @@ from tui.core.models import (
     VirtdeckMeta,
     version_string,
 )
+from tui.core.text import CONTROL
 
 _STATS = (
     libvirt.VIR_DOMAIN_STATS_STATE
@@ -496,13 +497,12 @@ def validate_name(name: str, what: str = "name", why: str = "") -> str:
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def validate_text(text: str, what: str, limit: int = 1000) -> str:
     """Free text virtdeck stores (a snapshot's description): one line of printable text (a
     newline or an escape sequence would forge lines in `snapshot ls` and the logs)."""
-    bad = _CONTROL_RE.search(text)
+    bad = CONTROL.search(text)
     if bad:
         raise InvalidInputError(
             f"the {what} holds a control character ({bad.group()!r} at {bad.start() + 1}); "
@@ -511,8 +511,3 @@ def validate_text(text: str, what: str, limit: int = 1000) -> str:
     if len(text) > limit:
         raise InvalidInputError(f"the {what} is {len(text)} characters long; at most {limit}")
     return text
-
-
-def printable(text: str) -> str:
-    """`text` with control characters shown escaped (what another tool stored, displayed)."""
-    return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)

@@ -20,11 +20,13 @@ import libvirt
 from tui.core import domxml, ops
 from tui.core.errors import (
     DependencyError,
+    InvalidInputError,
     NotFoundError,
     OperationError,
     StateError,
 )
 from tui.core.hypervisor import Hypervisor
+from tui.core.models import DiskKind
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import snapshot_tree
 from tui.core.snapshots.common import snapshot_xml
@@ -138,6 +140,12 @@ def plan_remove(
             raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
         disks = domxml.disks(found[0].root)
         is_template, defined, backup = True, False, str(found[0].path)
+    for d in disks:
+        if storage and d.kind == DiskKind.UNSAFE:
+            raise InvalidInputError(
+                f"disk {d.target} of '{name}' is a {d.described}: virtdeck cannot tell which "
+                "file it is, so it deletes none; rename the file and fix the definition first"
+            )
     own = own_images(disks)
     foreign = tuple(
         f"{d.target}: {d.described}" for d in disks if not d.is_image and d.kind.value != "empty"

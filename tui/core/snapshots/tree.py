@@ -14,8 +14,9 @@ from typing import Any
 
 from tui.core import domxml
 from tui.core.errors import NotFoundError, VirtdeckError
-from tui.core.hypervisor import Hypervisor, printable
+from tui.core.hypervisor import Hypervisor
 from tui.core.storage import Resolver
+from tui.core.text import printable
 
 INTERNAL = "internal"
 EXTERNAL = "external"

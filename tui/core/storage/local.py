@@ -21,6 +21,7 @@ from tui.core.errors import InvalidInputError, OperationError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
 from tui.core.storage.qemuimg import QemuImg
+from tui.core.text import has_control, printable
 
 READ_ONLY = 0o444
 
@@ -38,6 +39,15 @@ def require_local(hv: Hypervisor, operation: str) -> None:
         raise RemoteHostError(
             f"{operation} needs the image files on this machine, and {hv.uri} is another host: "
             "virtdeck does not change remote image files yet (run virtdeck on that host)"
+        )
+
+
+def refuse_control(path: str, operation: str) -> None:
+    """A path with a control character in it is never changed (see DiskKind.UNSAFE)."""
+    if has_control(path):
+        raise InvalidInputError(
+            f"{operation}: {printable(path)} holds a control character; virtdeck changes no "
+            "file by such a name"
         )
 
 
@@ -106,6 +116,7 @@ class LocalFiles:
     # -- changing ---------------------------------------------------------------------------
 
     def _new(self, path: str) -> None:
+        refuse_control(path, self.operation)
         if os.path.lexists(path):
             raise AlreadyExists(f"{path} already exists; virtdeck never overwrites a file")
         parent = os.path.dirname(path) or "."
@@ -168,6 +179,7 @@ class LocalFiles:
 
     def make_read_only(self, path: str) -> int:
         """chmod 0444; returns the mode it had (for undo)."""
+        refuse_control(path, self.operation)
         old = stat.S_IMODE(_regular(path, self.operation).st_mode)
         os.chmod(path, READ_ONLY)
         return old
@@ -179,6 +191,7 @@ class LocalFiles:
     def delete(self, path: str) -> bool:
         """Delete an image file; False when it was already gone. Refuses anything but a
         regular file (a symlink is removed, never what it points to)."""
+        refuse_control(path, self.operation)
         try:
             st = os.lstat(path)
         except FileNotFoundError:

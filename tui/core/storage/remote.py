@@ -39,7 +39,7 @@ from tui.core import procs
 from tui.core.errors import NotFoundError, OperationError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
-from tui.core.storage.local import AlreadyExists, RemoteHostError
+from tui.core.storage.local import AlreadyExists, RemoteHostError, refuse_control
 from tui.core.storage.qemuimg import QemuImg, last_line
 
 READ_ONLY = 0o444
@@ -368,6 +368,7 @@ class RemoteFiles:
     # -- changing ---------------------------------------------------------------------------
 
     def _new(self, path: str) -> _Pool:
+        refuse_control(path, self.operation)
         p = self.ensure_pool(posixpath.dirname(path))
         if self.lexists(path):
             raise AlreadyExists(f"{path} already exists; virtdeck never overwrites a file")
@@ -475,6 +476,7 @@ class RemoteFiles:
     def make_read_only(self, path: str) -> int:
         """chmod 0444 on the host (libvirt cannot change an existing volume's mode); returns
         the mode it had."""
+        refuse_control(path, self.operation)
         old = self.mode(path)
         self._chmod(path, READ_ONLY)
         return old
@@ -495,6 +497,7 @@ class RemoteFiles:
     def delete(self, path: str) -> bool:
         """Delete an image on the host (`vol.delete`); False when it was already gone. Refuses
         anything but a regular file."""
+        refuse_control(path, self.operation)
         directory = posixpath.dirname(path)
         p = self.pool_of(directory)
         if p is None and self._is_image_dir(path):
