@@ -1,0 +1,105 @@
+"""Invariants that hold across processes and hosts (issue 17: journals, names, remote hosts).
+
+Over qemu+ssh the client runs in a private mount namespace where the image directory is a
+tmpfs holding decoys at the very same paths (as in test_remote_system): whatever virtdeck does
+there, it does on the host through libvirt and SSH, and no decoy may change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab import SystemLab, domain_xml
+from tests.test_storage_system import REPO, checksum
+
+pytestmark = pytest.mark.system
+
+# Decoys at relative paths (sub-directories made), the commands run, the decoys compared.
+NAMESPACE = r"""
+import hashlib, json, os, subprocess, sys
+lab, uri, repo = sys.argv[1], sys.argv[2], sys.argv[3]
+commands, names = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", lab], check=True)
+for name in names:
+    path = os.path.join(lab, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write("decoy " + name * 100)
+def sums():
+    return {n: hashlib.sha256(open(os.path.join(lab, n), "rb").read()).hexdigest() for n in names}
+before = sums()
+results = []
+for argv in commands:
+    p = subprocess.run([sys.executable, "-m", "tui", "-c", uri, *argv], cwd=repo,
+                       capture_output=True, text=True, timeout=300)
+    results.append([argv, p.returncode, p.stdout, p.stderr])
+print(json.dumps({"results": results, "unchanged": sums() == before}))
+"""
+
+
+def in_namespace(
+    lab: SystemLab, uri: str, tmp_path: Path, commands: list[list[str]], decoys: list[str]
+) -> list[tuple[int, str, str]]:
+    script = tmp_path / "ns.py"
+    script.write_text(NAMESPACE)
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"),
+               XDG_STATE_HOME=str(tmp_path / "state"))  # fmt: skip
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, str(script),
+         str(lab.dir), uri, str(REPO), json.dumps(commands), json.dumps(decoys)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout)
+    assert out["unchanged"], "a decoy in the client's namespace changed"
+    for argv, _code, _stdout, err in out["results"]:
+        assert "Traceback" not in err, (argv, err)
+    return [(code, stdout, err) for _argv, code, stdout, err in out["results"]]
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if not ln.startswith("virtdeck: plan:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_disk_whose_name_holds_a_newline_is_refused_over_qemu_ssh(
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+) -> None:
+    """Issue 17, case 8a: libvirt stores '-nl<newline>dir/-rf x.qcow2'; read as a space it is
+    the other file '-nl dir/-rf x.qcow2'. rm --storage, template create and snapshot create
+    refuse it in one line; the other file, the VM's own disk and the decoys are intact."""
+    lab = host_lab
+    (lab.dir / "-nl\ndir").mkdir()
+    (lab.dir / "-nl dir").mkdir()
+    own = lab.disk("-nl\ndir/-rf x.qcow2")
+    other = lab.disk("-nl dir/-rf x.qcow2")
+    subprocess.run(["qemu-io", "-c", "write -P 0x33 0 1M", other], check=True,
+                   capture_output=True)  # fmt: skip
+    sums = {p: checksum(p) for p in (own, other)}
+    vm = lab.name("nl")
+    xml = domain_xml(vm, [(own, "qcow2")], virt_type=lab.virt_type)
+    lab.hv.conn.defineXML(xml.replace("\n", "&#10;"))
+    assert "-nl\ndir" in lab.hv.conn.lookupByName(vm).XMLDesc(0)  # stored raw by libvirt
+    results = in_namespace(lab, ssh_root_uri, tmp_path, [
+        ["rm", vm, "--storage"],
+        ["template", "create", vm, "--no-seal", "--backup-dir", str(tmp_path / "b")],
+        ["snapshot", "create", vm, "s1"],
+        ["snapshot", "create", vm, "s1", "--external"],
+    ], ["-nl\ndir/-rf x.qcow2", "-nl dir/-rf x.qcow2"])  # fmt: skip
+    for code, _out, err in results:
+        line = one_line(err)
+        assert code == 1 and "control character" in line, err
+    assert lab.hv.exists(vm)
+    assert lab.hv.conn.lookupByName(vm).snapshotNum(0) == 0
+    for p, s in sums.items():
+        assert checksum(p) == s and os.stat(p).st_mode & 0o222, p
+    assert sorted(p.name for p in (lab.dir / "-nl dir").iterdir()) == ["-rf x.qcow2"]
+    assert sorted(p.name for p in (lab.dir / "-nl\ndir").iterdir()) == ["-rf x.qcow2"]
