@@ -7,6 +7,7 @@ there, it does on the host through libvirt and SSH, and no decoy may change.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -103,3 +104,60 @@ def test_a_disk_whose_name_holds_a_newline_is_refused_over_qemu_ssh(
         assert checksum(p) == s and os.stat(p).st_mode & 0o222, p
     assert sorted(p.name for p in (lab.dir / "-nl dir").iterdir()) == ["-rf x.qcow2"]
     assert sorted(p.name for p in (lab.dir / "-nl\ndir").iterdir()) == ["-rf x.qcow2"]
+
+
+def test_a_refused_remote_chmod_unwinds_and_leaves_no_journal(
+    session_rig: Any, session_uri: str, tmp_path: Path
+) -> None:
+    """Issue 17, case 8c: on the test user's session daemon (over qemu+ssh), a VM whose disk
+    is root's: template create cannot make it read-only. It unwinds, leaves no journal, says
+    so in one line; the audit record says `failed` and why; the operator's later change of
+    the definition (setmem) survives a `recover --yes`."""
+    import libvirt
+
+    from tui.core import audit
+
+    conn = libvirt.open(session_uri)
+    pool = conn.storagePoolLookupByName("vdtest-pool")
+    prefix = f"vdinv{os.getpid()}"
+    disk = Path(session_rig.pool_dir) / f"{prefix}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    os.chmod(disk, 0o644)  # root's, readable by the test user: chmod is refused to them
+    pool.refresh(0)
+    vm = f"{prefix}-vm"
+    conn.defineXML(domain_xml(vm, [(str(disk), "qcow2")], virt_type="qemu"))
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"),
+               XDG_DATA_HOME=str(tmp_path / "data"),
+               VIRTDECK_AUDIT_LOG=str(tmp_path / "audit" / "audit.log"))  # fmt: skip
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tui", "-c", session_uri, *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+
+    try:
+        before = conn.lookupByName(vm).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        made = run("template", "create", vm, "--no-seal", "--backup-dir", str(tmp_path / "b"))
+        line = made.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in made.stderr
+        assert made.returncode == 1 and "cannot change the mode" in line, made.stderr
+        assert "undid" in line and "could not undo" not in line, line
+        assert not list((tmp_path / "state").glob("virtdeck/journal/*.json"))
+        dom = conn.lookupByName(vm)  # its name and definition are as they were
+        assert dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+        assert os.stat(disk).st_mode & 0o777 == 0o644
+        assert not list((tmp_path / "b").glob("*")) if (tmp_path / "b").exists() else True
+        dom.setMemoryFlags(96 * 1024, libvirt.VIR_DOMAIN_AFFECT_CONFIG)  # the operator's change
+        changed = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        rec = run("recover", "--yes")
+        assert rec.returncode == 0 and rec.stdout.startswith("nothing to recover"), rec
+        assert conn.lookupByName(vm).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == changed
+        records, _bad = audit.read(tmp_path / "audit" / "audit.log")
+        last = [r for r in records if vm in r.domains][-1]
+        assert last.result == "failed" and "cannot change the mode" in last.error, last
+    finally:
+        for name in (vm, f"template-{vm}"):
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName(name).undefine()
+        disk.unlink(missing_ok=True)
+        pool.refresh(0)
+        conn.close()

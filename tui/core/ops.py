@@ -550,6 +550,7 @@ def unwind(
     live: bool = True,
     skipped: list[str] | None = None,
     done: Callable[[UndoAction], None] | None = None,
+    undone: list[str] | None = None,
 ) -> list[str]:
     """Run undo actions newest first; returns the labels of those that failed.
 
@@ -557,24 +558,32 @@ def unwind(
     (`_owned`); otherwise it is skipped, with the reason appended to `skipped`. `live` is the
     unwinding of the operation's own process (a step that was acting when it failed made what
     is there); `recover` is not live. `done` is told of every step that succeeded or was
-    skipped (recover drops it from the journal, so a retry runs only what failed)."""
+    skipped (recover drops it from the journal, so a retry runs only what failed). `undone`
+    gets the labels of the steps that acted."""
     failed = []
     owned = frozenset(str(a.args.get("uuid")) for a in actions if a.kind == "undefine")
     with signals_deferred():
         for action in reversed(actions):
             try:
                 why = _owned(hv, action, live=live, owned=owned)
-                if why:
+                if why == NEVER_ACTED and live:
+                    pass  # the step that failed: there is nothing of it to undo
+                elif why:
                     if skipped is not None:
                         skipped.append(f"{action.label}: skipped, {why}")
                 else:
                     UNDO[action.kind](hv, **action.args)
+                    if undone is not None:
+                        undone.append(action.label)
             except (VirtdeckError, OSError) as err:
                 failed.append(f"{action.label} ({err})")
                 continue
             if done is not None:
                 done(action)
     return failed
+
+
+NEVER_ACTED = "its step never acted"
 
 
 def _owned(hv: Hypervisor, action: UndoAction, *, live: bool, owned: frozenset[str]) -> str:
@@ -637,7 +646,7 @@ def _users_of(hv: Hypervisor, path: str, owned: frozenset[str]) -> list[str]:
 def _check_mode(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset[str]) -> str:
     path = action.args["path"]
     if action.identity is None:
-        return f"the mode of {path} was never changed"
+        return NEVER_ACTED
     now = identify(hv, action)
     if now is not None and now != action.identity:
         return f"{path} changed since the operation made it read-only"
@@ -734,7 +743,8 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
             raise
         actions = list(journal.actions)
         skipped: list[str] = []
-        failed = unwind(hv, actions, skipped=skipped)
+        undone_steps: list[str] = []
+        failed = unwind(hv, actions, skipped=skipped, undone=undone_steps)
         if failed:
             # Keep only what failed in the journal: `virtdeck recover` tries those again.
             keep = {f.split(" (", 1)[0] for f in failed}
@@ -746,8 +756,8 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
                 "('virtdeck recover' tries again)"
             ) from None
         journal.close()
-        acted = len(actions) - len(skipped)
-        undone = f"undid {acted} step(s)" if actions else "nothing had changed"
+        acted = len(undone_steps)
+        undone = f"undid {acted} step(s)" if acted else "nothing had changed"
         if skipped:
             undone += f"; {'; '.join(skipped)}"
         if isinstance(err, Interrupted):
