@@ -341,3 +341,28 @@ def test_the_audit_log_and_its_lock_are_created_0600(
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
     assert [r.result for r in audit.read(log)[0]] == ["ok"]
+
+
+def test_log_host_matches_a_saved_host_name_and_a_host_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17, case 8d: `log --host` takes what an operator calls the host."""
+    import socket
+
+    far = "qemu+ssh://root@kvm2.example:2222/system?keyfile=/k"
+    for host, op in [(far, "removing 'a'"), ("qemu:///system", "starting 'b'"),
+                     ("qemu+ssh://kvm3.example/system", "starting 'c'")]:  # fmt: skip
+        audit.write(audit.make_record(host, op, ["x"], [], "ok"))
+    (tmp_path / "virtdeck").mkdir()
+    (tmp_path / "virtdeck" / "config.toml").write_text(f'[hosts]\nkvm2 = "{far}"\n')
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    for wanted, expected in [
+        ("kvm2", ["removing 'a'"]),  # a saved host's name
+        ("kvm2.example", ["removing 'a'"]),  # the host name in its URI
+        (far, ["removing 'a'"]),  # the URI itself
+        (socket.gethostname(), ["starting 'b'"]),  # this machine: URIs without a host
+        ("KVM3.example", ["starting 'c'"]),
+        ("nosuch", []),
+    ]:
+        _, out, _ = _log(capsys, "--json", "--host", wanted)
+        assert [r["operation"] for r in json.loads(out)] == expected, wanted

@@ -161,3 +161,75 @@ def test_a_refused_remote_chmod_unwinds_and_leaves_no_journal(
         disk.unlink(missing_ok=True)
         pool.refresh(0)
         conn.close()
+
+
+def test_a_two_layer_template_copy_to_a_host_that_cannot_read_the_source_works_or_leaves_nothing(
+    host_lab: SystemLab, ssh_root_uri: str, session_uri: str, tmp_path: Path
+) -> None:
+    """Issue 17, case 8b: the template's base is a 2-layer chain in a directory the target
+    host's daemon (the test user's session) cannot read. The copy either works (same data on
+    the target) or fails leaving nothing there: no volume, no definition, no journal."""
+    import libvirt
+
+    from tests.lab import qemu_img
+    from tests.test_storage_system import TEMPLATE
+    from tui.core import domxml
+
+    lab = host_lab
+    os.chmod(lab.dir, 0o700)  # root's: the test user cannot even stat what is inside
+    lower = lab.disk("l0.qcow2")
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", lower], check=True, capture_output=True)
+    upper = str(lab.dir / "l1.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", lower, "-F", "qcow2", upper)
+    subprocess.run(["qemu-io", "-c", "write -P 0x22 1M 1M", upper], check=True,
+                   capture_output=True)  # fmt: skip
+    for p in (lower, upper):
+        os.chmod(p, 0o444)
+    tname = lab.name("l2tpl")
+    root = domxml.parse(domain_xml(tname, [(upper, "qcow2")], virt_type="qemu"))
+    domxml.write_meta(root, TEMPLATE)
+    lab.hv.conn.defineXML(domxml.to_string(root))
+    conn = libvirt.open(session_uri)
+    pool = conn.storagePoolLookupByName("vdtest-pool")
+    pool.refresh(0)
+    before = {v.name() for v in pool.listAllVolumes(0)}
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"),
+               VIRTDECK_AUDIT_LOG=str(tmp_path / "audit" / "audit.log"))  # fmt: skip
+    made: list[str] = []
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tui", "-c", ssh_root_uri, "template", "copy", tname,
+             "--to", session_uri],
+            capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+        )  # fmt: skip
+        assert "Traceback" not in proc.stderr, proc.stderr
+        pool.refresh(0)
+        made = sorted({v.name() for v in pool.listAllVolumes(0)} - before)
+        assert not list((tmp_path / "state").glob("virtdeck/journal/*.json")), proc.stderr
+        if proc.returncode == 0:
+            copied = {n: pool.storageVolLookupByName(n).path() for n in made}
+            top = copied["l1.qcow2"]
+            for pattern, offset in ((0x11, "0"), (0x22, "1M")):
+                check = subprocess.run(
+                    ["qemu-io", "-r", "-U", "-c", f"read -P {pattern:#x} {offset} 1M", top],
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                assert check.returncode == 0 and "verification failed" not in check.stdout
+        else:
+            assert made == [], (made, proc.stderr)
+            with pytest.raises(libvirt.libvirtError):
+                conn.lookupByName(tname)
+            from tui.core import audit
+
+            records, _ = audit.read(tmp_path / "audit" / "audit.log")
+            assert records[-1].result == "failed" and records[-1].error, records[-1]
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(tname).undefine()
+        pool.refresh(0)
+        for name in made:
+            with contextlib.suppress(libvirt.libvirtError):
+                vol = pool.storageVolLookupByName(name)
+                os.chmod(vol.path(), 0o644)
+                vol.delete(0)
+        conn.close()

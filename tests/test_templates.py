@@ -679,3 +679,30 @@ def test_a_disk_whose_name_holds_a_newline_is_refused_and_the_other_file_is_kept
         LocalFiles(lab.hv, "test").delete(f"{lab.images}/-nl\ndir/-rf x.qcow2")
     after = subprocess.run(["sha256sum", other], capture_output=True, text=True).stdout
     assert after == before and (lab.images / "-nl\ndir" / "-rf x.qcow2").exists()
+
+
+def test_a_failed_rm_storage_is_recorded_as_failed_naming_each_file(lab: Lab) -> None:
+    """Issue 17, case 8d: the audit record is the operation's result, and names every file
+    deleted and the one that could not be."""
+    from tui.core import audit
+
+    keep = make_image(lab.images / "gone-a.qcow2")
+    swap = make_image(lab.images / "gone-b.qcow2")
+    lab.hv.conn.defineXML(
+        "<domain type='test'><name>gone</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{keep}'/>"
+        "<target dev='vda'/></disk>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{swap}'/>"
+        "<target dev='vdb'/></disk></devices></domain>"
+    )
+    plan = plan_remove(lab.hv, "gone", storage=True, backup_dir=lab.backups)
+    os.unlink(swap)
+    os.mkdir(swap)  # meanwhile a directory took its name: virtdeck never deletes that
+    with pytest.raises(OperationError, match="was undefined, but .* is not a regular file"):
+        execute_remove(lab.hv, plan, backup_dir=lab.backups)
+    record = audit.read()[0][-1]
+    assert record.operation == "removing 'gone'" and record.result == "failed"
+    assert f"deleted {keep}" in record.steps and f"failed: deleting {swap}" in record.steps
+    assert "is not a regular file" in record.error
+    assert not os.path.exists(keep) and os.path.isdir(swap)

@@ -293,14 +293,39 @@ def select(
     domain: str | None = None,
     host: str | None = None,
     limit: int | None = None,
+    saved: dict[str, str] | None = None,
 ) -> list[Record]:
-    """Records of `domain` (and `host`), newest last, the last `limit` of them."""
+    """Records of `domain` (and `host`: see host_matches), newest last, the last `limit`."""
     out = [
         r
         for r in records
-        if (domain is None or domain in r.domains) and (host is None or r.host == host)
+        if (domain is None or domain in r.domains)
+        and (host is None or host_matches(r.host, host, saved or {}))
     ]
     return out[-limit:] if limit else out
+
+
+def host_matches(uri: str, wanted: str, saved: dict[str, str]) -> bool:
+    """Whether a record's host `uri` is the host the operator named: the URI itself, a saved
+    host's name (config.toml, `saved`: name -> URI), or a host name (the URI's host part;
+    this machine's name, or localhost, for a URI without one)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if uri == wanted or saved.get(wanted) == uri:
+        return True
+    try:
+        where = (urlsplit(uri).hostname or "").lower()
+    except ValueError:
+        return False
+    names = {wanted.lower()}
+    if wanted in saved:
+        with contextlib.suppress(ValueError):
+            names.add((urlsplit(saved[wanted]).hostname or "").lower())
+        names.discard("")
+    if not where:
+        return bool(names & {socket.gethostname().lower(), "localhost"})
+    return where in names
 
 
 def recent(domain: str, host: str | None = None, limit: int = 5) -> list[Record]:

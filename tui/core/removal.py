@@ -261,11 +261,13 @@ def execute_remove(
                 try:
                     if files.delete(path):
                         deleted.append(path)
+                        undo.steps.append(f"deleted {path}")  # (the audit record names it)
                 except OperationError as err:
                     failed.append(str(err))
+                    undo.steps.append(f"failed: deleting {path}")
             if plan.backup:
                 remove_private(plan.backup)
-    if failed:
-        raise OperationError(f"'{plan.name}' was undefined, but {'; '.join(failed)}")
+        if failed:  # (inside the operation: its audit record says failed, and why)
+            raise OperationError(f"'{plan.name}' was undefined, but {'; '.join(failed)}")
     progress(f"'{plan.name}' removed", 1.0)
     return deleted

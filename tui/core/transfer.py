@@ -352,6 +352,7 @@ def execute_template_copy(
                 progress(f"rebasing {v.target} onto {v.backing}", None)
                 dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
             dst_files.make_read_only(v.target)
+            undo.steps.append(f"made {v.target} read-only")
         progress(f"defining '{plan.template}' on {target.uri}", None)
         undo.push(f"undefine '{plan.template}' on {target.uri}", "undefine", uuid=plan.uuid,
                   name=plan.template, keep_nvram=True)  # fmt: skip

@@ -505,13 +505,23 @@ class RemoteFiles:
         if p is not None:
             vol = self._volume(path)
             if vol is not None:
-                if self.hv.call(vol.info)[0] != libvirt.VIR_STORAGE_VOL_FILE:
-                    raise OperationError(
-                        f"{self.operation}: {path} is not a regular file; virtdeck never deletes it"
-                    )
-                self.hv.call(vol.delete, 0, what=f"deleting {path}")
-                return True
-            if self.ssh is None:
+                try:
+                    vtype = self.hv.call(vol.info)[0]
+                except VirtdeckError:
+                    # libvirt cannot stat it (e.g. a backing file it may not read): the URI's
+                    # SSH target deletes that very path, after checking it is a regular file.
+                    if self.ssh is None:
+                        raise
+                    vtype = None
+                if vtype is not None:
+                    if vtype != libvirt.VIR_STORAGE_VOL_FILE:
+                        raise OperationError(
+                            f"{self.operation}: {path} is not a regular file; virtdeck never "
+                            "deletes it"
+                        )
+                    self.hv.call(vol.delete, 0, what=f"deleting {path}")
+                    return True
+            elif self.ssh is None:
                 return False
         script = (
             'if test -L "$1" || test -f "$1"; then rm -f -- "$1" && exit 0; exit 1; fi; '
