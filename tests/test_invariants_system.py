@@ -233,3 +233,30 @@ def test_a_two_layer_template_copy_to_a_host_that_cannot_read_the_source_works_o
                 os.chmod(vol.path(), 0o644)
                 vol.delete(0)
         conn.close()
+
+
+def test_remote_free_space_is_what_a_user_can_write(
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+) -> None:
+    """Issue 17, case 8e: over qemu+ssh the plan's free space is statfs's f_bavail on the
+    host (the pool's figure counts the blocks reserved for root), the same figure for the
+    clone plan and the template copy plan."""
+    from tests.test_storage_system import TEMPLATE, define_with
+
+    lab = host_lab
+    base = lab.disk("fbase.qcow2")
+    os.chmod(base, 0o444)
+    tname, _ = define_with(lab, "ftpl", "", first=base, meta=TEMPLATE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tui", "-c", ssh_root_uri, "clone", tname, lab.name("f"),
+         "--dry-run", "--json", "--allow-unsealed"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)["plan"]["bytes_free"]
+    st = os.statvfs(lab.dir)
+    user, root = st.f_bavail * st.f_frsize, st.f_bfree * st.f_frsize
+    assert abs(shown - user) < 256 * 1024**2, (shown, user, root)  # (others write meanwhile)
+    if root - user > 512 * 1024**2:  # a filesystem with a root reserve: never that figure
+        assert abs(shown - root) > 256 * 1024**2
+    assert "storage pool's figure" not in proc.stdout + proc.stderr

@@ -412,7 +412,9 @@ def plan_clone(
         items=tuple(items),
         bytes_needed=sum(needed_by_dev.values()),
         bytes_free=min(free.values()) if free else None,
-        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks])) + kept,
+        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks]))
+        + kept
+        + tuple(n for n in (files.free_note(d) for d in dirs_by_dev.values()) if n),
     )
 
 

@@ -276,6 +276,9 @@ def plan_template_copy(
             "firmware's template"
         )
     notes += [f"{r.line()}: {r.why}" for r in out.rewrites if r.kind == "shared-warning"]
+    estimate = dst_files.free_note(where) if free is not None else None
+    if estimate:
+        notes.append(estimate)
     return TemplateCopyPlan(
         source_host=source.uri,
         target_host=target.uri,

@@ -102,8 +102,14 @@ class LocalFiles:
 
     @staticmethod
     def free_bytes(directory: str) -> int:
+        """The space a user (not root) can write: f_bavail (the blocks reserved for root are
+        not counted; the guests' QEMU processes do not run as root)."""
         st = os.statvfs(directory)
         return st.f_bavail * st.f_frsize
+
+    @staticmethod
+    def free_note(directory: str) -> str | None:
+        return None  # statvfs: the figure is exact
 
     @staticmethod
     def device(directory: str) -> int:

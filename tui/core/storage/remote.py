@@ -336,16 +336,31 @@ class RemoteFiles:
         return {"key": root.findtext("key"), "ctime": root.findtext("target/timestamps/ctime")}
 
     def free_bytes(self, directory: str) -> int:
+        """The space a user (not root) can write in `directory` on the host: statfs's
+        f_bavail over SSH. Without SSH, the pool's figure, which libvirt takes from f_bfree
+        and so counts the blocks reserved for root (`free_note` says so in the plan)."""
+        if self.ssh is not None:
+            proc = self._sh('stat -f -c "%a %S" -- "$1"', directory,
+                            what=f"free space in {directory}")  # fmt: skip
+            fields = proc.stdout.split()
+            if proc.returncode != 0 or len(fields) != 2 or not all(f.isdigit() for f in fields):
+                raise OperationError(f"cannot read the free space of {directory} on the host")
+            return int(fields[0]) * int(fields[1])
         p = self.pool_of(directory)
-        if p is not None:
-            self._refresh(p)
-            return int(self.hv.call(p.pool.info, what=f"free space in {directory}")[3])
-        proc = self._sh('df -P -B1 "$1" | tail -n 1', directory,
-                        what=f"free space in {directory}")  # fmt: skip
-        fields = proc.stdout.split()
-        if proc.returncode != 0 or len(fields) < 4:
-            raise OperationError(f"cannot read the free space of {directory} on the host")
-        return int(fields[3])
+        if p is None:
+            raise RemoteHostError(f"{self.operation}: free space in {directory}: "
+                                  f"{no_ssh_reason(self.hv.uri)}")  # fmt: skip
+        self._refresh(p)
+        return int(self.hv.call(p.pool.info, what=f"free space in {directory}")[3])
+
+    def free_note(self, directory: str) -> str | None:
+        """What the plan must say about the free-space figure when it is an estimate."""
+        if self.ssh is not None:
+            return None
+        return (
+            f"free space in {directory} is the storage pool's figure on {self.hv.uri}: it may "
+            "count blocks reserved for root (no SSH to ask the host for what a user can write)"
+        )
 
     def device(self, directory: str) -> int:
         """An identity of the filesystem `directory` is on (pool, or st_dev over SSH)."""
