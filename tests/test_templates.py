@@ -706,3 +706,26 @@ def test_a_failed_rm_storage_is_recorded_as_failed_naming_each_file(lab: Lab) ->
     assert f"deleted {keep}" in record.steps and f"failed: deleting {swap}" in record.steps
     assert "is not a regular file" in record.error
     assert not os.path.exists(keep) and os.path.isdir(swap)
+
+
+def test_rm_storage_of_a_symlinked_disk_deletes_the_link_only_and_says_so(
+    lab: Lab, tmp_path: Path
+) -> None:
+    (tmp_path / "outside").mkdir()
+    real = make_image(tmp_path / "outside" / "real.qcow2", data=True)
+    link = lab.images / "linked.qcow2"
+    link.symlink_to(real)
+    lab.hv.conn.defineXML(
+        "<domain type='test'><name>ln</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{link}'/><target dev='vda'/></disk></devices></domain>"
+    )
+    plan = plan_remove(lab.hv, "ln", storage=True, backup_dir=lab.backups)
+    assert plan.delete_files == (str(link),)
+    assert (
+        f"keep {real} (what the symbolic link {link} points to: only the link is deleted)"
+        in plan.summary()
+    )
+    before = Path(real).read_bytes()
+    assert execute_remove(lab.hv, plan, backup_dir=lab.backups) == [str(link)]
+    assert not os.path.lexists(link) and Path(real).read_bytes() == before

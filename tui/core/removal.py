@@ -170,9 +170,18 @@ def plan_remove(
     snapshots, roots, memory = _snapshot_files(hv, name) if defined else ((), [], [])
     freed = graph.freed(images + roots, exclude=name, own_tops=images, read_only_is_shared=True)
     delete = list(freed.delete)
+    kept_why = list(freed.kept)
     if files is not None:
         delete += [m for m in memory if m not in delete and files.lexists(m)]
-    kept = [p for p, _ in freed.kept]
+        # A disk that is a symbolic link: the link goes, never what it points to (which may
+        # be anywhere, outside every image directory).
+        for p in images:
+            target = files.link_target(p)
+            if target is not None and graph.canonical(p) in delete:
+                delete[delete.index(graph.canonical(p))] = p
+                kept_why.append((target, f"what the symbolic link {p} points to: only the "
+                                         "link is deleted"))  # fmt: skip
+    kept = [p for p, _ in kept_why]
     if not storage:
         kept = delete + kept
         delete = []
@@ -187,7 +196,7 @@ def plan_remove(
         tuple(kept),
         backup,
         snapshots,
-        kept=freed.kept,
+        kept=tuple(kept_why),
         foreign=foreign,
         notes=tuple(files.pool_notes(delete)) if files is not None and delete else (),
     )

@@ -95,6 +95,11 @@ class LocalFiles:
         return []
 
     @staticmethod
+    def link_target(path: str) -> str | None:
+        """Where a symbolic link at `path` leads (resolved), or None if it is not one."""
+        return os.path.realpath(path) if os.path.islink(path) else None
+
+    @staticmethod
     def identity(path: str) -> dict[str, Any] | None:
         """What the file at `path` is (device, inode, change time; a link itself, never
         followed), recorded by an undo journal right after a step made it; None if gone."""

@@ -320,6 +320,13 @@ class RemoteFiles:
         proc = self._sh('test -f "$1" && stat -c %s "$1"', path, what=f"reading {path}")
         return int(proc.stdout.strip()) if proc.returncode == 0 else None
 
+    def link_target(self, path: str) -> str | None:
+        """Where a symbolic link at `path` leads on the host (over SSH), or None."""
+        if self.ssh is None:
+            return None
+        proc = self._sh('test -L "$1" && readlink -f -- "$1"', path, what=f"reading {path}")
+        return proc.stdout.rstrip("\n") or None if proc.returncode == 0 else None
+
     def identity(self, path: str) -> dict[str, Any] | None:
         """What the file at `path` is, for an undo journal: device, inode and change time
         over SSH; else the volume's key and change time from its pool; None if gone."""
