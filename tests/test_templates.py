@@ -729,3 +729,15 @@ def test_rm_storage_of_a_symlinked_disk_deletes_the_link_only_and_says_so(
     before = Path(real).read_bytes()
     assert execute_remove(lab.hv, plan, backup_dir=lab.backups) == [str(link)]
     assert not os.path.lexists(link) and Path(real).read_bytes() == before
+
+
+def test_a_fifo_or_a_huge_file_in_the_backup_directory_is_skipped_unread(lab: Lab) -> None:
+    from tui.core.catalog import backup_templates
+
+    lab.backups.mkdir()
+    os.mkfifo(lab.backups / "fifo.xml")  # reading it would block for ever
+    with open(lab.backups / "huge.xml", "wb") as fh:
+        fh.truncate(3 * 1024**3)
+    plan = plan_template(lab.hv, "web", seal=False, backup_dir=lab.backups)
+    execute_template(lab.hv, plan)
+    assert [b.name for b in backup_templates(lab.backups)] == ["template-web"]
