@@ -3,9 +3,11 @@
 Every state change virtdeck makes (templates, clones, rm, snapshot create/revert/delete) runs
 inside `running(hv, title)`:
 
-    with ops.running(hv, "deploy 3 thin clones of 'template-web'") as undo:
+    with ops.running(hv, "deploy 3 thin clones of 'template-web'", dirs=[images]) as undo:
         undo.push("undefine 'web-1'", "undefine", uuid=item.uuid)   # before the step acts
         hv.define(item.xml)
+        with undo.step(f"remove {path}", "delete_file", path=path):  # identity recorded after
+            files.create_overlay(path, base, "qcow2")
         ...
 
 `push` writes the undo action to the operation's journal and fsyncs it *before* the step acts,
@@ -17,6 +19,17 @@ closures, so a later process can replay them; each is idempotent (undefining a d
 not there, or deleting a file that is gone, is not an error), since a journal may record a step
 that never got to act. A finished or rolled-back operation leaves no journal behind. Every
 operation, and every recovery, is also recorded in the audit trail (tui.core.audit).
+
+An undo acts only on what its operation made and still owns. A journal has a schema version
+(`SCHEMA`) and the directories the operation planned (`dirs`): a path outside them cannot be
+pushed, and a journal naming one is refused as tampered. Each step records, right after it
+acted, the identity of what it made (`Undo.step`, `Undo.identify`, `Undo.domain_left`): a
+file's device, inode and change time, a snapshot's creation time, a digest of the definition
+the operation left. Before acting, each undo checks it (`_CHECKS`) and skips, with the reason,
+what changed hands since (a file replaced or used by another domain, a snapshot taken again,
+a definition the operator changed). `recover` drops each step from the journal once it is done
+or skipped, so a failed one is retried alone; broken journals are listed with the reason
+(`scan`).
 
 Signals: `handle_signals()` makes SIGTERM and SIGHUP behave like Ctrl-C (an `Interrupted`
 raised in the main thread) and `cancel()` makes every running operation stop at its next

@@ -493,6 +493,7 @@ def execute_template(
                 with undo.step(f"make {path} writable again", "restore_mode", path=path,
                                mode=modes[path]):  # fmt: skip
                     files.make_read_only(path)
+                undo.steps.append(f"made {path} read-only")  # (the audit record names it)
             if plan.undefine:
                 progress(f"undefining '{plan.name}' (XML kept in {plan.backup_path})", None)
                 hv.undefine(dom, keep_nvram=True, what=f"undefining '{plan.name}'")
