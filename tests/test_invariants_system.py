@@ -260,3 +260,54 @@ def test_remote_free_space_is_what_a_user_can_write(
     if root - user > 512 * 1024**2:  # a filesystem with a root reserve: never that figure
         assert abs(shown - root) > 256 * 1024**2
     assert "storage pool's figure" not in proc.stdout + proc.stderr
+
+
+def test_a_stale_group_snapshot_journal_keeps_the_snapshots_taken_again(
+    lab: SystemLab, tmp_path: Path
+) -> None:
+    """Issue 17, case 5: what a SIGKILLed group snapshot leaves (its journal names 's1' of
+    two domains, with the creation times of the snapshots it took); the operator deletes them
+    and takes 's1' again; `recover --yes` deletes neither new snapshot, and says why."""
+    import time
+
+    from tui.core import ops, snapshots
+
+    hv = lab.hv
+    vms = [lab.define(f"g{i}") for i in (1, 2)]
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tui", "-c", hv.uri, *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+
+    args = [a for vm in vms for a in ("--domain", vm)]
+    taken = run("snapshot", "create", "s1", *args)
+    assert taken.returncode == 0, taken.stderr
+    old = {vm: snapshots.snapshot_tree(hv, vm).get("s1").created.isoformat() for vm in vms}
+    # The journal the killed process would have left (written as ops does, a dead pid).
+    journal = ops.Journal(hv.uri, f"group snapshot 's1' of {', '.join(vms)}",
+                          tmp_path / "state" / "virtdeck" / "journal", vms)  # fmt: skip
+    for vm in vms:
+        journal.push(f"delete snapshot 's1' of '{vm}'", "delete_snapshot", domain=vm, name="s1")
+        journal.identify({"created": old[vm]})
+    data = json.loads(journal.path.read_text())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    data["pid"] = dead.pid
+    journal.path.write_text(json.dumps(data))
+    # By hand: the leftovers deleted; then 's1' taken again, in a later second.
+    for vm in vms:
+        hv.lookup(vm).snapshotLookupByName("s1", 0).delete(0)
+    deadline = time.monotonic() + 5
+    second = int(time.time()) + 1
+    while time.time() < second:  # a creation time is in whole seconds: the next one
+        assert time.monotonic() < deadline
+    again = run("snapshot", "create", "s1", *args)
+    assert again.returncode == 0, again.stderr
+    rec = run("recover", "--yes")
+    assert rec.returncode == 0, rec.stderr
+    assert rec.stdout.count("was taken again since") == 2, rec.stdout
+    for vm in vms:
+        node = snapshots.snapshot_tree(hv, vm).get("s1")
+        assert node is not None and node.created.isoformat() != old[vm], vm
+    assert not list((tmp_path / "state").glob("virtdeck/journal/*.json"))
