@@ -295,3 +295,74 @@ async def test_details_screen_shows_the_domain_s_recent_operations(tmp_path: Pat
     assert "suspending 'web'" in recent and "resuming 'web'" in recent
     assert "'web' is not running, so it cannot be suspended" in recent
     assert "'off'" not in recent
+
+
+# -- files virtdeck writes for itself (issue 17, case 6) --------------------------------------
+
+
+@pytest.mark.parametrize("where", ["link", "open-dir", "foreign-dir"])
+def test_the_audit_log_is_never_written_through_a_link_or_in_a_directory_not_ours(
+    where: str, test_hv: Hypervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    target = tmp_path / "elsewhere"
+    target.write_text("precious\n")
+    logdir = tmp_path / "logs"
+    logdir.mkdir(mode=0o700)
+    log = logdir / "audit.log"
+    if where == "link":
+        log.symlink_to(target)
+        expected = f"{log} is a symbolic link; virtdeck does not write through it"
+    elif where == "open-dir":
+        logdir.chmod(0o777)
+        expected = f"{logdir} is writable by other users (mode 777)"
+    else:
+        os.chown(logdir, 12345, 12345)
+        expected = f"{logdir} belongs to uid 12345, not to this user"
+    monkeypatch.setenv(audit.ENV, str(log))
+    monkeypatch.setattr(audit, "_warned", [False])
+    test_hv.start("beta")  # the operation goes on
+    assert test_hv.domain("beta").state.active
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"virtdeck: warning: audit log {log} not written")
+    assert expected in err[0]
+    assert target.read_text() == "precious\n"
+    assert not (log.exists() and not log.is_symlink())
+
+
+def test_the_audit_log_and_its_lock_are_created_0600(
+    test_hv: Hypervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "new" / "audit.log"
+    monkeypatch.setenv(audit.ENV, str(log))
+    os.umask(0o022)
+    test_hv.start("beta")
+    for p in (log, Path(f"{log}.lock")):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
+    assert [r.result for r in audit.read(log)[0]] == ["ok"]
+
+
+def test_log_host_matches_a_saved_host_name_and_a_host_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17, case 8d: `log --host` takes what an operator calls the host."""
+    import socket
+
+    far = "qemu+ssh://root@kvm2.example:2222/system?keyfile=/k"
+    for host, op in [(far, "removing 'a'"), ("qemu:///system", "starting 'b'"),
+                     ("qemu+ssh://kvm3.example/system", "starting 'c'")]:  # fmt: skip
+        audit.write(audit.make_record(host, op, ["x"], [], "ok"))
+    (tmp_path / "virtdeck").mkdir()
+    (tmp_path / "virtdeck" / "config.toml").write_text(f'[hosts]\nkvm2 = "{far}"\n')
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    for wanted, expected in [
+        ("kvm2", ["removing 'a'"]),  # a saved host's name
+        ("kvm2.example", ["removing 'a'"]),  # the host name in its URI
+        (far, ["removing 'a'"]),  # the URI itself
+        (socket.gethostname(), ["starting 'b'"]),  # this machine: URIs without a host
+        ("KVM3.example", ["starting 'c'"]),
+        ("nosuch", []),
+    ]:
+        _, out, _ = _log(capsys, "--json", "--host", wanted)
+        assert [r["operation"] for r in json.loads(out)] == expected, wanted

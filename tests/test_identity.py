@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -260,3 +262,49 @@ async def test_deploy_form_checks_the_key_and_the_plan_shows_each_identity(
         await pilot.press("n")
         await wait_for(pilot, lambda: not pane.busy)
     assert not (lab.images / "idf-1.qcow2").exists()
+
+
+# -- bounded input (issue 17, case 7) ----------------------------------------------------------
+
+
+def test_key_files_are_bounded_before_they_are_read(
+    lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/dev/zero, a FIFO nobody writes to, a 3 GB sparse .pub: one line, exit 2, at once."""
+    huge = tmp_path / "huge.pub"
+    with open(huge, "wb") as fh:
+        fh.truncate(3 * 1024**3)
+    fifo = tmp_path / "fifo.pub"
+    os.mkfifo(fifo)
+    base = ["-c", lab.uri, "clone", "template-base", "x"]
+    cases = [
+        ("/dev/zero", "--ssh-key /dev/zero: is not a regular file"),
+        (str(fifo), f"--ssh-key {fifo}: is not a regular file"),
+        (str(huge), f"--ssh-key {huge}: is 3221225472 bytes, more than the 1048576 allowed"),
+    ]
+    for path, why in cases:
+        started = time.monotonic()
+        assert main([*base, "--ssh-key", path]) == 2, path
+        assert time.monotonic() - started < 1.0, path
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err, err
+    assert lab.files() == {"web.qcow2", "base.qcow2", "raw-base.qcow2", "paused.qcow2"}
+
+
+def test_ssh_key_dev_zero_stays_small(lab: Lab) -> None:
+    """The whole command, as an operator runs it: its peak RSS stays far below 200 MB."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=30)\n"
+        "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.stderr.write(p.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "-m", "tui", "-c", lab.uri, "clone",
+         "template-base", "x", "--ssh-key", "/dev/zero"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    status, rss_kib = (int(v) for v in proc.stdout.split())
+    assert status == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "is not a regular file" in proc.stderr
+    assert rss_kib * 1024 < 200 * 1024**2, rss_kib

@@ -264,3 +264,49 @@ def test_interrupted_template_create_puts_the_vm_back(lab: SystemLab, tmp_path: 
         time.sleep(0.1)
     assert not sealing(), "virt-sysprep went on alone"
     assert runner.left_journals() == []
+
+
+def test_a_stale_journal_takes_nothing_from_clones_deployed_again(
+    lab: SystemLab, big_template: tuple[str, Path, str], tmp_path: Path
+) -> None:
+    """Issue 17, case 5: `clone --count 3` SIGKILLed half-way; the operator removes the
+    leftovers by hand and deploys the same names again; `recover --yes` then finds the old
+    journal: it must take nothing from the new clones (their disks are at the same paths)."""
+    hv = lab.hv
+    tname, base, base_sum = big_template
+    runner = Runner(lab, tmp_path / "state")
+    backups = str(lab.dir / "backups")
+    x = lab.name("again")
+    proc = runner.start("clone", tname, x, "--full", "--count", "3", "--allow-unsealed",
+                        "--backup-dir", backups)  # fmt: skip
+    assert wait_until(lambda: POINTS["copy"](hv, lab, x), proc)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while copying(lab.prefix) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # By hand: undefine what was defined, remove what was written.
+    for dom in hv.conn.listAllDomains(0):
+        if dom.name().startswith(x):
+            dom.undefine()
+    for p in lab.dir.glob(f"{x}-*"):
+        p.unlink()
+    again = runner.run("clone", tname, x, "--count", "3", "--allow-unsealed",
+                       "--backup-dir", backups)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    disks = sorted(lab.dir.glob(f"{x}-*.qcow2"))
+    assert len(disks) == 3
+    sums = {p: checksum(p) for p in disks}
+    rolled = runner.run("recover", "--yes")
+    assert rolled.returncode == 0, rolled.stderr
+    assert "skipped" in rolled.stdout, rolled.stdout
+    assert sorted(d.name() for d in hv.conn.listAllDomains(0) if d.name().startswith(x)) == [
+        f"{x}-1",
+        f"{x}-2",
+        f"{x}-3",
+    ]
+    for p, s in sums.items():
+        assert p.exists() and checksum(p) == s, p
+        qemu_img("check", str(p))
+    assert runner.left_journals() == []
+    assert checksum(base) == base_sum

@@ -200,3 +200,13 @@ def test_a_refresh_is_two_round_trips_whatever_the_number_of_domains(
     persistent = {d.name: d.persistent for d in test_hv.domains()}
     assert persistent["tr"] is False and persistent["alpha"] is True
     assert calls.count("listAllDomains") == 1 and calls.count("getAllDomainStats") == 1
+
+
+def test_the_config_file_is_bounded_before_it_is_read(tmp_path: Path) -> None:
+    big = tmp_path / "config.toml"
+    with open(big, "wb") as fh:
+        fh.truncate(3 * 1024**3)
+    with pytest.raises(ConfigError, match=r"is 3221225472 bytes, more than the 1048576 allowed"):
+        load_settings(big)
+    with pytest.raises(ConfigError, match=r"/dev/zero: is not a regular file"):
+        load_settings(Path("/dev/zero"))

@@ -190,3 +190,21 @@ def test_internal_snapshots_on_test_driver(
     assert err.count("\n") == 1 and "no snapshot named 'nope'" in err
     assert main(["-c", test_uri, "rollback", "beta"]) == 1
     assert "no current snapshot" in capsys.readouterr().err
+
+
+def test_a_description_is_one_line_of_printable_text(
+    test_uri: str, test_hv: Hypervisor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17, case 7: refused at planning; one another tool stored is shown escaped."""
+    for text in ("line one\nforged line", "bell\x07", "esc\x1b[2J"):
+        assert (
+            main(["-c", test_uri, "snapshot", "create", "beta", "s1", "--description", text]) == 1
+        )
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the description holds a control character" in err, err
+    dom = test_hv.conn.lookupByName("beta")
+    dom.snapshotCreateXML(
+        "<domainsnapshot><name>s2</name><description>one&#10;two</description></domainsnapshot>", 0
+    )
+    node = S.snapshot_tree(test_hv, "beta").get("s2")
+    assert node.description == "one\\ntwo"

@@ -28,6 +28,7 @@ from tui.core.errors import (
 )
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState, VirtdeckMeta
+from tui.core.storage.local import LocalFiles
 from tui.core.storage.qemuimg import QemuImg, run_subprocess
 from tui.core.templates import (
     Sysprep,
@@ -639,3 +640,104 @@ def test_cli_clone_dry_run_and_json(lab: Lab, capsys: pytest.CaptureFixture[str]
     data = json.loads(capsys.readouterr().out)
     assert data["clones"] == ["js"] and data["plan"]["items"][0]["copies"]
     assert (nvram.parent / "js_VARS.fd").read_bytes() == nvram.read_bytes()
+
+
+# -- disk names with control characters (issue 17, case 8a) -----------------------------------
+
+
+def test_a_disk_whose_name_holds_a_newline_is_refused_and_the_other_file_is_kept(
+    lab: Lab,
+) -> None:
+    """libvirt writes the newline raw in the attribute; read as a space it names another
+    file ('-nl dir/-rf x.qcow2'): every operation refuses the disk at planning."""
+    from tui.core import snapshots
+    from tui.core.models import DiskKind
+
+    (lab.images / "-nl\ndir").mkdir()
+    make_image(lab.images / "-nl\ndir" / "-rf x.qcow2")
+    (lab.images / "-nl dir").mkdir()
+    other = make_image(lab.images / "-nl dir" / "-rf x.qcow2", data=True)
+    before = subprocess.run(["sha256sum", other], capture_output=True, text=True).stdout
+    lab.hv.conn.defineXML(
+        "<domain type='test'><name>nl</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{lab.images}/-nl&#10;dir/-rf x.qcow2'/><target dev='vda'/></disk>"
+        "</devices></domain>"
+    )
+    raw = lab.hv.conn.lookupByName("nl").XMLDesc(0)
+    assert "-nl\ndir" in raw  # (what libvirt stores: the newline raw in the attribute)
+    disk = lab.hv.domain("nl").disks[0]
+    assert disk.kind == DiskKind.UNSAFE and disk.path is None
+    assert disk.source == f"{lab.images}/-nl\\ndir/-rf x.qcow2"
+    with pytest.raises(InvalidInputError, match="disk vda of 'nl' is a disk whose name holds"):
+        plan_template(lab.hv, "nl", seal=False, backup_dir=lab.backups)
+    with pytest.raises(InvalidInputError, match="disk vda of 'nl' is a disk whose name holds"):
+        plan_remove(lab.hv, "nl", storage=True, backup_dir=lab.backups)
+    with pytest.raises(InvalidInputError):
+        snapshots.plan_create(lab.hv, "nl", "s1")
+    with pytest.raises(InvalidInputError, match="holds a control character"):
+        LocalFiles(lab.hv, "test").delete(f"{lab.images}/-nl\ndir/-rf x.qcow2")
+    after = subprocess.run(["sha256sum", other], capture_output=True, text=True).stdout
+    assert after == before and (lab.images / "-nl\ndir" / "-rf x.qcow2").exists()
+
+
+def test_a_failed_rm_storage_is_recorded_as_failed_naming_each_file(lab: Lab) -> None:
+    """Issue 17, case 8d: the audit record is the operation's result, and names every file
+    deleted and the one that could not be."""
+    from tui.core import audit
+
+    keep = make_image(lab.images / "gone-a.qcow2")
+    swap = make_image(lab.images / "gone-b.qcow2")
+    lab.hv.conn.defineXML(
+        "<domain type='test'><name>gone</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{keep}'/>"
+        "<target dev='vda'/></disk>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{swap}'/>"
+        "<target dev='vdb'/></disk></devices></domain>"
+    )
+    plan = plan_remove(lab.hv, "gone", storage=True, backup_dir=lab.backups)
+    os.unlink(swap)
+    os.mkdir(swap)  # meanwhile a directory took its name: virtdeck never deletes that
+    with pytest.raises(OperationError, match="was undefined, but .* is not a regular file"):
+        execute_remove(lab.hv, plan, backup_dir=lab.backups)
+    record = audit.read()[0][-1]
+    assert record.operation == "removing 'gone'" and record.result == "failed"
+    assert f"deleted {keep}" in record.steps and f"failed: deleting {swap}" in record.steps
+    assert "is not a regular file" in record.error
+    assert not os.path.exists(keep) and os.path.isdir(swap)
+
+
+def test_rm_storage_of_a_symlinked_disk_deletes_the_link_only_and_says_so(
+    lab: Lab, tmp_path: Path
+) -> None:
+    (tmp_path / "outside").mkdir()
+    real = make_image(tmp_path / "outside" / "real.qcow2", data=True)
+    link = lab.images / "linked.qcow2"
+    link.symlink_to(real)
+    lab.hv.conn.defineXML(
+        "<domain type='test'><name>ln</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{link}'/><target dev='vda'/></disk></devices></domain>"
+    )
+    plan = plan_remove(lab.hv, "ln", storage=True, backup_dir=lab.backups)
+    assert plan.delete_files == (str(link),)
+    assert (
+        f"keep {real} (what the symbolic link {link} points to: only the link is deleted)"
+        in plan.summary()
+    )
+    before = Path(real).read_bytes()
+    assert execute_remove(lab.hv, plan, backup_dir=lab.backups) == [str(link)]
+    assert not os.path.lexists(link) and Path(real).read_bytes() == before
+
+
+def test_a_fifo_or_a_huge_file_in_the_backup_directory_is_skipped_unread(lab: Lab) -> None:
+    from tui.core.catalog import backup_templates
+
+    lab.backups.mkdir()
+    os.mkfifo(lab.backups / "fifo.xml")  # reading it would block for ever
+    with open(lab.backups / "huge.xml", "wb") as fh:
+        fh.truncate(3 * 1024**3)
+    plan = plan_template(lab.hv, "web", seal=False, backup_dir=lab.backups)
+    execute_template(lab.hv, plan)
+    assert [b.name for b in backup_templates(lab.backups)] == ["template-web"]

@@ -158,9 +158,18 @@ class VirtdeckApp(App[None]):
 
     @work(thread=True, group="recover", exit_on_error=False, description="interrupted operations")
     def find_interrupted(self) -> None:
-        found = [p for p in ops.pending() if p.host in self.hosts]
+        scan = ops.scan()
+        found = [p for p in scan.pending if p.host in self.hosts]
         if found:
             self.call_from_thread(self._offer_recover, found)
+        if scan.broken:
+            self.call_from_thread(
+                self.notify,
+                f"{len(scan.broken)} undo journal(s) cannot be read or were refused "
+                f"({scan.broken[0].reason}); 'virtdeck recover' lists them with the reasons",
+                severity="warning",
+                timeout=30,
+            )
 
     def _offer_recover(self, found: list[ops.Pending]) -> None:
         self.interrupted = found
@@ -178,9 +187,12 @@ class VirtdeckApp(App[None]):
     def roll_back_interrupted(self) -> None:
         done: list[str] = []
         failed: list[str] = []
+        skipped: list[str] = []
         for item in self.interrupted:
-            left = ops.recover(self.hypervisor(item.host), item)
+            left = ops.recover(self.hypervisor(item.host), item, skipped)
             (failed if left else done).append(item.title if not left else f"{item.title}: {left}")
+        if skipped:  # what changed hands since: kept, and said so
+            self.call_from_thread(self.notify, "; ".join(skipped), severity="warning", timeout=30)
         self.interrupted = []
         if done:
             self.call_from_thread(self.notify, f"rolled back: {'; '.join(done)}")

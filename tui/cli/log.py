@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
@@ -27,7 +28,11 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="an array of records")
     p.add_argument("--limit", type=_positive, metavar="N", help="only the last N records")
     p.add_argument(
-        "--host", dest="log_host", metavar="URI", help="only operations on this host's URI"
+        "--host",
+        dest="log_host",
+        metavar="HOST",
+        help="only operations on this host: its URI, a saved host name (config.toml) or its "
+        "host name",
     )
     p.set_defaults(handler=cmd_log, needs_hosts=False)
 
@@ -44,7 +49,16 @@ def cmd_log(args: argparse.Namespace, hypervisors: list[Any]) -> int:
             f"virtdeck: skipped {bad} line(s) of {audit.log_path()} that are not audit records",
             file=sys.stderr,
         )
-    shown = audit.select(records, domain=args.domain, host=args.log_host, limit=args.limit)
+    saved: dict[str, str] = {}
+    if args.log_host:
+        from tui.core.errors import ConfigError
+        from tui.core.settings import load_settings
+
+        with contextlib.suppress(ConfigError):  # (a broken config names no host; log goes on)
+            saved = {h.name: h.uri for h in load_settings().hosts}
+    shown = audit.select(
+        records, domain=args.domain, host=args.log_host, limit=args.limit, saved=saved
+    )
     if args.json:
         from tui.cli import print_json
 

@@ -24,15 +24,26 @@ def register(sub: Any) -> None:
 
 
 def cmd_recover(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    found = ops.pending()
+    scan = ops.scan()
+    found = scan.pending
     by_uri = {hv.uri: hv for hv in hypervisors}
+    broken = [{"path": str(b.path), "broken": b.reason} for b in scan.broken]
+    alive = [{**_json(p), "running": True} for p in scan.alive]
+    if not args.json:
+        for b in scan.broken:
+            print(f"broken journal {b.path}: {b.reason} (left as it is)")
+        for p in scan.alive:
+            print(f"skipped: '{p.title}' on {p.host} is still running (pid {p.pid})")
     if args.json and not args.yes:
-        print_json([_json(p) for p in found])
+        print_json([_json(p) for p in found] + broken + alive)
         return 0
     if not found:
-        print("nothing to recover: no operation was left half-done")
-        return 0
-    status = 0
+        if not args.json and not scan.broken and not scan.alive:
+            print("nothing to recover: no operation was left half-done")
+        if args.json:
+            print_json(broken + alive)
+        return 1 if broken and args.yes else 0
+    status = 1 if broken and args.yes else 0
     results = []
     opened: list[Hypervisor] = []
     for item in found:
@@ -46,8 +57,12 @@ def cmd_recover(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             except VirtdeckError as err:
                 raise InvalidInputError(f"'{item.title}' ran on {item.host}: {err}") from None
             opened.append(hv)
-        failed = ops.recover(hv, item)
-        results.append({**_json(item), "failed": failed})
+        skipped: list[str] = []
+        failed = ops.recover(hv, item, skipped)
+        results.append({**_json(item), "failed": failed, "skipped": skipped})
+        if not args.json:
+            for line in skipped:
+                print(f"{item.title}: {line}")
         if failed:
             status = 1
             print(f"virtdeck: could not undo all of '{item.title}': {', '.join(failed)}",
@@ -57,7 +72,7 @@ def cmd_recover(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     for hv in opened:
         hv.close()
     if args.json:
-        print_json(results)
+        print_json(results + broken + alive)
     elif not args.yes:
         print("roll them back with 'virtdeck recover --yes'")
     return status

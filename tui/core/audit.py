@@ -6,7 +6,8 @@ on which host, to which domains, what (the operation's title and the steps that 
 ended (ok, failed, interrupted, or undone by `virtdeck recover`, with the error line), how long
 it took and who asked (user, the SSH client's address, pid).
 
-The log is `$XDG_STATE_HOME/virtdeck/audit.log` (or `$VIRTDECK_AUDIT_LOG`), mode 0600. Each
+The log is `$XDG_STATE_HOME/virtdeck/audit.log` (or `$VIRTDECK_AUDIT_LOG`), mode 0600, written
+only in a directory of ours and never through a symbolic link (tui.core.private). Each
 record is one `write()` to a file opened with O_APPEND, so records from several processes never
 interleave; writers hold a shared flock on `audit.log.lock` while they append and the one that
 finds the log too big takes it exclusively to rotate (`audit.log` → `.1` → … → `.KEEP`). A
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tui.core import private
 from tui.core.paths import state_dir
 
 ENV = "VIRTDECK_AUDIT_LOG"
@@ -139,15 +141,16 @@ def append(record: Record, path: Path | None = None) -> None:
     """Append one record as one line (raises OSError; `write` is the forgiving face)."""
     path = path or log_path()
     line = (json.dumps(record.to_json(), ensure_ascii=False) + "\n").encode()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Never through a link, only in a directory of ours (tui.core.private): a log that
+    # points elsewhere is refused, and the operation goes on with a warning (see `write`).
+    lock = private.open_private(Path(f"{path}.lock"), os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(lock, fcntl.LOCK_SH)
         if _size(path) + len(line) > MAX_BYTES:
             fcntl.flock(lock, fcntl.LOCK_EX)  # (converting drops the shared lock first)
             if _size(path) + len(line) > MAX_BYTES:  # another writer may have rotated it
                 _rotate(path)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = private.open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             written = os.write(fd, line)
         finally:
@@ -182,7 +185,7 @@ def write(record: Record, path: Path | None = None) -> bool:
     try:
         append(record, path)
         return True
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, private.UnsafeFileError) as err:
         if not _warned[0]:
             _warned[0] = True
             where = path or log_path()
@@ -290,14 +293,39 @@ def select(
     domain: str | None = None,
     host: str | None = None,
     limit: int | None = None,
+    saved: dict[str, str] | None = None,
 ) -> list[Record]:
-    """Records of `domain` (and `host`), newest last, the last `limit` of them."""
+    """Records of `domain` (and `host`: see host_matches), newest last, the last `limit`."""
     out = [
         r
         for r in records
-        if (domain is None or domain in r.domains) and (host is None or r.host == host)
+        if (domain is None or domain in r.domains)
+        and (host is None or host_matches(r.host, host, saved or {}))
     ]
     return out[-limit:] if limit else out
+
+
+def host_matches(uri: str, wanted: str, saved: dict[str, str]) -> bool:
+    """Whether a record's host `uri` is the host the operator named: the URI itself, a saved
+    host's name (config.toml, `saved`: name -> URI), or a host name (the URI's host part;
+    this machine's name, or localhost, for a URI without one)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if uri == wanted or saved.get(wanted) == uri:
+        return True
+    try:
+        where = (urlsplit(uri).hostname or "").lower()
+    except ValueError:
+        return False
+    names = {wanted.lower()}
+    if wanted in saved:
+        with contextlib.suppress(ValueError):
+            names.add((urlsplit(saved[wanted]).hostname or "").lower())
+        names.discard("")
+    if not where:
+        return bool(names & {socket.gethostname().lower(), "localhost"})
+    return where in names
 
 
 def recent(domain: str, host: str | None = None, limit: int = 5) -> list[Record]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tui.core import domxml
+from tui.core import domxml, private
 from tui.core.errors import (
     InvalidInputError,
     NotFoundError,
@@ -162,6 +162,9 @@ def host_key(hv: Hypervisor) -> str:
 _host_keys: dict[str, str] = {}  # a URI's host name does not change while virtdeck runs
 
 
+MAX_BACKUP_BYTES = 4 << 20  # a domain's XML is a few KiB
+
+
 def backup_templates(
     backup_dir: Path | None = None, hv: Hypervisor | None = None
 ) -> list[BackupTemplate]:
@@ -173,8 +176,9 @@ def backup_templates(
     out = []
     for path in sorted(directory.glob("*.xml")):
         try:
-            root = domxml.parse(path.read_text())
-        except (OSError, domxml.ET.ParseError):
+            # Bounded: a FIFO or a huge file named *.xml in the directory is skipped unread.
+            root = domxml.parse(private.read_bounded(path, MAX_BACKUP_BYTES).decode())
+        except (OSError, ValueError, domxml.ET.ParseError):
             continue
         name = root.findtext("name")
         meta = domxml.read_meta(root)

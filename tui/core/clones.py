@@ -412,7 +412,9 @@ def plan_clone(
         items=tuple(items),
         bytes_needed=sum(needed_by_dev.values()),
         bytes_free=min(free.values()) if free else None,
-        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks])) + kept,
+        notes=tuple(files.pool_notes([d.path for i in items for d in i.disks]))
+        + kept
+        + tuple(n for n in (files.free_note(d) for d in dirs_by_dev.values()) if n),
     )
 
 
@@ -459,7 +461,12 @@ def execute_clone(
     done, progress = 0, ops.cancellable(progress)
     title = f"deploying {len(plan.items)} {plan.mode} clone(s) of '{plan.template}'"
     try:
-        with ops.running(hv, title, domains=[plan.template, *(i.name for i in plan.items)]) as undo:
+        made = [d.path for i in plan.items for d in i.disks]
+        made += [c.destination for i in plan.items for c in i.copies]
+        dirs = {os.path.dirname(p) for p in made}
+        with ops.running(
+            hv, title, domains=[plan.template, *(i.name for i in plan.items)], dirs=dirs
+        ) as undo:
             for item in plan.items:
                 progress(f"defining '{item.name}'", None)
                 # NVRAM is kept by the undefine: the copy below has its own undo, and libvirt's

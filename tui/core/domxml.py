@@ -6,9 +6,11 @@ planning an operation before anything is changed.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 
 from tui.core.models import DiskInfo, DiskKind, InterfaceInfo, VirtdeckMeta
+from tui.core.text import has_control, printable
 
 NS = "https://virtdeck.dev/xmlns/domain/1"
 PREFIX = "virtdeck"
@@ -22,7 +24,28 @@ _UNIT_BYTES = {
 
 
 def parse(xml: str) -> ET.Element:
+    """The XML as libvirt stores it. libvirt writes a newline, tab or carriage return in an
+    attribute value raw, and an XML parser normalises those to spaces (so a disk named
+    '/d/-nl<newline>x' would read as the other file '/d/-nl x'): they are turned into
+    character references first, so what is parsed is what libvirt stores."""
+    if _CONTROL_IN_TAG.search(xml):  # (rare: libvirt's newlines are between tags)
+        xml = _TAG.sub(_keep_controls, xml)
     return ET.fromstring(xml)
+
+
+_CONTROL_IN_TAG = re.compile(r"<[^!?/<>][^<>\n\t\r]*[\n\t\r]")
+_TAG = re.compile(r"<[^!?/<>][^<>]*[\n\t\r][^<>]*>")
+_ATTR_VALUE = re.compile(r"""(=\s*)("[^"]*"|'[^']*')""")
+
+
+def _keep_controls(tag: re.Match[str]) -> str:
+    return _ATTR_VALUE.sub(
+        lambda m: (
+            m.group(1)
+            + m.group(2).replace("\n", "&#10;").replace("\t", "&#9;").replace("\r", "&#13;")
+        ),
+        tag.group(),
+    )
 
 
 def to_string(root: ET.Element) -> str:
@@ -74,6 +97,11 @@ def disk_kind(disk: ET.Element) -> DiskKind:
     has = src is not None and any(
         src.get(a) for a in ("file", "dev", "dir", "name", "volume", "protocol")
     )
+    backing = disk.find("backingStore/source")
+    named = [*(src.attrib.values() if src is not None else ()),
+             *(backing.attrib.values() if backing is not None else ())]  # fmt: skip
+    if any(has_control(v) for v in named):
+        return DiskKind.UNSAFE
     return DiskKind.from_xml(disk.get("type"), has)
 
 
@@ -84,6 +112,8 @@ def disks(root: ET.Element) -> tuple[DiskInfo, ...]:
         driver = disk.find("driver")
         kind = disk_kind(disk)
         source = disk_source(disk) if kind != DiskKind.EMPTY else None
+        if kind == DiskKind.UNSAFE and source is not None:
+            source = printable(source)
         backing = disk.find("backingStore/source")
         out.append(
             DiskInfo(

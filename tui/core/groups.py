@@ -401,6 +401,7 @@ class GroupPlan(ops.PlanDefaults):
                         undo.pop()  # ATOMIC: libvirt took nothing; never delete another's
                         failure = (m.domain, str(err))
                         raise
+                    undo.identify({"created": node.created.isoformat()})
                     text = f"{m.domain}: {node.kind} snapshot '{node.name}' taken"
                     taken.append(MemberResult(m.host, m.domain, True, text))
         except VirtdeckError as err:

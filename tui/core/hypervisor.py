@@ -59,6 +59,7 @@ from tui.core.models import (
     VirtdeckMeta,
     version_string,
 )
+from tui.core.text import CONTROL
 
 _STATS = (
     libvirt.VIR_DOMAIN_STATS_STATE
@@ -496,3 +497,17 @@ def validate_name(name: str, what: str = "name", why: str = "") -> str:
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}")
+
+
+def validate_text(text: str, what: str, limit: int = 1000) -> str:
+    """Free text virtdeck stores (a snapshot's description): one line of printable text (a
+    newline or an escape sequence would forge lines in `snapshot ls` and the logs)."""
+    bad = CONTROL.search(text)
+    if bad:
+        raise InvalidInputError(
+            f"the {what} holds a control character ({bad.group()!r} at {bad.start() + 1}); "
+            "give one line of printable text"
+        )
+    if len(text) > limit:
+        raise InvalidInputError(f"the {what} is {len(text)} characters long; at most {limit}")
+    return text

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tui.core import procs
+from tui.core import private, procs
 from tui.core.cancel import Interrupted, cancelled, check_cancelled
 from tui.core.errors import InvalidInputError, OperationError
 from tui.core.progress import Progress
@@ -92,19 +92,26 @@ class SshKey:
         return f"ssh key for {self.user} ({self.kind} {tail})"
 
 
+#: A public key file is a few hundred bytes; an authorized_keys list of many keys stays far
+#: below this. Anything bigger is refused before it is read.
+MAX_KEY_FILE_BYTES = 1 << 20
+
+
 def read_ssh_keys(path: str | Path, user: str = "root") -> tuple[SshKey, ...]:
     """Every public key in an OpenSSH public key file (`id_ed25519.pub` or an
     authorized_keys-style list), checked; one IdentityError line names what is wrong."""
     if not _USER.match(user):
         raise IdentityError(f"--ssh-user {user!r} is not a valid user name")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = private.read_bounded(path, MAX_KEY_FILE_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise IdentityError(f"--ssh-key {path}: no such file") from None
     except IsADirectoryError:
         raise IdentityError(f"--ssh-key {path}: is a directory, not a key file") from None
     except UnicodeDecodeError:
         raise IdentityError(f"--ssh-key {path}: not a text file (give the .pub file)") from None
+    except ValueError as err:
+        raise IdentityError(f"--ssh-key {path}: {err}; give the .pub file") from None
     except OSError as err:
         raise IdentityError(f"--ssh-key {path}: cannot read it: {err.strerror}") from None
     keys = []
@@ -366,7 +373,9 @@ class _Stopped(Exception):
 def _key_dir(c: Customisation) -> str:
     directory = tempfile.mkdtemp(prefix="virtdeck-keys-")
     for i, key in enumerate(c.ssh_keys):
-        with open(os.path.join(directory, f"key{i}.pub"), "w", encoding="utf-8") as out:
+        fd = os.open(os.path.join(directory, f"key{i}.pub"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)  # fmt: skip
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(key.key + "\n")
     return directory
 

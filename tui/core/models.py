@@ -45,6 +45,10 @@ class DiskKind(enum.Enum):
     NETWORK = "network"  # nbd, iscsi, rbd, gluster, http... (the name is not a local path)
     DIR = "dir"  # a host directory exported as a FAT disk
     EMPTY = "empty"  # a removable drive without media
+    # A source whose name holds a control character (a newline: libvirt writes it raw in the
+    # attribute, and an XML parser reads it as a space, i.e. as another file's name): shown,
+    # never taken for an image (every operation refuses or keeps it).
+    UNSAFE = "unsafe"
 
     @classmethod
     def from_xml(cls, disk_type: str | None, has_source: bool) -> DiskKind:
@@ -102,6 +106,7 @@ class DiskInfo:
             DiskKind.NETWORK: "network disk",
             DiskKind.DIR: "host directory",
             DiskKind.EMPTY: "empty drive",
+            DiskKind.UNSAFE: "disk whose name holds a control character,",
         }[self.kind]
         if self.removable and self.kind != DiskKind.EMPTY:
             what = f"{self.device} {what}"

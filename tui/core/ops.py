@@ -3,9 +3,11 @@
 Every state change virtdeck makes (templates, clones, rm, snapshot create/revert/delete) runs
 inside `running(hv, title)`:
 
-    with ops.running(hv, "deploy 3 thin clones of 'template-web'") as undo:
+    with ops.running(hv, "deploy 3 thin clones of 'template-web'", dirs=[images]) as undo:
         undo.push("undefine 'web-1'", "undefine", uuid=item.uuid)   # before the step acts
         hv.define(item.xml)
+        with undo.step(f"remove {path}", "delete_file", path=path):  # identity recorded after
+            files.create_overlay(path, base, "qcow2")
         ...
 
 `push` writes the undo action to the operation's journal and fsyncs it *before* the step acts,
@@ -17,6 +19,17 @@ closures, so a later process can replay them; each is idempotent (undefining a d
 not there, or deleting a file that is gone, is not an error), since a journal may record a step
 that never got to act. A finished or rolled-back operation leaves no journal behind. Every
 operation, and every recovery, is also recorded in the audit trail (tui.core.audit).
+
+An undo acts only on what its operation made and still owns. A journal has a schema version
+(`SCHEMA`) and the directories the operation planned (`dirs`): a path outside them cannot be
+pushed, and a journal naming one is refused as tampered. Each step records, right after it
+acted, the identity of what it made (`Undo.step`, `Undo.identify`, `Undo.domain_left`): a
+file's device, inode and change time, a snapshot's creation time, a digest of the definition
+the operation left. Before acting, each undo checks it (`_CHECKS`) and skips, with the reason,
+what changed hands since (a file replaced or used by another domain, a snapshot taken again,
+a definition the operator changed). `recover` drops each step from the journal once it is done
+or skipped, so a failed one is retried alone; broken journals are listed with the reason
+(`scan`).
 
 Signals: `handle_signals()` makes SIGTERM and SIGHUP behave like Ctrl-C (an `Interrupted`
 raised in the main thread) and `cancel()` makes every running operation stop at its next
@@ -32,6 +45,7 @@ import datetime as dt
 import enum
 import json
 import os
+import stat
 import threading
 import time
 import uuid as uuidlib
@@ -40,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tui.core import audit
+from tui.core import audit, private
 from tui.core.cancel import (  # noqa: F401  (re-exported: ops is the face)
     Interrupted,
     cancel,
@@ -132,6 +146,12 @@ def _plain(value: Any) -> Any:
 
 # -- the journal -----------------------------------------------------------------------------
 
+#: The journal format: a journal of another version is listed as broken, never acted on.
+SCHEMA = 2
+#: Undo kinds whose `path` argument must lie in a directory the operation planned.
+PATH_KINDS = ("delete_file", "restore_mode", "remove_private", "restore_memory")
+MAX_JOURNAL_BYTES = 4 << 20
+
 
 def journal_dir() -> Path:
     return state_dir() / "journal"
@@ -146,6 +166,15 @@ class UndoAction:
     label: str
     kind: str
     args: dict[str, Any]
+    # What the step made or left, recorded right after it acted (a file's device, inode and
+    # change time; a snapshot's creation time; a digest of a domain's XML); None while the
+    # step is acting (or if the process died before it could record it).
+    identity: dict[str, Any] | None = None
+    at: float = 0.0  # when the step was journalled (time.time())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "kind": self.kind, "args": self.args,
+                "identity": self.identity, "at": self.at}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -160,10 +189,42 @@ class Pending:
     pid: int
     undo: tuple[UndoAction, ...]
     domains: tuple[str, ...] = ()
+    dirs: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> str:
         steps = "; ".join(a.label for a in reversed(self.undo)) or "nothing to undo"
         return f"{self.title} on {self.host} (started {self.started}, pid {self.pid}): {steps}"
+
+
+@dataclass(frozen=True)
+class Broken:
+    """A journal `recover` cannot act on (unreadable, truncated, unknown, tampered): listed
+    with the reason and left as it is."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Scan:
+    pending: list[Pending]
+    broken: list[Broken]
+    alive: list[Pending]  # journals of operations still running (their process is alive)
+
+
+def _inside(path: str, dirs: Iterable[str]) -> bool:
+    return any(path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def _clean_dirs(dirs: Iterable[str]) -> list[str]:
+    out = []
+    for d in dirs:
+        d = os.path.normpath(str(d))
+        if not os.path.isabs(d) or d == "/":
+            raise ValueError(f"not a planned directory: {d}")
+        out.append(d)
+    return sorted(set(out))
 
 
 class Journal:
@@ -175,48 +236,72 @@ class Journal:
         title: str,
         directory: Path | None = None,
         domains: Iterable[str] = (),
+        dirs: Iterable[str] = (),
     ) -> None:
         self.host = host
         self.title = title
         self.domains = list(domains)
+        self.dirs = _clean_dirs(dirs)
         self.id = uuidlib.uuid4().hex[:12]
         self.actions: list[UndoAction] = []
         directory = directory or journal_dir()
         self.path = directory / f"{_host_key(host)}.{self.id}.json"
         self.started = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
-        directory.mkdir(parents=True, exist_ok=True)
-        self._write()
+        try:
+            private.check_dir(directory)
+        except OperationError as err:
+            raise OperationError(
+                f"cannot keep the undo journal: {err}; nothing was changed"
+            ) from None
+        self._write(first=True)
 
-    def _write(self) -> None:
-        data = {
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
             "id": self.id,
             "host": self.host,
             "title": self.title,
             "domains": self.domains,
+            "dirs": self.dirs,
             "started": self.started,
             "pid": os.getpid(),
             "boot": _boot_id(),
-            "undo": [{"label": a.label, "kind": a.kind, "args": a.args} for a in self.actions],
+            "undo": [a.to_json() for a in self.actions],
         }
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        with contextlib.suppress(OSError):
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+
+    def _write(self, first: bool = False) -> None:
+        try:
+            write_journal(self.path, self.to_json())
+        except OSError as err:
+            if first:
+                raise OperationError(
+                    f"cannot write the undo journal in {self.path.parent}: "
+                    f"{err.strerror or err}; nothing was changed"
+                ) from None
+            raise OperationError(
+                f"cannot write the undo journal {self.path}: {err.strerror or err}"
+            ) from None
 
     def push(self, label: str, kind: str, **args: Any) -> None:
         """Record how to undo the step about to act (call it before the step)."""
         if kind not in UNDO:
             raise ValueError(f"unknown undo action {kind}")
-        self.actions.append(UndoAction(label, kind, args))
+        path = args.get("path")
+        if kind in PATH_KINDS and not _inside(os.path.normpath(str(path)), self.dirs):
+            raise ValueError(f"{path} is outside the directories '{self.title}' planned")
+        self.actions.append(UndoAction(label, kind, args, None, round(time.time(), 3)))
+        try:
+            self._write()
+        except BaseException:
+            self.actions.pop()  # not journalled: the step must not act (nor be undone)
+            raise
+
+    def identify(self, identity: dict[str, Any] | None, index: int = -1) -> None:
+        """Record what the step at `index` (the newest by default) made, now that it acted."""
+        if not self.actions:
+            return
+        action = self.actions[index]
+        self.actions[index] = dataclasses.replace(action, identity=identity)
         self._write()
 
     def pop(self) -> None:
@@ -227,6 +312,34 @@ class Journal:
     def close(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def write_journal(path: Path, data: dict[str, Any]) -> None:
+    """Write a journal whole or not at all (a temporary file, fsync'd, renamed over it; never
+    through a symbolic link; no partial or empty file left behind)."""
+    tmp = path.with_suffix(".tmp")
+    payload = json.dumps(data).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)  # fmt: skip
+    try:
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def _boot_id() -> str:
@@ -248,35 +361,103 @@ def _alive(pid: int, boot: str) -> bool:
     return True
 
 
+def _read_journal(path: Path) -> dict[str, Any]:
+    """The journal's JSON (bounded, not through a link); ValueError says what is wrong."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        raise ValueError(f"unreadable: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        raw = os.read(fd, MAX_JOURNAL_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"unreadable: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    if not raw.strip():
+        raise ValueError("empty")
+    if len(raw) > MAX_JOURNAL_BYTES:
+        raise ValueError(f"larger than {MAX_JOURNAL_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"truncated or not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a journal (not a JSON object)")
+    return data
+
+
+def _parse(path: Path, data: dict[str, Any]) -> Pending:
+    """A validated journal; ValueError names the first thing wrong."""
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"unknown journal version {data.get('schema')!r} (this virtdeck "
+                         f"reads version {SCHEMA})")  # fmt: skip
+    try:
+        dirs = tuple(_clean_dirs(str(d) for d in data["dirs"]))
+        actions = []
+        for a in data["undo"]:
+            kind, args = str(a["kind"]), a["args"]
+            if kind not in UNDO:
+                raise ValueError(f"unknown undo step '{kind}'")
+            if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+                raise ValueError(f"step '{a['label']}' has malformed arguments")
+            identity = a.get("identity")
+            if identity is not None and not isinstance(identity, dict):
+                raise ValueError(f"step '{a['label']}' has a malformed identity")
+            if kind in PATH_KINDS:
+                p = args.get("path")
+                if not isinstance(p, str) or os.path.normpath(p) != p or not _inside(p, dirs):
+                    raise ValueError(
+                        f"tampered: step '{a['label']}' names {p!r}, outside the directories "
+                        f"the operation planned ({', '.join(dirs) or 'none'}); refused"
+                    )
+            actions.append(UndoAction(str(a["label"]), kind, args, identity, float(a["at"])))
+        return Pending(
+            path,
+            str(data["id"]),
+            str(data["host"]),
+            str(data["title"]),
+            str(data["started"]),
+            int(data["pid"]),
+            tuple(actions),
+            tuple(str(d) for d in data.get("domains", ())),
+            dirs,
+            data,
+        )  # fmt: skip
+    except KeyError as err:
+        raise ValueError(f"incomplete: no {err}") from None
+    except TypeError as err:
+        raise ValueError(f"malformed ({err})") from None
+
+
+def scan(directory: Path | None = None) -> Scan:
+    """Every journal: operations to recover (oldest first), broken journals with the reason,
+    and journals of operations still running."""
+    directory = directory or journal_dir()
+    found, broken, alive = [], [], []
+    try:
+        paths = sorted(directory.glob("*.json"))
+    except OSError:
+        paths = []
+    for path in paths:
+        try:
+            item = _parse(path, _read_journal(path))
+        except ValueError as err:
+            broken.append(Broken(path, str(err)))
+            continue
+        if _alive(item.pid, str(item.raw.get("boot", ""))):
+            alive.append(item)
+        else:
+            found.append(item)
+    found.sort(key=lambda p: p.started)
+    return Scan(found, broken, alive)
+
+
 def pending(directory: Path | None = None) -> list[Pending]:
     """Operations whose process is gone before they finished (oldest first)."""
-    directory = directory or journal_dir()
-    out = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-            pid = int(data["pid"])
-            if _alive(pid, str(data.get("boot", ""))):
-                continue
-            actions = tuple(
-                UndoAction(str(a["label"]), str(a["kind"]), dict(a["args"])) for a in data["undo"]
-            )
-            out.append(
-                Pending(
-                    path,
-                    str(data["id"]),
-                    str(data["host"]),
-                    str(data["title"]),
-                    str(data["started"]),
-                    pid,
-                    actions,
-                    tuple(str(d) for d in data.get("domains", ())),
-                )  # fmt: skip
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    out.sort(key=lambda p: p.started)
-    return out
+    return scan(directory).pending
 
 
 # -- running an operation --------------------------------------------------------------------
@@ -303,8 +484,10 @@ class Undo:
 
     @contextlib.contextmanager
     def step(self, label: str, kind: str, **args: Any) -> Iterator[None]:
-        """Journal the undo, then act; a step refused because its target already exists (it
-        is someone else's) is forgotten, so unwinding never touches that target."""
+        """Journal the undo, then act, then record the identity of what the step made (a
+        file's device, inode and change time), so that a later `recover` acts on that very
+        thing and on nothing that took its name since. A step refused because its target
+        already exists (it is someone else's) is forgotten, so unwinding never touches it."""
         from tui.core.storage.local import AlreadyExists
 
         self.push(label, kind, **args)
@@ -313,6 +496,22 @@ class Undo:
         except AlreadyExists:
             self.pop()
             raise
+        self.journal.identify(identify(self.hv, self.journal.actions[-1]))
+
+    def identify(self, identity: dict[str, Any] | None = None) -> None:
+        """Record what the newest step made, now that it acted (computed for files)."""
+        if identity is None and self.journal.actions:
+            identity = identify(self.hv, self.journal.actions[-1])
+        self.journal.identify(identity)
+
+    def domain_left(self, uuid: str) -> None:
+        """Record the domain as the operation has left it so far (a digest of its XML): an
+        undo restoring its old definition later acts only if it is still so."""
+        digest = domain_digest(self.hv, uuid)
+        for i in range(len(self.journal.actions) - 1, -1, -1):
+            if self.journal.actions[i].kind == "define":
+                self.journal.identify({"uuid": uuid, "digest": digest}, i)
+                return
 
     def commit(self) -> None:
         """From here on the operation is done: a later failure is reported, not unwound."""
@@ -321,16 +520,202 @@ class Undo:
         self.journal.close()
 
 
-def unwind(hv: Hypervisor, actions: list[UndoAction]) -> list[str]:
-    """Run undo actions newest first; returns the labels of those that failed."""
+def identify(hv: Hypervisor, action: UndoAction) -> dict[str, Any] | None:
+    """The identity of what a step made, read now (None when there is nothing to read)."""
+    if action.kind in ("delete_file", "restore_mode"):
+        from tui.core.storage import files_for
+
+        return files_for(hv, "journal", define_pools=False).identity(action.args["path"])
+    if action.kind == "remove_private":
+        return private.identity(action.args["path"])
+    return None
+
+
+def domain_digest(hv: Hypervisor, uuid: str) -> str | None:
+    """A digest of a domain's inactive, secure XML; None when no domain has that UUID."""
+    import libvirt
+
+    try:
+        dom = hv.call(hv.conn.lookupByUUIDString, uuid)
+    except NotFoundError:
+        return None
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    return xml_digest(hv.call(dom.XMLDesc, flags))
+
+
+def xml_digest(xml: str) -> str:
+    """sha256 of a definition without its name: the operation's own rename is undone (by its
+    own step) before its definition is restored."""
+    import hashlib
+
+    from tui.core import domxml
+
+    root = domxml.parse(xml)
+    for name in root.findall("name"):
+        root.remove(name)
+    return hashlib.sha256(domxml.to_string(root).encode()).hexdigest()
+
+
+def unwind(
+    hv: Hypervisor,
+    actions: list[UndoAction],
+    *,
+    live: bool = True,
+    skipped: list[str] | None = None,
+    done: Callable[[UndoAction], None] | None = None,
+    undone: list[str] | None = None,
+) -> list[str]:
+    """Run undo actions newest first; returns the labels of those that failed.
+
+    Before acting, each step checks that what it would undo is still what its operation made
+    (`_owned`); otherwise it is skipped, with the reason appended to `skipped`. `live` is the
+    unwinding of the operation's own process (a step that was acting when it failed made what
+    is there); `recover` is not live. `done` is told of every step that succeeded or was
+    skipped (recover drops it from the journal, so a retry runs only what failed). `undone`
+    gets the labels of the steps that acted."""
     failed = []
+    owned = frozenset(str(a.args.get("uuid")) for a in actions if a.kind == "undefine")
     with signals_deferred():
         for action in reversed(actions):
             try:
-                UNDO[action.kind](hv, **action.args)
+                why = _owned(hv, action, live=live, owned=owned)
+                if why == NEVER_ACTED and live:
+                    pass  # the step that failed: there is nothing of it to undo
+                elif why:
+                    if skipped is not None:
+                        skipped.append(f"{action.label}: skipped, {why}")
+                else:
+                    UNDO[action.kind](hv, **action.args)
+                    if undone is not None:
+                        undone.append(action.label)
             except (VirtdeckError, OSError) as err:
                 failed.append(f"{action.label} ({err})")
+                continue
+            if done is not None:
+                done(action)
     return failed
+
+
+NEVER_ACTED = "its step never acted"
+
+
+def _owned(hv: Hypervisor, action: UndoAction, *, live: bool, owned: frozenset[str]) -> str:
+    """Why this undo must not act (what it would touch changed hands), or ''."""
+    check = _CHECKS.get(action.kind)
+    return check(hv, action, live, owned) if check else ""
+
+
+def _check_file(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset[str]) -> str:
+    from tui.core.storage import files_for
+
+    path = action.args["path"]
+    files = files_for(hv, "undo", define_pools=False)
+    if not files.lexists(path):
+        return ""  # gone: deleting it is a no-op
+    now = files.identity(path)
+    was = action.identity
+    if was is not None and now is not None and _replaced(was, now):
+        return f"{path} was replaced since (another file has that name now)"
+    if was is None and not live:
+        # The process died while the step was acting: it made the file if the file is not
+        # older than the step and no other domain uses it.
+        ctime = (now or {}).get("ctime")
+        if isinstance(ctime, int) and ctime / 1e9 < action.at - 2:
+            return f"{path} is older than the step that would have made it"
+    if was is None or now != was:
+        users = _users_of(hv, path, owned)
+        if users:
+            return f"{path} is in use by {', '.join(users)} (not this operation's)"
+        if now is None and was is not None and not live:
+            return f"the identity of {path} cannot be read, so it is not provably this one"
+    return ""
+
+
+def _replaced(was: dict[str, Any], now: dict[str, Any]) -> bool:
+    keys = [k for k in ("dev", "ino") if k in was and k in now]
+    return bool(keys) and any(was[k] != now[k] for k in keys)
+
+
+def _users_of(hv: Hypervisor, path: str, owned: frozenset[str]) -> list[str]:
+    """Domains (other than those in `owned`) whose definition names `path` as a disk."""
+    from tui.core import domxml
+
+    users = []
+    for dom in hv.call(hv.conn.listAllDomains, 0, what="listing domains"):
+        try:
+            if hv.call(dom.UUIDString) in owned:
+                continue
+            root = domxml.parse(hv.call(dom.XMLDesc, 0))
+        except VirtdeckError:
+            continue
+        for disk in domxml.disk_elements(root):
+            src = disk.find("source")
+            if src is not None and path in (src.get("file"), src.get("dev")):
+                users.append(f"domain '{root.findtext('name')}'")
+                break
+    return users
+
+
+def _check_mode(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset[str]) -> str:
+    path = action.args["path"]
+    if action.identity is None:
+        return NEVER_ACTED
+    now = identify(hv, action)
+    if now is not None and now != action.identity:
+        return f"{path} changed since the operation made it read-only"
+    return ""
+
+
+def _check_private(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset[str]) -> str:
+    path = action.args["path"]
+    now = private.identity(path)
+    if now is None or (action.identity is None and live):
+        return ""
+    if action.identity is None:
+        return f"{path} was not recorded as written, so it is not provably this operation's"
+    if now != action.identity:
+        return f"{path} was replaced or changed since"
+    return ""
+
+
+def _check_define(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset[str]) -> str:
+    from tui.core import domxml
+
+    uuid = domxml.parse(action.args["xml"]).findtext("uuid") or ""
+    now = domain_digest(hv, uuid.strip()) if uuid else None
+    if now is None:
+        return ""  # no domain has that UUID now: defining it again takes nothing from anyone
+    was = (action.identity or {}).get("digest")
+    if was is not None and now == was:
+        return ""
+    if now == xml_digest(action.args["xml"]):
+        return "the definition is already the one it had"
+    if was is None and live:
+        return ""
+    return "the domain's definition changed since the operation left it (kept as it is now)"
+
+
+def _check_snapshot(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset[str]) -> str:
+    from tui.core import snapshots
+
+    if action.identity is None:
+        return "" if live else "it was never recorded as taken, so it is not provably this one"
+    try:
+        node = snapshots.snapshot_tree(hv, action.args["domain"]).find(action.args["name"])
+    except NotFoundError:
+        return ""
+    if node is not None and node.created.isoformat() != action.identity.get("created"):
+        return f"snapshot '{node.name}' was taken again since ({node.created.isoformat()})"
+    return ""
+
+
+_CHECKS: dict[str, Callable[[Hypervisor, UndoAction, bool, frozenset[str]], str]] = {
+    "delete_file": _check_file,
+    "restore_mode": _check_mode,
+    "remove_private": _check_private,
+    "define": _check_define,
+    "delete_snapshot": _check_snapshot,
+}
 
 
 @contextlib.contextmanager
@@ -339,9 +724,13 @@ def running(
     title: str,
     *,
     domains: Iterable[str] = (),
+    dirs: Iterable[str] = (),
     journal_directory: Path | None = None,
 ) -> Iterator[Undo]:
     """Run an operation's steps; on any failure or interrupt, undo what was done.
+
+    `dirs` are the directories the plan writes in: an undo step can only name a file there
+    (a journal naming anything else is refused as tampered by `recover`).
 
     The error that stopped it is raised again with one line naming what was undone (or what
     could not be undone, so the operator knows what to look at). The operation is recorded in
@@ -349,7 +738,7 @@ def running(
     """
     check_cancelled()
     with audit.recorded(hv.uri, title, domains) as entry:
-        journal = Journal(hv.uri, title, journal_directory, entry.domains)
+        journal = Journal(hv.uri, title, journal_directory, entry.domains, dirs)
         undo = Undo(hv, journal, steps=entry.steps)
         with _running(hv, title, undo):
             yield undo
@@ -366,15 +755,24 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
         if undo.committed:
             raise
         actions = list(journal.actions)
-        failed = unwind(hv, actions)
+        skipped: list[str] = []
+        undone_steps: list[str] = []
+        failed = unwind(hv, actions, skipped=skipped, undone=undone_steps)
         if failed:
-            # Keep the journal: `virtdeck recover` can try again.
+            # Keep only what failed in the journal: `virtdeck recover` tries those again.
+            keep = {f.split(" (", 1)[0] for f in failed}
+            journal.actions = [a for a in actions if a.label in keep]
+            with contextlib.suppress(OperationError):
+                journal._write()
             raise OperationError(
                 f"{title}: {_why(err)}; could not undo: {', '.join(failed)} "
                 "('virtdeck recover' tries again)"
             ) from None
         journal.close()
-        undone = f"undid {len(actions)} step(s)" if actions else "nothing had changed"
+        acted = len(undone_steps)
+        undone = f"undid {acted} step(s)" if acted else "nothing had changed"
+        if skipped:
+            undone += f"; {'; '.join(skipped)}"
         if isinstance(err, Interrupted):
             raise Interrupted(f"{title}: {err}; {undone}") from None
         if isinstance(err, KeyboardInterrupt):
@@ -402,10 +800,23 @@ def _why(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
-def recover(hv: Hypervisor, item: Pending) -> list[str]:
-    """Roll back an interrupted operation of `hv`; returns what could not be undone."""
+def recover(hv: Hypervisor, item: Pending, skipped: list[str] | None = None) -> list[str]:
+    """Roll back an interrupted operation of `hv`; returns what could not be undone.
+
+    Each step first checks that what it would undo is still what the operation made (else it
+    is skipped, the reason appended to `skipped`); every step that succeeded or was skipped
+    is dropped from the journal at once, so a later recover retries only what failed."""
     start = time.monotonic()
-    failed = unwind(hv, list(item.undo))
+    skipped = [] if skipped is None else skipped
+    left = list(item.undo)
+
+    def drop(action: UndoAction) -> None:
+        left.remove(action)
+        data = dict(item.raw, undo=[a.to_json() for a in left])
+        with contextlib.suppress(OSError):
+            write_journal(item.path, data)
+
+    failed = unwind(hv, list(item.undo), live=False, skipped=skipped, done=drop)
     if not failed:
         with contextlib.suppress(FileNotFoundError):
             item.path.unlink()
@@ -414,7 +825,7 @@ def recover(hv: Hypervisor, item: Pending) -> list[str]:
             hv.uri,
             f"recovering: {item.title}",
             item.domains,
-            [a.label for a in reversed(item.undo)],
+            [a.label for a in reversed(item.undo)] + skipped,
             "failed" if failed else "undone",
             f"could not undo: {', '.join(failed)}" if failed else "",
             time.monotonic() - start,

@@ -20,11 +20,13 @@ import libvirt
 from tui.core import domxml, ops
 from tui.core.errors import (
     DependencyError,
+    InvalidInputError,
     NotFoundError,
     OperationError,
     StateError,
 )
 from tui.core.hypervisor import Hypervisor
+from tui.core.models import DiskKind
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import snapshot_tree
 from tui.core.snapshots.common import snapshot_xml
@@ -138,6 +140,12 @@ def plan_remove(
             raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
         disks = domxml.disks(found[0].root)
         is_template, defined, backup = True, False, str(found[0].path)
+    for d in disks:
+        if storage and d.kind == DiskKind.UNSAFE:
+            raise InvalidInputError(
+                f"disk {d.target} of '{name}' is a {d.described}: virtdeck cannot tell which "
+                "file it is, so it deletes none; rename the file and fix the definition first"
+            )
     own = own_images(disks)
     foreign = tuple(
         f"{d.target}: {d.described}" for d in disks if not d.is_image and d.kind.value != "empty"
@@ -162,9 +170,18 @@ def plan_remove(
     snapshots, roots, memory = _snapshot_files(hv, name) if defined else ((), [], [])
     freed = graph.freed(images + roots, exclude=name, own_tops=images, read_only_is_shared=True)
     delete = list(freed.delete)
+    kept_why = list(freed.kept)
     if files is not None:
         delete += [m for m in memory if m not in delete and files.lexists(m)]
-    kept = [p for p, _ in freed.kept]
+        # A disk that is a symbolic link: the link goes, never what it points to (which may
+        # be anywhere, outside every image directory).
+        for p in images:
+            target = files.link_target(p)
+            if target is not None and graph.canonical(p) in delete:
+                delete[delete.index(graph.canonical(p))] = p
+                kept_why.append((target, f"what the symbolic link {p} points to: only the "
+                                         "link is deleted"))  # fmt: skip
+    kept = [p for p, _ in kept_why]
     if not storage:
         kept = delete + kept
         delete = []
@@ -179,7 +196,7 @@ def plan_remove(
         tuple(kept),
         backup,
         snapshots,
-        kept=freed.kept,
+        kept=tuple(kept_why),
         foreign=foreign,
         notes=tuple(files.pool_notes(delete)) if files is not None and delete else (),
     )
@@ -253,11 +270,13 @@ def execute_remove(
                 try:
                     if files.delete(path):
                         deleted.append(path)
+                        undo.steps.append(f"deleted {path}")  # (the audit record names it)
                 except OperationError as err:
                     failed.append(str(err))
+                    undo.steps.append(f"failed: deleting {path}")
             if plan.backup:
                 remove_private(plan.backup)
-    if failed:
-        raise OperationError(f"'{plan.name}' was undefined, but {'; '.join(failed)}")
+        if failed:  # (inside the operation: its audit record says failed, and why)
+            raise OperationError(f"'{plan.name}' was undefined, but {'; '.join(failed)}")
     progress(f"'{plan.name}' removed", 1.0)
     return deleted

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tui.core import private
 from tui.core.errors import ConfigError, InvalidInputError
 from tui.core.hypervisor import DEFAULT_CONNECT_TIMEOUT
 
@@ -94,13 +95,20 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _KEY = re.compile(r"[A-Za-z0-9_+\-]+(,[A-Za-z0-9_+\-]+)*")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config.toml is a few KiB; anything bigger is refused unread
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """The settings from `path` (default: config_path()); defaults when the file is missing."""
     path = path or config_path()
     try:
-        text = path.read_text()
+        text = private.read_bounded(path, MAX_CONFIG_BYTES).decode("utf-8")
     except FileNotFoundError:
         return Settings(source=path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read it: {err.strerror}") from None
     return parse_settings(text, path)

@@ -439,7 +439,9 @@ def execute_template(
     secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
     try:
         title = f"making '{plan.vm}' a template"
-        with ops.running(hv, title, domains=[plan.vm, plan.name]) as undo:
+        dirs = {os.path.dirname(path) for path, _ in plan.images}
+        dirs.add(os.path.dirname(plan.backup_path))
+        with ops.running(hv, title, domains=[plan.vm, plan.name], dirs=dirs) as undo:
             _shut_down(hv, plan, progress)
             if plan.seal:
                 progress(f"sealing '{plan.vm}' with virt-sysprep", None)
@@ -457,6 +459,7 @@ def execute_template(
                 progress(f"renaming '{plan.vm}' to '{plan.name}'", None)
                 undo.push(f"rename back to '{plan.vm}'", "rename", uuid=plan.uuid, name=plan.vm)
                 dom = hv.rename(dom, plan.vm, plan.name)
+                undo.domain_left(plan.uuid)
             meta = VirtdeckMeta(
                 role="template",
                 created=now_iso(),
@@ -475,19 +478,22 @@ def execute_template(
                 libvirt.VIR_DOMAIN_AFFECT_CONFIG,
                 what=f"recording template metadata on '{plan.name}'",
             )
+            undo.domain_left(plan.uuid)
             progress(f"backing up the XML to {plan.backup_path}", None)
             xml = hv.call(dom.XMLDesc, secure, what=plan.name)
-            undo.push(f"remove {plan.backup_path}", "remove_private", path=plan.backup_path)
             try:
-                # 0600: the XML is dumped with VIR_DOMAIN_XML_SECURE (VNC/SPICE passwords).
-                write_private(plan.backup_path, xml)
+                with undo.step(f"remove {plan.backup_path}", "remove_private",
+                               path=plan.backup_path):  # fmt: skip
+                    # 0600: the XML is dumped with VIR_DOMAIN_XML_SECURE (VNC/SPICE passwords).
+                    write_private(plan.backup_path, xml)
             except OperationError as err:
                 raise OperationError(f"cannot write the XML backup: {err}") from None
             for path, _ in plan.images:
                 progress(f"making {path} read-only", None)
-                undo.push(f"make {path} writable again", "restore_mode", path=path,
-                          mode=modes[path])  # fmt: skip
-                files.make_read_only(path)
+                with undo.step(f"make {path} writable again", "restore_mode", path=path,
+                               mode=modes[path]):  # fmt: skip
+                    files.make_read_only(path)
+                undo.steps.append(f"made {path} read-only")  # (the audit record names it)
             if plan.undefine:
                 progress(f"undefining '{plan.name}' (XML kept in {plan.backup_path})", None)
                 hv.undefine(dom, keep_nvram=True, what=f"undefining '{plan.name}'")

@@ -276,6 +276,9 @@ def plan_template_copy(
             "firmware's template"
         )
     notes += [f"{r.line()}: {r.why}" for r in out.rewrites if r.kind == "shared-warning"]
+    estimate = dst_files.free_note(where) if free is not None else None
+    if estimate:
+        notes.append(estimate)
     return TemplateCopyPlan(
         source_host=source.uri,
         target_host=target.uri,
@@ -315,7 +318,8 @@ def execute_template_copy(
     total = sum(v.file_bytes for v in plan.volumes) or 1
     done, progress = 0, ops.cancellable(progress)
     title = f"copying template '{plan.template}' to {target.uri}"
-    with ops.running(target, title, domains=[plan.template]) as undo:
+    dirs = {posixpath.dirname(v.target) for v in plan.volumes}
+    with ops.running(target, title, domains=[plan.template], dirs=dirs) as undo:
         pool = dst_pools.ensure_pool(plan.directory)
         for v in plan.volumes:
             if dst_pools.lexists(v.target):
@@ -351,6 +355,7 @@ def execute_template_copy(
                 progress(f"rebasing {v.target} onto {v.backing}", None)
                 dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
             dst_files.make_read_only(v.target)
+            undo.steps.append(f"made {v.target} read-only")
         progress(f"defining '{plan.template}' on {target.uri}", None)
         undo.push(f"undefine '{plan.template}' on {target.uri}", "undefine", uuid=plan.uuid,
                   name=plan.template, keep_nvram=True)  # fmt: skip

@@ -14,7 +14,7 @@ import libvirt
 
 from tui.core import audit, ops
 from tui.core.errors import InvalidInputError, StateError, VirtdeckError
-from tui.core.hypervisor import Hypervisor
+from tui.core.hypervisor import Hypervisor, validate_text
 from tui.core.models import DomainState
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import common
@@ -76,6 +76,7 @@ def plan_create(
     quiesce: bool = False,
 ) -> CreatePlan:
     validate_snapshot_name(name)
+    validate_text(description, "description")
     tree = snapshot_tree(hv, domain)
     if tree.find(name):
         raise InvalidInputError(

@@ -344,7 +344,8 @@ def _revert_external(hv: Hypervisor, plan: RevertPlan, progress: Progress, files
     running = common.state(hv, plan.domain).active
     step = ops.cancellable(progress)  # until the commit an interrupt unwinds
     title = f"reverting '{plan.domain}' to '{plan.snapshot}'"
-    with ops.running(hv, title, domains=[plan.domain]) as undo:
+    dirs = {os.path.dirname(s.overlay) for s in plan.switches}
+    with ops.running(hv, title, domains=[plan.domain], dirs=dirs) as undo:
         for i, s in enumerate(plan.switches):
             step(
                 f"new overlay for {s.target} on {os.path.basename(s.image)}", i / len(plan.switches)
@@ -363,6 +364,7 @@ def _revert_external(hv: Hypervisor, plan: RevertPlan, progress: Progress, files
         step(f"switching the disks of '{plan.domain}' to the new overlays", None)
         undo.push(f"restore the definition of '{plan.domain}'", "define", xml=old_xml)
         hv.define(plan.domain_xml, what=f"redefining '{plan.domain}'")
+        undo.domain_left(hv.call(dom.UUIDString))
         new_snap = common.set_snapshot_disks(
             old_snap, overlays={s.target: s.overlay for s in plan.switches}, images=None
         )

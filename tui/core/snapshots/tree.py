@@ -16,6 +16,7 @@ from tui.core import domxml
 from tui.core.errors import NotFoundError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.storage import Resolver
+from tui.core.text import printable
 
 INTERNAL = "internal"
 EXTERNAL = "external"
@@ -214,7 +215,7 @@ def parse_snapshot_xml(xml: str, *, current: bool = False) -> SnapshotNode:
         state=state,
         kind=kind,
         current=current,
-        description=(root.findtext("description") or "").strip(),
+        description=printable((root.findtext("description") or "").strip()),
         files=tuple(files),
         disks=tuple(disks),
         memory_file=mem_file,

@@ -13,11 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from pathlib import Path
+from typing import Any
 
+from tui.core import private
 from tui.core.errors import InvalidInputError, OperationError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
 from tui.core.storage.qemuimg import QemuImg
+from tui.core.text import has_control, printable
 
 READ_ONLY = 0o444
 
@@ -35,6 +39,15 @@ def require_local(hv: Hypervisor, operation: str) -> None:
         raise RemoteHostError(
             f"{operation} needs the image files on this machine, and {hv.uri} is another host: "
             "virtdeck does not change remote image files yet (run virtdeck on that host)"
+        )
+
+
+def refuse_control(path: str, operation: str) -> None:
+    """A path with a control character in it is never changed (see DiskKind.UNSAFE)."""
+    if has_control(path):
+        raise InvalidInputError(
+            f"{operation}: {printable(path)} holds a control character; virtdeck changes no "
+            "file by such a name"
         )
 
 
@@ -82,9 +95,26 @@ class LocalFiles:
         return []
 
     @staticmethod
+    def link_target(path: str) -> str | None:
+        """Where a symbolic link at `path` leads (resolved), or None if it is not one."""
+        return os.path.realpath(path) if os.path.islink(path) else None
+
+    @staticmethod
+    def identity(path: str) -> dict[str, Any] | None:
+        """What the file at `path` is (device, inode, change time; a link itself, never
+        followed), recorded by an undo journal right after a step made it; None if gone."""
+        return private.identity(path)
+
+    @staticmethod
     def free_bytes(directory: str) -> int:
+        """The space a user (not root) can write: f_bavail (the blocks reserved for root are
+        not counted; the guests' QEMU processes do not run as root)."""
         st = os.statvfs(directory)
         return st.f_bavail * st.f_frsize
+
+    @staticmethod
+    def free_note(directory: str) -> str | None:
+        return None  # statvfs: the figure is exact
 
     @staticmethod
     def device(directory: str) -> int:
@@ -97,6 +127,7 @@ class LocalFiles:
     # -- changing ---------------------------------------------------------------------------
 
     def _new(self, path: str) -> None:
+        refuse_control(path, self.operation)
         if os.path.lexists(path):
             raise AlreadyExists(f"{path} already exists; virtdeck never overwrites a file")
         parent = os.path.dirname(path) or "."
@@ -159,6 +190,7 @@ class LocalFiles:
 
     def make_read_only(self, path: str) -> int:
         """chmod 0444; returns the mode it had (for undo)."""
+        refuse_control(path, self.operation)
         old = stat.S_IMODE(_regular(path, self.operation).st_mode)
         os.chmod(path, READ_ONLY)
         return old
@@ -170,6 +202,7 @@ class LocalFiles:
     def delete(self, path: str) -> bool:
         """Delete an image file; False when it was already gone. Refuses anything but a
         regular file (a symlink is removed, never what it points to)."""
+        refuse_control(path, self.operation)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -203,11 +236,7 @@ class LocalFiles:
 def write_private(path: str, text: str) -> None:
     """A new file of virtdeck's own on this machine that only its owner can read (a template's
     XML backup holds the secure XML); never written over an existing one."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as err:
-        raise OperationError(f"cannot write {path}: {err.strerror}") from None
+    fd = private.open_private(Path(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

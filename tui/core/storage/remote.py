@@ -39,7 +39,7 @@ from tui.core import procs
 from tui.core.errors import NotFoundError, OperationError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
-from tui.core.storage.local import AlreadyExists, RemoteHostError
+from tui.core.storage.local import AlreadyExists, RemoteHostError, refuse_control
 from tui.core.storage.qemuimg import QemuImg, last_line
 
 READ_ONLY = 0o444
@@ -320,17 +320,54 @@ class RemoteFiles:
         proc = self._sh('test -f "$1" && stat -c %s "$1"', path, what=f"reading {path}")
         return int(proc.stdout.strip()) if proc.returncode == 0 else None
 
+    def link_target(self, path: str) -> str | None:
+        """Where a symbolic link at `path` leads on the host (over SSH), or None."""
+        if self.ssh is None:
+            return None
+        proc = self._sh('test -L "$1" && readlink -f -- "$1"', path, what=f"reading {path}")
+        return proc.stdout.rstrip("\n") or None if proc.returncode == 0 else None
+
+    def identity(self, path: str) -> dict[str, Any] | None:
+        """What the file at `path` is, for an undo journal: device, inode and change time
+        over SSH; else the volume's key and change time from its pool; None if gone."""
+        if self.ssh is not None:
+            proc = self._sh('stat -c "%d %i %z" -- "$1"', path, what=f"reading {path}")
+            fields = proc.stdout.strip().split(" ", 2)
+            if proc.returncode == 0 and len(fields) == 3 and fields[1].isdigit():
+                return {"dev": int(fields[0]), "ino": int(fields[1]), "ctime": fields[2]}
+            return None
+        vol = self._volume(path)
+        if vol is None:
+            return None
+        root = ET.fromstring(self.hv.call(vol.XMLDesc, 0))
+        return {"key": root.findtext("key"), "ctime": root.findtext("target/timestamps/ctime")}
+
     def free_bytes(self, directory: str) -> int:
+        """The space a user (not root) can write in `directory` on the host: statfs's
+        f_bavail over SSH. Without SSH, the pool's figure, which libvirt takes from f_bfree
+        and so counts the blocks reserved for root (`free_note` says so in the plan)."""
+        if self.ssh is not None:
+            proc = self._sh('stat -f -c "%a %S" -- "$1"', directory,
+                            what=f"free space in {directory}")  # fmt: skip
+            fields = proc.stdout.split()
+            if proc.returncode != 0 or len(fields) != 2 or not all(f.isdigit() for f in fields):
+                raise OperationError(f"cannot read the free space of {directory} on the host")
+            return int(fields[0]) * int(fields[1])
         p = self.pool_of(directory)
-        if p is not None:
-            self._refresh(p)
-            return int(self.hv.call(p.pool.info, what=f"free space in {directory}")[3])
-        proc = self._sh('df -P -B1 "$1" | tail -n 1', directory,
-                        what=f"free space in {directory}")  # fmt: skip
-        fields = proc.stdout.split()
-        if proc.returncode != 0 or len(fields) < 4:
-            raise OperationError(f"cannot read the free space of {directory} on the host")
-        return int(fields[3])
+        if p is None:
+            raise RemoteHostError(f"{self.operation}: free space in {directory}: "
+                                  f"{no_ssh_reason(self.hv.uri)}")  # fmt: skip
+        self._refresh(p)
+        return int(self.hv.call(p.pool.info, what=f"free space in {directory}")[3])
+
+    def free_note(self, directory: str) -> str | None:
+        """What the plan must say about the free-space figure when it is an estimate."""
+        if self.ssh is not None:
+            return None
+        return (
+            f"free space in {directory} is the storage pool's figure on {self.hv.uri}: it may "
+            "count blocks reserved for root (no SSH to ask the host for what a user can write)"
+        )
 
     def device(self, directory: str) -> int:
         """An identity of the filesystem `directory` is on (pool, or st_dev over SSH)."""
@@ -353,6 +390,7 @@ class RemoteFiles:
     # -- changing ---------------------------------------------------------------------------
 
     def _new(self, path: str) -> _Pool:
+        refuse_control(path, self.operation)
         p = self.ensure_pool(posixpath.dirname(path))
         if self.lexists(path):
             raise AlreadyExists(f"{path} already exists; virtdeck never overwrites a file")
@@ -460,6 +498,7 @@ class RemoteFiles:
     def make_read_only(self, path: str) -> int:
         """chmod 0444 on the host (libvirt cannot change an existing volume's mode); returns
         the mode it had."""
+        refuse_control(path, self.operation)
         old = self.mode(path)
         self._chmod(path, READ_ONLY)
         return old
@@ -480,6 +519,7 @@ class RemoteFiles:
     def delete(self, path: str) -> bool:
         """Delete an image on the host (`vol.delete`); False when it was already gone. Refuses
         anything but a regular file."""
+        refuse_control(path, self.operation)
         directory = posixpath.dirname(path)
         p = self.pool_of(directory)
         if p is None and self._is_image_dir(path):
@@ -487,13 +527,23 @@ class RemoteFiles:
         if p is not None:
             vol = self._volume(path)
             if vol is not None:
-                if self.hv.call(vol.info)[0] != libvirt.VIR_STORAGE_VOL_FILE:
-                    raise OperationError(
-                        f"{self.operation}: {path} is not a regular file; virtdeck never deletes it"
-                    )
-                self.hv.call(vol.delete, 0, what=f"deleting {path}")
-                return True
-            if self.ssh is None:
+                try:
+                    vtype = self.hv.call(vol.info)[0]
+                except VirtdeckError:
+                    # libvirt cannot stat it (e.g. a backing file it may not read): the URI's
+                    # SSH target deletes that very path, after checking it is a regular file.
+                    if self.ssh is None:
+                        raise
+                    vtype = None
+                if vtype is not None:
+                    if vtype != libvirt.VIR_STORAGE_VOL_FILE:
+                        raise OperationError(
+                            f"{self.operation}: {path} is not a regular file; virtdeck never "
+                            "deletes it"
+                        )
+                    self.hv.call(vol.delete, 0, what=f"deleting {path}")
+                    return True
+            elif self.ssh is None:
                 return False
         script = (
             'if test -L "$1" || test -f "$1"; then rm -f -- "$1" && exit 0; exit 1; fi; '
