@@ -14,8 +14,9 @@ Idle costs nothing: a host's answer that equals what the table shows changes not
 (the table compares row by row and rewrites only changed cells); the panes hear of the
 inventory only when it changed, or when the refresh was asked for (a libvirt event, an
 operation, a key), not on every timer poll. The poll adapts: a host with running domains shown
-(their CPU % moves) is read every `poll_interval`; one without is read every IDLE_POLL_FACTOR
-times that (its states change by events). The header says when the figures were last read.
+whose CPU % is known (it moves) is read every `poll_interval`; one without is read every
+IDLE_POLL_FACTOR times that (its states change by events; libvirt's test driver reports no CPU
+time, so its running domains do not count). The header says when the figures were last read.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class HostState:
     timer: Timer | None = None
     polled: bool = True  # the running refresh is the timer's (not an event's or a request's)
     read_at: float = 0.0  # wall-clock time of the last answer (the header shows it)
+    reads: int = 0  # answers so far
 
 
 class VirtdeckApp(App[None]):
@@ -275,8 +277,10 @@ class VirtdeckApp(App[None]):
             domains = message.domains or []
             changed = came_back or domains != self._by_host[message.host]
             self._by_host[message.host] = domains
+            st.reads += 1
             delay = self.poll_interval
-            if not self.main.shows_running(message.host):
+            # CPU % needs two reads: until the second, a running domain counts as measured.
+            if not self.main.shows_running(message.host, measured=st.reads > 1):
                 delay *= IDLE_POLL_FACTOR
             if changed or not st.polled:
                 self._show_inventory(message.host, tell_panes=changed or not st.polled)

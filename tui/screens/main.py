@@ -199,9 +199,10 @@ class MainScreen(Screen[None]):
         self.show_host_list = not self.show_host_list
         self.vapp._show_hosts()
 
-    def shows_running(self, host: str) -> bool:
-        """Does the table show a running domain of `host` (whose CPU % moves)?"""
-        return self.query_one(DomainsTable).shows_running(host)
+    def shows_running(self, host: str, *, measured: bool = True) -> bool:
+        """Does the table show a running domain of `host` (with `measured`: whose CPU % is
+        known, so moves)?"""
+        return self.query_one(DomainsTable).shows_running(host, measured=measured)
 
     @staticmethod
     def _host_lines(

@@ -18,7 +18,6 @@ Every change of the marks posts `DomainsTable.MarksChanged` (the screen shows "N
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from textual.widgets import DataTable
 from textual.widgets.data_table import Row, RowKey
 
 from tui.core.groups import clones_of, matching
-from tui.core.models import DomainInfo, DomainState
+from tui.core.models import DomainInfo, DomainState, natural_key
 
 MARK = "●"
 
@@ -42,15 +41,6 @@ _STATE_STYLE = {
     DomainState.CRASHED: "bold red",
     DomainState.PMSUSPENDED: "yellow",
 }
-
-_DIGITS = re.compile(r"(\d+)")
-
-
-def natural_key(text: str) -> tuple[Any, ...]:
-    """'vm5' < 'vm6' < 'vm50': digit runs compare as numbers (re.split puts text at the even
-    places and numbers at the odd ones, so the parts always compare like with like)."""
-    parts = _DIGITS.split(text.lower())
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
 def _by_name(d: DomainInfo) -> tuple[Any, ...]:
@@ -350,11 +340,14 @@ class DomainsTable(DataTable[Any]):
                     column.content_width = width
         super()._update_dimensions(others)
 
-    def shows_running(self, host: str) -> bool:
-        """Is a running domain of `host` among the rows shown (its CPU % moves)?"""
+    def shows_running(self, host: str, *, measured: bool = True) -> bool:
+        """Is a running domain of `host` among the rows shown (with `measured`: one whose
+        CPU % is known, i.e. moves)?"""
         row_of, domains = self._row_of, self.domains
         return any(
-            k in row_of and domains[k].state is DomainState.RUNNING
+            k in row_of
+            and domains[k].state is DomainState.RUNNING
+            and (not measured or domains[k].cpu_percent is not None)
             for k in self._keys_of.get(host, ())
         )
 
