@@ -148,7 +148,11 @@ def run_idle(uris: list[str], window: float, profile: Path | None) -> tuple[floa
         d0 = cpu_seconds(daemon) if daemon else 0.0
         time.sleep(window)
         t1, c1 = time.monotonic(), cpu_seconds(pid)
-        d1 = cpu_seconds(daemon) if daemon else 0.0
+        try:
+            d1 = cpu_seconds(daemon) if daemon else 0.0
+        except FileNotFoundError:  # the daemon restarted meanwhile (shared machine)
+            print("bench_idle: libvirtd restarted during the window", file=sys.stderr)
+            daemon = None
         rss = rss_mib(pid)
         if spy is not None:
             spy.wait()

@@ -47,14 +47,15 @@ def _by_name(d: DomainInfo) -> tuple[Any, ...]:
     return (natural_key(d.name), natural_key(d.host))
 
 
+# Each column's own sort value; ties (and the Name column) go by the natural name, then host.
 SORT_KEYS: dict[str, Callable[[DomainInfo], Any]] = {
-    "name": _by_name,
-    "state": lambda d: (d.state.value, _by_name(d)),
-    "vcpus": lambda d: (d.vcpus, _by_name(d)),
-    "memory": lambda d: (d.memory_bytes, _by_name(d)),
-    "cpu": lambda d: (d.cpu_percent or 0.0, _by_name(d)),
-    "disk": lambda d: (d.disk_allocation_bytes or 0, _by_name(d)),
-    "host": lambda d: (natural_key(d.host), natural_key(d.name)),
+    "name": lambda d: 0,
+    "state": lambda d: d.state.value,
+    "vcpus": lambda d: d.vcpus,
+    "memory": lambda d: d.memory_bytes,
+    "cpu": lambda d: d.cpu_percent or 0.0,
+    "disk": lambda d: d.disk_allocation_bytes or 0,
+    "host": lambda d: natural_key(d.host),
 }
 
 
@@ -156,7 +157,10 @@ class DomainsTable(DataTable[Any]):
     def _sort_key(self, key: str) -> Any:
         cached = self._sort_cache.get((self.sort_column, key))
         if cached is None:
-            cached = SORT_KEYS[self.sort_column](self.domains[key])
+            name = self._sort_cache.get(("", key))
+            if name is None:  # the natural name, shared by every column's key
+                name = self._sort_cache[("", key)] = _by_name(self.domains[key])
+            cached = (SORT_KEYS[self.sort_column](self.domains[key]), name)
             self._sort_cache[(self.sort_column, key)] = cached
         return cached
 
@@ -216,7 +220,7 @@ class DomainsTable(DataTable[Any]):
             if self._matches(old, needle) != self._matches(d, needle):
                 reorder = True
             elif key in self._row_of:
-                old_sort = SORT_KEYS[self.sort_column](old)
+                old_sort = (SORT_KEYS[self.sort_column](old), _by_name(old))
                 reorder = reorder or old_sort != self._sort_key(key)
         gone = self.marked - self.domains.keys()
         self.marked -= gone
@@ -232,7 +236,7 @@ class DomainsTable(DataTable[Any]):
         if cells:
             self._cell_cache.pop(key, None)
             self._width_cache.pop(key, None)
-        for column in SORT_KEYS:
+        for column in ("", *SORT_KEYS):
             self._sort_cache.pop((column, key), None)
 
     def _set_stale(self, stale: dict[str, str], dirty: set[str]) -> None:
