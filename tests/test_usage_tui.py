@@ -71,6 +71,7 @@ async def test_bar_grows_while_a_clone_writes_without_a_keypress(ulab: Lab) -> N
     try:
         async with app.run_test(size=(160, 50)) as pilot:
             pane = app.screen.query_one(UsagePane)
+            await pilot.press("3")  # live while its tab is shown (a hidden tab does no work)
             await wait_for(pilot, lambda: pane.measures >= 1)
             before = pane.reports[hv.uri].template("tpl")
             assert before is not None

@@ -9,6 +9,14 @@ stats), its own poll timer and its own state. A host that has not answered withi
 (settings.answer_timeout) is shown as not answering (header badge, greyed rows "no answer for
 N s") while the others keep updating; a host that failed reconnects by itself with backoff.
 No libvirt call ever runs on the UI thread, so a hung host never blocks a key press.
+
+Idle costs nothing: a host's answer that equals what the table shows changes nothing on screen
+(the table compares row by row and rewrites only changed cells); the panes hear of the
+inventory only when it changed, or when the refresh was asked for (a libvirt event, an
+operation, a key), not on every timer poll. The poll adapts: a host with running domains shown
+whose CPU % is known (it moves) is read every `poll_interval`; one without is read every
+IDLE_POLL_FACTOR times that (its states change by events; libvirt's test driver reports no CPU
+time, so its running domains do not count). The header says when the figures were last read.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from tui.screens.main import MainScreen
 from tui.screens.palette import EverythingCommands
 
 BACKOFF_MAX = 30.0  # seconds between reconnect attempts, at most
+IDLE_POLL_FACTOR = 5  # a host without running domains shown is polled this many times slower
 
 
 @dataclass
@@ -51,6 +60,9 @@ class HostState:
     silent: bool = False  # no answer within the deadline (the refresh is still waiting)
     info: HostInfo | None = None
     timer: Timer | None = None
+    polled: bool = True  # the running refresh is the timer's (not an event's or a request's)
+    read_at: float = 0.0  # wall-clock time of the last answer (the header shows it)
+    reads: int = 0  # answers so far
 
 
 class VirtdeckApp(App[None]):
@@ -87,6 +99,7 @@ class VirtdeckApp(App[None]):
         self.shutdown_timeout = settings.shutdown_timeout
         self.domains: list[DomainInfo] = []  # the last inventory, for panes mounted after it
         self.hosts: dict[str, HostState] = {hv.uri: HostState() for hv in hypervisors}
+        self.polls = 0  # host refreshes finished (tests and the benchmark read it)
         self.interrupted: list[ops.Pending] = []  # operations a crash left half-done
         for uri, why in (unreachable or {}).items():
             if uri in self.hosts:
@@ -208,16 +221,19 @@ class VirtdeckApp(App[None]):
 
     # -- inventory, one worker per host ------------------------------------------------------
 
-    def refresh_inventory(self, host: str | None = None) -> None:
+    def refresh_inventory(self, host: str | None = None, *, polled: bool = False) -> None:
         """Refresh every host (or one) now, or right after its running refresh: per host,
-        polls never overlap, and a host that hangs delays only itself."""
+        polls never overlap, and a host that hangs delays only itself. `polled`: the timer's
+        poll (the panes hear of it only if something changed)."""
         for uri in [host] if host is not None else list(self.hosts):
             st = self.hosts.get(uri)
             if st is None:
                 continue
             if st.refreshing:
                 st.again = True
+                st.polled = st.polled and polled
                 continue
+            st.polled = polled
             if st.timer is not None:
                 st.timer.stop()
                 st.timer = None
@@ -254,6 +270,7 @@ class VirtdeckApp(App[None]):
         if st is None or not self.screen_stack:
             return  # a worker's result arriving while the app closes: the screens are gone
         st.refreshing = False
+        self.polls += 1
         if message.info is not None:
             st.info = message.info
         if message.error is not None:
@@ -268,14 +285,27 @@ class VirtdeckApp(App[None]):
             if came_back and message.host in self._notified:
                 self._notified.discard(message.host)
                 self.notify(f"reconnected to {message.host}", title="libvirt")
-            self._by_host[message.host] = message.domains or []
+            st.read_at = time.time()
+            domains = message.domains or []
+            changed = came_back or domains != self._by_host[message.host]
+            self._by_host[message.host] = domains
+            st.reads += 1
             delay = self.poll_interval
-        self._show_inventory()
+            # CPU % needs two reads: until the second, a running domain counts as measured.
+            if not self.main.shows_running(message.host, measured=st.reads > 1):
+                delay *= IDLE_POLL_FACTOR
+            if changed or not st.polled:
+                self._show_inventory(message.host, tell_panes=changed or not st.polled)
+            else:
+                self._show_hosts()  # "read at": the figures are fresh, nothing else moved
+        if message.error is not None:
+            self._show_inventory(message.host)
         if st.again:
             st.again = False
-            self.refresh_inventory(message.host)
+            self.refresh_inventory(message.host, polled=st.polled)
         else:
-            st.timer = self.set_timer(delay, lambda: self.refresh_inventory(message.host))
+            host = message.host
+            st.timer = self.set_timer(delay, lambda: self.refresh_inventory(host, polled=True))
 
     def _notify_trouble(self, host: str, why: str) -> None:
         if host not in self._notified:
@@ -316,12 +346,21 @@ class VirtdeckApp(App[None]):
         self.main.set_hosts(
             [(hv.uri, self.hosts[hv.uri].info, hv.demo) for hv in self.hypervisors],
             self.host_status(),
+            {uri: len(domains) for uri, domains in self._by_host.items()},
+            max((st.read_at for st in self.hosts.values()), default=0.0),
         )
 
-    def _show_inventory(self) -> None:
+    def _show_inventory(self, host: str | None = None, *, tell_panes: bool = True) -> None:
+        """The table gets `host`'s domains (None: every host's); the panes hear of the whole
+        inventory when `tell_panes`."""
         self.domains = [d for hv in self.hypervisors for d in self._by_host.get(hv.uri, [])]
         self._show_hosts()
-        self.main.show_domains(self.domains, self.host_status())
+        if host is None:
+            self.main.show_domains(self.domains, self.host_status(), tell_panes=tell_panes)
+        else:
+            self.main.show_domains(
+                self._by_host.get(host, []), self.host_status(), host=host, tell_panes=tell_panes
+            )
 
     def _libvirt_callback(self, event: DomainEvent) -> None:
         # Runs on libvirt's event thread: only post.

@@ -21,13 +21,21 @@ from tui.cli.groups import (
 from tui.core.errors import VirtdeckError
 from tui.core.fleet import on_each
 from tui.core.hypervisor import Hypervisor
-from tui.core.models import DomainInfo
+from tui.core.models import DomainInfo, natural_key
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("ls", help="list domains of every connected hypervisor")
+    p = sub.add_parser(
+        "ls",
+        help="list domains of every connected hypervisor",
+        description="List the domains of every host. Hosts are connected and listed in "
+        "parallel; with several hosts each host's rows are printed as soon as it and every "
+        "host before it (in the order given) have answered, so the output order is always the "
+        "same; a host that does not answer in time gets one line on stderr (exit 1).",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=cmd_ls)
+    # ls connects by itself: each host is listed as soon as it is connected (not after all)
+    p.set_defaults(handler=cmd_ls, needs_hosts=False)
     for name, helptext in (
         ("start", "start domains"),
         ("destroy", "force domains off (pull the plug)"),
@@ -69,13 +77,34 @@ def _row(d: DomainInfo, show_host: bool) -> list[str]:
     return ([d.host] if show_host else []) + row
 
 
-def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    """Every host asked in parallel; one that does not answer in time gets a line on stderr
-    and the others' domains are printed (exit 1)."""
+def cmd_ls(args: argparse.Namespace, _none: list[Hypervisor]) -> int:
+    """Several hosts (not --json, not --demo): each connected and listed in its own thread,
+    printed in the order given as answers arrive (`_stream_ls`). Else every host connected,
+    then asked in parallel. A host that does not answer in time gets a line on stderr and the
+    others' domains are printed (exit 1)."""
+    from tui.cli import connect, host_uris
+
+    uris = [] if args.demo else host_uris(args, args.settings)
+    if len(uris) > 1 and not args.json:
+        return _stream_ls(args, uris)
+    hypervisors = connect(args)
+    try:
+        status = _ls(args, hypervisors)
+    finally:
+        for hv in hypervisors:
+            hv.close()
+    return 1 if args.unreachable and status == 0 else status
+
+
+def _ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     timeout = max((hv.timeout for hv in hypervisors), default=10.0)
     result = on_each(hypervisors, lambda hv: hv.domains(), timeout=timeout)
     report_unreachable(args, result.failures)
-    domains = [d for hv in hypervisors for d in result.answers.get(hv.uri, [])]
+    domains = [
+        d
+        for hv in hypervisors
+        for d in sorted(result.answers.get(hv.uri, []), key=lambda d: natural_key(d.name))
+    ]
     if args.json:
         by_host = {hv.uri: hv for hv in hypervisors}
         found = listed_addresses([(by_host[d.host], d) for d in domains])
@@ -86,6 +115,65 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     rows = [header] + [_row(d, show_host) for d in domains]
     print("\n".join(format_table(rows)))
     return 0
+
+
+def _stream_ls(args: argparse.Namespace, uris: list[str]) -> int:
+    """Connect and list every host in its own thread; print host by host in the order given,
+    each as soon as it and all before it have answered (or failed). One deadline for all:
+    the connect timeout plus the answer timeout, from now. Columns widen as longer cells come
+    (a later host with longer names shifts its own rows, never the ones printed)."""
+    from tui.cli import report_unreachable
+    from tui.core.hypervisor import no_answer
+
+    settings = args.settings
+    hvs = [Hypervisor.unconnected(uri) for uri in dict.fromkeys(uris)]
+    answers: dict[int, list[DomainInfo] | str] = {}
+    arrived = threading.Condition()
+
+    def run(i: int, hv: Hypervisor) -> None:
+        value: list[DomainInfo] | str
+        try:
+            hv.try_connect(settings.connect_timeout)
+            hv.timeout = settings.answer_timeout
+            value = hv.domains()
+        except VirtdeckError as err:
+            value = str(err)
+        with arrived:
+            answers[i] = value
+            arrived.notify_all()
+
+    for i, hv in enumerate(hvs):
+        threading.Thread(target=run, args=(i, hv), name=f"ls {hv.uri}", daemon=True).start()
+    waited = settings.connect_timeout + settings.answer_timeout
+    deadline = time.monotonic() + waited
+    header = ["HOST", "NAME", "STATE", "VCPUS", "MEMORY", "CPU", "DISK"]
+    widths = [len(h) for h in header]
+    first = True
+    for i, hv in enumerate(hvs):
+        with arrived:
+            while i not in answers and time.monotonic() < deadline:
+                arrived.wait(max(0.0, deadline - time.monotonic()))
+            value = answers.get(i, str(no_answer(hv.uri, waited)))
+        if isinstance(value, str):
+            report_unreachable(args, {hv.uri: value})
+            continue
+        rows = [_row(d, True) for d in sorted(value, key=lambda d: natural_key(d.name))]
+        if first:
+            rows.insert(0, header)
+        for row in rows:
+            widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
+        if lines:
+            print("\n".join(lines), flush=True)
+        first = False
+    if first:  # no host answered: the header alone
+        print("  ".join(header))
+    for hv in hvs:
+        if hv.alive:
+            hv.close()
+    return 1 if args.unreachable else 0
 
 
 ADDRESS_DEADLINE = 3.0  # seconds `ls --json` waits for all address answers together

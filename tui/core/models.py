@@ -6,6 +6,7 @@ Nothing here holds a libvirt handle: a widget or a JSON dump can keep these as l
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -203,3 +204,14 @@ class DomainEvent:
 def version_string(code: int) -> str:
     """libvirt packs versions as major * 1,000,000 + minor * 1,000 + release."""
     return f"{code // 1_000_000}.{code // 1000 % 1000}.{code % 1000}"
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(text: str) -> tuple[Any, ...]:
+    """Names as people sort them: 'vm5' < 'vm6' < 'vm50' (digit runs compare as numbers;
+    re.split puts text at the even places and numbers at the odd ones, so the parts always
+    compare like with like)."""
+    parts = _DIGITS.split(text.lower())
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))

@@ -7,10 +7,16 @@ Groups: space marks rows (shift+up/down extends, `t` the clones of the template 
 cursor, `m` names matching a glob, `U` clears). While rows are marked, start, shutdown, force
 off, reboot, pause, snapshot (`n`), rollback (`R`) and remove (`x`) act on the marked domains:
 one group plan (tui.core.groups), one PlanScreen listing every one of them.
+
+Fleet layout: with up to FLEET_LINES hosts the header has one line per host; with more it is
+one summary line (hosts answering / not answering / domains, when the figures were read) and
+`h` (binding id "hosts.list") unfolds the list of hosts. With several hosts the table has a
+Host column: `o` cycles through it too (rows grouped by host), and the filter matches hosts.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -67,13 +73,15 @@ DOMAIN_BINDINGS: list[BindingType] = [
     Binding("U", "clear_marks", "Unmark all", show=False, id="group.clear"),
     Binding("slash", "filter", "Filter", id="domains.filter"),
     Binding("o", "sort", "Sort", id="domains.sort"),
+    Binding("h", "toggle_hosts", "Hosts", id="hosts.list"),
     Binding("1", "tab('snapshots')", "Snapshots", show=False, id="tab.snapshots"),
     Binding("2", "tab('templates')", "Templates", show=False, id="tab.templates"),
     Binding("3", "tab('usage')", "Usage", show=False, id="tab.usage"),
     Binding("q", "app.quit", "Quit", id="app.quit"),
 ]
 
-SORT_CYCLE = ("name", "state", "cpu", "memory", "disk", "vcpus")
+SORT_CYCLE = ("name", "state", "cpu", "memory", "disk", "vcpus", "host")
+FLEET_LINES = 3  # more hosts than this: the header is one summary line (`h` lists them)
 
 # Pane keys that act on the marked domains while there are any: (pane, verb) -> group verb.
 GROUP_PANE_VERBS = {
@@ -121,6 +129,11 @@ class MainScreen(Screen[None]):
         assert isinstance(self.app, VirtdeckApp)
         return self.app
 
+    show_host_list = False  # `h`: the header lists every host (more than FLEET_LINES)
+    _hosts_text = ""
+    _host_rows: list[tuple[str, HostInfo | None, bool]] = []
+    _host_status: dict[str, str] = {}
+
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("connecting…", id="hosts")
@@ -139,10 +152,62 @@ class MainScreen(Screen[None]):
     # -- data from the app ------------------------------------------------------------------
 
     def set_hosts(
-        self, hosts: list[tuple[str, HostInfo | None, bool]], status: dict[str, str]
+        self,
+        hosts: list[tuple[str, HostInfo | None, bool]],
+        status: dict[str, str],
+        counts: dict[str, int] | None = None,
+        read_at: float = 0.0,
     ) -> None:
-        """One header line per host (uri, versions when known, demo); `status` holds a badge
-        for each host not answering."""
+        """The header: one line per host (uri, versions when known, demo), or past FLEET_LINES
+        hosts one summary line (and the host lines under it while `h` shows them); `status`
+        holds a badge for each host not answering, `counts` the domains per host, `read_at`
+        when the figures were last read. Redrawn only when its text changed."""
+        self._host_rows, self._host_status = hosts, status
+        read = f"read {time.strftime('%H:%M:%S', time.localtime(read_at))}" if read_at else ""
+        lines = self._host_lines(hosts, status)
+        if len(hosts) > FLEET_LINES:
+            total = sum((counts or {}).values())
+            up = sum(1 for uri, h, _demo in hosts if h is not None and uri not in status)
+            silent = sum(1 for uri, _h, _demo in hosts if uri in status)
+            badge = f"[b reverse $error] {silent} NOT ANSWERING [/] " if silent else ""
+            key = self.app.get_key_display(self._binding("hosts.list"))
+            fold = "hide" if self.show_host_list else "list"
+            summary = (
+                f"{badge}[b]{len(hosts)} hosts[/b]: {up} answering, {silent} no answer, "
+                f"{total} domains  {read}  [dim]({key}: {fold} hosts)[/dim]"
+            )
+            lines = [summary, *lines] if self.show_host_list else [summary]
+        elif read and lines:
+            lines[-1] += f"  [dim]{read}[/dim]"
+        text = "\n".join(lines)
+        if text != self._hosts_text:
+            self._hosts_text = text
+            self.query_one("#hosts", Static).update(text)
+        self.query_one(DomainsTable).set_multi_host(len(hosts) > 1)
+
+    def _binding(self, binding_id: str) -> Binding:
+        for b in self._bindings.key_to_bindings.values():
+            for binding in b:
+                if binding.id == binding_id:
+                    return binding
+        return next(b for b in DOMAIN_BINDINGS if isinstance(b, Binding) and b.id == binding_id)
+
+    def action_toggle_hosts(self) -> None:
+        if len(self._host_rows) <= FLEET_LINES:
+            self.notify("every host is in the header already", timeout=2)
+            return
+        self.show_host_list = not self.show_host_list
+        self.vapp._show_hosts()
+
+    def shows_running(self, host: str, *, measured: bool = True) -> bool:
+        """Does the table show a running domain of `host` (with `measured`: whose CPU % is
+        known, so moves)?"""
+        return self.query_one(DomainsTable).shows_running(host, measured=measured)
+
+    @staticmethod
+    def _host_lines(
+        hosts: list[tuple[str, HostInfo | None, bool]], status: dict[str, str]
+    ) -> list[str]:
         lines = []
         for uri, h, demo in hosts:
             badge = ""
@@ -157,18 +222,28 @@ class MainScreen(Screen[None]):
                 f"{tag}{badge}[b]{escape(h.uri)}[/b]  host {h.hostname}  "
                 f"libvirt {h.libvirt_version}  {hv}"
             )
-        self.query_one("#hosts", Static).update("\n".join(lines))
-        self.query_one(DomainsTable).set_multi_host(len(hosts) > 1)
+        return lines
 
-    def show_domains(self, domains: list[DomainInfo], status: dict[str, str] | None = None) -> None:
+    def show_domains(
+        self,
+        domains: list[DomainInfo],
+        status: dict[str, str] | None = None,
+        *,
+        host: str | None = None,
+        tell_panes: bool = True,
+    ) -> None:
+        """`domains` are now every host's (or, with `host`, that host's); the panes hear of
+        the whole inventory when `tell_panes`."""
         table = self.query_one(DomainsTable)
         if self.app.screen is self and self.focused is None:
             table.focus()  # a pane rebuilt the widget that had the focus: keys must still work
         before = table.selected()
-        table.update_domains(domains, status or {})
+        table.update_domains(domains, status or {}, hosts=None if host is None else [host])
         after = table.selected()
-        for pane in self.query(Pane):
-            pane.inventory_changed(domains)
+        if tell_panes:
+            everything = self.vapp.domains
+            for pane in self.query(Pane):
+                pane.inventory_changed(everything)
         if before != after:
             self._selected_changed(after)
 
@@ -300,8 +375,9 @@ class MainScreen(Screen[None]):
 
     def action_sort(self) -> None:
         table = self.query_one(DomainsTable)
-        i = SORT_CYCLE.index(table.sort_column) if table.sort_column in SORT_CYCLE else -1
-        table.sort_by(SORT_CYCLE[(i + 1) % len(SORT_CYCLE)])
+        cycle = SORT_CYCLE if table.show_host else SORT_CYCLE[:-1]
+        i = cycle.index(table.sort_column) if table.sort_column in cycle else -1
+        table.sort_by(cycle[(i + 1) % len(cycle)])
         self.notify(f"sorted by {table.sort_column}", timeout=2)
 
     def action_tab(self, pane_id: str) -> None:
@@ -327,6 +403,9 @@ class MainScreen(Screen[None]):
     @on(TabbedContent.TabActivated)
     def _tab_activated(self) -> None:
         self.refresh_bindings()
+        for pane in self.query(Pane):
+            if pane.showing:
+                pane.pane_shown()
 
     # -- command palette: any domain, template or snapshot (tui.screens.palette) -------------
 

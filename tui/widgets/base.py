@@ -2,7 +2,10 @@
 
 Contract between the main screen and a pane (Templates, Snapshots, Disk usage):
 - the screen calls `domain_selected(info)` when the highlighted domain changes (None: no row),
-  and `inventory_changed(domains)` after every refresh (every 2 s and on each libvirt event);
+  `inventory_changed(domains)` after a refresh that changed something, or that a libvirt event
+  or a request asked for (a timer poll that changed nothing is not passed on), and
+  `pane_shown()` when its tab becomes the active one. A pane whose tab is hidden (`showing`
+  False) does no work on its own: it notes that it is out of date and catches up when shown;
 - a pane's keys are in `SCREEN_BINDINGS`, with actions written `pane('<pane id>', '<verb>')`:
   the screen merges them into its own bindings (footer, command palette) and calls the pane's
   `action_<verb>()`, so they work while the domains table has the focus;
@@ -51,6 +54,20 @@ class Pane(Widget):
 
     def inventory_changed(self, domains: list[DomainInfo]) -> None:
         """The domain list was refreshed."""
+
+    def pane_shown(self) -> None:
+        """The pane's tab became the active one."""
+
+    @property
+    def showing(self) -> bool:
+        """Is the pane on the active tab?"""
+        node: Widget | None = self
+        while isinstance(node, Widget):
+            if not node.display:
+                return False
+            parent = node.parent
+            node = parent if isinstance(parent, Widget) else None
+        return True
 
     # -- the one path every plan takes: confirm, run in a worker, report -------------------
 

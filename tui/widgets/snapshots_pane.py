@@ -121,6 +121,7 @@ class SnapshotsPane(Pane):
         self.busy = False
         self._loading = False
         self._stale = False
+        self._behind = False  # inventory or selection changed while the tab was hidden
         self._error: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -143,7 +144,7 @@ class SnapshotsPane(Pane):
             self._error = None
             self._status("")
             self._draw_tree()
-        self.load()
+        self._load_if_shown()
 
     def inventory_changed(self, domains: list[DomainInfo]) -> None:
         if self.selected is None:
@@ -152,7 +153,18 @@ class SnapshotsPane(Pane):
         fresh = next((d for d in domains if (d.host, d.name) == key), None)
         if fresh is not None:
             self.selected = fresh
-        self.load()
+        self._load_if_shown()
+
+    def pane_shown(self) -> None:
+        if self._behind:
+            self.load()
+
+    def _load_if_shown(self) -> None:
+        """Load now if the tab is shown, else when it is (a hidden tab does no work)."""
+        if self.showing:
+            self.load()
+        else:
+            self._behind = True
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -164,6 +176,7 @@ class SnapshotsPane(Pane):
             return
         self._loading = True
         self._stale = False
+        self._behind = False
         host = self.selected.host
         self._load(self.hypervisor(host), host, self.selected.name)
 

@@ -3,7 +3,8 @@ keys that make a template (T), deploy clones (c), delete a domain (x) and copy t
 highlighted template to the next connected host (y).
 
 The list comes from tui.core.templates.list_templates in a thread worker; it is reloaded when
-the inventory's shape changes (names, roles, disks) and at most every RELOAD_SECONDS otherwise,
+the inventory's shape changes (names, roles, disks) and, while its tab is shown, at most every
+RELOAD_SECONDS otherwise,
 since it reads every image's header with qemu-img. Every action plans in a worker, shows the
 plan in a modal, then executes in a worker whose progress arrives as messages (the bar below
 the table); refusals (e.g. a base that thin clones depend on) reach the app's error funnel.
@@ -172,8 +173,13 @@ class TemplatesPane(Pane):
             key = (self.selected.host, self.selected.name)
             self.selected = next((d for d in domains if (d.host, d.name) == key), self.selected)
         signature = tuple((d.host, d.name, d.meta, tuple(x.path for x in d.disks)) for d in domains)
-        if signature != self._signature or time.monotonic() - self._loaded_at > RELOAD_SECONDS:
+        old = time.monotonic() - self._loaded_at > RELOAD_SECONDS
+        if signature != self._signature or (old and self.showing):
             self._signature = signature
+            self.load()
+
+    def pane_shown(self) -> None:
+        if time.monotonic() - self._loaded_at > RELOAD_SECONDS:
             self.load()
 
     # -- loading ----------------------------------------------------------------------------

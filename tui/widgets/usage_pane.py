@@ -131,6 +131,7 @@ class UsagePane(Pane):
         self._collectors: dict[str, UsageCollector] = {}
         self._measuring = False
         self._stale = False
+        self._behind = False  # an inventory arrived while the tab was hidden
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
@@ -147,7 +148,14 @@ class UsagePane(Pane):
 
     def inventory_changed(self, domains: list[DomainInfo]) -> None:
         self._domains = domains
-        self.measure()
+        if self.showing or (not self.measures and not self._measuring):
+            self.measure()  # the first inventory is measured wherever the pane is
+        else:
+            self._behind = True  # measured when its tab is shown (or `u`)
+
+    def pane_shown(self) -> None:
+        if self._behind:
+            self.measure()
 
     def domain_selected(self, info: DomainInfo | None) -> None:
         self.selected = info
@@ -171,6 +179,7 @@ class UsagePane(Pane):
         ]
         self._measuring = True
         self._stale = False
+        self._behind = False
         self._measure(jobs)
 
     def _hypervisors(self) -> Iterable[Hypervisor]:
