@@ -97,7 +97,7 @@ def test_clones_of_a_sealed_debian_have_their_own_machine_id_and_host_keys(
     listed = {x["name"]: x for x in json.loads(capfd.readouterr().out)}[t.name]
     assert listed["sealing"] == ["machine-id", "ssh-host-keys"]
     assert listed["first_boot"] == {
-        "regenerates": ["machine-id", "random seed", "SSH host keys"],
+        "regenerates": ["machine-id", "random-seed", "ssh-host-keys"],
         "shared": [],
     }
 
@@ -132,6 +132,7 @@ def test_clones_of_a_sealed_debian_have_their_own_machine_id_and_host_keys(
     times["boot and read 3 clones"] = time.monotonic() - started
     with capfd.disabled():
         print("times:", {k: round(v) for k, v in times.items()}, flush=True)
+        print("base:", base, "clones:", {n: f["state"] for n, f in found.items()}, flush=True)
 
     # The base: no machine identity, no host keys, the unit that makes them.
     assert base[:5] == ["0", "false", "false", "true", sealing.UNIT_PATH], base

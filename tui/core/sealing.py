@@ -128,12 +128,25 @@ def plan_lines(operations: Sequence[str], added: Sequence[str], windows: bool) -
     return lines
 
 
+#: What a clone regenerates at first boot, by the tag `template ls` shows.
+REGENERATED = {
+    "machine-id": "machine-id (systemd makes one: /etc/machine-id is empty)",
+    "random-seed": "random seed (systemd-random-seed saves a new one)",
+    "ssh-host-keys": f"SSH host keys ({UNIT}: ssh-keygen -A before sshd)",
+    "ssh-host-keys?": "SSH host keys only if the guest's sshd makes them (Fedora/RHEL do, "
+    "Debian/Ubuntu do not)",
+}
+
+
 @dataclass(frozen=True)
 class FirstBoot:
     """What each clone of a template makes of its own at first boot, and what they share."""
 
-    regenerates: tuple[str, ...]
+    regenerates: tuple[str, ...]  # tags of REGENERATED
     shared: tuple[str, ...]  # per-machine state in the base (one line each, with why)
+
+    def lines(self) -> list[str]:
+        return [REGENERATED[tag] for tag in self.regenerates]
 
     def to_json(self) -> dict[str, list[str]]:
         return {"regenerates": list(self.regenerates), "shared": list(self.shared)}
@@ -147,23 +160,23 @@ def first_boot(sealed: bool, operations: Sequence[str], sealing: Sequence[str] |
     shared: list[str] = []
     if "machine-id" in operations:
         if sealing is not None and MACHINE_ID in sealing:
-            regen += ["machine-id", "random seed"]
+            regen += ["machine-id", "random-seed"]
         elif sealing is None and "customize" in operations:
             shared.append(
-                "machine-id: sealed before virtdeck emptied it again after virt-sysprep's "
+                "the machine-id: sealed before virtdeck emptied it after virt-sysprep's "
                 "customize step (libguestfs >= 1.46 writes one into the base)"
             )
         elif sealing is None:
             regen.append("machine-id")
     else:
-        shared.append("machine-id: no machine-id operation")
+        shared.append("the machine-id: no machine-id operation when it was sealed")
     if "ssh-hostkeys" in operations:
         if sealing is not None and SSH_HOST_KEYS in sealing:
-            regen.append("SSH host keys")
+            regen.append("ssh-host-keys")
         else:
-            regen.append("SSH host keys if the guest's sshd makes them (Fedora/RHEL, not Debian)")
+            regen.append("ssh-host-keys?")
     else:
-        shared.append("SSH host keys: no ssh-hostkeys operation")
+        shared.append("the SSH host keys: no ssh-hostkeys operation when it was sealed")
     return FirstBoot(tuple(regen), tuple(shared))
 
 
