@@ -9,7 +9,12 @@ libguestfs 1.48 on Debian 12: virt-sysprep runs its customize options *after* se
 machine-id, so the same run empties the file again (`--touch` then `--truncate`: an empty
 file, not a missing one, is what makes systemd create a unique id at first boot and what
 virt-customize's per-clone identity fills) and deletes the seeds. Those options run inside
-the one virt-sysprep call, inside the journalled operation: nothing new to undo.
+the one virt-sysprep call, inside the journalled operation: nothing new to undo. Debian's
+/var/lib/dbus/machine-id, a link to /etc/machine-id, stays that link. Seeds are deleted, not
+emptied: which of them exist is not known without inspecting the guest, and truncating a
+missing one would fail the run; a clone's systemd-random-seed saves its own at first boot
+(measured: three clones, three seeds), and a per-clone virt-customize, finding no seed file,
+says so in a harmless warning.
 
 The `ssh-hostkeys` operation removes the host keys. Fedora/RHEL's sshd-keygen (and Arch's,
 SUSE's, Alpine's init script) make missing keys before sshd starts; Debian's and Ubuntu's
