@@ -41,7 +41,9 @@ def register(sub: Any) -> None:
         "--operations",
         metavar="OPS",
         help="comma-separated virt-sysprep operations (default: virt-sysprep's defaults), "
-        "e.g. ssh-hostkeys,udev-persistent-net,net-hwaddr,machine-id,user-account",
+        "e.g. ssh-hostkeys,udev-persistent-net,net-hwaddr,machine-id,user-account; with "
+        "machine-id the base keeps an empty /etc/machine-id and no random seed, with "
+        "ssh-hostkeys a unit makes each clone's host keys at first boot (the plan says so)",
     )
     c.add_argument(
         "--backup-dir",
