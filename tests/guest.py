@@ -4,8 +4,15 @@ Built once per machine with mmdebstrap (bookworm, systemd, openssh-server, qemu-
 DHCP on the first NIC by systemd-networkd) into an ext4 filesystem image made without a loop
 device (`mkfs.ext4 -d`), compressed to qcow2, with the image's own kernel and initrd copied
 out for a direct kernel boot (no bootloader). About 2.5 min and ~220 MB; cached under
-/var/cache/virtdeck-test/guest/ (built in a temporary directory beside it and renamed when
-complete, so an interrupted build is never taken for a cached one).
+/var/cache/virtdeck-test/guest-<RECIPE>/ (built in a temporary directory beside it and renamed
+when complete, so an interrupted build is never taken for a cached one; a new RECIPE builds
+beside the old cache, which runs of older branches go on using).
+
+It is what an operator's installed and booted Debian 12 holds, nothing more: SSH host keys
+from openssh-server's postinst, a machine-id (MACHINE_ID) with /var/lib/dbus/machine-id linked
+to it, a systemd random seed. No unit of its own recreates removed host keys (Debian's sshd
+does not; Fedora's sshd-keygen does): a sealed clone's sshd starts only thanks to what
+virtdeck's sealing installs, so the tests see what operators see.
 
 Tests never write to the cached image: each domain gets a qcow2 overlay in its lab directory.
 The domain is TCG (`type='qemu'`, a Linux kernel does not boot under this machine's nested
@@ -17,17 +24,22 @@ leaves QEMU), a serial console on ttyS0 and the guest agent channel.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-CACHE = Path(os.environ.get("VIRTDECK_GUEST_CACHE", "/var/cache/virtdeck-test/guest"))
+RECIPE = 2  # bump when the image changes: a new cache directory, the old one stays usable
+CACHE = Path(os.environ.get("VIRTDECK_GUEST_CACHE", f"/var/cache/virtdeck-test/guest-{RECIPE}"))
 SUITE = "bookworm"
 PACKAGES = (
     "systemd-sysv",
@@ -38,6 +50,7 @@ PACKAGES = (
     "dbus",
 )
 HOSTNAME = "vdguest"
+MACHINE_ID = "5eed0ddba11c0ffee0ddf00d1dea5000"  # the installed system's (systemd wrote it)
 DISK_SIZE = "2G"
 
 _NETWORK = """[Match]
@@ -91,6 +104,18 @@ def _customize(rootfs: Path) -> None:
     link = wants / "systemd-networkd.service"
     if not link.exists():
         link.symlink_to("/lib/systemd/system/systemd-networkd.service")
+    # What a booted system has: a machine-id (mmdebstrap leaves the file empty), dbus's link
+    # to it (Debian's dbus postinst makes one), a random seed systemd-random-seed saved.
+    (rootfs / "etc/machine-id").write_text(MACHINE_ID + "\n")
+    dbus_id = rootfs / "var/lib/dbus/machine-id"
+    dbus_id.parent.mkdir(parents=True, exist_ok=True)
+    if not dbus_id.is_symlink():
+        dbus_id.unlink(missing_ok=True)
+        dbus_id.symlink_to("/etc/machine-id")
+    seed = rootfs / "var/lib/systemd/random-seed"
+    seed.parent.mkdir(parents=True, exist_ok=True)
+    seed.write_bytes(os.urandom(512))
+    seed.chmod(0o600)
     # Root logs in on the serial console without a password (sshd refuses empty ones).
     shadow = rootfs / "etc/shadow"
     lines = shadow.read_text().splitlines()
@@ -189,6 +214,41 @@ def domain_xml(
         "<graphics type='vnc' autoport='yes' listen='127.0.0.1'/>"
         "</devices></domain>"
     )
+
+
+def agent_run(dom: Any, command: str, *, timeout: float = 120.0) -> tuple[int, str]:
+    """Run a shell command in the booted guest through its agent (guest-exec, then
+    guest-exec-status until it exits); (exit status, stdout). Waits for the agent to answer
+    first; fails loudly after `timeout` seconds."""
+    import libvirt
+    import libvirt_qemu
+
+    deadline = time.monotonic() + timeout
+
+    def agent(cmd: dict[str, Any]) -> Any:
+        while True:
+            try:
+                reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), 10, 0)
+                return json.loads(reply)["return"]
+            except libvirt.libvirtError as err:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"guest agent of {dom.name()}: {err}") from None
+                time.sleep(1)  # not connected yet (booting)
+
+    started = agent(
+        {
+            "execute": "guest-exec",
+            "arguments": {"path": "/bin/sh", "arg": ["-c", command], "capture-output": True},
+        }
+    )
+    while True:
+        status = agent({"execute": "guest-exec-status", "arguments": {"pid": started["pid"]}})
+        if status["exited"]:
+            out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+            return status.get("exitcode", -1), out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{command!r} in {dom.name()} still runs after {timeout:g} s")
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -210,10 +210,15 @@ def test_template_create_with_virt_sysprep_on_the_host_then_clones(
     assert "sysprep: " in out["results"][0][3]
     assert oct(os.stat(disk).st_mode & 0o777) == oct(0o444)
     assert hv.domain(tname).is_template and hv.domain(tname).meta.sealed
-    checks = ["is-file /etc/ssh/ssh_host_ed25519_key", "filesize /etc/machine-id",
-              "cat /etc/hostname"]  # fmt: skip
-    keys, mid, hostname = guestfish(disk, checks)
-    assert (keys, mid, hostname) == ("false", "0", "web01")
+    checks = [
+        "is-file /etc/ssh/ssh_host_ed25519_key",
+        "filesize /etc/machine-id",
+        "cat /etc/hostname",
+        "is-file /etc/systemd/system/virtdeck-ssh-hostkeys.service",
+    ]
+    keys, mid, hostname, unit = guestfish(disk, checks)  # virtdeck's additions ran there too
+    assert (keys, mid, hostname, unit) == ("false", "0", "web01", "true")
+    assert hv.domain(tname).meta.sealing == ("machine-id", "ssh-host-keys")
     ok(out, 1)
     assert info(str(lab.dir / f"{lab.name('c')}.qcow2"))["full-backing-filename"] == disk
 

@@ -41,7 +41,9 @@ def register(sub: Any) -> None:
         "--operations",
         metavar="OPS",
         help="comma-separated virt-sysprep operations (default: virt-sysprep's defaults), "
-        "e.g. ssh-hostkeys,udev-persistent-net,net-hwaddr,machine-id,user-account",
+        "e.g. ssh-hostkeys,udev-persistent-net,net-hwaddr,machine-id,user-account; with "
+        "machine-id the base keeps an empty /etc/machine-id and no random seed, with "
+        "ssh-hostkeys a unit makes each clone's host keys at first boot (the plan says so)",
     )
     c.add_argument(
         "--backup-dir",
@@ -239,7 +241,8 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         print_json([t.to_json() for t in found])
         return 0
     show_host = len(hypervisors) + len(getattr(args, "unreachable", {})) > 1  # same tpl, 2 hosts
-    header = ["NAME", "DEFINED", "VIRTUAL", "REAL", "SEALED", "THIN", "FULL", "BASE IMAGES"]
+    header = ["NAME", "DEFINED", "VIRTUAL", "REAL", "SEALED", "FIRST BOOT", "THIN", "FULL",
+              "BASE IMAGES"]  # fmt: skip
     rows = [(["HOST"] if show_host else []) + header]
     for t in found:
         sealed = (t.created or "?")[:16] if t.sealed else "no"
@@ -251,6 +254,7 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                 size(t.virtual_bytes),
                 size(t.actual_bytes),
                 sealed,
+                ",".join(t.first_boot.regenerates) or "-",
                 str(len(t.thin_clones)),
                 str(len(t.full_clones)),
                 " ".join(b.path for b in t.base_images),
@@ -260,6 +264,9 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     for t in found:
         for problem in t.problems:
             print(f"virtdeck: warning: template {t.name}: {problem}", file=sys.stderr)
+        for shared in t.first_boot.shared if t.sealed else ():
+            print(f"virtdeck: warning: template {t.name}: its clones share {shared}",
+                  file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -20,6 +20,7 @@ from tui.core.errors import (
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DiskInfo, DomainInfo, VirtdeckMeta
 from tui.core.paths import template_backup_dir
+from tui.core.sealing import FirstBoot, first_boot
 from tui.core.storage import (
     ImageUser,
     Owner,
@@ -112,6 +113,12 @@ class Template:
     thin_clones: tuple[str, ...]
     full_clones: tuple[str, ...]
     incomplete_clones: tuple[str, ...] = ()  # interrupted before their disks were whole
+    sealing: tuple[str, ...] | None = None  # what sealing added (tui.core.sealing); None: unknown
+
+    @property
+    def first_boot(self) -> FirstBoot:
+        """What each clone makes of its own at first boot, and what the clones share."""
+        return first_boot(self.sealed, self.sealed_operations, self.sealing)
 
     @property
     def virtual_bytes(self) -> int | None:
@@ -134,6 +141,8 @@ class Template:
         data["thin_clones"] = list(self.thin_clones)
         data["full_clones"] = list(self.full_clones)
         data["incomplete_clones"] = list(self.incomplete_clones)
+        data["sealing"] = None if self.sealing is None else list(self.sealing)
+        data["first_boot"] = self.first_boot.to_json()
         return data
 
 
@@ -283,6 +292,7 @@ def list_templates(
                 thin_clones=tuple(thin),
                 full_clones=tuple(full),
                 incomplete_clones=tuple(incomplete),
+                sealing=meta.sealing,
             )
         )
     out.sort(key=lambda t: t.name)

@@ -160,6 +160,7 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
     if elem is None:
         return VirtdeckMeta()
     ops = elem.findtext(f"{{{NS}}}operations") or ""
+    sealing = elem.find(f"{{{NS}}}sealing")
     return VirtdeckMeta(
         role=elem.get("role"),
         created=elem.findtext(f"{{{NS}}}created"),
@@ -170,6 +171,7 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         xml_backup=elem.findtext(f"{{{NS}}}xml-backup"),
         complete=elem.get("complete") != "no",
         host=elem.findtext(f"{{{NS}}}host"),
+        sealing=None if sealing is None else tuple(a for a in (sealing.text or "").split(",") if a),
     )
 
 
@@ -191,6 +193,8 @@ def meta_xml(meta: VirtdeckMeta) -> str:
     ):
         if value:
             ET.SubElement(elem, tag).text = value
+    if meta.sealing is not None:  # present and empty: sealing added nothing (recorded)
+        ET.SubElement(elem, "sealing").text = ",".join(meta.sealing)
     return ET.tostring(elem, encoding="unicode")
 
 

@@ -134,6 +134,9 @@ class VirtdeckMeta:
     xml_backup: str | None = None
     complete: bool = True  # clone: False until its disks are whole (a crash mid-copy)
     host: str | None = None  # template: the hypervisor it was made on (tui.core.templates.host_key)
+    # template: what sealing added to virt-sysprep (tui.core.sealing); None: not recorded
+    # (made before virtdeck recorded it, or not sealed)
+    sealing: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 Plan, then execute. `plan_template()` checks everything it can without changing anything (the
 domain, the new name, the backup file, the virt-sysprep operations) and returns a frozen
 TemplatePlan the UI can show; `execute_template()` then shuts the domain down, seals it with
-virt-sysprep, renames it, records virtdeck's <metadata>, backs its XML up, makes its base
-images read-only and optionally undefines it. Sealing cannot be undone, so it runs before any
-change libvirt knows about; what comes after it (rename, metadata, backup, file modes,
-undefine) is undone if a later step fails.
+virt-sysprep (with what tui.core.sealing adds in the same run, so that no machine-id, random
+seed or SSH host key is left for the clones to share), renames it, records virtdeck's
+<metadata>, backs its XML up, makes its base images read-only and optionally undefines it.
+Sealing cannot be undone, so it runs before any change libvirt knows about; what comes after
+it (rename, metadata, backup, file modes, undefine) is undone if a later step fails.
 
 `list_templates()` reports the templates of a hypervisor, including undefined ones that only
 live on as an XML backup, with their base images and the clones made from them. The backing
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import libvirt
 
-from tui.core import domxml, ops, procs
+from tui.core import domxml, ops, procs, sealing
 from tui.core.catalog import (  # noqa: F401  (re-exported: templates is the face)
     BackupTemplate,
     BaseImage,
@@ -115,8 +116,10 @@ class Sysprep:
         images: Sequence[tuple[str, str | None]],
         operations: Sequence[str] | None,
         progress: Progress = no_progress,
+        additions: Sequence[str] = (),
     ) -> None:
-        """Seal a shut-off guest: `-d` by name on a qemu URI, else `-a` per image."""
+        """Seal a shut-off guest: `-d` by name on a qemu URI, else `-a` per image; with
+        virtdeck's `additions` (tui.core.sealing) in the same run."""
         argv = [self.binary]
         if domain is not None:
             argv += ["-c", uri, "-d", domain]
@@ -126,7 +129,8 @@ class Sysprep:
                     argv += ["--format", fmt]
                 argv += ["-a", path]
         if operations is not None:
-            argv += ["--operations", ",".join(operations)]
+            argv += ["--operations", ",".join(sealing.sysprep_operations(operations, additions))]
+        argv += sealing.customize_argv(additions)
         status, lines = run_guestfs(
             self._run, argv, progress=progress, label="sysprep", remote=self.remote
         )
@@ -223,6 +227,8 @@ class TemplatePlan(ops.PlanDefaults):
     backup_path: str
     undefine: bool
     shutdown_timeout: float
+    additions: tuple[str, ...] = ()  # what virtdeck adds to virt-sysprep (tui.core.sealing)
+    windows: bool = False  # the domain XML says Windows: nothing is added
 
     @property
     def needs_shutdown(self) -> bool:
@@ -256,6 +262,7 @@ class TemplatePlan(ops.PlanDefaults):
         if self.seal:
             ops = ",".join(self.operations) if self.chosen_operations else "default operations"
             lines.append(f"seal with virt-sysprep: {ops}")
+            lines.extend(sealing.plan_lines(self.operations, self.additions, self.windows))
         else:
             lines.append("do not seal (clones will carry this VM's identity)")
         if self.name != self.vm:
@@ -351,6 +358,7 @@ def plan_template(
                 )
         else:
             ops = tuple(o for o, default in known.items() if default)
+    windows = seal and sealing.is_windows(domxml.parse(hv.xml(vm, inactive=True)))
     return TemplatePlan(
         host=hv.uri,
         vm=vm,
@@ -366,6 +374,8 @@ def plan_template(
         backup_path=str(backup_path),
         undefine=undefine,
         shutdown_timeout=shutdown_timeout,
+        additions=sealing.additions(ops, windows=windows) if seal else (),
+        windows=windows,
     )
 
 
@@ -452,6 +462,7 @@ def execute_template(
                     images=plan.images,
                     operations=plan.operations if plan.chosen_operations else None,
                     progress=progress,
+                    additions=plan.additions,
                 )
             orig_xml = hv.call(dom.XMLDesc, secure, what=plan.vm)
             undo.push(f"restore the definition of '{plan.vm}'", "define", xml=orig_xml)
@@ -468,6 +479,7 @@ def execute_template(
                 sealed=plan.seal,
                 xml_backup=plan.backup_path,
                 host=host_key(hv),
+                sealing=plan.additions if plan.seal else None,
             )
             hv.call(
                 dom.setMetadata,

@@ -102,6 +102,9 @@ def details_text(t: Template) -> str:
         + ")",
         f"sealed    {', '.join(t.sealed_operations) or '-'}" if t.sealed else "sealed    no",
     ]
+    if t.sealed:  # what each clone makes of its own when it first boots, what they share
+        lines.extend(f"new       {line}" for line in t.first_boot.lines())
+        lines.extend(f"SHARED    {line}" for line in t.first_boot.shared)
     for b in t.base_images:
         ro = {True: "read-only", False: "WRITABLE", None: "mode unknown"}[b.read_only]
         lines.append(
