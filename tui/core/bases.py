@@ -1,0 +1,389 @@
+"""Invariants about images others build on: one lock per image family, and a base with
+dependents never written.
+
+`family_lock(hv, paths)` takes an exclusive `flock` on one lock file per image of the chains
+of `paths` (sorted, so two operations never wait on each other in a cycle), held from an
+operation's re-check to its last step: a `clone T` and an `rm T --storage` started together
+serialise, and the second re-checks the dependents after it gets the lock. The lock files
+live in a directory of this machine (`$VIRTDECK_LOCK_DIR`, else /run/lock/virtdeck for root,
+else $XDG_RUNTIME_DIR/virtdeck/locks), keyed by the image's identity: its real path for an
+image of this machine (two daemons of this machine that share a directory share the lock),
+host and path for another host's. The kernel drops an flock with the last descriptor, so a
+killed process never leaves a lock behind.
+
+`refuse_base_write(hv, domain, verb)` refuses an operation that would write the images of a
+template, or images other domains (or undefined templates' backups, or overlays lying beside
+them) build on, naming them: snapshot create, revert, delete and rollback call it when
+planning and again, under the lock, when executing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tui.core.cancel import check_cancelled
+from tui.core.errors import DependencyError, OperationError
+from tui.core.hypervisor import Hypervisor
+
+#: How long an operation waits for another one holding the same image family.
+LOCK_TIMEOUT = 600.0
+
+_held: dict[str, tuple[int, int]] = {}  # key -> (fd, depth): re-entrant within this process
+_held_lock = threading.RLock()
+
+
+def lock_dir() -> Path:
+    env = os.environ.get("VIRTDECK_LOCK_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/lock/virtdeck")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "virtdeck" / "locks"
+    return Path(f"/tmp/virtdeck-{os.geteuid()}") / "locks"
+
+
+def _private_dir(path: Path) -> Path:
+    """The lock directory, made 0700; refused if a symlink, not ours, or open to others."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise OperationError(
+            f"the lock directory {path} is not a private directory of this user; "
+            "nothing was changed (remove it, or set VIRTDECK_LOCK_DIR)"
+        )
+    return path
+
+
+def image_key(hv: Hypervisor, path: str) -> str:
+    """An image's identity across the hypervisors of this machine: the real path of a file
+    here; host and path of one elsewhere."""
+    if hv.local:
+        return "local:" + os.path.realpath(path)
+    host = urlsplit(hv.uri).hostname or hv.uri
+    return f"{host}:{os.path.normpath(path)}"
+
+
+def family(hv: Hypervisor, paths: Iterable[str]) -> list[str]:
+    """The images of the chains of `paths` (as far as they can be read), and `paths`."""
+    from tui.core.storage import Resolver
+
+    resolver = Resolver(hv, ssh=True)
+    out: list[str] = []
+    for p in paths:
+        if not p or not p.startswith("/"):
+            continue
+        out.append(p)
+        with contextlib.suppress(Exception):  # an unreadable chain locks what could be read
+            out += [x for x in resolver.chain(p).paths if x.startswith("/")]
+    return list(dict.fromkeys(out))
+
+
+@contextlib.contextmanager
+def family_lock(
+    hv: Hypervisor,
+    paths: Iterable[str],
+    *,
+    timeout: float = LOCK_TIMEOUT,
+    chains: bool = True,
+) -> Iterator[None]:
+    """Hold the locks of the images of `paths` (and, with `chains`, of their backing chains)
+    for the block; waits for another process holding one, up to `timeout` seconds."""
+    images = family(hv, paths) if chains else [p for p in paths if p and p.startswith("/")]
+    keys = sorted({image_key(hv, p) for p in images})
+    taken: list[str] = []
+    try:
+        for key in keys:
+            _acquire(key, timeout)
+            taken.append(key)
+        yield
+    finally:
+        for key in reversed(taken):
+            _release(key)
+
+
+def _acquire(key: str, timeout: float) -> None:
+    with _held_lock:
+        if key in _held:
+            fd, depth = _held[key]
+            _held[key] = (fd, depth + 1)
+            return
+    directory = _private_dir(lock_dir())
+    name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(directory / name, flags, 0o600)
+    except OSError as err:
+        raise OperationError(f"cannot open the lock of {key.split(':', 1)[1]}: {err}") from None
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise OperationError(f"cannot lock {key.split(':', 1)[1]}: {err}") from None
+            check_cancelled()
+            if time.monotonic() > deadline:
+                raise OperationError(
+                    f"another virtdeck operation has held {key.split(':', 1)[1]} for more than "
+                    f"{timeout:g} s; nothing was changed (try again when it has finished)"
+                )
+            time.sleep(0.02)
+    except BaseException:
+        os.close(fd)
+        raise
+    with _held_lock:
+        _held[key] = (fd, 1)
+
+
+def _release(key: str) -> None:
+    with _held_lock:
+        fd, depth = _held[key]
+        if depth > 1:
+            _held[key] = (fd, depth - 1)
+            return
+        del _held[key]
+    os.close(fd)  # drops the flock
+
+
+# -- a base with dependents is immutable -----------------------------------------------------
+
+
+def dependents(hv: Hypervisor, domain: str, *, current: bool = False) -> list[str]:
+    """Other domains, undefined templates' backups and loose overlays whose chains hold an
+    image of `domain`: its disks, and (unless `current`) the images and overlays its
+    snapshots name."""
+    from tui.core.snapshots import common
+    from tui.core.snapshots.tree import snapshot_tree
+
+    try:
+        tree = snapshot_tree(hv, domain)
+    except OperationError:
+        return []  # a driver without snapshots has nothing to write into a base
+    paths = common.own_image_paths(hv, domain)
+    if not current:
+        paths += [x for n in tree.nodes for d in n.disks for x in (d.image, d.overlay) if x]
+    return common.used_elsewhere(hv, domain, tree, paths)
+
+
+def refuse_base_write(hv: Hypervisor, domain: str, verb: str, *, internal: bool) -> None:
+    """Refuse `verb`, a snapshot operation, that would write a base others read.
+
+    A template's images are read-only bases: every snapshot operation of a template is
+    refused (an internal one writes the base; an external one would leave the template on a
+    writable overlay that later clones build on; reverting or deleting one replaces or merges
+    the files its clones read). Of any other domain, an `internal` operation writes its disks
+    in place: refused when other domains or overlays build on them. (External snapshots of
+    such a domain leave the files others read as they are; their revert and delete keep what
+    others need, tui.core.snapshots.common.used_elsewhere.)
+    """
+    if hv.exists(domain) and hv.domain(domain).is_template:
+        users = dependents(hv, domain)
+        clones = f"its clones read them: {', '.join(users)}" if users else "clones build on them"
+        raise DependencyError(
+            f"{verb} of '{domain}' refused: it is a template, its images are read-only bases "
+            f"and {clones}; nothing was changed (to change a template, make a new one from a "
+            "full clone of it)"
+        )
+    if not internal:
+        return
+    users = dependents(hv, domain, current=True)
+    if users:
+        raise DependencyError(
+            f"{verb} of '{domain}' refused: {', '.join(users)} build on its disks, which an "
+            "internal snapshot writes in place; nothing was changed (take an --external one)"
+        )
+
+
+def image_users(hv: Hypervisor, domain: str, images: Iterable[str]) -> list[str]:
+    """Other domains (and undefined templates' backups) of `hv` that use one of `images` as
+    their disk or build on it, described."""
+    from tui.core.catalog import storage_graph
+
+    images = [p for p in images if p]
+    if not images:
+        return []
+    graph = storage_graph(hv)
+    out = []
+    for u in graph.users(images, exclude=domain):
+        how = "uses it as its disk" if u.how == "disk" else "builds on it"
+        out.append(f"{u} ({how}: {u.image})")
+    return sorted(dict.fromkeys(out))
+
+
+def refuse_shared_template(hv: Hypervisor, vm: str, images: Iterable[str]) -> None:
+    """`template create` makes the VM's images read-only bases (and seals them): refuse a VM
+    with snapshots (reverting or deleting one writes the base) or whose images another
+    domain uses."""
+    from tui.core.snapshots.tree import snapshot_tree
+
+    try:
+        names = sorted(snapshot_tree(hv, vm).names)
+    except OperationError:
+        names = []  # a driver without snapshots
+    if names:
+        raise DependencyError(
+            f"'{vm}' has snapshots ({', '.join(names)}): a template's base must never change "
+            "under its clones, and reverting or deleting a snapshot writes it; delete them "
+            f"first ('virtdeck snapshot delete {vm} NAME'); nothing was changed"
+        )
+    users = image_users(hv, vm, images)
+    if users:
+        raise DependencyError(
+            f"'{vm}' cannot become a template: its images would become read-only (and be "
+            f"sealed) under other domains: {'; '.join(users)}; nothing was changed"
+        )
+
+
+# -- dependents on other hosts (shared storage) ----------------------------------------------
+
+#: File systems other machines may see too (a file there may have users on other hosts).
+NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "ceph", "fuse.cephfs", "glusterfs", "fuse.glusterfs",
+     "ocfs2", "gfs2", "lustre", "beegfs", "fuse.sshfs", "9p", "virtiofs"}
+)  # fmt: skip
+
+_peers: dict[str, Hypervisor] = {}  # saved hosts connected for these checks, by URI
+_why: dict[str, str] = {}  # why a saved host could not be connected, by URI
+
+
+@dataclass(frozen=True)
+class Others:
+    """What the other hosts say about some images: who reads them, which hosts see the same
+    storage, and which hosts could not be asked (with the reason)."""
+
+    users: tuple[str, ...] = ()  # "domain (on URI)"
+    shared: tuple[str, ...] = ()  # URIs of hosts that see the same files
+    unasked: tuple[tuple[str, str], ...] = ()  # (URI, why) of hosts that may see them
+
+    def notes(self, force: bool) -> list[str]:
+        out = []
+        if self.shared:
+            out.append(f"shared storage: also seen by {', '.join(self.shared)}")
+        for uri, why in self.unasked:
+            if force:
+                out.append(f"--force: not asked whether {uri} reads these files ({why})")
+            else:
+                out.append(f"not asked: {uri} ({why})")
+        return out
+
+
+def _local_uri(hv: Hypervisor) -> bool:
+    """A host of this machine: proved over its connection, or (not connected) by its URI."""
+    if hv.alive:
+        return bool(hv.local)
+    parts = urlsplit(hv.uri)
+    return not parts.hostname and "+" not in parts.scheme
+
+
+def network_fs(path: str) -> str | None:
+    """The type of the network file system `path` of this machine is on, if it is on one."""
+    try:
+        real = os.path.realpath(path)
+        best, kind = "", ""
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, fields[2]
+        return kind if kind in NETWORK_FS else None
+    except OSError:
+        return None
+
+
+def other_hosts(hv: Hypervisor, connected: Iterable[Hypervisor] = ()) -> list[Hypervisor]:
+    """Every host to ask besides `hv`: the connected ones, and the saved hosts of
+    config.toml (connected now, within the connect deadline; kept for the next question)."""
+    from tui.core.fleet import connect_all
+    from tui.core.settings import load_settings
+
+    out = {h.uri: h for h in connected if h.uri != hv.uri}
+    try:
+        settings = load_settings()
+    except Exception:  # noqa: BLE001 - a broken config is reported where it is loaded
+        settings = None
+    if settings is not None:
+        wanted = [h.uri for h in settings.hosts if h.uri != hv.uri and h.uri not in out]
+        new = [u for u in wanted if u not in _peers or not _peers[u].alive]
+        if new:
+            hvs, failures = connect_all(new, timeout=settings.connect_timeout)
+            _peers.update({h.uri: h for h in hvs})
+            _why.update(failures)
+        out.update({u: _peers[u] for u in wanted})
+    return list(out.values())
+
+
+def ask_others(
+    hv: Hypervisor, images: Iterable[str], others: Iterable[Hypervisor], *, exclude: str = ""
+) -> Others:
+    """Ask every other host whether a domain (or a template backup) there reads one of
+    `images` of `hv`, by the image's identity: on a host of this machine its real path (the
+    same file, proven), elsewhere its path (on shared storage the same path is the same
+    file; a host whose storage is not shared never has a user of it, so nothing is lost by
+    asking). `exclude` is the domain being removed (on `hv` only)."""
+    from tui.core.catalog import storage_graph
+
+    images = [p for p in images if p and p.startswith("/")]
+    if not images:
+        return Others()
+    here_local = _local_uri(hv)
+    netfs = next((fs for p in images if here_local and (fs := network_fs(p))), None)
+    users: list[str] = []
+    shared: list[str] = []
+    unasked: list[tuple[str, str]] = []
+    for other in others:
+        same_machine = here_local and _local_uri(other)
+        may_share = same_machine or netfs is not None
+        if not other.alive:
+            if may_share:
+                unasked.append((other.uri, _why.get(other.uri, "not connected")))
+            continue
+        try:
+            graph = storage_graph(other)
+        except Exception as err:  # noqa: BLE001 - any failure means: could not be asked
+            if may_share:
+                unasked.append((other.uri, str(err)))
+            continue
+        if graph.problems and not graph.resolver.reads_host and may_share:
+            unasked.append((other.uri, graph.problems[0]))
+            continue
+        found = graph.users(images)
+        users += [f"{u} (on {other.uri})" for u in found]
+        if same_machine or found:
+            shared.append(other.uri)
+    return Others(tuple(dict.fromkeys(users)), tuple(shared), tuple(unasked))
+
+
+def refuse_other_users(what: str, others: Others, *, force: bool) -> None:
+    """Refuse when a domain on another host reads the images, or (without `force`) when a
+    host that may see them could not be asked."""
+    if others.users:
+        raise DependencyError(
+            f"{what}: {len(others.users)} domain(s) on other hosts depend on its image(s) "
+            f"(shared storage): {', '.join(others.users)}; nothing was changed"
+        )
+    if others.unasked and not force:
+        uri, why = others.unasked[0]
+        raise DependencyError(
+            f"{what}: its image(s) are on storage {uri} may share, and it could not be asked "
+            f"whether a domain there reads them ({why}); nothing was changed (--force to "
+            "delete anyway)"
+        )
