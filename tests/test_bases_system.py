@@ -222,6 +222,11 @@ def test_a_base_another_host_reads_survives(
     r = cli(a, "-c", b, "rm", mine, "--storage")
     assert r.returncode != 0 and f"{theirs} (on {b})" in r.stderr, r.stderr
     assert os.path.exists(disk)
+    # Nor made a read-only template base (B is a saved host here).
+    mode = os.stat(disk).st_mode
+    r = cli(a, "template", "create", mine, "--no-seal", *backups, env=env)
+    assert r.returncode != 0 and f"{theirs} (on {b})" in r.stderr, r.stderr
+    assert os.stat(disk).st_mode == mode and not host_lab.hv.domain(mine).is_template
 
     # Without users on B, the plan says the storage is shared.
     other_lab.hv.conn.lookupByName(theirs).undefine()

@@ -27,6 +27,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +243,9 @@ def refuse_shared_template(hv: Hypervisor, vm: str, images: Iterable[str]) -> No
             "under its clones, and reverting or deleting a snapshot writes it; delete them "
             f"first ('virtdeck snapshot delete {vm} NAME'); nothing was changed"
         )
+    images = list(images)
     users = image_users(hv, vm, images)
+    users += list(ask_others(hv, images, other_hosts(hv)).users)
     if users:
         raise DependencyError(
             f"'{vm}' cannot become a template: its images would become read-only (and be "
@@ -259,6 +262,9 @@ NETWORK_FS = frozenset(
 )  # fmt: skip
 
 _peers: dict[str, Hypervisor] = {}  # saved hosts connected for these checks, by URI
+# Hosts an operation was given (the CLI's -c, the dashboard's): its execution, and later
+# plans in the same process, ask them too while they are connected.
+_given: weakref.WeakValueDictionary[str, Hypervisor] = weakref.WeakValueDictionary()
 _why: dict[str, str] = {}  # why a saved host could not be connected, by URI
 
 
@@ -315,7 +321,10 @@ def other_hosts(hv: Hypervisor, connected: Iterable[Hypervisor] = ()) -> list[Hy
     from tui.core.fleet import connect_all
     from tui.core.settings import load_settings
 
-    out = {h.uri: h for h in connected if h.uri != hv.uri}
+    connected = list(connected)
+    _given.update({h.uri: h for h in connected})
+    out = {h.uri: h for h in list(_given.values()) if h.uri != hv.uri and h.alive}
+    out.update({h.uri: h for h in connected if h.uri != hv.uri})
     try:
         settings = load_settings()
     except Exception:  # noqa: BLE001 - a broken config is reported where it is loaded
