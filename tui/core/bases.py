@@ -40,8 +40,16 @@ from tui.core.hypervisor import Hypervisor
 #: How long an operation waits for another one holding the same image family.
 LOCK_TIMEOUT = 600.0
 
-_held: dict[str, tuple[int, int]] = {}  # key -> (fd, depth): re-entrant within this process
-_held_lock = threading.RLock()
+# key -> (fd, depth): re-entrant within a thread. Another thread opens the lock file again and
+# waits like another process (an flock belongs to an open file description).
+_local = threading.local()
+
+
+def _held() -> dict[str, tuple[int, int]]:
+    held: dict[str, tuple[int, int]] | None = getattr(_local, "held", None)
+    if held is None:
+        held = _local.held = {}
+    return held
 
 
 def lock_dir() -> Path:
@@ -117,11 +125,11 @@ def family_lock(
 
 
 def _acquire(key: str, timeout: float) -> None:
-    with _held_lock:
-        if key in _held:
-            fd, depth = _held[key]
-            _held[key] = (fd, depth + 1)
-            return
+    held = _held()
+    if key in held:
+        fd, depth = held[key]
+        held[key] = (fd, depth + 1)
+        return
     directory = _private_dir(lock_dir())
     name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -148,17 +156,16 @@ def _acquire(key: str, timeout: float) -> None:
     except BaseException:
         os.close(fd)
         raise
-    with _held_lock:
-        _held[key] = (fd, 1)
+    held[key] = (fd, 1)
 
 
 def _release(key: str) -> None:
-    with _held_lock:
-        fd, depth = _held[key]
-        if depth > 1:
-            _held[key] = (fd, depth - 1)
-            return
-        del _held[key]
+    held = _held()
+    fd, depth = held[key]
+    if depth > 1:
+        held[key] = (fd, depth - 1)
+        return
+    del held[key]
     os.close(fd)  # drops the flock
 
 
