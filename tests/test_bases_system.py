@@ -214,6 +214,9 @@ def test_a_base_another_host_reads_survives(
     assert os.path.exists(base) and sha256(base) == before
     assert reads_pattern(overlay)
     assert host_lab.hv.conn.lookupByName(t)
+    usage = cli(a, "-c", b, "usage")
+    assert usage.returncode == 0, usage.stderr
+    assert f"  shared storage: {base} (also used on {b})" in usage.stdout, usage.stdout
 
     # The same disk used by a domain on each host: not A's alone, not deleted as A's.
     disk = host_lab.disk("both.qcow2")

@@ -403,3 +403,37 @@ def refuse_other_users(what: str, others: Others, *, force: bool) -> None:
             f"whether a domain there reads them ({why}); nothing was changed (--force to "
             "delete anyway)"
         )
+
+
+def shared_storage(
+    hvs: Iterable[Hypervisor], images: dict[str, Iterable[str]]
+) -> dict[str, dict[str, tuple[str, ...]]]:
+    """For `usage`: host URI -> {image path -> why it is on shared storage}, for the images
+    (`images`: host URI -> paths) that another of `hvs` also uses (the same file on this
+    machine, the same path elsewhere), or that lie on a network file system here."""
+    hosts = {h.uri: h for h in hvs}
+    keys: dict[str, dict[str, str]] = {}
+    for uri, paths in images.items():
+        hv = hosts.get(uri)
+        if hv is None:
+            continue
+        local = _local_uri(hv)
+        keys[uri] = {
+            p: ("local:" + os.path.realpath(p)) if local else os.path.normpath(p)
+            for p in paths
+            if p.startswith("/")
+        }
+    out: dict[str, dict[str, tuple[str, ...]]] = {}
+    for uri, by_path in keys.items():
+        found: dict[str, tuple[str, ...]] = {}
+        for path, key in by_path.items():
+            why = [f"also used on {o}" for o, theirs in keys.items() if o != uri and key in
+                   theirs.values()]  # fmt: skip
+            fs = network_fs(path) if key.startswith("local:") else None
+            if fs:
+                why.append(f"on {fs}")
+            if why:
+                found[path] = tuple(why)
+        if found:
+            out[uri] = found
+    return out
