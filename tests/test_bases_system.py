@@ -248,3 +248,56 @@ def test_a_base_another_host_reads_survives(
     assert not os.path.exists(disk)
     log = Path(os.environ["VIRTDECK_AUDIT_LOG"]).read_text().splitlines()
     assert any(mine in x and "--force, not asked: " in x and "no-such-sock" in x for x in log)
+
+
+# -- the lock of a remote host's images (over SSH) -------------------------------------------
+
+
+def test_remote_images_are_locked_on_their_host(
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two clients with lock directories of their own (two machines) managing one host over
+    SSH serialise on the host's lock files, which a virtdeck on the host itself uses too; a
+    SIGKILLed holder's locks go with its SSH session."""
+    from tui.core import bases
+    from tui.core.errors import OperationError
+
+    image = str(host_lab.dir / "remote-family.qcow2")
+    code = (
+        "import time; from tui.core import bases; from tui.core.hypervisor import Hypervisor; "
+        f"hv = Hypervisor.open({ssh_root_uri!r}); "
+        f"cm = bases.family_lock(hv, [{image!r}], chains=False); cm.__enter__(); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    env = {**os.environ, "VIRTDECK_LOCK_DIR": str(tmp_path / "client-1")}
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE)  # fmt: skip
+    monkeypatch.setenv("VIRTDECK_LOCK_DIR", str(tmp_path / "client-2"))
+    remote = Hypervisor.open(ssh_root_uri)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(OperationError, match="has held .*remote-family.qcow2 on 127.0.0.1"),
+            bases.family_lock(remote, [image], chains=False, timeout=1),
+        ):
+            pass
+        monkeypatch.delenv("VIRTDECK_LOCK_DIR")  # a virtdeck on the host: its own lock files
+        with (
+            pytest.raises(OperationError, match="has held"),
+            bases.family_lock(host_lab.hv, [image], chains=False, timeout=0.5),
+        ):
+            pass
+        holder.kill()
+        holder.wait(10)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with bases.family_lock(remote, [image], chains=False, timeout=1):
+                    break
+            except OperationError:
+                assert time.monotonic() < deadline, "the killed holder's lock stayed"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+        remote.close()

@@ -9,12 +9,19 @@ live in a directory of this machine (`$VIRTDECK_LOCK_DIR`, else /run/lock/virtde
 else $XDG_RUNTIME_DIR/virtdeck/locks), keyed by the image's identity: its real path for an
 image of this machine (two daemons of this machine that share a directory share the lock),
 host and path for another host's. The kernel drops an flock with the last descriptor, so a
-killed process never leaves a lock behind.
+killed process never leaves a lock behind. The images of a host reached over SSH are also
+locked there, in the lock files a virtdeck running on that host uses (`flock` held by a shell
+of the operation's SSH session, which dies with it): two clients on two machines, and a client
+and the host itself, serialise too. A host reached without SSH (TLS, TCP) has no lock API:
+only this machine's processes serialise.
 
-`refuse_base_write(hv, domain, verb)` refuses an operation that would write the images of a
-template, or images other domains (or undefined templates' backups, or overlays lying beside
-them) build on, naming them: snapshot create, revert, delete and rollback call it when
-planning and again, under the lock, when executing.
+`template create` and `rm --storage` ask the other hosts too (`ask_others`): the connected
+ones and the saved hosts of config.toml.
+
+`refuse_base_write(hv, domain, verb, internal=...)` refuses an operation that would write the
+images of a template, or images other domains (or undefined templates' backups, or overlays
+lying beside them) build on, naming them: snapshot create, revert, delete and rollback call it
+when planning and again, under the lock, when executing.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import errno
 import fcntl
 import hashlib
 import os
+import select
 import stat
+import subprocess
 import threading
 import time
 import weakref
@@ -112,16 +121,103 @@ def family_lock(
     """Hold the locks of the images of `paths` (and, with `chains`, of their backing chains)
     for the block; waits for another process holding one, up to `timeout` seconds."""
     images = family(hv, paths) if chains else [p for p in paths if p and p.startswith("/")]
-    keys = sorted({image_key(hv, p) for p in images})
+    by_key = {image_key(hv, p): p for p in images}
+    keys = sorted(by_key)
+    fresh = [p for p in images if image_key(hv, p) not in _held()]  # not yet held here
     taken: list[str] = []
+    remote: subprocess.Popen[str] | None = None
     try:
         for key in keys:
             _acquire(key, timeout)
             taken.append(key)
+        if fresh and not hv.local:
+            remote = _hold_remote(hv, fresh, timeout)
         yield
     finally:
+        if remote is not None:
+            _let_go(remote)
         for key in reversed(taken):
             _release(key)
+
+
+# On the host itself: the same lock files a virtdeck running there uses for its local images
+# (its lock directory as root, keyed by "local:" and the real path), so a client over SSH and
+# one on the host serialise too. `flock` holds them while `cat` reads the SSH session's input:
+# closing it, or the session dying with this process, releases them.
+_REMOTE_LOCK = r"""
+d=/run/lock/virtdeck
+[ "$(id -u)" = 0 ] || d="${XDG_RUNTIME_DIR:-/tmp}/virtdeck-$(id -u)-locks"
+command -v flock >/dev/null 2>&1 || { echo "flock(1) is not installed there" >&2; exit 4; }
+mkdir -p -m 700 "$d" || exit 3
+w=$1; shift
+ks=$(for p in "$@"; do
+  printf 'local:%s' "$(realpath -m -- "$p")" | sha256sum | cut -c1-32
+done | sort -u)
+i=3
+for k in $ks; do
+  eval "exec $i>>\"\$d/$k.lock\"" || exit 3
+  flock -x -w "$w" "$i" || exit 1
+  i=$((i+1))
+done
+echo locked
+exec cat >/dev/null
+"""
+#: A POSIX shell has descriptors 3-9 for them: the deepest images of a family are locked.
+REMOTE_MAX = 7
+
+
+def _hold_remote(hv: Hypervisor, paths: list[str], timeout: float) -> subprocess.Popen[str] | None:
+    """Hold the locks of `paths` on the host of `hv` over SSH (a child of this operation)."""
+    from tui.core import procs
+    from tui.core.storage.remote import ssh_target
+
+    target = ssh_target(hv.uri)
+    if target is None:
+        # No SSH (TLS, TCP): libvirt has no lock API, so only the processes of this machine
+        # serialise (README, "What virtdeck guarantees").
+        return None
+    paths = list(dict.fromkeys(reversed(paths)))[:REMOTE_MAX]  # bases first
+    argv = target.argv(["sh", "-c", _REMOTE_LOCK, "sh", str(max(1, int(timeout))), *paths])
+    proc = procs.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    deadline = time.monotonic() + timeout + 30
+    while True:
+        try:
+            check_cancelled()
+        except BaseException:
+            _let_go(proc)
+            raise
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            line = proc.stdout.readline().strip()
+            if line == "locked":
+                return proc
+            break
+        if time.monotonic() > deadline:
+            break
+    _let_go(proc)
+    err = (proc.stderr.read() or "").strip().splitlines()
+    where = f"{', '.join(sorted(paths))} on {target.host}"
+    if proc.returncode == 1:  # flock -w timed out
+        raise OperationError(
+            f"another virtdeck operation has held {where} for more than {timeout:g} s; "
+            "nothing was changed (try again when it has finished)"
+        )
+    raise OperationError(
+        f"cannot lock {where} over SSH ({err[-1] if err else f'exit {proc.returncode}'}); "
+        "nothing was changed"
+    )
+
+
+def _let_go(proc: subprocess.Popen[str]) -> None:
+    from tui.core import procs
+
+    with contextlib.suppress(OSError):
+        if proc.stdin is not None:
+            proc.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    procs.finish(proc)
 
 
 def _acquire(key: str, timeout: float) -> None:
