@@ -87,3 +87,22 @@ def test_a_lock_directory_others_can_write_is_refused(test_hv: Hypervisor, lock_
         bases.family_lock(test_hv, ["/var/tmp/vd-web.qcow2"], chains=False),
     ):
         pass
+
+
+def test_snapshots_of_a_template_are_refused_by_the_planners(test_hv: Hypervisor) -> None:
+    """The core refuses, not only the CLI: every snapshot planner, for a template."""
+    from tui.core import snapshots
+    from tui.core.errors import DependencyError
+
+    dom = test_hv.conn.lookupByName("template-web")
+    dom.snapshotCreateXML("<domainsnapshot><name>old</name></domainsnapshot>", 0)
+    test_hv.invalidate()
+    for plan in (
+        lambda: snapshots.plan_create(test_hv, "template-web", "s1"),
+        lambda: snapshots.plan_create(test_hv, "template-web", "s1", external=True),
+        lambda: snapshots.plan_revert(test_hv, "template-web", "old"),
+        lambda: snapshots.plan_rollback(test_hv, "template-web"),
+        lambda: snapshots.plan_delete(test_hv, "template-web", "old"),
+    ):
+        with pytest.raises(DependencyError, match="'template-web' refused: it is a template"):
+            plan()
