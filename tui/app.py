@@ -26,7 +26,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
-from tui.core import ops
+from tui.core import bases, ops
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor, start_event_loop
 from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind, HostInfo
@@ -179,7 +179,7 @@ class VirtdeckApp(App[None]):
         done: list[str] = []
         failed: list[str] = []
         for item in self.interrupted:
-            left = ops.recover(self.hypervisor(item.host), item)
+            left = bases.recover(self.hypervisor(item.host), item)
             (failed if left else done).append(item.title if not left else f"{item.title}: {left}")
         self.interrupted = []
         if done:

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from tui.cli import print_json
-from tui.core import ops
+from tui.core import bases, ops
 from tui.core.errors import InvalidInputError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 
@@ -46,7 +46,7 @@ def cmd_recover(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             except VirtdeckError as err:
                 raise InvalidInputError(f"'{item.title}' ran on {item.host}: {err}") from None
             opened.append(hv)
-        failed = ops.recover(hv, item)
+        failed = bases.recover(hv, item)  # under the image families' locks
         results.append({**_json(item), "failed": failed})
         if failed:
             status = 1

@@ -40,6 +40,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from tui.core.cancel import check_cancelled
@@ -533,3 +534,13 @@ def shared_storage(
         if found:
             out[uri] = found
     return out
+
+
+def recover(hv: Hypervisor, item: Any) -> list[str]:
+    """`ops.recover` under the locks of the image families its journal names (the files it
+    would delete or give their mode back), like the operation it rolls back."""
+    from tui.core import ops
+
+    paths = [str(a.args["path"]) for a in item.undo if isinstance(a.args.get("path"), str)]
+    with family_lock(hv, paths):
+        return ops.recover(hv, item)
