@@ -227,8 +227,10 @@ def test_a_base_another_host_reads_survives(
     assert os.path.exists(disk)
     # Nor made a read-only template base (B is a saved host here).
     mode = os.stat(disk).st_mode
-    r = cli(a, "template", "create", mine, "--no-seal", *backups, env=env)
-    assert r.returncode != 0 and f"{theirs} (on {b})" in r.stderr, r.stderr
+    for argv in ((a, "-c", b), (a,)):  # B connected, or B a saved host
+        r = cli(*argv, "template", "create", mine, "--no-seal", *backups,
+                env=None if len(argv) > 1 else env)  # fmt: skip
+        assert r.returncode != 0 and f"{theirs} (on {b})" in r.stderr, r.stderr
     assert os.stat(disk).st_mode == mode and not host_lab.hv.domain(mine).is_template
 
     # Without users on B, the plan says the storage is shared.

@@ -419,6 +419,11 @@ def network_fs(path: str) -> str | None:
         return None
 
 
+def ask_too(hvs: Iterable[Hypervisor]) -> None:
+    """Hosts this process is connected to (the CLI's -c): asked too, while connected."""
+    _given.update({h.uri: h for h in hvs})
+
+
 def other_hosts(hv: Hypervisor, connected: Iterable[Hypervisor] = ()) -> list[Hypervisor]:
     """Every host to ask besides `hv`: the connected ones, and the saved hosts of
     config.toml (connected now, within the connect deadline; kept for the next question)."""
