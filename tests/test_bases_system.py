@@ -303,3 +303,18 @@ def test_remote_images_are_locked_on_their_host(
             holder.kill()
             holder.wait(10)
         remote.close()
+
+
+def test_one_daemon_under_two_uris_is_not_its_own_dependent(
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+) -> None:
+    """The host daemon also saved under another URI (SSH): its domain, seen there with the
+    same UUID, is the same domain, not a user of its own disk."""
+    vm = host_lab.define("twice")
+    disk = str(host_lab.dir / "twice.qcow2")
+    (tmp_path / "virtdeck").mkdir()
+    (tmp_path / "virtdeck" / "config.toml").write_text(f'[hosts]\nself = "{ssh_root_uri}"\n')
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    r = cli(host_lab.hv.uri, "rm", vm, "--storage", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(disk)

@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tui.core.cancel import check_cancelled
-from tui.core.errors import DependencyError, OperationError
+from tui.core.errors import DependencyError, OperationError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 
 #: How long an operation waits for another one holding the same image family.
@@ -349,7 +349,7 @@ def refuse_shared_template(hv: Hypervisor, vm: str, images: Iterable[str]) -> No
         )
     images = list(images)
     users = image_users(hv, vm, images)
-    users += list(ask_others(hv, images, other_hosts(hv)).users)
+    users += list(ask_others(hv, images, other_hosts(hv), domain=vm).users)
     if users:
         raise DependencyError(
             f"'{vm}' cannot become a template: its images would become read-only (and be "
@@ -450,13 +450,14 @@ def other_hosts(hv: Hypervisor, connected: Iterable[Hypervisor] = ()) -> list[Hy
 
 
 def ask_others(
-    hv: Hypervisor, images: Iterable[str], others: Iterable[Hypervisor], *, exclude: str = ""
+    hv: Hypervisor, images: Iterable[str], others: Iterable[Hypervisor], *, domain: str = ""
 ) -> Others:
     """Ask every other host whether a domain (or a template backup) there reads one of
     `images` of `hv`, by the image's identity: on a host of this machine its real path (the
     same file, proven), elsewhere its path (on shared storage the same path is the same
     file; a host whose storage is not shared never has a user of it, so nothing is lost by
-    asking). `exclude` is the domain being removed (on `hv` only)."""
+    asking). `domain` (of `hv`) is not its own user where another URI reaches the same daemon:
+    a domain there with its UUID is the same domain."""
     from tui.core.catalog import storage_graph
 
     images = [p for p in images if p and p.startswith("/")]
@@ -484,10 +485,20 @@ def ask_others(
             unasked.append((other.uri, graph.problems[0]))
             continue
         found = graph.users(images)
+        if domain and found:
+            uuid = _uuid(hv, domain)
+            found = [u for u in found if not (u.defined and uuid and _uuid(other, u.name) == uuid)]
         users += [f"{u} (on {other.uri})" for u in found]
         if same_machine or found:
             shared.append(other.uri)
     return Others(tuple(dict.fromkeys(users)), tuple(shared), tuple(unasked))
+
+
+def _uuid(hv: Hypervisor, name: str) -> str | None:
+    try:
+        return str(hv.call(hv.lookup(name).UUIDString, what=name))
+    except VirtdeckError:
+        return None
 
 
 def refuse_other_users(what: str, others: Others, *, force: bool) -> None:

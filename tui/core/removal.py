@@ -178,7 +178,7 @@ def plan_remove(
         delete = []
     shared = bases.Others()
     if delete:
-        shared = bases.ask_others(hv, delete, bases.other_hosts(hv, others))
+        shared = bases.ask_others(hv, delete, bases.other_hosts(hv, others), domain=name)
         bases.refuse_other_users(f"'{name}' cannot be removed with its files", shared, force=force)
     return RemovePlan(
         hv.uri,
@@ -241,7 +241,9 @@ def execute_remove(
     title = f"removing '{plan.name}'"
     with bases.family_lock(hv, family):
         if plan.delete_files:
-            shared = bases.ask_others(hv, plan.delete_files, bases.other_hosts(hv, others))
+            shared = bases.ask_others(
+                hv, plan.delete_files, bases.other_hosts(hv, others), domain=plan.name
+            )
             what = f"'{plan.name}' cannot be removed with its files"
             bases.refuse_other_users(what, shared, force=plan.force)
             if shared.unasked:  # the audit log says what --force let through
