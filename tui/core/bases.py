@@ -485,13 +485,31 @@ def ask_others(
             unasked.append((other.uri, graph.problems[0]))
             continue
         found = graph.users(images)
-        if domain and found:
+        if domain and found and _same_daemon(hv, other):
             uuid = _uuid(hv, domain)
             found = [u for u in found if not (u.defined and uuid and _uuid(other, u.name) == uuid)]
         users += [f"{u} (on {other.uri})" for u in found]
         if same_machine or found:
             shared.append(other.uri)
     return Others(tuple(dict.fromkeys(users)), tuple(shared), tuple(unasked))
+
+
+def _same_daemon(hv: Hypervisor, other: Hypervisor) -> bool:
+    """Two URIs of one daemon: the same host name and the very same domains (by UUID). Two
+    daemons of one machine (or two hosts with copied definitions) differ in their domains."""
+
+    def facts(h: Hypervisor) -> tuple[str, set[str]]:
+        name = str(h.call(h.conn.getHostname, what="host name"))
+        doms = h.call(h.conn.listAllDomains, 0, what="listing domains")
+        return name, {str(d.UUIDString()) for d in doms}
+
+    try:
+        (name, mine), (their_name, theirs) = facts(hv), facts(other)
+    except VirtdeckError:
+        return False
+    # Domains defined or undefined between the two reads (another client at work) are
+    # tolerated; two daemons, even of one machine, differ in most of their domains.
+    return name == their_name and len(mine ^ theirs) * 10 <= len(mine | theirs)
 
 
 def _uuid(hv: Hypervisor, name: str) -> str | None:
