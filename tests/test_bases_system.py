@@ -225,6 +225,10 @@ def test_a_base_another_host_reads_survives(
     r = cli(a, "-c", b, "rm", mine, "--storage")
     assert r.returncode != 0 and f"{theirs} (on {b})" in r.stderr, r.stderr
     assert os.path.exists(disk)
+    # Nor written in place by an internal snapshot.
+    r = cli(a, "-c", b, "snapshot", "create", mine, "s1")
+    assert r.returncode != 0 and f"{theirs} (on {b})" in r.stderr, r.stderr
+    assert not host_lab.hv.conn.lookupByName(mine).listAllSnapshots(0)
     # Nor made a read-only template base (B is a saved host here).
     mode = os.stat(disk).st_mode
     for argv in ((a, "-c", b), (a,)):  # B connected, or B a saved host

@@ -308,6 +308,11 @@ def refuse_base_write(hv: Hypervisor, domain: str, verb: str, *, internal: bool)
     if not internal:
         return
     users = dependents(hv, domain, current=True)
+    if not users:  # on shared storage, a domain of another host may build on its disks
+        from tui.core.snapshots import common
+
+        own = common.own_image_paths(hv, domain)
+        users = list(ask_others(hv, own, other_hosts(hv), domain=domain).users)
     if users:
         raise DependencyError(
             f"{verb} of '{domain}' refused: {', '.join(users)} build on its disks, which an "
@@ -370,6 +375,7 @@ _peers: dict[str, Hypervisor] = {}  # saved hosts connected for these checks, by
 # plans in the same process, ask them too while they are connected.
 _given: weakref.WeakValueDictionary[str, Hypervisor] = weakref.WeakValueDictionary()
 _why: dict[str, str] = {}  # why a saved host could not be connected, by URI
+_tried: dict[str, float] = {}  # when a saved host last failed to connect (monotonic)
 
 
 @dataclass(frozen=True)
@@ -440,11 +446,17 @@ def other_hosts(hv: Hypervisor, connected: Iterable[Hypervisor] = ()) -> list[Hy
         settings = None
     if settings is not None:
         wanted = [h.uri for h in settings.hosts if h.uri != hv.uri and h.uri not in out]
-        new = [u for u in wanted if u not in _peers or not _peers[u].alive]
-        if new:
+        now = time.monotonic()
+        new = [
+            u
+            for u in wanted
+            if (u not in _peers or not _peers[u].alive) and now - _tried.get(u, -1e9) > 60
+        ]
+        if new:  # a host that did not answer is tried again a minute later, not every time
             hvs, failures = connect_all(new, timeout=settings.connect_timeout)
             _peers.update({h.uri: h for h in hvs})
             _why.update(failures)
+            _tried.update({u: now for u in failures})
         out.update({u: _peers[u] for u in wanted})
     return list(out.values())
 
