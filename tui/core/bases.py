@@ -269,7 +269,27 @@ def _release(key: str) -> None:
 # -- a base with dependents is immutable -----------------------------------------------------
 
 
-def dependents(hv: Hypervisor, domain: str, *, current: bool = False) -> list[str]:
+#: A graph read for a planner's check serves the next plans this long (a group plans each
+#: member: one read, not one per member). Executors never use it.
+PLAN_GRAPH_TTL = 2.0
+_plan_graphs: dict[str, tuple[float, Any]] = {}
+
+
+def _plan_graph(hv: Hypervisor) -> Any:
+    from tui.core.snapshots import common
+
+    now = time.monotonic()
+    cached = _plan_graphs.get(hv.uri)
+    if cached is not None and now - cached[0] < PLAN_GRAPH_TTL:
+        return cached[1]
+    g = common.graph(hv)
+    _plan_graphs[hv.uri] = (now, g)
+    return g
+
+
+def dependents(
+    hv: Hypervisor, domain: str, *, current: bool = False, planning: bool = False
+) -> list[str]:
     """Other domains, undefined templates' backups and loose overlays whose chains hold an
     image of `domain`: its disks, and (unless `current`) the images and overlays its
     snapshots name."""
@@ -283,10 +303,22 @@ def dependents(hv: Hypervisor, domain: str, *, current: bool = False) -> list[st
     paths = common.own_image_paths(hv, domain)
     if not current:
         paths += [x for n in tree.nodes for d in n.disks for x in (d.image, d.overlay) if x]
-    return common.used_elsewhere(hv, domain, tree, paths)
+    g = _plan_graph(hv) if planning else None
+    return common.used_elsewhere(hv, domain, tree, paths, g)
 
 
-def refuse_base_write(hv: Hypervisor, domain: str, verb: str, *, internal: bool) -> None:
+def is_template(hv: Hypervisor, domain: str) -> bool:
+    """Read now from the definition (not an inventory): a template made a moment ago counts."""
+    from tui.core import domxml
+
+    if not hv.exists(domain):
+        return False
+    return domxml.read_meta(domxml.parse(hv.xml(domain, inactive=True))).role == "template"
+
+
+def refuse_base_write(
+    hv: Hypervisor, domain: str, verb: str, *, internal: bool, executing: bool = False
+) -> None:
     """Refuse `verb`, a snapshot operation, that would write a base others read.
 
     A template's images are read-only bases: every snapshot operation of a template is
@@ -296,8 +328,12 @@ def refuse_base_write(hv: Hypervisor, domain: str, verb: str, *, internal: bool)
     in place: refused when other domains or overlays build on them. (External snapshots of
     such a domain leave the files others read as they are; their revert and delete keep what
     others need, tui.core.snapshots.common.used_elsewhere.)
+
+    `executing` (the executor's re-check, under the lock): whether the domain is a template is
+    read again; its other dependents are not: virtdeck makes dependents only of templates
+    (`clone`), so what the plan saw stands (another tool takes no lock anyway).
     """
-    if hv.exists(domain) and hv.domain(domain).is_template:
+    if is_template(hv, domain):
         users = dependents(hv, domain)
         clones = f"its clones read them: {', '.join(users)}" if users else "clones build on them"
         raise DependencyError(
@@ -305,9 +341,9 @@ def refuse_base_write(hv: Hypervisor, domain: str, verb: str, *, internal: bool)
             f"and {clones}; nothing was changed (to change a template, make a new one from a "
             "full clone of it)"
         )
-    if not internal:
+    if not internal or executing:
         return
-    users = dependents(hv, domain, current=True)
+    users = dependents(hv, domain, current=True, planning=True)
     if not users:  # on shared storage, a domain of another host may build on its disks
         from tui.core.snapshots import common
 

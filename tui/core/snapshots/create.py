@@ -204,7 +204,11 @@ def create(hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress) -
         audit.recorded(hv.uri, title, [plan.domain]) as entry,
     ):
         bases.refuse_base_write(
-            hv, plan.domain, f"snapshot '{plan.name}'", internal=plan.kind == INTERNAL
+            hv,
+            plan.domain,
+            f"snapshot '{plan.name}'",
+            internal=plan.kind == INTERNAL,
+            executing=True,
         )
         node = _create(hv, plan, progress)
         entry.steps.append(f"snapshot '{plan.name}' taken")

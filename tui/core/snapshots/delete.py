@@ -140,7 +140,11 @@ def delete(
         audit.recorded(hv.uri, title, [plan.domain]) as entry,
     ):
         bases.refuse_base_write(
-            hv, plan.domain, f"deleting snapshot '{plan.snapshot}'", internal=plan.kind == INTERNAL
+            hv,
+            plan.domain,
+            f"deleting snapshot '{plan.snapshot}'",
+            internal=plan.kind == INTERNAL,
+            executing=True,
         )
         _delete(hv, plan, progress, qemu_img, entry.steps)
 

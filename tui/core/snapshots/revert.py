@@ -290,7 +290,11 @@ def revert(
     try:
         with bases.family_lock(hv, common.own_image_paths(hv, plan.domain)):
             bases.refuse_base_write(
-                hv, plan.domain, f"reverting to '{plan.snapshot}'", internal=plan.kind == INTERNAL
+                hv,
+                plan.domain,
+                f"reverting to '{plan.snapshot}'",
+                internal=plan.kind == INTERNAL,
+                executing=True,
             )
             _revert(hv, dom, plan, progress, qemu_img)
     finally:
