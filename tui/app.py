@@ -83,6 +83,7 @@ class VirtdeckApp(App[None]):
             settings = replace(settings, shutdown_timeout=shutdown_timeout)
         self.settings = settings
         self.hypervisors = hypervisors
+        bases.ask_too(hypervisors)  # asked before a base is deleted or written (issue 17)
         self.poll_interval = settings.poll_interval
         self.shutdown_timeout = settings.shutdown_timeout
         self.domains: list[DomainInfo] = []  # the last inventory, for panes mounted after it
