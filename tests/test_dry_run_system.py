@@ -40,6 +40,7 @@ def test_dry_run_changes_nothing(lab: SystemLab) -> None:
     backups.mkdir()
     vm = lab.define("dry")
     tvm = lab.define("tsrc")
+    fresh = lab.define("fresh")  # a template is made of a VM without snapshots
     run = [sys.executable, "-m", "tui", "-c", hv.uri]
     subprocess.run([*run, "template", "create", tvm, "--no-seal", "--name", lab.name("t"),
                     "--backup-dir", str(backups)], check=True, capture_output=True)  # fmt: skip
@@ -47,7 +48,8 @@ def test_dry_run_changes_nothing(lab: SystemLab) -> None:
                    capture_output=True)  # fmt: skip
     before = world(lab, backups)
     commands = [
-        ["template", "create", vm, "--no-seal", "--name", vm, "--backup-dir", str(backups)],
+        ["template", "create", fresh, "--no-seal", "--name", fresh, "--backup-dir",
+         str(backups)],
         ["clone", lab.name("t"), "x", "--count", "2", "--allow-unsealed", "--backup-dir",
          str(backups)],
         ["clone", lab.name("t"), "y", "--full", "--start", "--allow-unsealed", "--backup-dir",

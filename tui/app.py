@@ -34,7 +34,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
-from tui.core import ops
+from tui.core import bases, ops
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor, start_event_loop
 from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind, HostInfo
@@ -95,6 +95,7 @@ class VirtdeckApp(App[None]):
             settings = replace(settings, shutdown_timeout=shutdown_timeout)
         self.settings = settings
         self.hypervisors = hypervisors
+        bases.ask_too(hypervisors)  # asked before a base is deleted or written (issue 17)
         self.poll_interval = settings.poll_interval
         self.shutdown_timeout = settings.shutdown_timeout
         self.domains: list[DomainInfo] = []  # the last inventory, for panes mounted after it
@@ -202,7 +203,7 @@ class VirtdeckApp(App[None]):
         failed: list[str] = []
         skipped: list[str] = []
         for item in self.interrupted:
-            left = ops.recover(self.hypervisor(item.host), item, skipped)
+            left = bases.recover(self.hypervisor(item.host), item, skipped)
             (failed if left else done).append(item.title if not left else f"{item.title}: {left}")
         if skipped:  # what changed hands since: kept, and said so
             self.call_from_thread(self.notify, "; ".join(skipped), severity="warning", timeout=30)

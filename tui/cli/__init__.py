@@ -393,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "needs_hosts", True):  # `virtdeck log` reads a file, no host
             return int(args.handler(args, []))
         hypervisors = connect(args)
+        from tui.core.bases import ask_too
+
+        ask_too(hypervisors)  # asked before a base is deleted or made read-only (issue 17)
         try:
             handler: Handler = args.handler
             # SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop a running operation

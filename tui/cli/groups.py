@@ -110,5 +110,7 @@ def cmd_rm_group(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int
         found,
         storage=args.storage,
         backup_dir=args.backup_dir,
+        others=hypervisors,
+        force=args.force,
     )
     return carry_out_group(args, plan)

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from tui.cli import print_json
-from tui.core import ops
+from tui.core import bases, ops
 from tui.core.errors import InvalidInputError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 
@@ -58,7 +58,7 @@ def cmd_recover(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                 raise InvalidInputError(f"'{item.title}' ran on {item.host}: {err}") from None
             opened.append(hv)
         skipped: list[str] = []
-        failed = ops.recover(hv, item, skipped)
+        failed = bases.recover(hv, item, skipped)  # under the image families' locks
         results.append({**_json(item), "failed": failed, "skipped": skipped})
         if not args.json:
             for line in skipped:

@@ -152,6 +152,12 @@ def register(sub: Any) -> None:
         action="store_true",
         help="also delete its own disk images (never a shared base)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --storage: delete even when a host that may share the storage cannot be "
+        "asked whether a domain there reads the files (the plan and the audit log say so)",
+    )
     p.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
     add_plan_options(p)
     p.set_defaults(handler=cmd_rm, parser_error=p.error)
@@ -316,11 +322,20 @@ def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         hv = find_domain(hypervisors, args.name)
     except NotFoundError:
         hv = _find_template(hypervisors, args.name, args.backup_dir)
-    plan = clones.plan_remove(hv, args.name, storage=args.storage, backup_dir=args.backup_dir)
+    plan = clones.plan_remove(
+        hv,
+        args.name,
+        storage=args.storage,
+        backup_dir=args.backup_dir,
+        others=hypervisors,
+        force=args.force,
+    )
     return carry_out(
         args,
         plan,
-        lambda: clones.execute_remove(hv, plan, stderr_progress, backup_dir=args.backup_dir),
+        lambda: clones.execute_remove(
+            hv, plan, stderr_progress, backup_dir=args.backup_dir, others=hypervisors
+        ),
         lambda done: [f"{args.name}: removed" + (f" (deleted {', '.join(done)})" if done else "")],
         result_key="deleted",
         dry_result=[],

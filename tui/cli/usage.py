@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from tui.cli import format_table, print_json
+from tui.core.bases import shared_storage
 from tui.core.hypervisor import Hypervisor
 from tui.core.units import size, total
 from tui.core.usage import TemplateUsage, UsageCollector, UsageReport
@@ -68,8 +69,12 @@ def template_lines(t: TemplateUsage) -> list[str]:
 
 def cmd_usage(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     reports = [UsageCollector(hv).report() for hv in hypervisors]
+    shared = shared_storage(hypervisors, {r.host: [i.path for i in r.images] for r in reports})
     if args.json:
-        print_json(usage_json(reports))
+        data = usage_json(reports)
+        for image in data["images"]:
+            image["shared_storage"] = list(shared.get(image["host"], {}).get(image["path"], ()))
+        print_json(data)
     else:
         for r in reports:
             for t in r.templates:
@@ -79,6 +84,8 @@ def cmd_usage(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                 f"host {r.host}: {len(r.images)} images, {size(r.total_actual_bytes)} on disk "
                 "(shared bases counted once)"
             )
+            for path, why in shared.get(r.host, {}).items():
+                print(f"  shared storage: {path} ({'; '.join(why)})")
     for r in reports:
         for problem in r.problems:
             print(f"virtdeck: warning: {problem}", file=sys.stderr)

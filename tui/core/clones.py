@@ -25,7 +25,7 @@ from typing import Any
 
 import libvirt
 
-from tui.core import clonexml, domxml, ops
+from tui.core import bases, clonexml, domxml, ops
 from tui.core.clonexml import FileCopy, Rewrite
 from tui.core.errors import (
     InvalidInputError,
@@ -449,7 +449,34 @@ def execute_clone(
 
     Starting (when asked) comes last: a clone that fails to start stays defined and is named in
     the error, since its disks and definition are complete.
+
+    Under the lock of the template's image family (tui.core.bases) from the re-check to the
+    last step: a removal of the template waits, then sees the new clones; a clone that waited
+    for a removal finds the base gone and refuses.
     """
+    sources = [d.base for i in plan.items for d in i.disks] + [
+        c.source for i in plan.items for c in i.copies
+    ]
+    with bases.family_lock(hv, sources):
+        resolver = Resolver(hv, ssh=True)
+        for base in dict.fromkeys(d.base for i in plan.items for d in i.disks):
+            chain = resolver.chain(base)
+            if not chain.complete:
+                raise NotFoundError(
+                    f"the base {base} of '{plan.template}' is no longer whole ({chain.problem}); "
+                    "nothing was made"
+                )
+        return _execute_clone(hv, plan, progress, qemu=qemu, customiser=customiser)
+
+
+def _execute_clone(
+    hv: Hypervisor,
+    plan: ClonePlan,
+    progress: Progress,
+    *,
+    qemu: QemuImg | None,
+    customiser: Customiser | None,
+) -> list[str]:
     files = files_for(hv, "clone", qemu_img=qemu)
     for item in plan.items:
         if hv.exists(item.name):

@@ -458,6 +458,8 @@ def plan_group(
     storage: bool = False,
     backup_dir: Any = None,
     timeout: float | None = None,
+    others: Sequence[Any] = (),
+    force: bool = False,
 ) -> GroupPlan:
     """Plan `verb` for every member (each with its single-domain planner); the first member
     that cannot be planned is named in the one-line error, and nothing is changed."""
@@ -492,7 +494,14 @@ def plan_group(
                 plans.append(snapshots.plan_rollback(hv, m.name))
             elif verb == "rm":
                 plans.append(
-                    removal.plan_remove(hv, m.name, storage=storage, backup_dir=backup_dir)
+                    removal.plan_remove(
+                        hv,
+                        m.name,
+                        storage=storage,
+                        backup_dir=backup_dir,
+                        others=others,
+                        force=force,
+                    )
                 )
             else:
                 plans.append(LifecyclePlan(hv.uri, m.name, verb, timeout))

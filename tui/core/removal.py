@@ -11,13 +11,14 @@ files, going forward to the end, and returns what it really deleted.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from tui.core import domxml, ops
+from tui.core import bases, domxml, ops
 from tui.core.errors import (
     DependencyError,
     InvalidInputError,
@@ -60,7 +61,8 @@ class RemovePlan(ops.DestructivePlanDefaults):
     snapshots: tuple[str, ...] = ()  # its snapshots, forgotten with it
     kept: tuple[tuple[str, str], ...] = ()  # (path, why) for files of its chains that stay
     foreign: tuple[str, ...] = ()  # its disks that are not image files, described
-    notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined)
+    notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined), shared storage
+    force: bool = False  # --force: delete although a host that may share the storage was not asked
     ask: bool = False  # the confirmation asks whether its files go too (the dashboard's x)
 
     @property
@@ -112,8 +114,14 @@ def plan_remove(
     *,
     storage: bool = False,
     backup_dir: Path | None = None,
+    others: Sequence[Hypervisor] = (),
+    force: bool = False,
 ) -> RemovePlan:
     """Refuse a domain other domains build on (listing them); say which files go.
+
+    The files to delete are also asked of every other host (`others`, the connected ones, and
+    the saved hosts of config.toml): a domain there that reads one refuses the removal, and a
+    host that may share the storage but cannot be asked refuses it unless `force`.
 
     The files come from the storage graph: every file in the chains of the domain's disks and
     of its snapshots (also those no longer on the current chain after a revert), minus what
@@ -185,6 +193,10 @@ def plan_remove(
     if not storage:
         kept = delete + kept
         delete = []
+    shared = bases.Others()
+    if delete:
+        shared = bases.ask_others(hv, delete, bases.other_hosts(hv, others), domain=name)
+        bases.refuse_other_users(f"'{name}' cannot be removed with its files", shared, force=force)
     return RemovePlan(
         hv.uri,
         name,
@@ -198,7 +210,9 @@ def plan_remove(
         snapshots,
         kept=tuple(kept_why),
         foreign=foreign,
-        notes=tuple(files.pool_notes(delete)) if files is not None and delete else (),
+        notes=(tuple(files.pool_notes(delete)) if files is not None and delete else ())
+        + tuple(shared.notes(force)),
+        force=force,
     )
 
 
@@ -234,10 +248,30 @@ def execute_remove(
     progress: Progress = no_progress,
     *,
     backup_dir: Path | None = None,
+    others: Sequence[Hypervisor] = (),
 ) -> list[str]:
     """Undefine, then delete the files the plan lists (never a backing file another domain
-    reads); returns the files it deleted. Checks the dependents again: a clone made since the
-    plan must not lose its base."""
+    reads); returns the files it deleted. Checks the dependents again, under the lock of the
+    image family (tui.core.bases) held to the last deletion: a clone made since the plan, or
+    being made now, must not lose its base."""
+    family = [*plan.images, *plan.delete_files, *plan.kept_files]
+    title = f"removing '{plan.name}'"
+    with bases.family_lock(hv, family):
+        if plan.delete_files:
+            shared = bases.ask_others(
+                hv, plan.delete_files, bases.other_hosts(hv, others), domain=plan.name
+            )
+            what = f"'{plan.name}' cannot be removed with its files"
+            bases.refuse_other_users(what, shared, force=plan.force)
+            if shared.unasked:  # the audit log says what --force let through
+                unasked = ", ".join(f"{uri} ({why})" for uri, why in shared.unasked)
+                title += f" (--force, not asked: {unasked})"
+        return _execute_remove(hv, plan, progress, backup_dir=backup_dir, title=title)
+
+
+def _execute_remove(
+    hv: Hypervisor, plan: RemovePlan, progress: Progress, *, backup_dir: Path | None, title: str
+) -> list[str]:
     files = files_for(hv, "rm --storage") if plan.delete_files else None
     paths = list(dict.fromkeys(plan.images + plan.delete_files))
     if paths and (plan.storage or plan.is_template):
@@ -247,7 +281,7 @@ def execute_remove(
                 f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))}"
                 " now depend on its image(s)"
             )
-    with ops.running(hv, f"removing '{plan.name}'", domains=[plan.name]) as undo:
+    with ops.running(hv, title, domains=[plan.name]) as undo:
         if plan.defined:
             progress(f"undefining '{plan.name}'", None)
             try:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import libvirt
 
-from tui.core import domxml, ops, procs, sealing
+from tui.core import bases, domxml, ops, procs, sealing
 from tui.core.catalog import (  # noqa: F401  (re-exported: templates is the face)
     BackupTemplate,
     BaseImage,
@@ -307,11 +307,6 @@ def plan_template(
     new_name = validate_name(name or f"template-{vm}")
     if new_name != vm and hv.exists(new_name):
         raise InvalidInputError(f"a domain named '{new_name}' already exists; choose --name")
-    if new_name != vm and _snapshot_count(hv, vm):
-        raise StateError(
-            f"'{vm}' has snapshots and libvirt cannot rename such a domain; delete them "
-            f"first, or keep its name with --name {vm}"
-        )
     if info.state.active and info.state != DomainState.RUNNING and not force:
         raise StateError(
             f"'{vm}' is {info.state.value}: it cannot shut down gracefully; "
@@ -333,6 +328,7 @@ def plan_template(
         images.append((disk.path, disk.format))
     if not images:
         raise InvalidInputError(f"'{vm}' has no disk image to make a template from")
+    bases.refuse_shared_template(hv, vm, [p for p, _ in images])
     directory = Path(backup_dir) if backup_dir is not None else template_backup_dir()
     backup_path = directory / f"{new_name}.xml"
     if backup_path.exists():
@@ -377,13 +373,6 @@ def plan_template(
         additions=sealing.additions(ops, windows=windows) if seal else (),
         windows=windows,
     )
-
-
-def _snapshot_count(hv: Hypervisor, vm: str) -> int:
-    try:
-        return int(hv.call(hv.lookup(vm).snapshotNum, 0))
-    except OperationError:
-        return 0  # a driver without snapshots has none to block the rename
 
 
 def _shut_down(hv: Hypervisor, plan: TemplatePlan, progress: Progress) -> None:
@@ -447,7 +436,11 @@ def execute_template(
         raise InvalidInputError(f"{plan.backup_path} already exists; choose another --name")
     modes = {path: files.mode(path) for path, _ in plan.images}  # refuses non-files up front
     secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    lock = contextlib.ExitStack()
     try:
+        lock.enter_context(bases.family_lock(hv, [path for path, _ in plan.images]))
+        # Under the lock: a clone or a snapshot made since the plan counts.
+        bases.refuse_shared_template(hv, plan.vm, [path for path, _ in plan.images])
         title = f"making '{plan.vm}' a template"
         dirs = {os.path.dirname(path) for path, _ in plan.images}
         dirs.add(os.path.dirname(plan.backup_path))
@@ -511,6 +504,7 @@ def execute_template(
                 hv.undefine(dom, keep_nvram=True, what=f"undefining '{plan.name}'")
             undo.commit()
     finally:
+        lock.close()
         hv.invalidate(plan.uuid)
     done(f"'{plan.name}' is a template", 1.0)
     return get_template(hv, plan.name, Path(plan.backup_dir))

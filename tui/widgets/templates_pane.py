@@ -421,7 +421,9 @@ class TemplatesPane(Pane):
     @work(thread=True, exit_on_error=False, group="templates-op", description="remove plan")
     def _plan_remove(self, hv: Hypervisor, name: str) -> None:
         # Planned with storage so the modal can list the files; the box decides.
-        plan = clones.plan_remove(hv, name, storage=True, backup_dir=self.backup_dir)
+        plan = clones.plan_remove(
+            hv, name, storage=True, backup_dir=self.backup_dir, others=self.vapp.hypervisors
+        )
         self.post_message(Planned(replace(plan, ask=True)))
 
     def on_planned(self, message: Planned) -> None:

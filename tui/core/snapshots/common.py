@@ -69,13 +69,17 @@ def unneeded(g: StorageGraph, domain: str, before: Iterable[str], keep: Iterable
 
 
 def used_elsewhere(
-    hv: Hypervisor, domain: str, tree: SnapshotTree, paths: Iterable[str]
+    hv: Hypervisor,
+    domain: str,
+    tree: SnapshotTree,
+    paths: Iterable[str],
+    g: StorageGraph | None = None,
 ) -> list[str]:
     """Images outside the domain's own disks and snapshots that sit on `paths`, and other
     domains (or template backups) whose chains hold them. libvirt knows only the domain's own
     files when it removes an overlay or commits into an image; where others need them,
-    virtdeck does the work itself and keeps what they need."""
-    g = graph(hv)
+    virtdeck does the work itself and keeps what they need. `g`: a graph already read."""
+    g = g or graph(hv)
     wanted = {g.canonical(p) for p in paths if p}
     if not wanted:
         return []

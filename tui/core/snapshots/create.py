@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from tui.core import audit, ops
+from tui.core import audit, bases, ops
 from tui.core.errors import InvalidInputError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor, validate_text
 from tui.core.models import DomainState
@@ -77,6 +77,7 @@ def plan_create(
 ) -> CreatePlan:
     validate_snapshot_name(name)
     validate_text(description, "description")
+    bases.refuse_base_write(hv, domain, f"snapshot '{name}'", internal=not external)
     tree = snapshot_tree(hv, domain)
     if tree.find(name):
         raise InvalidInputError(
@@ -199,7 +200,17 @@ def plan_create(
 
 def create(hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress) -> SnapshotNode:
     title = f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'"
-    with audit.recorded(hv.uri, title, [plan.domain]) as entry:
+    with (
+        bases.family_lock(hv, common.own_image_paths(hv, plan.domain)),
+        audit.recorded(hv.uri, title, [plan.domain]) as entry,
+    ):
+        bases.refuse_base_write(
+            hv,
+            plan.domain,
+            f"snapshot '{plan.name}'",
+            internal=plan.kind == INTERNAL,
+            executing=True,
+        )
         node = _create(hv, plan, progress)
         entry.steps.append(f"snapshot '{plan.name}' taken")
         return node

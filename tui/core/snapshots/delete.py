@@ -16,7 +16,7 @@ from typing import Any
 
 import libvirt
 
-from tui.core import audit, domxml, ops
+from tui.core import audit, bases, domxml, ops
 from tui.core.errors import InvalidInputError, OperationError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
@@ -76,6 +76,9 @@ def plan_delete(
 ) -> DeletePlan:
     tree = snapshot_tree(hv, domain)
     node = tree.get(name)
+    bases.refuse_base_write(
+        hv, domain, f"deleting snapshot '{name}'", internal=node.kind == INTERNAL
+    )
     names = (tree.descendants(name) if children else []) + [name]
     kinds = {INTERNAL if tree.get(n).kind == INTERNAL else EXTERNAL for n in names}
     if len(kinds) > 1:
@@ -132,7 +135,17 @@ def delete(
     qemu_img: QemuImg | None = None,
 ) -> None:
     title = f"deleting snapshot(s) {', '.join(repr(n) for n in plan.names)} of '{plan.domain}'"
-    with audit.recorded(hv.uri, title, [plan.domain]) as entry:
+    with (
+        bases.family_lock(hv, common.own_image_paths(hv, plan.domain)),
+        audit.recorded(hv.uri, title, [plan.domain]) as entry,
+    ):
+        bases.refuse_base_write(
+            hv,
+            plan.domain,
+            f"deleting snapshot '{plan.snapshot}'",
+            internal=plan.kind == INTERNAL,
+            executing=True,
+        )
         _delete(hv, plan, progress, qemu_img, entry.steps)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import libvirt
 
-from tui.core import audit, ops
+from tui.core import audit, bases, ops
 from tui.core.errors import (
     InvalidInputError,
     NotFoundError,
@@ -128,6 +128,9 @@ def plan_revert(
     could (tests use it to exercise that path on any libvirt)."""
     tree = tree or snapshot_tree(hv, domain)
     node = tree.get(name)
+    bases.refuse_base_write(
+        hv, domain, f"reverting to snapshot '{name}'", internal=node.kind == INTERNAL
+    )
     state = common.state(hv, domain)
     disks = {d.target: d for d in common.disks_of(hv, domain)}
     result = "running" if node.state in ("running", "paused") else "shut off"
@@ -285,22 +288,36 @@ def revert(
 ) -> None:
     dom = hv.lookup(plan.domain)
     try:
-        if plan.method == "libvirt":
-            snap = common.lookup_snapshot(hv, dom, plan.domain, plan.snapshot)
-            title = f"reverting '{plan.domain}' to '{plan.snapshot}'"
-            progress(title, None)
-            with audit.recorded(hv.uri, title, [plan.domain]):  # (virtdeck's path: ops.running)
-                _libvirt_revert(hv, dom, plan, snap)
-        else:
-            files = files_for(
+        with bases.family_lock(hv, common.own_image_paths(hv, plan.domain)):
+            bases.refuse_base_write(
                 hv,
-                f"reverting external snapshot '{plan.snapshot}' (libvirt on this host cannot)",
-                qemu_img=qemu_img,
+                plan.domain,
+                f"reverting to '{plan.snapshot}'",
+                internal=plan.kind == INTERNAL,
+                executing=True,
             )
-            _revert_external(hv, plan, progress, files)
+            _revert(hv, dom, plan, progress, qemu_img)
     finally:
         hv.invalidate(dom.UUIDString())
     progress(f"'{plan.domain}' is back at '{plan.snapshot}'", 1.0)
+
+
+def _revert(
+    hv: Hypervisor, dom: object, plan: RevertPlan, progress: Progress, qemu_img: QemuImg | None
+) -> None:
+    if plan.method == "libvirt":
+        snap = common.lookup_snapshot(hv, dom, plan.domain, plan.snapshot)
+        title = f"reverting '{plan.domain}' to '{plan.snapshot}'"
+        progress(title, None)
+        with audit.recorded(hv.uri, title, [plan.domain]):  # (virtdeck's path: ops.running)
+            _libvirt_revert(hv, dom, plan, snap)
+    else:
+        files = files_for(
+            hv,
+            f"reverting external snapshot '{plan.snapshot}' (libvirt on this host cannot)",
+            qemu_img=qemu_img,
+        )
+        _revert_external(hv, plan, progress, files)
 
 
 _REVERT_TRIES = 3
