@@ -6,6 +6,7 @@ setup, then build_app), headless, against hosts that hang and come back.
                             wait for the host to answer again; N times
     --watch SECONDS         only watch (the soak injects the faults), then wait until every
                             host answers again
+    --until FILE            (with --watch) watch until FILE exists, at most SECONDS
 
 Prints one JSON line: per cycle how long the badge and the recovery took, and at the end which
 hosts still had a badge. A crash of the process is the caller's to see (exit status < 0).
@@ -66,7 +67,11 @@ async def probe(opts: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             back = await until("the host answering again", answering, RECOVER_DEADLINE)
             out["cycles"].append({"badge": round(badge, 2), "recovered": round(back, 2)})
         if opts.watch:
-            await pilot.pause(opts.watch)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < opts.watch:
+                if opts.until and os.path.exists(opts.until):
+                    break
+                await pilot.pause(0.5)
             with_badge = {u: b for u, b in app.host_status().items() if b}
             out["badges_at_end_of_faults"] = with_badge
             since[0] = time.monotonic()
@@ -86,5 +91,6 @@ if __name__ == "__main__":
     parser.add_argument("--settle", type=float, default=1.0)
     parser.add_argument("--stopped", type=float, default=5.0)
     parser.add_argument("--watch", type=float, default=0.0)
+    parser.add_argument("--until", default="")
     opts, rest = parser.parse_known_args()
     print(json.dumps(asyncio.run(probe(opts, rest))), flush=True)

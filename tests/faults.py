@@ -1,6 +1,6 @@
 """Hosts that a test may hang, kill and restart: private QEMU session daemons behind sshd.
 
-`QemuHost` is the session libvirtd of a user of its own (`vdfault1`..`vdfault3`, created when
+`QemuHost` is the session libvirtd of a user of its own (`vdfault1`..`vdfault4`, created when
 missing, like the rigs' `vdtest`), serving `qemu:///session` with a dir pool, reached as
 `qemu+ssh://vdfaultN@127.0.0.1:PORT/session` through the ssh rig: a remote host in every way
 virtdeck can tell (storage through pools and `createXMLFrom`, keepalive over the ssh transport),
@@ -31,6 +31,8 @@ from tui.core import domxml
 from tui.core.models import VirtdeckMeta
 
 POOL = "vdt-fault-pool"
+
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # the rig's own calls: no stderr
 TEMPLATE = VirtdeckMeta(role="template", sealed=True, created="2026-01-01T00:00:00+00:00")
 
 
@@ -195,6 +197,36 @@ class QemuHost:
         finally:
             conn.close()
         return str(path)
+
+    def plain(self, name: str) -> str:
+        """A shut-off domain with a small qcow2 disk (internal snapshots work on it)."""
+        path = self.pool_dir / f"{name}.qcow2"
+        subprocess.run(
+            ["runuser", "-u", self.user, "--", "qemu-img", "create", "-q", "-f", "qcow2",
+             str(path), "64M"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        xml = (
+            f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+            f"<source file='{path}'/><target dev='vda' bus='virtio'/></disk>"
+            "</devices></domain>"
+        )
+        conn = self.conn()
+        try:
+            conn.storagePoolLookupByName(POOL).refresh()
+            conn.defineXML(xml)
+        finally:
+            conn.close()
+        return str(path)
+
+    def snapshots(self, name: str) -> list[str]:
+        conn = self.conn()
+        try:
+            return list(conn.lookupByName(name).snapshotListNames())
+        finally:
+            conn.close()
 
     def inventory(self) -> tuple[set[str], set[str]]:
         """(domain names, volume names in the pool), read through the local socket."""

@@ -230,7 +230,7 @@ def _is_alive(conn: Any) -> bool:
     if conn is None:
         return False
     try:
-        return bool(conn.isAlive())
+        return bool(conn.isAlive()) if hasattr(conn, "isAlive") else True
     except libvirt.libvirtError:
         return False
 
