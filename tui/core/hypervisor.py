@@ -356,9 +356,10 @@ class Hypervisor(Lifecycle, Events):
         """
         msg = libvirt_message(err)
         code = err.get_error_code()
-        if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) or (
-            code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC) and not self.alive
-        ):
+        # Keepalive closing a connection fails the call in flight with VIR_ERR_INTERNAL_ERROR
+        # ("connection closed due to keepalive timeout", libvirt 9.0): any error on a
+        # connection that is no longer alive is a lost connection.
+        if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) or not self.alive:
             self._alive = False
             return ConnectError(f"connection to {self.uri} lost: {msg}")
         text = f"{what}: {msg}" if what else msg
