@@ -94,14 +94,22 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _kill_transport(pid: int) -> bool:
-    """Kill the ssh clients the process `pid` started (its connections' transports)."""
-    killed = False
+def _transport(pid: int) -> list[int]:
+    out = []
     for child in _children(pid):
         with contextlib.suppress(OSError):
             if Path(f"/proc/{child}/comm").read_text().strip() == "ssh":
-                os.kill(child, signal.SIGKILL)
-                killed = True
+                out.append(child)
+    return out
+
+
+def _kill_transport(pid: int) -> bool:
+    """Kill the ssh clients the process `pid` started (its connections' transports)."""
+    killed = False
+    for child in _transport(pid):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+            killed = True
     return killed
 
 
@@ -118,7 +126,7 @@ class Soak:
         self.plains: dict[str, str] = {}
         for h in hosts:
             self.templates[h.uri] = faults.unique("tpl")
-            h.template(self.templates[h.uri], 256)
+            h.template(self.templates[h.uri], 512)
             self.plains[h.uri] = faults.unique("snap")
             h.plain(self.plains[h.uri])
 
@@ -176,7 +184,13 @@ class Soak:
             argv = ["ls"]
         t0 = time.monotonic()
         proc = self.cli(proc_uri, *argv)
-        time.sleep(self.rng.uniform(0.2, 1.0) if op == "ls" else self.rng.uniform(0.5, 3.0))
+        # Faults land once the command is talking to the host (its ssh transport exists), at a
+        # random moment within what the operation usually takes.
+        started = time.monotonic()
+        while proc.poll() is None and time.monotonic() - started < 15 and not _transport(proc.pid):
+            time.sleep(0.02)
+        spread = {"ls": 0.4, "snapshot": 0.8}.get(op, 2.5)
+        time.sleep(self.rng.uniform(0.0, spread))
         stopped_for = 0.0
         c.in_flight = proc.poll() is None
         if fault == "stop":
@@ -289,6 +303,7 @@ def run(
     seed: int = 19,
     log: Callable[[str], None] = print,
     ssh: rigs.SshRig | None = None,
+    budget: float | None = None,
 ) -> Report:
     """`cycles` fault cycles against `hosts` private hosts (users vdfault2.., vdfault1 is the
     fault tests' own), the dashboard watching them all."""
@@ -310,9 +325,13 @@ def run(
             text=True,
         )  # fmt: skip
         try:
+            start = time.monotonic()
             for n in range(1, cycles + 1):
                 report.cycles.append(soak.cycle(n, log))
                 if dash.poll() is not None:
+                    break
+                if budget is not None and time.monotonic() - start > budget:
+                    log(f"time budget of {budget:g} s spent after {n} cycles")
                     break
         finally:
             stop_file.touch()

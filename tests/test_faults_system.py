@@ -113,7 +113,7 @@ def test_full_clone_to_a_host_that_hangs_ends_in_one_line_within_keepalive_and_r
 
 
 def test_dashboard_shows_the_badge_and_recovers_after_sigcont(
-    fault_host: faults.QemuHost, state: dict[str, str]
+    fault_host: faults.QemuHost, big_template: str, state: dict[str, str]
 ) -> None:
     """The issue's second reproduction (segfault in listAllDomains within ~10 s of SIGCONT, 2 of
     5 cycles): the dashboard as the console script starts it, 3 hang/resume cycles with a 1 s

@@ -198,7 +198,7 @@ class Gate:
         self.retired = False
 
     def lost(self) -> ConnectError:
-        return ConnectError(f"connection to {self.uri} lost; virtdeck is reconnecting")
+        return ConnectError(f"connection to {self.uri} lost")
 
     def enter(self) -> None:
         """Take the gate for one call: ConnectError when the connection was retired or died
