@@ -252,7 +252,7 @@ class Hypervisor(Lifecycle, Events):
     def conn(self) -> Any:
         """The raw virConnect, for the other backend modules of tui.core only."""
         if not self._alive:
-            raise ConnectError(f"connection to {self.uri} lost; virtdeck is reconnecting")
+            raise ConnectError(f"connection to {self.uri} lost")
         return self._conn
 
     @property
