@@ -64,23 +64,42 @@ class QemuHost:
             "LIBVIRT_AUTOSTART": "0",
         }
 
+    def _daemons(self) -> list[int]:
+        """PIDs of this user's libvirtd processes (the user exists for these runs only)."""
+        uid = rigs.ensure_user(self.user).pw_uid
+        out = []
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                mine = proc.name.isdigit() and proc.stat().st_uid == uid
+                if mine and (proc / "comm").read_text().strip() == "libvirtd":
+                    out.append(int(proc.name))
+        return out
+
+    def _no_autostart(self) -> None:
+        # A client reconnecting over ssh while the daemon is down would have virt-ssh-helper
+        # start a session daemon of its own (it exits after 120 s idle): not in these hosts.
+        # bash sources ~/.bashrc for commands sshd runs, before Debian's interactive check.
+        rc = self.home / ".bashrc"
+        line = "export LIBVIRT_AUTOSTART=0  # virtdeck fault rig\n"
+        text = rc.read_text() if rc.exists() else ""
+        if line not in text:
+            rc.write_text(line + text)
+
     def start(self) -> None:
-        argv = ["runuser", "-u", self.user, "--", "/usr/sbin/libvirtd", "--timeout", "0"]
-        pid_file = self.root / "libvirt" / "libvirtd.pid"
-        with contextlib.suppress(OSError, ValueError):  # left by a run that was killed
-            stale = int(pid_file.read_text().strip())
-            if Path(f"/proc/{stale}").stat().st_uid == rigs.ensure_user(self.user).pw_uid:
+        self._no_autostart()
+        for stale in self._daemons():  # left by a run that was killed, or autostarted
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(stale, signal.SIGCONT)
                 os.kill(stale, signal.SIGKILL)
-                time.sleep(0.5)
-        pid_file.unlink(missing_ok=True)
+        rigs._wait("old libvirtd gone", lambda: not self._daemons(), 10)
+        argv = ["runuser", "-u", self.user, "--", "/usr/sbin/libvirtd", "--timeout", "0"]
         self.proc = subprocess.Popen(
             argv, env=self._env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         ok = ["virsh", "-c", self.local_uri, "version"]
         rigs._wait("private qemu libvirtd", lambda: _quiet(ok) == 0, 60)
-        rigs._wait("libvirtd pid file", pid_file.exists)
-        self.pid = int(pid_file.read_text().strip())
+        rigs._wait("one libvirtd", lambda: len(self._daemons()) == 1, 30)
+        self.pid = self._daemons()[0]
         self.stopped = False
         self._ensure_pool()
 
@@ -139,6 +158,9 @@ class QemuHost:
             self.pid = 0
         rigs._stop(self.proc)
         self.proc = None
+        for pid in self._daemons():  # one a client autostarted meanwhile, if any
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.stopped = False
 
     def stop(self) -> None:
