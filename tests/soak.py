@@ -6,7 +6,8 @@ Hosts are private session daemons (tests/faults.py), so only daemons this run st
 faults. Each cycle picks a host, starts one CLI operation on it (`clone --full`, `template copy`
 to another host, `snapshot create`, `ls`) in a fresh interpreter with faulthandler on, and at a
 random moment injects one fault: SIGSTOP (for 1-14 s, then SIGCONT), a kill of the ssh process
-carrying the CLI's connection, or a daemon restart (SIGKILL, start). Then it checks:
+carrying the CLI's connection (half of the time the dashboard's to that host too), or a daemon
+restart (SIGKILL, start). Then it checks:
 
 - no crash (exit status negative, "Fatal Python error") and no traceback, on stdout or stderr;
 - the command ended within its deadline (keepalive, the stop, and a margin);
@@ -66,7 +67,7 @@ class Report:
         return sum(1 for c in self.cycles if not c.problems)
 
     def summary(self) -> str:
-        by_fault = {f: sum(1 for c in self.cycles if c.fault == f) for f in FAULTS}
+        by_fault = {f: sum(1 for c in self.cycles if c.fault.startswith(f)) for f in FAULTS}
         failed = [c for c in self.cycles if c.problems]
         landed = sum(1 for c in self.cycles if c.in_flight)
         return (
@@ -103,11 +104,15 @@ def _transport(pid: int) -> list[int]:
     return out
 
 
-def _kill_transport(pid: int) -> bool:
-    """Kill the ssh clients the process `pid` started (its connections' transports)."""
+def _kill_transport(pid: int, user: str = "") -> bool:
+    """Kill the ssh clients the process `pid` started (its connections' transports; with
+    `user`, only those to that host)."""
     killed = False
     for child in _transport(pid):
         with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if user and f"{user}@127.0.0.1".encode() not in argv:
+                continue
             os.kill(child, signal.SIGKILL)
             killed = True
     return killed
@@ -122,6 +127,7 @@ class Soak:
         (self.tmp / "config" / "virtdeck").mkdir(parents=True)
         (self.tmp / "config" / "virtdeck" / "config.toml").write_text("poll_interval = 1\n")
         self.state = self.tmp / "state"
+        self.dashboard_pid = 0
         self.templates: dict[str, str] = {}
         self.plains: dict[str, str] = {}
         for h in hosts:
@@ -200,6 +206,9 @@ class Soak:
             host.wake()
         elif fault == "transport":
             c.in_flight = _kill_transport(proc.pid)
+            if self.dashboard_pid and self.rng.random() < 0.5:  # the dashboard's too, at times
+                c.fault = "transport+dashboard"
+                _kill_transport(self.dashboard_pid, host.user)
         else:
             host.restart()
         try:
@@ -324,6 +333,7 @@ def run(
             cwd=REPO, env=soak.env(dash_state), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip
+        soak.dashboard_pid = dash.pid
         try:
             start = time.monotonic()
             for n in range(1, cycles + 1):
