@@ -257,8 +257,9 @@ class Hypervisor(Lifecycle, Events):
 
     @property
     def alive(self) -> bool:
-        if not self._alive:
-            return False
+        gate = self._gate
+        if not self._alive or gate is None or gate.retired:
+            return False  # (a retired connection may be being closed: not even isAlive on it)
         try:
             return bool(self._conn.isAlive())
         except libvirt.libvirtError:
