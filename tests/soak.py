@@ -7,7 +7,9 @@ faults. Each cycle picks a host, starts one CLI operation on it (`clone --full`,
 to another host, `snapshot create`, `ls`) in a fresh interpreter with faulthandler on, and at a
 random moment injects one fault: SIGSTOP (for 1-14 s, then SIGCONT), a kill of the ssh process
 carrying the CLI's connection (half of the time the dashboard's to that host too), or a daemon
-restart (SIGKILL, start). Then it checks:
+restart (SIGKILL, start). The third host is reached through the latency proxy
+(tests/latency_proxy.py, 10 ms each way by default): every call to it is slow, faults or not.
+Then it checks:
 
 - no crash (exit status negative, "Fatal Python error") and no traceback, on stdout or stderr;
 - the command ended within its deadline (keepalive, the stop, and a margin);
@@ -313,6 +315,7 @@ def run(
     log: Callable[[str], None] = print,
     ssh: rigs.SshRig | None = None,
     budget: float | None = None,
+    latency_ms: float = 10.0,
 ) -> Report:
     """`cycles` fault cycles against `hosts` private hosts (users vdfault2.., vdfault1 is the
     fault tests' own), the dashboard watching them all."""
@@ -323,6 +326,12 @@ def run(
         rig_hosts = [
             stack.enter_context(faults.qemu_host(ssh, f"vdfault{i + 2}")) for i in range(hosts)
         ]
+        if latency_ms and len(rig_hosts) > 1:
+            # the last host is far away: its ssh goes through the latency proxy
+            far = rig_hosts[-1]
+            port = stack.enter_context(rigs.latency_proxy(ssh.port, latency_ms))
+            far.uri = far.uri.replace(f":{ssh.port}/", f":{port}/")
+            log(f"{far.user} reached with {latency_ms:g} ms added each way")
         soak = Soak(ssh, rig_hosts, seed)
         stop_file = soak.tmp / "stop"
         dash_state = soak.tmp / "dash-state"
