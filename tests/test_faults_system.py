@@ -116,6 +116,7 @@ def test_full_clone_to_a_host_that_hangs_ends_in_one_line_within_keepalive_and_r
     assert fault_host.inventory() == before
 
 
+@pytest.mark.timeout(120 + 60 * RUNS)
 def test_dashboard_shows_the_badge_and_recovers_after_sigcont(
     fault_host: faults.QemuHost, big_template: str, state: dict[str, str]
 ) -> None:
@@ -183,6 +184,7 @@ def test_keepalive_ends_a_call_to_a_hung_host_in_the_promised_time(
         hv.close()
 
 
+@pytest.mark.timeout(900)
 def test_fault_soak_short(ssh_rig: rigs.SshRig) -> None:
     """A few cycles of the soak (benchmarks/soak_faults.py runs it at length): CLI operations on
     three hosts with faults landing at random moments, the dashboard watching; no crash, no hang,
