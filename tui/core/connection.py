@@ -177,7 +177,7 @@ _LOCAL = frozenset({"UUIDString", "UUID", "name", "connect", "c_pointer", "isAli
 class Gate:
     """One libvirt connection and the right to call through it: one call in flight at a time.
 
-    libvirt (9.0, checked again on 11.x) fails only the thread that runs the client's I/O loop
+    libvirt (9.0; not checked on other releases) fails only the thread running the client's I/O loop
     when keepalive closes a connection; a second thread in a call on the same connection stays
     blocked (no close callback either) until the daemon answers again, and then crashes the
     process (SIGSEGV, reproduced with two `getHostname` calls on a SIGSTOPped daemon). So every
