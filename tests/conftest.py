@@ -15,6 +15,7 @@ import collections
 import functools
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -384,6 +385,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         counts = ", ".join(f"{n} {o}" for o, n in sorted(_tier_tests.get(tier, {}).items()))
         tr.write_line(f"{tier:16} {_tier_time[tier]:7.1f} s  ({counts or 'no tests'})")
     for line in _audit.get("lines", []):
+        tr.write_line(line)
+    soak = sys.modules.get("tests.soak")
+    for line in getattr(soak, "SUMMARY", []):
         tr.write_line(line)
     for daemon in system_daemons() if _seen else ():
         if daemon.id not in _seen:

@@ -76,13 +76,38 @@ def test_events_reach_the_dashboard_started_like_the_console_script(
     assert result["elapsed"] is not None and result["elapsed"] <= 0.5, result
 
 
-def test_keepalive_is_on_for_connections_virtdeck_opens(host_lab: SystemLab) -> None:
-    # Registered before open (the conftest fixture, as tui.cli.setup does): keepalive is taken.
-    from tui.core.hypervisor import Hypervisor
+def test_keepalive_is_on_for_connections_virtdeck_opens(hung_daemon: rigs.PrivateDaemon) -> None:
+    """Measured, not asked: a call on a connection virtdeck opened to a daemon that then hangs
+    ends with "lost" within keepalive's ~9 s (without virtdeck's setKeepAlive it would wait for
+    the daemon forever, and this test fails at its deadline)."""
+    import threading
 
-    hv = Hypervisor.open("qemu:///system")
+    from tui.core.errors import ConnectError
+    from tui.core.hypervisor import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL, Hypervisor
+
+    hv = Hypervisor.open(hung_daemon.uri)
+    promised = KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT + 1)
+    outcome: list[tuple[str, float]] = []
+
+    def call() -> None:
+        t0 = time.monotonic()
+        try:
+            hv.domains()
+            outcome.append(("answered", time.monotonic() - t0))
+        except ConnectError as err:
+            outcome.append((str(err), time.monotonic() - t0))
+
+    hung_daemon.hang()
     try:
-        assert hv.conn.setKeepAlive(3, 2) == 0
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        t.join(promised + 4)
+    finally:
+        hung_daemon.wake()
+    try:
+        assert outcome, f"no error within {promised + 4} s: keepalive is off"
+        why, took = outcome[0]
+        assert "lost" in why and took <= promised + 4, (why, took)
     finally:
         hv.close()
 

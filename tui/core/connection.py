@@ -166,6 +166,137 @@ def libvirt_message(err: libvirt.libvirtError) -> str:
     return " ".join(msg.split())
 
 
+# -- one call in flight per connection --------------------------------------------------------
+
+# Methods that read what the client already holds (no round trip to the daemon): they never
+# wait for the gate, so an event callback or a name in an error message cannot stall behind a
+# call to a hung host.
+_LOCAL = frozenset({"UUIDString", "UUID", "name", "connect", "c_pointer", "isAlive", "key"})
+
+
+class Gate:
+    """One libvirt connection and the right to call through it: one call in flight at a time.
+
+    libvirt (9.0; not checked on other releases) fails only the thread running the client's I/O loop
+    when keepalive closes a connection; a second thread in a call on the same connection stays
+    blocked (no close callback either) until the daemon answers again, and then crashes the
+    process (SIGSEGV, reproduced with two `getHostname` calls on a SIGSTOPped daemon). So every
+    call through a connection holds its gate: with one call in flight keepalive ends it after
+    about 9 s, and the calls queued behind it find the connection closed and fail at once.
+
+    A gate is one generation of a hypervisor's connection: `retire()` (a reconnect replacing
+    it, or close) marks it closed at once, so objects obtained through it (domains, pools,
+    volumes, streams, all wrapped by `Guarded`) raise ConnectError instead of reaching a
+    closed connection, and the connection itself is closed once the call in flight returns.
+    """
+
+    def __init__(self, uri: str, conn: Any, generation: int) -> None:
+        self.uri = uri
+        self.raw = conn
+        self.generation = generation
+        self.lock = threading.RLock()
+        self.retired = False
+
+    def lost(self) -> ConnectError:
+        return ConnectError(f"connection to {self.uri} lost")
+
+    def enter(self) -> None:
+        """Take the gate for one call: ConnectError when the connection was retired or died
+        while this thread waited for the call ahead of it."""
+        self.lock.acquire()
+        if self.retired or not _is_alive(self.raw):
+            self.lock.release()
+            raise self.lost()
+
+    def retire(self, timeout: float = 1.0) -> None:
+        """No new call through this connection; it is closed (deregistered first by the
+        caller if needed) as soon as the call in flight returns, waited on for `timeout` s,
+        in a daemon thread after that (a call to a hung host returns when keepalive ends it)."""
+        self.retired = True
+        conn, self.raw = self.raw, None
+        if conn is None:
+            return
+
+        def run() -> None:
+            with self.lock, contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+        t = threading.Thread(target=run, name=f"libvirt-close {self.uri}", daemon=True)
+        t.start()
+        t.join(timeout)
+
+
+def _is_alive(conn: Any) -> bool:
+    if conn is None:
+        return False
+    try:
+        return bool(conn.isAlive()) if hasattr(conn, "isAlive") else True
+    except libvirt.libvirtError:
+        return False
+
+
+class Guarded:
+    """A libvirt object (connection, domain, pool, volume, stream) seen through its gate:
+    each method call holds the gate, and what it returns is guarded too."""
+
+    __slots__ = ("_obj", "_gate")
+
+    def __init__(self, obj: Any, gate: Gate) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_gate", gate)
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self._obj, attr)
+        if not callable(value) or attr.startswith("_"):
+            return value
+        gate = self._gate
+        if attr in _LOCAL:
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            gate.enter()
+            try:
+                out = value(*[_unwrap(a) for a in args], **kwargs)
+            finally:
+                gate.lock.release()
+            return _wrap(out, gate)
+
+        return call
+
+    def __eq__(self, other: object) -> bool:
+        return bool(self._obj == _unwrap(other))
+
+    def __hash__(self) -> int:
+        return hash(self._obj)
+
+    def __repr__(self) -> str:
+        return f"Guarded({self._obj!r})"
+
+
+_WRAPPED = (
+    libvirt.virConnect, libvirt.virDomain, libvirt.virStoragePool, libvirt.virStorageVol,
+    libvirt.virStream, libvirt.virDomainSnapshot, libvirt.virNetwork,
+)  # fmt: skip
+
+
+def _wrap(value: Any, gate: Gate) -> Any:
+    if isinstance(value, _WRAPPED):
+        return Guarded(value, gate)
+    if isinstance(value, list):
+        return [_wrap(v, gate) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_wrap(v, gate) for v in value)
+    return value
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, Guarded):
+        return value._obj
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
 def _keepalive(conn: Any) -> None:
     # Remote drivers notice a dead or hung daemon only through keepalive: libvirt then closes the
     # connection and fails the calls waiting on it. Needs the event loop registered before

@@ -15,6 +15,7 @@ from typing import Any
 
 import libvirt
 
+from tui.core.errors import VirtdeckError
 from tui.core.models import DomainEvent, EventKind
 
 EventCallback = Callable[[DomainEvent], None]
@@ -108,9 +109,10 @@ class Events:
             conn.registerCloseCallback(closed, None)
 
     def _deregister(self) -> None:
+        # A lost connection (ConnectError from its gate) has no registrations left to undo.
         for cid in self._callback_ids:
-            with contextlib.suppress(libvirt.libvirtError):
+            with contextlib.suppress(libvirt.libvirtError, VirtdeckError):
                 self._conn.domainEventDeregisterAny(cid)
         self._callback_ids = []
-        with contextlib.suppress(libvirt.libvirtError):
+        with contextlib.suppress(libvirt.libvirtError, VirtdeckError):
             self._conn.unregisterCloseCallback()

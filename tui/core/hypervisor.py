@@ -6,6 +6,40 @@ tui.core.models or a VirtdeckError subclass with a message an operator can act o
 Inventory cost: one `listAllDomains` and one bulk `getAllDomainStats` per refresh, whatever the
 number of domains. Domain XML (disks, interfaces, metadata) is read once per domain and cached
 until an event (or a virtdeck operation) says the domain changed.
+
+Connections and threads. A `Hypervisor` owns one connection at a time (a `Gate`, one
+generation: `generation` counts them); nothing else opens, replaces or closes it.
+
+- One call in flight per connection. Every libvirt call made through `hv.conn` or an object
+  obtained from it (domains, pools, volumes, snapshots, streams: `Guarded` proxies) holds the
+  connection's gate for the call. libvirt's client fails only the thread running its I/O loop
+  when keepalive closes a connection; a second thread in a call stays blocked and crashes the
+  process when the daemon answers again (the segfaults of issue 19). With one call at a time,
+  keepalive ends a call to a hung host after about 9 s, and the calls queued behind it fail at
+  once with ConnectError.
+- Replacing or closing a connection (`_adopt` on reconnect, `close`) retires its gate: no new
+  call through it, objects from it raise ConnectError "connection ... lost" instead of reaching
+  it, and it is closed (in a daemon thread) once the call in flight returns.
+- Long calls get a connection of their own: `dedicated()` opens one (with keepalive) for
+  `createXMLFrom`, held for the whole copy and closed after it, so the copy's progress poll and
+  the dashboard keep the shared connection. Stream transfers (tui.core.transfer) go call by call
+  through the gate, so a poll or a refresh fits between two chunks.
+
+The threads that exist, and what each may touch:
+
+- UI thread (Textual): no libvirt call at all; it reads frozen dataclasses from messages.
+- one worker per host (tui.app `_load_host`): connects, reconnects (`ensure_connected`),
+  subscribes, refreshes; the only thread that replaces a dashboard host's connection.
+- operation workers (TUI) and the CLI's operation thread (tui.core.cancel): calls through
+  `hv.conn` and `hv.call`; never replace or close the connection.
+- progress polls (storage.remote `copy`) and the copy threads they wait for: calls through
+  the shared and the dedicated connection respectively.
+- libvirt-events (`start_event_loop`): runs libvirt's event loop, keepalive and the event
+  callbacks. Callbacks only read what the client holds (`name()`, `UUIDString()`), mark the
+  host lost and hand a DomainEvent to listeners; they never call the daemon, never close.
+- libvirt-open / libvirt-close / libvirt-deregister: short daemon threads that bound a connect,
+  a close or a deregistration to a hung host (abandoned after their deadline, never joined).
+- fleet threads (tui.core.fleet `on_each`): one call per host with a deadline.
 """
 
 from __future__ import annotations
@@ -27,8 +61,9 @@ from tui.core.connection import (  # noqa: F401  (re-exported: the backend's pub
     DEFAULT_URI,
     KEEPALIVE_COUNT,
     KEEPALIVE_INTERVAL,
+    Gate,
+    Guarded,
     _cannot_connect,
-    _close_bounded,
     _keepalive,
     _PendingOpen,
     default_uris,
@@ -94,7 +129,12 @@ class Hypervisor(Lifecycle, Events):
     def __init__(self, uri: str, conn: Any, *, demo: bool = False) -> None:
         self.uri = uri
         self.demo = demo
-        self._conn = conn
+        self._generation = 0
+        self._gate: Gate | None = None
+        self._conn: Any = None
+        if conn is not None:
+            self._gate = Gate(uri, conn, 0)
+            self._conn = Guarded(conn, self._gate)
         self._xml_cache: dict[str, _XmlFacts] = {}
         self._cpu_prev: dict[str, tuple[int, float]] = {}
         self._listeners: list[EventCallback] = []
@@ -143,13 +183,50 @@ class Hypervisor(Lifecycle, Events):
     def _adopt(self, conn: Any) -> None:
         _keepalive(conn)
         with self._lock:
-            old, self._conn = self._conn, conn
+            self._generation += 1
+            old, self._gate = self._gate, Gate(self.uri, conn, self._generation)
+            self._conn = Guarded(conn, self._gate)
             self._alive = True
             self._local = None
             self._xml_cache.clear()
             self._cpu_prev.clear()
         if old is not None:
-            _close_bounded(old, 1.0)
+            old.retire(1.0)  # closed once the call still in flight through it returns
+
+    @property
+    def generation(self) -> int:
+        """Which connection this is: counts the connects (a reconnect is a new generation;
+        objects from an older one raise ConnectError instead of reaching it)."""
+        return self._generation
+
+    def _shares_connection(self) -> bool:
+        # libvirt's test driver without a daemon: a second open of a test:///file URI would be
+        # a separate, empty hypervisor, and a call there never hangs.
+        return self.uri.startswith("test:")
+
+    @contextlib.contextmanager
+    def dedicated(self, timeout: float | None = None) -> Iterator[Any]:
+        """A connection of its own (with keepalive) for one long call (`createXMLFrom`, a
+        migration), closed afterwards: the call holds that connection's gate for its whole
+        duration while progress polls and the dashboard keep using the shared one."""
+        if self._shares_connection():
+            yield self.conn
+            return
+        wait = self.timeout if timeout is None else timeout
+        pending = _PendingOpen(self.uri)
+        if not pending.wait(wait):
+            pending.abandon()
+            raise no_answer(self.uri, wait)
+        if pending.error is not None or pending.conn is None:
+            if pending.error is None:  # pragma: no cover - old bindings returned None
+                raise ConnectError(f"cannot connect to {self.uri}")
+            raise _cannot_connect(self.uri, pending.error)
+        _keepalive(pending.conn)
+        gate = Gate(self.uri, pending.conn, self._generation)
+        try:
+            yield Guarded(pending.conn, gate)
+        finally:
+            gate.retire(1.0)
 
     @property
     def local(self) -> bool:
@@ -167,7 +244,7 @@ class Hypervisor(Lifecycle, Events):
 
                 try:
                     same = self._conn.getHostname() == socket.gethostname()
-                except libvirt.libvirtError:
+                except (libvirt.libvirtError, ConnectError):
                     same = False
             self._local = same
         return self._local
@@ -176,13 +253,14 @@ class Hypervisor(Lifecycle, Events):
     def conn(self) -> Any:
         """The raw virConnect, for the other backend modules of tui.core only."""
         if not self._alive:
-            raise ConnectError(f"connection to {self.uri} lost; virtdeck is reconnecting")
+            raise ConnectError(f"connection to {self.uri} lost")
         return self._conn
 
     @property
     def alive(self) -> bool:
-        if not self._alive:
-            return False
+        gate = self._gate
+        if not self._alive or gate is None or gate.retired:
+            return False  # (a retired connection may be being closed: not even isAlive on it)
         try:
             return bool(self._conn.isAlive())
         except libvirt.libvirtError:
@@ -193,18 +271,19 @@ class Hypervisor(Lifecycle, Events):
         if self._pending is not None:
             self._pending.abandon()
             self._pending = None
-        if self._conn is None:
+        gate = self._gate
+        if gate is None:
             return
-        conn = self._conn
+        start = time.monotonic()
 
         def run() -> None:
-            self._deregister()
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+            with contextlib.suppress(ConnectError):
+                self._deregister()
 
-        t = threading.Thread(target=run, name=f"libvirt-close {self.uri}", daemon=True)
+        t = threading.Thread(target=run, name=f"libvirt-deregister {self.uri}", daemon=True)
         t.start()
         t.join(timeout)
+        gate.retire(max(0.1, timeout - (time.monotonic() - start)))
 
     def reconnect(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> bool:
         """Open the URI again after the daemon went away; True once it answers (within
@@ -279,9 +358,10 @@ class Hypervisor(Lifecycle, Events):
         """
         msg = libvirt_message(err)
         code = err.get_error_code()
-        if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) or (
-            code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC) and not self.alive
-        ):
+        # Keepalive closing a connection fails the call in flight with VIR_ERR_INTERNAL_ERROR
+        # ("connection closed due to keepalive timeout", libvirt 9.0): any error on a
+        # connection that is no longer alive is a lost connection.
+        if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) or not self.alive:
             self._alive = False
             return ConnectError(f"connection to {self.uri} lost: {msg}")
         text = f"{what}: {msg}" if what else msg

@@ -441,29 +441,36 @@ class RemoteFiles:
             f"<target><format type='{_esc(dst_fmt)}'/></target></volume>"
         )
         result: list[BaseException | None] = [None]
+        # The copy runs on a connection of its own (its gate held for the whole copy), the
+        # progress poll on the shared one: one call in flight per connection, so keepalive
+        # ends both within its deadline when the host hangs (see tui.core.hypervisor).
+        with self.hv.dedicated() as own:
+            what = f"copying {src} to {dst}"
+            own_pool = self.hv.call(own.storagePoolLookupByName, p.pool.name(), what=what)
+            own_src = self.hv.call(own.storageVolLookupByKey, src_vol.key(), what=what)
 
-        def work() -> None:
-            try:
-                self.hv.call(p.pool.createXMLFrom, xml, src_vol, 0, what=f"copying {src} to {dst}")
-            except BaseException as err:  # handed to the waiting thread
-                result[0] = err
+            def work() -> None:
+                try:
+                    self.hv.call(own_pool.createXMLFrom, xml, own_src, 0, what=what)
+                except BaseException as err:  # handed to the waiting thread
+                    result[0] = err
 
-        thread = threading.Thread(target=work, name=f"copy {name}", daemon=True)
-        thread.start()
-        expected = max(int(allocation), 1)
-        interrupted: BaseException | None = None
-        while thread.is_alive():
-            thread.join(_POLL_INTERVAL)
-            if interrupted is not None:
-                continue
-            try:
-                done = 0
-                with contextlib.suppress(VirtdeckError):
-                    vol = self.hv.call(p.pool.storageVolLookupByName, name)
-                    done = int(self.hv.call(vol.info)[2])
-                progress(label, min(done / expected, 0.99))
-            except BaseException as err:  # an interrupt: let libvirt finish, then unwind
-                interrupted = err
+            thread = threading.Thread(target=work, name=f"copy {name}", daemon=True)
+            thread.start()
+            expected = max(int(allocation), 1)
+            interrupted: BaseException | None = None
+            while thread.is_alive():
+                thread.join(_POLL_INTERVAL)
+                if interrupted is not None or not thread.is_alive():
+                    continue
+                try:
+                    done = 0
+                    with contextlib.suppress(VirtdeckError):
+                        vol = self.hv.call(p.pool.storageVolLookupByName, name)
+                        done = int(self.hv.call(vol.info)[2])
+                    progress(label, min(done / expected, 0.99))
+                except BaseException as err:  # an interrupt: let libvirt finish, then unwind
+                    interrupted = err
         if interrupted is not None:
             raise interrupted
         if result[0] is not None:
