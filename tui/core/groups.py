@@ -35,6 +35,7 @@ from typing import Any
 
 from tui.core import ops
 from tui.core.errors import (
+    ConnectError,
     InvalidInputError,
     NotFoundError,
     OperationError,
@@ -396,9 +397,12 @@ class GroupPlan(ops.PlanDefaults):
                         name=m.name,
                     )
                     try:
-                        node = snapshots.create(hv, m, progress)
+                        node = snapshots.create(hv, m, progress, journal=False)
                     except VirtdeckError as err:
-                        undo.pop()  # ATOMIC: libvirt took nothing; never delete another's
+                        if not isinstance(err, ConnectError):
+                            # ATOMIC: libvirt took nothing; never delete another's. A lost
+                            # connection keeps the step: the daemon may still take it.
+                            undo.pop()
                         failure = (m.domain, str(err))
                         raise
                     undo.identify({"created": node.created.isoformat()})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import libvirt
 
 from tui.core import audit, bases, ops
-from tui.core.errors import InvalidInputError, StateError, VirtdeckError
+from tui.core.errors import ConnectError, InvalidInputError, StateError, VirtdeckError
 from tui.core.hypervisor import Hypervisor, validate_text
 from tui.core.models import DomainState
 from tui.core.progress import Progress, no_progress
@@ -198,12 +198,15 @@ def plan_create(
     )
 
 
-def create(hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress) -> SnapshotNode:
+def create(
+    hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress, *, journal: bool = True
+) -> SnapshotNode:
+    """Take the snapshot. With `journal` (the default) it is journalled before it is asked
+    for: a connection lost while libvirt works leaves the journal (the daemon may still take
+    the snapshot when it answers again), so `virtdeck recover` finds it. A group snapshot
+    journals its members itself (journal=False)."""
     title = f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'"
-    with (
-        bases.family_lock(hv, common.own_image_paths(hv, plan.domain)),
-        audit.recorded(hv.uri, title, [plan.domain]) as entry,
-    ):
+    with bases.family_lock(hv, common.own_image_paths(hv, plan.domain)):
         bases.refuse_base_write(
             hv,
             plan.domain,
@@ -211,9 +214,27 @@ def create(hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress) -
             internal=plan.kind == INTERNAL,
             executing=True,
         )
-        node = _create(hv, plan, progress)
-        entry.steps.append(f"snapshot '{plan.name}' taken")
-        return node
+        if not journal:
+            with audit.recorded(hv.uri, title, [plan.domain]) as entry:
+                node = _create(hv, plan, progress)
+                entry.steps.append(f"snapshot '{plan.name}' taken")
+                return node
+        with ops.running(hv, title, domains=[plan.domain]) as undo:
+            undo.push(
+                f"delete snapshot '{plan.name}' of '{plan.domain}'",
+                "delete_snapshot",
+                domain=plan.domain,
+                name=plan.name,
+            )
+            try:
+                node = _create(hv, plan, progress)
+            except ConnectError:
+                raise  # the daemon may take it when it answers again: the journal keeps it
+            except VirtdeckError:
+                undo.pop()  # ATOMIC: libvirt took nothing; never delete another's
+                raise
+            undo.identify({"created": node.created.isoformat()})
+            return node
 
 
 def _create(hv: Hypervisor, plan: CreatePlan, progress: Progress) -> SnapshotNode:
