@@ -201,6 +201,28 @@ def test_broken_journals_are_listed_with_the_reason_and_do_not_stop_the_others(
         unknown.unlink()
 
 
+@pytest.mark.parametrize("pid", [1e400, 10**20, 0, -1, "7", True])
+def test_a_journal_whose_pid_is_not_a_process_id_is_broken_not_a_traceback(
+    test_uri: str,
+    test_hv: Hypervisor,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pid: object,
+) -> None:
+    """pid 1e400 (JSON reads it as infinity) or 10**20 made `recover` die with a traceback;
+    0 or -1 made os.kill(pid, 0) ask a process group, so the journal looked alive forever."""
+    good, _disk = stale_journal(test_hv, tmp_path)
+    data = json.loads(good.read_text())
+    data["pid"] = pid
+    good.write_text(json.dumps(data))
+    assert main(["-c", test_uri, "recover", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [i["broken"] for i in listed if "broken" in i] == [
+        f"malformed: pid {pid!r} is not a process id".replace("1e+400", "inf")
+    ]
+    good.unlink()
+
+
 def test_a_stale_journal_deletes_nothing_made_later_under_the_same_names(
     test_hv: Hypervisor, tmp_path: Path
 ) -> None:
