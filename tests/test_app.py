@@ -205,3 +205,15 @@ async def test_the_footer_shows_the_active_tab_keys_at_140_columns(test_hv: Hype
             assert "h" not in shown
             cut = {k for k in keys | {"s", "d", "f", "r", "p"} if shown[k].right > palette.x}
             assert keys <= set(shown) and not cut, (tab, cut)
+
+
+async def test_n_on_a_template_says_why_before_any_form(test_hv: Hypervisor) -> None:
+    """The form was filled in first, and only its answer refused (the planner refuses)."""
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await _select(app, pilot, "template-web")
+        await pilot.press("n")
+        await _settle(app, pilot)
+        assert type(app.screen).__name__ == "MainScreen"
+        assert any("'template-web' is a template" in n.message for n in app._notifications)
