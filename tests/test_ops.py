@@ -89,6 +89,25 @@ def test_recover_lists_and_rolls_back(test_uri: str, test_hv: Hypervisor, tmp_pa
     assert capsys.readouterr().out.startswith("nothing to recover")
 
 
+def test_recover_lists_while_the_host_is_down(
+    test_hv: Hypervisor, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Listing reads only the journals: it said "cannot connect" (exit 1) when the default
+    host did not answer, when what a crash left is wanted most; --yes still needs the host."""
+    path, disk = stale_journal(test_hv, tmp_path)
+    down = f"qemu+unix:///system?socket={tmp_path}/no-such-socket"
+    assert main(["-c", down, "recover"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("half-done: deploying") and err == ""
+    assert main(["-c", down, "recover", "--json"]) == 0
+    assert [i["undo"] for i in json.loads(capsys.readouterr().out)] == [
+        [f"remove {disk}", "undefine 'half'"]
+    ]
+    assert main(["-c", down, "recover", "--yes"]) == 1
+    assert "cannot connect" in capsys.readouterr().err and path.exists()
+    assert ops.recover(test_hv, ops.pending()[0]) == []
+
+
 async def test_dashboard_offers_to_roll_back(test_hv: Hypervisor, tmp_path: Path) -> None:
     path, disk = stale_journal(test_hv, tmp_path)
     app = VirtdeckApp([test_hv])
