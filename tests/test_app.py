@@ -186,3 +186,34 @@ async def test_cells_that_grow_widen_their_column(tmp_path: Path) -> None:
         await _settle(app, pilot)
         assert state.content_width >= len("shut off")
     hv.close()
+
+
+async def test_the_footer_shows_the_active_tab_keys_at_140_columns(test_hv: Hypervisor) -> None:
+    """README: the footer shows the lifecycle keys and those of the active tab. At 140
+    columns the tab's keys came after the mark/filter/sort/hosts/quit keys and were cut off;
+    `h` took room while it had nothing to fold (one host)."""
+    from textual.widgets._footer import FooterKey
+
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        for tab, keys in (("1", {"n", "v", "R", "D"}), ("2", {"T", "c", "x", "y"}), ("3", {"u"})):
+            await pilot.press(tab)
+            await pilot.pause()
+            shown = {k.key: k.region for k in app.screen.query(FooterKey)}
+            palette = shown.pop("ctrl+p")
+            assert "h" not in shown
+            cut = {k for k in keys | {"s", "d", "f", "r", "p"} if shown[k].right > palette.x}
+            assert keys <= set(shown) and not cut, (tab, cut)
+
+
+async def test_n_on_a_template_says_why_before_any_form(test_hv: Hypervisor) -> None:
+    """The form was filled in first, and only its answer refused (the planner refuses)."""
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await _select(app, pilot, "template-web")
+        await pilot.press("n")
+        await _settle(app, pilot)
+        assert type(app.screen).__name__ == "MainScreen"
+        assert any("'template-web' is a template" in n.message for n in app._notifications)

@@ -266,6 +266,21 @@ def test_recent_reads_back_across_rotated_files(monkeypatch: pytest.MonkeyPatch)
     assert audit.recent("nope") == []
 
 
+def test_a_huge_line_or_file_is_read_in_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sparse 2 GB audit.log (no newline) grew `virtdeck log` past 2 GB (MemoryError under a
+    limit); the details view read every file whole. Now a line longer than MAX_LINE is one
+    skipped line, read in pieces, and `recent` reads the last MAX_TAIL bytes of each file."""
+    monkeypatch.setattr(audit, "MAX_LINE", 1000)
+    monkeypatch.setattr(audit, "MAX_TAIL", 4000)
+    audit.write(audit.make_record("test:///1", "op before", ["web"], [], "ok"))
+    with open(audit.log_path(), "a") as fh:
+        fh.write("\0" * 10_000 + "\n" + "x" * 1000 + "\n" + "y" * 999 + "\n")
+    audit.write(audit.make_record("test:///1", "op after", ["web"], [], "ok"))
+    found, bad = audit.read()
+    assert [r.operation for r in found] == ["op before", "op after"] and bad == 3
+    assert [r.operation for r in audit.recent("web")] == ["op after"]  # "op before": 12 kB back
+
+
 async def test_details_screen_shows_the_domain_s_recent_operations(tmp_path: Path) -> None:
     from tests.test_details import SPECS, _open, _screen_text
     from tui.app import VirtdeckApp

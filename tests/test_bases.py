@@ -89,6 +89,17 @@ def test_a_lock_directory_others_can_write_is_refused(test_hv: Hypervisor, lock_
         pass
 
 
+def test_a_rollback_of_a_template_without_snapshots_does_not_advise_taking_one(
+    test_hv: Hypervisor,
+) -> None:
+    """It said "take one with 'virtdeck snapshot create template-web NAME'", which is refused."""
+    from tui.core import snapshots
+    from tui.core.errors import DependencyError
+
+    with pytest.raises(DependencyError, match="a rollback of 'template-web' refused: it is a"):
+        snapshots.plan_rollback(test_hv, "template-web")
+
+
 def test_snapshots_of_a_template_are_refused_by_the_planners(test_hv: Hypervisor) -> None:
     """The core refuses, not only the CLI: every snapshot planner, for a template."""
     from tui.core import snapshots

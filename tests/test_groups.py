@@ -440,3 +440,14 @@ def test_cli_group_across_two_hosts(tmp_path: Path, capsys: pytest.CaptureFixtur
     # db-1 is on both: the name alone is refused, with the way out
     assert cli.main(["-c", a, "-c", b, "start", "db-1", "web-1"]) == 1
     assert "'db-1' exists on" in capsys.readouterr().err
+
+
+def test_a_group_refusal_says_nothing_was_changed_once(test_hv: Hypervisor) -> None:
+    """A template's refusal already says "nothing was changed"; the group added it again."""
+    from tui.core.errors import DependencyError
+
+    members = [groups.Member(test_hv.uri, n) for n in ("alpha", "template-web")]
+    with pytest.raises(DependencyError) as err:
+        groups.plan_group(resolver(test_hv), "snapshot", members, snapshot="s1")
+    assert "it is a template" in str(err.value)
+    assert str(err.value).count("nothing was changed") == 1, str(err.value)

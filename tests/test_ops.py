@@ -89,6 +89,25 @@ def test_recover_lists_and_rolls_back(test_uri: str, test_hv: Hypervisor, tmp_pa
     assert capsys.readouterr().out.startswith("nothing to recover")
 
 
+def test_recover_lists_while_the_host_is_down(
+    test_hv: Hypervisor, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Listing reads only the journals: it said "cannot connect" (exit 1) when the default
+    host did not answer, when what a crash left is wanted most; --yes still needs the host."""
+    path, disk = stale_journal(test_hv, tmp_path)
+    down = f"qemu+unix:///system?socket={tmp_path}/no-such-socket"
+    assert main(["-c", down, "recover"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("half-done: deploying") and err == ""
+    assert main(["-c", down, "recover", "--json"]) == 0
+    assert [i["undo"] for i in json.loads(capsys.readouterr().out)] == [
+        [f"remove {disk}", "undefine 'half'"]
+    ]
+    assert main(["-c", down, "recover", "--yes"]) == 1
+    assert "cannot connect" in capsys.readouterr().err and path.exists()
+    assert ops.recover(test_hv, ops.pending()[0]) == []
+
+
 async def test_dashboard_offers_to_roll_back(test_hv: Hypervisor, tmp_path: Path) -> None:
     path, disk = stale_journal(test_hv, tmp_path)
     app = VirtdeckApp([test_hv])
@@ -199,6 +218,28 @@ def test_broken_journals_are_listed_with_the_reason_and_do_not_stop_the_others(
         for name in bad:
             (jdir / name).unlink()
         unknown.unlink()
+
+
+@pytest.mark.parametrize("pid", [1e400, 10**20, 0, -1, "7", True])
+def test_a_journal_whose_pid_is_not_a_process_id_is_broken_not_a_traceback(
+    test_uri: str,
+    test_hv: Hypervisor,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pid: object,
+) -> None:
+    """pid 1e400 (JSON reads it as infinity) or 10**20 made `recover` die with a traceback;
+    0 or -1 made os.kill(pid, 0) ask a process group, so the journal looked alive forever."""
+    good, _disk = stale_journal(test_hv, tmp_path)
+    data = json.loads(good.read_text())
+    data["pid"] = pid
+    good.write_text(json.dumps(data))
+    assert main(["-c", test_uri, "recover", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [i["broken"] for i in listed if "broken" in i] == [
+        f"malformed: pid {pid!r} is not a process id".replace("1e+400", "inf")
+    ]
+    good.unlink()
 
 
 def test_a_stale_journal_deletes_nothing_made_later_under_the_same_names(

@@ -390,7 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command is None:
             return run_tui(args, settings)
-        if not getattr(args, "needs_hosts", True):  # `virtdeck log` reads a file, no host
+        needs_hosts = getattr(args, "needs_hosts", True)
+        if callable(needs_hosts):
+            needs_hosts = needs_hosts(args)
+        if not needs_hosts:  # `virtdeck log` reads a file, no host
             return int(args.handler(args, []))
         hypervisors = connect(args)
         from tui.core.bases import ask_too

@@ -20,7 +20,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--yes", action="store_true", help="roll them back (default: only list)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=cmd_recover)
+    # Listing reads only the journals: it works while the hosts are down (what a crash left
+    # is wanted most then); --yes opens each journal's host itself, or uses the one given.
+    p.set_defaults(handler=cmd_recover, needs_hosts=lambda a: a.yes)
 
 
 def cmd_recover(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:

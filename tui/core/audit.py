@@ -37,6 +37,8 @@ ENV = "VIRTDECK_AUDIT_LOG"
 MAX_BYTES = 1 << 20  # rotate when the log grows past this
 KEEP = 4  # rotated files kept: audit.log.1 (newest) … audit.log.4
 MAX_STEPS = 100  # a record names at most this many steps (and says how many more)
+MAX_LINE = 1 << 20  # a longer line is not a record (read in pieces, counted as skipped)
+MAX_TAIL = 8 << 20  # the details view reads at most this much of the end of each file
 
 RESULTS = ("ok", "failed", "interrupted", "undone")
 
@@ -276,7 +278,13 @@ def read(path: Path | None = None) -> tuple[list[Record], int]:
     bad = 0
     for p in files(path):
         with open(p, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
+            # Bounded: a huge (or sparse) file with no newline is not read into memory whole.
+            overlong = False
+            for line in iter(lambda: fh.readline(MAX_LINE), ""):
+                if overlong or len(line) >= MAX_LINE:
+                    bad += 0 if overlong else 1
+                    overlong = not line.endswith("\n")
+                    continue
                 if not line.strip():
                     continue
                 record = parse(line)
@@ -335,7 +343,9 @@ def recent(domain: str, host: str | None = None, limit: int = 5) -> list[Record]
     needle = json.dumps(domain, ensure_ascii=False)  # as a record holds it
     for p in reversed(files()):
         try:
-            lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+            with open(p, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - MAX_TAIL))
+                lines = fh.read(MAX_TAIL).decode("utf-8", errors="replace").splitlines()
         except OSError:
             continue
         for line in reversed(lines):

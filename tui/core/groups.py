@@ -512,7 +512,10 @@ def plan_group(
         except VirtdeckError as err:
             if len(members) == 1:
                 raise
-            raise type(err)(f"{about(m.name, str(err))} (nothing was changed)") from None
+            text = about(m.name, str(err))
+            if "nothing was changed" not in text:  # (a refusal that says it already)
+                text += " (nothing was changed)"
+            raise type(err)(text) from None
     return GroupPlan(verb, tuple(plans), snapshot=snapshot, hosts=hosts)
 
 

@@ -395,6 +395,9 @@ def _parse(path: Path, data: dict[str, Any]) -> Pending:
         raise ValueError(f"unknown journal version {data.get('schema')!r} (this virtdeck "
                          f"reads version {SCHEMA})")  # fmt: skip
     try:
+        pid = data["pid"]
+        if type(pid) is not int or not 0 < pid < 1 << 31:  # os.kill(0 or -n) asks a group
+            raise ValueError(f"malformed: pid {pid!r} is not a process id")
         dirs = tuple(_clean_dirs(str(d) for d in data["dirs"]))
         actions = []
         for a in data["undo"]:
@@ -420,7 +423,7 @@ def _parse(path: Path, data: dict[str, Any]) -> Pending:
             str(data["host"]),
             str(data["title"]),
             str(data["started"]),
-            int(data["pid"]),
+            pid,
             tuple(actions),
             tuple(str(d) for d in data.get("domains", ())),
             dirs,
@@ -428,7 +431,7 @@ def _parse(path: Path, data: dict[str, Any]) -> Pending:
         )  # fmt: skip
     except KeyError as err:
         raise ValueError(f"incomplete: no {err}") from None
-    except TypeError as err:
+    except (TypeError, OverflowError) as err:
         raise ValueError(f"malformed ({err})") from None
 
 

@@ -119,8 +119,18 @@ def _pane_bindings() -> list[BindingType]:
     return out
 
 
+def _of_domain(b: BindingType) -> bool:
+    return isinstance(b, Binding) and bool(b.id) and str(b.id).startswith("domain.")
+
+
 class MainScreen(Screen[None]):
-    BINDINGS: ClassVar[list[BindingType]] = DOMAIN_BINDINGS + _pane_bindings()
+    # The footer lists keys in this order and cuts what does not fit (at 140 columns the
+    # active tab's keys used to be cut): the domain's keys, the tab's, then the rest.
+    BINDINGS: ClassVar[list[BindingType]] = (
+        [b for b in DOMAIN_BINDINGS if _of_domain(b)]
+        + _pane_bindings()
+        + [b for b in DOMAIN_BINDINGS if not _of_domain(b)]
+    )
 
     @property
     def vapp(self) -> VirtdeckApp:
@@ -162,7 +172,10 @@ class MainScreen(Screen[None]):
         hosts one summary line (and the host lines under it while `h` shows them); `status`
         holds a badge for each host not answering, `counts` the domains per host, `read_at`
         when the figures were last read. Redrawn only when its text changed."""
+        folds = (len(self._host_rows) > FLEET_LINES, len(hosts) > FLEET_LINES)
         self._host_rows, self._host_status = hosts, status
+        if folds[0] != folds[1]:
+            self.refresh_bindings()  # `h` is in the footer only while it folds something
         read = f"read {time.strftime('%H:%M:%S', time.localtime(read_at))}" if read_at else ""
         lines = self._host_lines(hosts, status)
         if len(hosts) > FLEET_LINES:
@@ -398,6 +411,8 @@ class MainScreen(Screen[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "pane" and parameters:
             return self.query_one(TabbedContent).active == f"tab-{parameters[0]}"
+        if action == "toggle_hosts":  # up to FLEET_LINES hosts every host has its header line
+            return len(self._host_rows) > FLEET_LINES
         return True
 
     @on(TabbedContent.TabActivated)

@@ -294,6 +294,14 @@ class SnapshotsPane(Pane):
         info = self._ready()
         if info is None:
             return
+        if info.is_template:  # refused by the planner anyway: say so before the form is filled
+            self.app.notify(
+                f"'{info.name}' is a template: its images are read-only bases its clones read, "
+                "so no snapshot is taken of it (to change it, make a new template from a full "
+                "clone)",
+                severity="warning",
+            )
+            return
         tree = self.snap_tree
         external = bool(tree and tree.nodes and tree.kinds() == {"external"})
 

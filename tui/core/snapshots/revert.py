@@ -108,6 +108,8 @@ def _lost_lines(
 def plan_rollback(hv: Hypervisor, domain: str, *, qemu_img: QemuImg | None = None) -> RevertPlan:
     tree = snapshot_tree(hv, domain)
     if tree.current is None:
+        if bases.is_template(hv, domain):  # not "take one": a template's snapshot is refused
+            bases.refuse_base_write(hv, domain, "a rollback", internal=False)
         raise NotFoundError(
             f"'{domain}' has no current snapshot to roll back to: take one with "
             f"'virtdeck snapshot create {domain} NAME'"
