@@ -273,8 +273,8 @@ def test_symlinked_image_directory_is_one_place(lab: SystemLab) -> None:
     assert [t["thin_clones"] for t in listed if t["name"] == tname] == [[clone]]
     usage = json.loads(virtdeck(hv, "usage", "--json").stdout)
     # (only this lab's: another run on the same daemon may have a base.qcow2 of its own)
-    paths = [i["path"] for i in usage["images"]
-             if i["path"].startswith(f"{lab.dir}/") and i["path"].endswith("/base.qcow2")]  # fmt: skip
+    mine = [i["path"] for i in usage["images"] if i["path"].startswith(f"{lab.dir}/")]
+    paths = [p for p in mine if p.endswith("/base.qcow2")]
     assert paths == [str(real / "base.qcow2")]  # one identity, counted once
     virtdeck(hv, "rm", clone, "--storage", "--backup-dir", backups)
     virtdeck(hv, "rm", tname, "--storage", "--backup-dir", backups)
