@@ -217,3 +217,5 @@ async def test_n_on_a_template_says_why_before_any_form(test_hv: Hypervisor) -> 
         await _settle(app, pilot)
         assert type(app.screen).__name__ == "MainScreen"
         assert any("'template-web' is a template" in n.message for n in app._notifications)
+        label = str(app.screen.query_one("#snap-tree").root.label)
+        assert "a template never has any" in label and "n takes one" not in label

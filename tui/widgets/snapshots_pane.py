@@ -234,10 +234,11 @@ class SnapshotsPane(Pane):
             self._details("")
             return
         count = len(tree.nodes)
+        hint = "a template never has any" if self.selected.is_template else "n takes one"
         widget.root.set_label(
             f"{self.selected.name}: {count} snapshot{'s' if count != 1 else ''}"
             if count
-            else f"{self.selected.name}: no snapshots (n takes one)"
+            else f"{self.selected.name}: no snapshots ({hint})"
         )
         widget.root.data = None
         by_name: dict[str, TreeNode[str]] = {}
