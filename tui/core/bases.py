@@ -316,6 +316,18 @@ def is_template(hv: Hypervisor, domain: str) -> bool:
     return domxml.read_meta(domxml.parse(hv.xml(domain, inactive=True))).role == "template"
 
 
+@contextlib.contextmanager
+def snapshot_guard(hv: Hypervisor, domain: str, verb: str, *, internal: bool) -> Iterator[None]:
+    """For a snapshot operation's execution: hold the locks of the domain's image families for
+    the block, and refuse `verb` again under them if it would write a base others read (a
+    clone or a template made since the plan counts)."""
+    from tui.core.snapshots import common
+
+    with family_lock(hv, common.own_image_paths(hv, domain)):
+        refuse_base_write(hv, domain, verb, internal=internal, executing=True)
+        yield
+
+
 def refuse_base_write(
     hv: Hypervisor, domain: str, verb: str, *, internal: bool, executing: bool = False
 ) -> None:

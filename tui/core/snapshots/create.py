@@ -206,35 +206,30 @@ def create(
     the snapshot when it answers again), so `virtdeck recover` finds it. A group snapshot
     journals its members itself (journal=False)."""
     title = f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'"
-    with bases.family_lock(hv, common.own_image_paths(hv, plan.domain)):
-        bases.refuse_base_write(
-            hv,
-            plan.domain,
-            f"snapshot '{plan.name}'",
-            internal=plan.kind == INTERNAL,
-            executing=True,
-        )
-        if not journal:
-            with audit.recorded(hv.uri, title, [plan.domain]) as entry:
-                node = _create(hv, plan, progress)
-                entry.steps.append(f"snapshot '{plan.name}' taken")
-                return node
-        with ops.running(hv, title, domains=[plan.domain]) as undo:
-            undo.push(
-                f"delete snapshot '{plan.name}' of '{plan.domain}'",
-                "delete_snapshot",
-                domain=plan.domain,
-                name=plan.name,
-            )
-            try:
-                node = _create(hv, plan, progress)
-            except ConnectError:
-                raise  # the daemon may take it when it answers again: the journal keeps it
-            except VirtdeckError:
-                undo.pop()  # ATOMIC: libvirt took nothing; never delete another's
-                raise
-            undo.identify({"created": node.created.isoformat()})
+    guard = bases.snapshot_guard(
+        hv, plan.domain, f"snapshot '{plan.name}'", internal=plan.kind == INTERNAL
+    )
+    if not journal:
+        with audit.recorded(hv.uri, title, [plan.domain]) as entry, guard:
+            node = _create(hv, plan, progress)
+            entry.steps.append(f"snapshot '{plan.name}' taken")
             return node
+    with ops.running(hv, title, domains=[plan.domain]) as undo, guard:
+        undo.push(
+            f"delete snapshot '{plan.name}' of '{plan.domain}'",
+            "delete_snapshot",
+            domain=plan.domain,
+            name=plan.name,
+        )
+        try:
+            node = _create(hv, plan, progress)
+        except ConnectError:
+            raise  # the daemon may take it when it answers again: the journal keeps it
+        except VirtdeckError:
+            undo.pop()  # ATOMIC: libvirt took nothing; never delete another's
+            raise
+        undo.identify({"created": node.created.isoformat()})
+        return node
 
 
 def _create(hv: Hypervisor, plan: CreatePlan, progress: Progress) -> SnapshotNode:

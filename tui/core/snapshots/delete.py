@@ -135,17 +135,11 @@ def delete(
     qemu_img: QemuImg | None = None,
 ) -> None:
     title = f"deleting snapshot(s) {', '.join(repr(n) for n in plan.names)} of '{plan.domain}'"
+    verb = f"deleting snapshot '{plan.snapshot}'"
     with (
-        bases.family_lock(hv, common.own_image_paths(hv, plan.domain)),
         audit.recorded(hv.uri, title, [plan.domain]) as entry,
+        bases.snapshot_guard(hv, plan.domain, verb, internal=plan.kind == INTERNAL),
     ):
-        bases.refuse_base_write(
-            hv,
-            plan.domain,
-            f"deleting snapshot '{plan.snapshot}'",
-            internal=plan.kind == INTERNAL,
-            executing=True,
-        )
         _delete(hv, plan, progress, qemu_img, entry.steps)
 
 

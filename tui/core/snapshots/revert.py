@@ -290,14 +290,8 @@ def revert(
 ) -> None:
     dom = hv.lookup(plan.domain)
     try:
-        with bases.family_lock(hv, common.own_image_paths(hv, plan.domain)):
-            bases.refuse_base_write(
-                hv,
-                plan.domain,
-                f"reverting to '{plan.snapshot}'",
-                internal=plan.kind == INTERNAL,
-                executing=True,
-            )
+        verb = f"reverting to '{plan.snapshot}'"
+        with bases.snapshot_guard(hv, plan.domain, verb, internal=plan.kind == INTERNAL):
             _revert(hv, dom, plan, progress, qemu_img)
     finally:
         hv.invalidate(dom.UUIDString())
