@@ -271,6 +271,7 @@ def test_cli_existing_single_shapes_still_work(
         (["start"], 2, "name at least one domain"),
         (["rollback"], 2, "name at least one domain"),
         (["rm"], 2, "name at least one domain"),
+        (["rm", "web-1", "--force"], 2, "--force only makes sense with --storage"),
         (["snapshot", "create", "a", "b", "--domain", "web-1"], 2, "give only the snapshot NAME"),
         (["snapshot", "create", "a"], 2, "give DOMAIN NAME"),
         (["start", "--template", "nope"], 1, "no template named 'nope'"),

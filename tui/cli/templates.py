@@ -315,6 +315,8 @@ def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    if args.force and not args.storage:
+        args.parser_error("--force only makes sense with --storage (nothing is deleted without it)")
     if is_group(args, args.names):  # several: one group plan (tui.cli.groups)
         return cmd_rm_group(args, hypervisors)
     args.name = args.names[0]

@@ -250,7 +250,8 @@ class GroupPlan(ops.PlanDefaults):
         return replace(self, members=tuple(m.choose(on) for m in self.members))
 
     def summary(self) -> list[str]:
-        lines = [f"{len(self.members)} domains: {', '.join(self.names)}"]
+        n = len(self.members)
+        lines = [f"{n} domain{'s' if n != 1 else ''}: {', '.join(self.names)}"]
         lines += self.policy()
         several = len(self.host_list) > 1
         for host in self.host_list:

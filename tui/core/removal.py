@@ -277,9 +277,10 @@ def _execute_remove(
     if paths and (plan.storage or plan.is_template):
         users = storage_graph(hv, backup_dir).users(paths, exclude=plan.name)
         if users:
+            names = sorted({str(u) for u in users})
             raise DependencyError(
-                f"'{plan.name}' cannot be removed: {', '.join(sorted({str(u) for u in users}))}"
-                " now depend on its image(s)"
+                f"'{plan.name}' cannot be removed: {', '.join(names)} now "
+                f"{'depends' if len(names) == 1 else 'depend'} on its image(s)"
             )
     with ops.running(hv, title, domains=[plan.name]) as undo:
         if plan.defined:
