@@ -71,7 +71,13 @@ class QemuHost:
         for proc in Path("/proc").iterdir():
             with contextlib.suppress(OSError):
                 mine = proc.name.isdigit() and proc.stat().st_uid == uid
-                if mine and (proc / "comm").read_text().strip() == "libvirtd":
+                # a zombie is no daemon (its parent, runuser, may be a stopped one left by an
+                # interrupted run, and never reap it)
+                if (
+                    mine
+                    and (proc / "comm").read_text().strip() == "libvirtd"
+                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+                ):
                     out.append(int(proc.name))
         return out
 
