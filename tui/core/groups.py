@@ -391,22 +391,26 @@ class GroupPlan(ops.PlanDefaults):
                         here = [x.domain for x in self.members if x.host == m.host]
                         undos[m.host] = stack.enter_context(ops.running(hv, title, domains=here))
                     undo = undos[m.host]
+                    token = snapshots.new_token()  # proves the snapshot is ours (create)
                     undo.push(
                         f"delete snapshot '{m.name}' of '{m.domain}'",
                         "delete_snapshot",
                         domain=m.domain,
                         name=m.name,
+                        token=token,
                     )
                     try:
-                        node = snapshots.create(hv, m, progress, journal=False)
+                        node = snapshots.create(
+                            hv, m, progress, journal=False, token=token, taken=undo.identify
+                        )
                     except VirtdeckError as err:
-                        if not isinstance(err, ConnectError):
+                        recorded = undo.journal.actions[-1].identity is not None
+                        if not isinstance(err, ConnectError) and not recorded:
                             # ATOMIC: libvirt took nothing; never delete another's. A lost
                             # connection keeps the step: the daemon may still take it.
                             undo.pop()
                         failure = (m.domain, str(err))
                         raise
-                    undo.identify({"created": node.created.isoformat()})
                     text = f"{m.domain}: {node.kind} snapshot '{node.name}' taken"
                     taken.append(MemberResult(m.host, m.domain, True, text))
         except VirtdeckError as err:

@@ -67,7 +67,7 @@ from tui.core.cancel import (  # noqa: F401  (re-exported: ops is the face)
     signals_deferred,
     watch_child,
 )
-from tui.core.errors import NotFoundError, OperationError, VirtdeckError
+from tui.core.errors import ConnectError, NotFoundError, OperationError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.paths import state_dir
 from tui.core.progress import Progress
@@ -701,10 +701,27 @@ def _check_define(hv: Hypervisor, action: UndoAction, live: bool, owned: frozens
 def _check_snapshot(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset[str]) -> str:
     from tui.core import snapshots
 
+    domain, name, token = action.args["domain"], action.args["name"], action.args.get("token")
+    if action.identity is None and live:
+        return ""
     if action.identity is None:
-        return "" if live else "it was never recorded as taken, so it is not provably this one"
+        # The connection was lost while libvirt worked: the daemon may have taken it after.
+        # Only the operation's token in its description proves it is this one (snapshot
+        # create asks for it with the token; one taken again under the name never has it).
+        if not token:
+            return "it was never recorded as taken, so it is not provably this one"
+        try:
+            mark = snapshots.snapshot_mark(hv, domain, name)
+        except NotFoundError:
+            return ""  # never taken (or gone): nothing to delete
+        if mark != token:
+            return (
+                f"snapshot '{name}' does not carry this operation's mark (taken by another "
+                "since), so it is not provably this one"
+            )
+        return ""
     try:
-        node = snapshots.snapshot_tree(hv, action.args["domain"]).find(action.args["name"])
+        node = snapshots.snapshot_tree(hv, domain).find(name)
     except NotFoundError:
         return ""
     if node is not None and node.created.isoformat() != action.identity.get("created"):
@@ -767,6 +784,9 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
             journal.actions = [a for a in actions if a.label in keep]
             with contextlib.suppress(OperationError):
                 journal._write()
+            if isinstance(err, ConnectError) or not hv.alive:
+                with _active_lock:
+                    _lost.append(journal.path)
             raise OperationError(
                 f"{title}: {_why(err)}; could not undo: {', '.join(failed)} "
                 "('virtdeck recover' tries again)"
@@ -792,6 +812,19 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
 
 _active = [0]
 _active_lock = threading.Lock()
+_lost: list[Path] = []  # journals this process kept because its host stopped answering
+
+
+def kept_for_lost_hosts() -> list[Path]:
+    """Journals of this process's operations that could not be undone because the connection
+    to their host was lost (the CLI waits for the host and undoes them: `load` + `recover`)."""
+    with _active_lock:
+        return [p for p in _lost if p.exists()]
+
+
+def load(path: Path) -> Pending:
+    """One journal, validated (ValueError says what is wrong with it)."""
+    return _parse(path, _read_journal(path))
 
 
 def active() -> int:
@@ -911,7 +944,8 @@ def _restore_memory(hv: Hypervisor, domain: str, path: str, xml: str, running: b
     hv.call(hv.conn.restoreFlags, path, xml, flags, what=f"restoring '{domain}'")
 
 
-def _delete_snapshot(hv: Hypervisor, domain: str, name: str) -> None:
+def _delete_snapshot(hv: Hypervisor, domain: str, name: str, token: str | None = None) -> None:
+    # `token`: what proves the snapshot is this operation's (checked by _check_snapshot)
     from tui.core.groups import delete_snapshot
 
     delete_snapshot(hv, domain, name)

@@ -10,7 +10,7 @@ ever changed through tui.core.storage.
 
 from tui.core.snapshots import common
 from tui.core.snapshots.common import validate_snapshot_name
-from tui.core.snapshots.create import CreatePlan, create, plan_create
+from tui.core.snapshots.create import CreatePlan, create, new_token, plan_create
 from tui.core.snapshots.delete import DeletePlan, delete, plan_delete
 from tui.core.snapshots.revert import DiskSwitch, RevertPlan, plan_revert, plan_rollback, revert
 from tui.core.snapshots.tree import (
@@ -24,6 +24,7 @@ from tui.core.snapshots.tree import (
     build_tree,
     libvirt_handles_external,
     parse_snapshot_xml,
+    snapshot_mark,
     snapshot_names,
     snapshot_tree,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "build_tree",
     "common",
     "create",
+    "new_token",
     "delete",
     "libvirt_handles_external",
     "parse_snapshot_xml",
@@ -51,6 +53,7 @@ __all__ = [
     "plan_revert",
     "plan_rollback",
     "revert",
+    "snapshot_mark",
     "snapshot_names",
     "snapshot_tree",
     "validate_snapshot_name",

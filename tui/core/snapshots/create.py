@@ -7,7 +7,9 @@ with the reason, never given an overlay beside its device node.
 from __future__ import annotations
 
 import os
+import secrets
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import libvirt
@@ -24,6 +26,7 @@ from tui.core.snapshots.tree import (
     EXTERNAL,
     INTERNAL,
     SnapshotNode,
+    marked,
     snapshot_tree,
 )
 from tui.core.storage import LocalFiles, files_for
@@ -199,49 +202,77 @@ def plan_create(
 
 
 def create(
-    hv: Hypervisor, plan: CreatePlan, progress: Progress = no_progress, *, journal: bool = True
+    hv: Hypervisor,
+    plan: CreatePlan,
+    progress: Progress = no_progress,
+    *,
+    journal: bool = True,
+    token: str | None = None,
+    taken: Callable[[dict[str, str]], None] | None = None,
 ) -> SnapshotNode:
     """Take the snapshot. With `journal` (the default) it is journalled before it is asked
     for: a connection lost while libvirt works leaves the journal (the daemon may still take
     the snapshot when it answers again), so `virtdeck recover` finds it. A group snapshot
-    journals its members itself (journal=False)."""
+    journals its members itself (journal=False), with the `token` it journalled and `taken`,
+    which records the snapshot's identity in its journal.
+
+    The journalled snapshot is asked for with the operation's token on the last line of its
+    description (`tree.marked`), and the line is taken out again once its identity (creation
+    time) is journalled: a snapshot the daemon took after the connection was lost carries the
+    token, which proves to `recover` that it is this operation's (one taken again under the
+    same name never carries it)."""
     title = f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'"
     guard = bases.snapshot_guard(
         hv, plan.domain, f"snapshot '{plan.name}'", internal=plan.kind == INTERNAL
     )
     if not journal:
         with audit.recorded(hv.uri, title, [plan.domain]) as entry, guard:
-            node = _create(hv, plan, progress)
+            node = _create(hv, plan, progress, token, taken)
             entry.steps.append(f"snapshot '{plan.name}' taken")
             return node
+    token = new_token()
     with ops.running(hv, title, domains=[plan.domain]) as undo, guard:
         undo.push(
             f"delete snapshot '{plan.name}' of '{plan.domain}'",
             "delete_snapshot",
             domain=plan.domain,
             name=plan.name,
+            token=token,
         )
         try:
-            node = _create(hv, plan, progress)
+            return _create(hv, plan, progress, token, undo.identify)
         except ConnectError:
             raise  # the daemon may take it when it answers again: the journal keeps it
         except VirtdeckError:
-            undo.pop()  # ATOMIC: libvirt took nothing; never delete another's
+            if undo.journal.actions[-1].identity is None:
+                undo.pop()  # ATOMIC: libvirt took nothing; never delete another's
             raise
-        undo.identify({"created": node.created.isoformat()})
-        return node
 
 
-def _create(hv: Hypervisor, plan: CreatePlan, progress: Progress) -> SnapshotNode:
+def new_token() -> str:
+    """A token naming one snapshot-taking operation (random: never guessed, never repeated)."""
+    return secrets.token_hex(12)
+
+
+def _create(
+    hv: Hypervisor,
+    plan: CreatePlan,
+    progress: Progress,
+    token: str | None = None,
+    taken: Callable[[dict[str, str]], None] | None = None,
+) -> SnapshotNode:
     dom = hv.lookup(plan.domain)
-    progress(f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'", None)
     made = [o for _, _, o in plan.overlays] + ([plan.memory_file] if plan.memory_file else [])
     files = files_for(hv, "snapshot create", define_pools=False)
     existed = {p for p in made if files.lexists(p)}
+    xml = plan.xml
+    if token:
+        xml = _with_description(xml, marked(plan.description, token))
+    progress(f"taking {plan.kind} snapshot '{plan.name}' of '{plan.domain}'", None)
     try:
         hv.call(
             dom.snapshotCreateXML,
-            plan.xml,
+            xml,
             plan.flags,
             what=f"snapshot '{plan.name}' of '{plan.domain}'",
         )
@@ -253,5 +284,34 @@ def _create(hv: Hypervisor, plan: CreatePlan, progress: Progress) -> SnapshotNod
         raise
     finally:
         hv.invalidate(dom.UUIDString())
+    if token:
+        snap = hv.call(dom.snapshotLookupByName, plan.name, 0, what=f"snapshot '{plan.name}'")
+        node = snapshot_tree(hv, plan.domain).get(plan.name)
+        if taken is not None:
+            taken({"created": node.created.isoformat(), "token": token})
+        # The mark has done its work (the identity is journalled): the operator's description
+        # comes back (a redefinition of the snapshot's metadata; the snapshot stays current).
+        raw = hv.call(snap.getXMLDesc, libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE)
+        try:
+            common.redefine(
+                hv, plan.domain, _with_description(raw, plan.description), current=node.current
+            )
+        except ConnectError:
+            raise
+        except VirtdeckError as err:  # the snapshot is whole; virtdeck never shows the line
+            progress(f"snapshot '{plan.name}' keeps virtdeck's mark line: {err}", None)
+        hv.invalidate(dom.UUIDString())
     progress(f"snapshot '{plan.name}' taken", 1.0)
     return snapshot_tree(hv, plan.domain).get(plan.name)
+
+
+def _with_description(xml: str, description: str) -> str:
+    """Snapshot XML with its <description> set (removed when empty), everything else kept."""
+    root = ET.fromstring(xml)
+    for old in root.findall("description"):
+        root.remove(old)
+    if description:
+        el = ET.Element("description")
+        el.text = description
+        root.insert(1, el)  # after <name>
+    return ET.tostring(root, encoding="unicode")

@@ -215,11 +215,46 @@ def parse_snapshot_xml(xml: str, *, current: bool = False) -> SnapshotNode:
         state=state,
         kind=kind,
         current=current,
-        description=printable((root.findtext("description") or "").strip()),
+        description=printable(unmarked(root.findtext("description") or "").strip()),
         files=tuple(files),
         disks=tuple(disks),
         memory_file=mem_file,
     )
+
+
+# A journalled `snapshot create` asks libvirt for the snapshot with this line (and a token of
+# its own operation) at the end of its description, and takes the line out again once the call
+# answered (tui.core.snapshots.create). When the connection is lost while libvirt works, the
+# daemon may still take the snapshot later: the line is what proves to `recover` that the
+# snapshot it finds is that operation's, and not one taken again under the same name.
+MARK = "virtdeck-operation: "
+
+
+def marked(description: str, token: str) -> str:
+    return f"{description}\n{MARK}{token}" if description else f"{MARK}{token}"
+
+
+def mark_of(description: str) -> str | None:
+    """The operation token the description ends with, if any."""
+    last = description.rstrip("\n").rsplit("\n", 1)[-1]
+    return last[len(MARK) :].strip() if last.startswith(MARK) else None
+
+
+def unmarked(description: str) -> str:
+    """The description without an operation's mark line (what the operator wrote)."""
+    if mark_of(description) is None:
+        return description
+    head, _, _ = description.rstrip("\n").rpartition("\n")
+    return head
+
+
+def snapshot_mark(hv: Hypervisor, domain: str, name: str) -> str | None:
+    """The operation token in the description of the domain's snapshot `name` (None when it has
+    none); NotFoundError when there is no such domain or snapshot."""
+    dom = hv.lookup(domain)
+    snap = hv.call(dom.snapshotLookupByName, name, 0, what=f"snapshot '{name}' of '{domain}'")
+    xml = hv.call(snap.getXMLDesc, 0, what=f"reading snapshot '{name}' of '{domain}'")
+    return mark_of(ET.fromstring(xml).findtext("description") or "")
 
 
 def build_tree(domain: str, nodes: Iterable[SnapshotNode]) -> SnapshotTree:
