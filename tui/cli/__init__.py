@@ -9,7 +9,9 @@ the command works with the others, and the exit status is 1.
 
 libvirt's event implementation is registered before any connection is opened (`setup`): only
 connections opened after it get keepalive (and events), and keepalive is what turns a call to a
-host that died into an error instead of a hang.
+host that died into an error instead of a hang. An operation cut off that way says so in one
+line, then waits for the host to answer again (`--undo-wait`, config `timeouts.undo`, default
+60 s) and undoes what it left (tui.cli.recover `undo_when_back`).
 """
 
 from __future__ import annotations
@@ -181,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: config timeouts.connect, else 10)",
     )
     parser.add_argument(
+        "--undo-wait",
+        type=float,
+        metavar="SECONDS",
+        help="an operation cut off by a lost host waits this long for the host to answer "
+        "again, then undoes what it left; 0: leave it to 'virtdeck recover' (default: config "
+        "timeouts.undo, else 60)",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="use the demo lab (real qcow2 images, libvirt's test driver): no hypervisor needed",
@@ -206,6 +216,10 @@ def setup(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Settin
         settings = replace(
             settings, connect_timeout=args.connect_timeout, answer_timeout=args.connect_timeout
         )
+    if args.undo_wait is not None:
+        if not 0 <= args.undo_wait <= 3600:
+            raise InvalidInputError("--undo-wait must be between 0 and 3600 seconds")
+        settings = replace(settings, undo_wait=args.undo_wait)
     if getattr(args, "backup_dir", False) is None and settings.backup_dir is not None:
         args.backup_dir = settings.backup_dir
     args.settings = settings
@@ -412,7 +426,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"virtdeck: {err}", file=sys.stderr)
         return 2
     except VirtdeckError as err:
-        print(f"virtdeck: {err}", file=sys.stderr)
+        print(f"virtdeck: {err}", file=sys.stderr, flush=True)
+        from tui.core import ops
+
+        if ops.kept_for_lost_hosts():  # a host stopped answering mid-operation
+            from tui.cli.recover import undo_when_back
+
+            return undo_when_back(settings.undo_wait) or 1
         return 1
     except Interrupted as err:
         print(f"virtdeck: {err}", file=sys.stderr)

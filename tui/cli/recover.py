@@ -89,3 +89,106 @@ def _json(item: ops.Pending) -> dict[str, Any]:
         "pid": item.pid,
         "undo": [a.label for a in reversed(item.undo)],
     }
+
+
+def undo_when_back(wait: float) -> int:
+    """After an operation was cut off by a lost host (its error line printed): wait up to
+    `wait` seconds for the host to answer again, reconnect, and undo what the operation left,
+    as `virtdeck recover --yes` would (the same identity-checked steps, under the same locks).
+    Returns 0 when everything was undone (the command still failed: the caller exits 1), 1 when
+    something is left to 'virtdeck recover', 130 when interrupted while waiting."""
+    import time
+
+    from tui.core.errors import ConnectError
+
+    items = []
+    for path in ops.kept_for_lost_hosts():
+        try:
+            items.append(ops.load(path))
+        except ValueError:
+            continue
+    if not items:
+        return 1
+    if wait <= 0:
+        return 1  # the error line already says 'virtdeck recover' tries again
+    hosts = sorted({item.host for item in items})
+    print(
+        f"virtdeck: waiting up to {wait:g} s for {', '.join(hosts)} to answer again, to undo "
+        "what was left (Ctrl-C leaves it to 'virtdeck recover')",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.monotonic()
+    deadline = start + wait
+    status = 0
+    left = list(items)
+    try:
+        for host in hosts:
+            hv = Hypervisor.unconnected(host)
+            try:
+                for item in [i for i in items if i.host == host]:
+                    if not _undo_until(hv, item, deadline, start):
+                        status = 1
+                    left.remove(item)
+            finally:
+                hv.close()
+    except (KeyboardInterrupt, ConnectError) as err:
+        why = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
+        for item in left:
+            print(
+                f"virtdeck: {why} while waiting: 'virtdeck recover' undoes '{item.title}' on "
+                f"{item.host}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 130 if isinstance(err, KeyboardInterrupt) else 1
+    return status
+
+
+def _undo_until(hv: Hypervisor, item: ops.Pending, deadline: float, start: float) -> bool:
+    """Connect (again) and recover `item` until it is undone or the deadline passed."""
+    import time
+
+    from tui.core.errors import ConnectError
+
+    failed: list[str] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            why = f"; could not undo: {', '.join(failed)}" if failed else ""
+            print(
+                f"virtdeck: {item.host} did not answer within {deadline - start:g} s{why}: "
+                f"'virtdeck recover' undoes '{item.title}'",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
+        try:
+            if not hv.alive:
+                hv.try_connect(min(left, 10.0))
+            skipped: list[str] = []
+            failed = bases.recover(hv, item, skipped)
+        except ConnectError as err:
+            failed = [str(err)]
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            continue
+        except VirtdeckError as err:
+            failed = [str(err)]
+        if not failed:
+            for line in skipped:
+                print(f"virtdeck: {item.title}: {line}", file=sys.stderr, flush=True)
+            steps = "; ".join(a.label for a in reversed(item.undo)) or "nothing to undo"
+            print(
+                f"virtdeck: {item.host} answered again after {time.monotonic() - start:.0f} s; "
+                f"undid '{item.title}': {steps}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return True
+        # Still failing (libvirt may still be finishing what it was asked): the journal now
+        # holds only what failed; try that again shortly.
+        try:
+            item = ops.load(item.path)
+        except ValueError:
+            return False
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))

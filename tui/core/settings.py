@@ -7,6 +7,8 @@
     connect = 10               # a host that does not answer a connect within this is unreachable
     answer = 10                # a refresh taking longer marks the host "no answer"
     shutdown = 60              # graceful shutdown: wait this long before offering force off
+    undo = 60                  # CLI: an operation cut off by a lost host waits this long for
+                               # the host to answer again, to undo what it left
 
     [hosts]                    # saved hosts: `virtdeck -H kvm2`, `virtdeck --all-hosts`
     local = "qemu:///system"
@@ -59,6 +61,7 @@ class Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     answer_timeout: float = DEFAULT_CONNECT_TIMEOUT
     shutdown_timeout: float = 60.0
+    undo_wait: float = 60.0
     backup_dir: Path | None = None
     keys: tuple[KeyBinding, ...] = ()
     source: Path | None = None
@@ -90,6 +93,7 @@ _TIMEOUTS = {
     "connect": "connect_timeout",
     "answer": "answer_timeout",
     "shutdown": "shutdown_timeout",
+    "undo": "undo_wait",
 }
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _KEY = re.compile(r"[A-Za-z0-9_+\-]+(,[A-Za-z0-9_+\-]+)*")
