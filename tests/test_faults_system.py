@@ -178,7 +178,12 @@ def test_ctrl_c_while_waiting_for_the_host_leaves_the_journal_to_recover(
     try:
         lines.wait_for("Ctrl-C leaves it to 'virtdeck recover'", 5)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler says where it waits
+            proc.wait(timeout=10)
+            raise AssertionError(f"Ctrl-C did not end it: {lines.text()[-4000:]}") from None
     finally:
         fault_host.wake()
     err = lines.text()
@@ -234,6 +239,7 @@ def _snapshot_cut_off(
         while snap not in host.snapshots(domain) and time.monotonic() < deadline:
             time.sleep(0.2)
         if snap in host.snapshots(domain):
+            print(f"the stop landed while libvirt worked after {attempt + 1} tries: {tries}")
             return snap, err.splitlines()
         tries.append("the daemon never took it")
         _recover_all(host, env)
