@@ -112,17 +112,17 @@ def undo_when_back(wait: float) -> int:
     if wait <= 0:
         return 1  # the error line already says 'virtdeck recover' tries again
     hosts = sorted({item.host for item in items})
-    print(
-        f"virtdeck: waiting up to {wait:g} s for {', '.join(hosts)} to answer again, to undo "
-        "what was left (Ctrl-C leaves it to 'virtdeck recover')",
-        file=sys.stderr,
-        flush=True,
-    )
     start = time.monotonic()
     deadline = start + wait
     status = 0
     left = list(items)
-    try:
+    try:  # (a Ctrl-C right after the line below is a Ctrl-C while waiting too)
+        print(
+            f"virtdeck: waiting up to {wait:g} s for {', '.join(hosts)} to answer again, to undo "
+            "what was left (Ctrl-C leaves it to 'virtdeck recover')",
+            file=sys.stderr,
+            flush=True,
+        )
         for host in hosts:
             hv = Hypervisor.unconnected(host)
             try:
