@@ -55,6 +55,7 @@ class Cycle:
     rc: int = 0
     seconds: float = 0.0
     in_flight: bool = False  # the fault landed while the command ran
+    undid_itself: bool = False  # cut off, it waited for the host and undid its work (the CLI)
     problems: list[str] = field(default_factory=list)
 
 
@@ -72,11 +73,14 @@ class Report:
         by_fault = {f: sum(1 for c in self.cycles if c.fault.startswith(f)) for f in FAULTS}
         failed = [c for c in self.cycles if c.problems]
         landed = sum(1 for c in self.cycles if c.in_flight)
+        undid = sum(1 for c in self.cycles if c.undid_itself)
         return (
             f"fault soak: {self.survived}/{len(self.cycles)} cycles survived, "
-            f"{landed} with the fault landing while the command ran "
+            f"{landed} with the fault landing while the command ran, {undid} undone by the "
+            "command itself once the host answered again "
             f"({', '.join(f'{k} {v}' for k, v in by_fault.items())}); "
-            f"{len(failed)} failed; dashboard: {'ok' if not self.problems else self.problems}"
+            f"{len(failed)} failed; at the end (recover --json, inventories, dashboard): "
+            f"{'clean' if not self.problems else self.problems}"
         )
 
 
@@ -151,6 +155,24 @@ class Soak:
             cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
 
+    def leftovers(self, initial: dict[str, tuple[set[str], set[str], list[str]]]) -> list[str]:
+        """The end of the run: `virtdeck recover --json` lists nothing, and every host has the
+        domains, volumes and snapshots it had before the first cycle."""
+        proc = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-m", "tui", "recover", "--json"],
+            cwd=REPO, env=self.env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        problems = []
+        if proc.returncode != 0 or json.loads(proc.stdout or "null") != []:
+            problems.append(f"recover --json at the end: exit {proc.returncode}: "
+                            f"{proc.stdout[-1000:]}{proc.stderr[-1000:]}")  # fmt: skip
+        for h in self.hosts:
+            with contextlib.suppress(libvirt.libvirtError):
+                now = self.snapshot_of(h)
+                if now != initial[h.uri]:
+                    problems.append(f"{h.user} at the end: left {_diff(initial[h.uri], now)}")
+        return problems
+
     def journals(self) -> list[str]:
         d = self.state / "virtdeck" / "journal"
         return sorted(p.name for p in d.glob("*.json")) if d.exists() else []
@@ -222,6 +244,7 @@ class Soak:
             c.problems.append(f"hung past {CLI_DEADLINE:g} s: {err[-3000:]}")
         c.seconds = round(time.monotonic() - t0, 1)
         c.rc = proc.returncode
+        c.undid_itself = "answered again after" in err
         if proc.returncode < 0 or _crashed(out + err):
             c.problems.append(f"crash (exit {proc.returncode}): {err[-3000:]}")
         elif proc.returncode not in (0, 1):
@@ -247,7 +270,9 @@ class Soak:
             f"cycle {n}: {c.op} on {c.host}, {fault}"
             + (f" {stopped_for:.1f} s" if stopped_for else "")
             + ("" if c.in_flight else " (after the command ended)")
-            + f": exit {c.rc} after {c.seconds} s ({last[:140]}) -> {what}"
+            + f": exit {c.rc} after {c.seconds} s ({last[:140]})"
+            + (" (undid itself)" if c.undid_itself else "")
+            + f" -> {what}"
         )
         return c
 
@@ -343,6 +368,7 @@ def run(
             text=True,
         )  # fmt: skip
         soak.dashboard_pid = dash.pid
+        initial = {h.uri: soak.snapshot_of(h) for h in rig_hosts}
         try:
             start = time.monotonic()
             for n in range(1, cycles + 1):
@@ -360,6 +386,7 @@ def run(
                 dash.send_signal(signal.SIGABRT)
                 out, err = dash.communicate(timeout=30)
                 report.problems.append(f"dashboard hung: {err[-3000:]}")
+        report.problems += soak.leftovers(initial)
         if dash.returncode != 0 or _crashed(err):
             report.problems.append(f"dashboard exit {dash.returncode}: {err[-3000:]}")
         else:
