@@ -20,12 +20,13 @@ from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 from textual.worker import Worker, WorkerState
 
 from tui.core.details import DomainDetails, read_details
 from tui.core.hypervisor import Hypervisor
 from tui.screens.terminal import AttachReady, hand_over, prepare
+from tui.widgets.footer import KeysFooter
 
 
 @dataclass
@@ -57,7 +58,7 @@ class DetailsScreen(Screen[None]):
         yield Header()
         with VerticalScroll(id="details-body"):
             yield Static(f"reading {self.domain_name}…", id="details")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.sub_title = f"{self.domain_name} on {self.hv.uri}"

@@ -28,7 +28,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Header, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from tui.core import groups
@@ -43,6 +43,7 @@ from tui.screens.snapshot_forms import NewSnapshotScreen, SnapshotRequest
 from tui.screens.terminal import AttachReady, hand_over, prepare
 from tui.widgets.base import Pane
 from tui.widgets.domains import DomainsTable
+from tui.widgets.footer import KeysFooter
 from tui.widgets.snapshots_pane import SnapshotsPane
 from tui.widgets.templates_pane import TemplatesPane
 from tui.widgets.usage_pane import UsagePane
@@ -148,13 +149,15 @@ class MainScreen(Screen[None]):
         yield Header()
         yield Static("connecting…", id="hosts")
         with Vertical(id="top"):
-            yield Input(placeholder="filter: name, state or host (Esc clears)", id="filter")
             yield DomainsTable(id="domains")
         with TabbedContent(id="panes"):
             for pane_id, title, pane_cls in PANES:
                 with TabPane(title, id=f"tab-{pane_id}"):
                     yield pane_cls(id=pane_id)
-        yield Footer()
+        # The filter takes the footer's line while it is open (as `/` in less or vim): the
+        # table keeps its place, so opening and clearing it repaints one line, not the screen.
+        yield Input(placeholder="filter: name, state or host (Esc clears)", id="filter")
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.query_one(DomainsTable).focus()
@@ -366,23 +369,32 @@ class MainScreen(Screen[None]):
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
-        box.display = True
-        box.focus()
+        with self.app.batch_update():
+            self._show_filter(True)
+            box.focus()
+
+    def _show_filter(self, shown: bool) -> None:
+        """The filter box and the footer share the bottom line."""
+        self.query_one("#filter", Input).display = shown
+        self.query_one(KeysFooter).show(not shown)
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
         self.query_one(DomainsTable).set_filter(event.value)
 
     @on(Input.Submitted, "#filter")
-    def _filter_submitted(self) -> None:
-        self.query_one(DomainsTable).focus()
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        self.query_one(DomainsTable).focus()  # the box keeps showing the filter until Esc
+        if not event.value:
+            self._show_filter(False)
 
     def key_escape(self) -> None:
         box = self.query_one("#filter", Input)
         if box.display:
-            box.value = ""
-            box.display = False
-            self.query_one(DomainsTable).focus()
+            with self.app.batch_update():  # one layout and repaint, not one per change
+                self.query_one(DomainsTable).focus()  # first: the footer comes back to the
+                box.value = ""  # keys it showed before `/`, and need not be rebuilt
+                self._show_filter(False)
         elif self.marked:
             self.action_clear_marks()
 
@@ -442,9 +454,8 @@ class MainScreen(Screen[None]):
         None when it is gone."""
         table = self.query_one(DomainsTable)
         if not table.select_row(host, name):
-            box = self.query_one("#filter", Input)
-            box.value = ""
-            box.display = False
+            self.query_one("#filter", Input).value = ""
+            self._show_filter(False)
             table.set_filter("")
             if not table.select_row(host, name):
                 self.notify(f"'{name}' is no longer on {host}", severity="warning")
