@@ -34,7 +34,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
-from tui.core import bases, ops
+from tui.core import bases, ops, undo_kinds  # noqa: F401  (every undo kind registered)
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor, start_event_loop
 from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind, HostInfo

@@ -540,6 +540,24 @@ def _refuse_template_with_its_clones(hosts: HostResolver, members: Sequence[Memb
             )
 
 
+def _check_snapshot(
+    hv: Hypervisor, action: ops.UndoAction, live: bool, owned: frozenset[str]
+) -> str:
+    """Why a member's snapshot must not be deleted now (it was taken again since), or ''."""
+    from tui.core import snapshots
+
+    if action.identity is None:
+        return "" if live else "it was never recorded as taken, so it is not provably this one"
+    try:
+        node = snapshots.snapshot_tree(hv, action.args["domain"]).find(action.args["name"])
+    except NotFoundError:
+        return ""
+    if node is not None and node.created.isoformat() != action.identity.get("created"):
+        return f"snapshot '{node.name}' was taken again since ({node.created.isoformat()})"
+    return ""
+
+
+@ops.undo_kind("delete_snapshot", check=_check_snapshot)
 def delete_snapshot(hv: Hypervisor, domain: str, name: str) -> None:
     """Undo of a group member's snapshot (idempotent: a domain or snapshot that is gone is
     not an error). Internal snapshots are deleted by libvirt, external ones as `virtdeck
