@@ -270,12 +270,13 @@ def _suspend() -> Iterator[None]:
 
 async def _until(app: VirtdeckApp, pilot: object, done: Callable[[], bool]) -> None:
     """Let workers and the messages they post run until `done()` (a bounded number of turns,
-    not a time: a loaded machine only takes more turns)."""
+    not a time: a loaded machine only takes more turns); fails loudly when they run out."""
     for _ in range(200):
         await app.workers.wait_for_complete()
         await pilot.pause()  # type: ignore[attr-defined]
         if done():
             return
+    pytest.fail(f"{getattr(done, '__name__', done)} still false after 200 turns")
 
 
 async def test_ssh_and_console_keys_hand_over_or_refuse(
