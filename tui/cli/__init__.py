@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tui import __version__
+from tui.core import debuglog
 from tui.core.cancel import Interrupted, run_cancellable
 from tui.core.errors import (
     ConfigError,
@@ -186,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the demo lab (real qcow2 images, libvirt's test driver): no hypervisor needed",
     )
     parser.add_argument("--reset", action="store_true", help="with --demo: rebuild the lab")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="write a debug log (each step, libvirt change, XML diff, command run; no secrets) "
+        "to $XDG_STATE_HOME/virtdeck/debug.log; also VIRTDECK_DEBUG=1; 'virtdeck log --debug' "
+        "shows it",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=LazyCommands)
     for name, (_module, helptext) in COMMANDS.items():
         # A placeholder (an ArgumentParser each would cost a millisecond): LazyCommands puts
@@ -199,6 +207,14 @@ def setup(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Settin
     """What every start does first, in this order: parse the arguments, read the config file,
     register libvirt's event implementation (before any connection is opened)."""
     args = build_parser().parse_args(argv)
+    if debuglog.wanted(args.debug):
+        try:
+            debuglog.enable()
+        except OSError as err:
+            path = debuglog.log_path()
+            raise InvalidInputError(f"cannot write the debug log {path}: {err}") from None
+        shown = debuglog.redact_argv(sys.argv[1:] if argv is None else list(argv))
+        debuglog.LOG.debug("virtdeck %s %s", __version__, " ".join(shown))
     settings = load_settings()
     if args.connect_timeout is not None:
         if not 0 < args.connect_timeout <= 3600:

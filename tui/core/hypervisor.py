@@ -55,7 +55,7 @@ from typing import Any
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import debuglog, domxml
 from tui.core.connection import (  # noqa: F401  (re-exported: the backend's public names)
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_URI,
@@ -337,6 +337,7 @@ class Hypervisor(Lifecycle, Events):
 
     def call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
         """Call a libvirt method; its error becomes a VirtdeckError (see `translate`)."""
+        debuglog.libvirt_call(self.uri, fn, args, what)
         try:
             return fn(*args)
         except libvirt.libvirtError as err:

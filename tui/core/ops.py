@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from tui.core import audit, private
+from tui.core import audit, debuglog, private
 from tui.core.cancel import (  # noqa: F401  (re-exported: ops is the face)
     Interrupted,
     cancel,
@@ -509,6 +509,7 @@ class Undo:
     def push(self, label: str, kind: str, **args: Any) -> None:
         self.journal.push(label, kind, **args)
         self.steps.append(label)
+        debuglog.LOG.debug("step: %s (its undo: %s)", label, kind)
 
     def pop(self) -> None:
         self.journal.pop()
@@ -618,6 +619,7 @@ def unwind(
                     if skipped is not None:
                         skipped.append(f"{action.label}: skipped, {why}")
                 else:
+                    debuglog.LOG.debug("undo: %s (%s)", action.label, action.kind)
                     UNDO[action.kind](hv, **action.args)
                     if undone is not None:
                         undone.append(action.label)
@@ -747,6 +749,8 @@ def running(
     the audit trail (tui.core.audit) with the `domains` it acts on, its steps and its result.
     """
     check_cancelled()
+    debuglog.LOG.debug("operation on %s: %s (domains %s, dirs %s)", hv.uri, title,
+                       list(domains), list(dirs))  # fmt: skip
     with audit.recorded(hv.uri, title, domains) as entry:
         journal = Journal(hv.uri, title, journal_directory, entry.domains, dirs)
         undo = Undo(hv, journal, steps=entry.steps)
@@ -762,6 +766,7 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
     try:
         yield
     except BaseException as err:
+        debuglog.LOG.debug("operation failed: %s: %r", title, err)
         if undo.committed:
             raise
         actions = list(journal.actions)
@@ -792,6 +797,7 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
         raise
     else:
         journal.close()
+        debuglog.LOG.debug("operation done: %s", title)
     finally:
         with _active_lock:
             _active[0] -= 1
