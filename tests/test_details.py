@@ -319,3 +319,22 @@ async def test_palette_offers_details_console_and_ssh(hv: Hypervisor) -> None:
         await _open(app, pilot, "web")
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert {"Details: web", "Console: web", "SSH: web"} <= set(titles)
+
+
+async def test_ssh_key_refuses_in_the_demo(hv: Hypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's addresses (192.168.122.x) are the test driver's invention: never ssh there."""
+    from tui.core.details import DEMO_SSH_REFUSAL
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(terminal, "runner", lambda argv: ran.append(list(argv)) or 0)
+    monkeypatch.setattr(hv, "demo", True)
+    app = VirtdeckApp([hv], poll_interval=3600)
+    monkeypatch.setattr(app, "suspend", _suspend)
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _open(app, pilot, "web")
+        await pilot.press("S")
+        await _until(app, pilot, lambda: any(DEMO_SSH_REFUSAL in n.message
+                                             for n in app._notifications))  # fmt: skip
+        await pilot.press("C")  # the console is the test driver's own: still handed over
+        await _until(app, pilot, lambda: len(ran) == 1)
+    assert ran[0][0] == "virsh"
