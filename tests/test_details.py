@@ -338,3 +338,22 @@ async def test_ssh_key_refuses_in_the_demo(hv: Hypervisor, monkeypatch: pytest.M
         await pilot.press("C")  # the console is the test driver's own: still handed over
         await _until(app, pilot, lambda: len(ran) == 1)
     assert ran[0][0] == "virsh"
+
+
+async def test_an_empty_hypervisor_says_what_to_do(tmp_path: Path) -> None:
+    from textual.widgets import Tree
+
+    from tui.widgets.snapshots_pane import NO_DOMAINS, SnapshotsPane
+
+    path = tmp_path / "empty.xml"
+    path.write_text(node_xml([]))
+    hv = Hypervisor.open(f"test://{path}")
+    app = VirtdeckApp([hv], poll_interval=3600)
+    try:
+        async with app.run_test(size=(140, 45)) as pilot:
+            pane = app.screen.query_one(SnapshotsPane)
+            tree = pane.query_one("#snap-tree", Tree)
+            await _until(app, pilot, lambda: str(tree.root.label) == NO_DOMAINS)
+            assert "'virtdeck --demo'" in NO_DOMAINS and "T makes it a template" in NO_DOMAINS
+    finally:
+        hv.close()
