@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: host set-up (packages, libvirtd, /dev/kvm), a venv with
-# the dev extras, ruff, mypy, then every test — fast ones on libvirt's test driver and the
-# system ones against two real daemons: the host's qemu:///system and the other Debian
+# the dev extras, ruff, mypy, the import contracts (pyproject.toml), then every test — fast ones on
+# libvirt's test driver and the system ones against two real daemons: the host's qemu:///system and the other Debian
 # release's (scripts/other-libvirt.sh, started here and stopped again if this run started it).
 # VIRTDECK_SYSTEM_DAEMONS=host runs the system tier against the host's daemon only.
 # Arguments go to pytest.
@@ -30,6 +30,8 @@ step "ruff" bash -c '.venv/bin/ruff check tui tests benchmarks &&
   .venv/bin/ruff format --check tui tests benchmarks'
 echo "== mypy"
 step "mypy" .venv/bin/mypy
+echo "== import contracts"
+step "lint-imports" .venv/bin/lint-imports
 
 stop_other=0
 cleanup() {

@@ -49,12 +49,9 @@ def _run(*argv: str, user: str | None = None, env: dict[str, str] | None = None)
 
 
 def _wait(what: str, ok: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ok():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not come up within {timeout:g} s")
+    from tests.waiting import wait_until
+
+    wait_until(ok, timeout, f"{what} came up")  # type: ignore[arg-type]
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:

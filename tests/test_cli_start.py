@@ -75,3 +75,40 @@ def test_a_command_the_table_names_but_no_module_registers_is_a_usage_error(
         capsys.readouterr().err.splitlines()[-1]
         == "virtdeck: error: command 'gone' is not available"
     )
+
+
+def _leaves(parser: argparse.ArgumentParser, path: list[str]) -> list[list[str]]:
+    """argv for every (sub)command under `parser`: its path and dummy required arguments."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if subs:
+        action = subs[0]
+        if hasattr(action, "load"):
+            for module in {m for m, _ in COMMANDS.values()}:
+                action.load(module)
+        return [
+            leaf
+            for name, child in action._name_parser_map.items()
+            for leaf in _leaves(child, [*path, name])
+        ]
+    argv = list(path)
+    for a in parser._actions:
+        if a.option_strings and a.required:
+            argv += [a.option_strings[0], "1"]
+        elif not a.option_strings and a.nargs not in ("?", "*"):
+            value = str(next(iter(a.choices))) if a.choices else "1"
+            argv += [value] * (a.nargs if isinstance(a.nargs, int) else 1)
+    return argv and [argv]
+
+
+def test_every_command_takes_connect_and_host_after_its_name() -> None:
+    """The README: every command takes -c/-H; before its name or after it, alike."""
+    from tui.cli import parse
+
+    leaves = _leaves(build_parser(), [])
+    assert {"ls", "clone"} <= {leaf[0] for leaf in leaves} and len(leaves) >= len(COMMANDS)
+    for leaf in leaves:
+        args = parse(["-c", "test:///a", *leaf, "-c", "test:///b"])
+        assert args.connect == ["test:///a", "test:///b"], leaf
+        if leaf[0] != "log":  # (log --host filters the trail by host)
+            args = parse([*leaf, "-H", "one", "--host", "two"])
+            assert args.host == ["one", "two"], leaf

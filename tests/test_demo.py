@@ -129,3 +129,15 @@ def test_dashboard_without_a_terminal_says_so_instead_of_hanging(cache: Path) ->
     )  # fmt: skip
     assert run.returncode == 1
     assert run.stderr.strip().startswith("virtdeck: the dashboard needs a terminal")
+
+
+def test_cli_ssh_refuses_in_the_demo(cache: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tui", "--demo", "ssh", "web-1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip() == (
+        "virtdeck: ssh is off in the demo: its addresses are invented by libvirt's test "
+        "driver (no guest answers there)"
+    )

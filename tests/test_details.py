@@ -270,12 +270,13 @@ def _suspend() -> Iterator[None]:
 
 async def _until(app: VirtdeckApp, pilot: object, done: Callable[[], bool]) -> None:
     """Let workers and the messages they post run until `done()` (a bounded number of turns,
-    not a time: a loaded machine only takes more turns)."""
+    not a time: a loaded machine only takes more turns); fails loudly when they run out."""
     for _ in range(200):
         await app.workers.wait_for_complete()
         await pilot.pause()  # type: ignore[attr-defined]
         if done():
             return
+    pytest.fail(f"{getattr(done, '__name__', done)} still false after 200 turns")
 
 
 async def test_ssh_and_console_keys_hand_over_or_refuse(
@@ -318,3 +319,41 @@ async def test_palette_offers_details_console_and_ssh(hv: Hypervisor) -> None:
         await _open(app, pilot, "web")
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert {"Details: web", "Console: web", "SSH: web"} <= set(titles)
+
+
+async def test_ssh_key_refuses_in_the_demo(hv: Hypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's addresses (192.168.122.x) are the test driver's invention: never ssh there."""
+    from tui.core.details import DEMO_SSH_REFUSAL
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(terminal, "runner", lambda argv: ran.append(list(argv)) or 0)
+    monkeypatch.setattr(hv, "demo", True)
+    app = VirtdeckApp([hv], poll_interval=3600)
+    monkeypatch.setattr(app, "suspend", _suspend)
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _open(app, pilot, "web")
+        await pilot.press("S")
+        await _until(app, pilot, lambda: any(DEMO_SSH_REFUSAL in n.message
+                                             for n in app._notifications))  # fmt: skip
+        await pilot.press("C")  # the console is the test driver's own: still handed over
+        await _until(app, pilot, lambda: len(ran) == 1)
+    assert ran[0][0] == "virsh"
+
+
+async def test_an_empty_hypervisor_says_what_to_do(tmp_path: Path) -> None:
+    from textual.widgets import Tree
+
+    from tui.widgets.snapshots_pane import NO_DOMAINS, SnapshotsPane
+
+    path = tmp_path / "empty.xml"
+    path.write_text(node_xml([]))
+    hv = Hypervisor.open(f"test://{path}")
+    app = VirtdeckApp([hv], poll_interval=3600)
+    try:
+        async with app.run_test(size=(140, 45)) as pilot:
+            pane = app.screen.query_one(SnapshotsPane)
+            tree = pane.query_one("#snap-tree", Tree)
+            await _until(app, pilot, lambda: str(tree.root.label) == NO_DOMAINS)
+            assert "'virtdeck --demo'" in NO_DOMAINS and "T makes it a template" in NO_DOMAINS
+    finally:
+        hv.close()

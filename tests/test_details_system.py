@@ -81,9 +81,11 @@ def test_addresses_come_from_the_guest_agent(booted: Guest) -> None:
     assert d.first_address is not None and d.first_address.address == USER_NET_ADDRESS
     status = {s.source: s for s in d.sources}
     assert status[AGENT].ok
-    # user-mode networking: no libvirt network leases; ARP answers or says why not
+    # user-mode networking: no libvirt network leases, and no layer 2 the host sees (slirp
+    # answers inside qemu), so the host's ARP table cannot hold the guest's MAC: the source
+    # says so, or libvirt's own error reading it (some hosts: 'wrong nlmsg len'), never "ok"
     assert not status[LEASE].ok and "libvirt network" in status[LEASE].reason
-    assert status[ARP].ok or status[ARP].reason
+    assert not status[ARP].ok and status[ARP].reason.strip()
     assert d.console_refusal() is None and d.console is not None
     (vnc,) = d.graphics
     assert vnc.port is not None and vnc.port >= 5900  # autoport: the live XML's port

@@ -18,6 +18,7 @@ import pytest
 
 from tests import rigs
 from tests.lab import SystemLab, domain_xml
+from tests.waiting import wait_for as _until
 from tui.app import VirtdeckApp
 from tui.cli import build_app, setup
 from tui.core.models import DomainState
@@ -162,14 +163,6 @@ def fleet_uris(
     2 s deadlines and 1 s polls (the dashboard is built the way `virtdeck` builds it)."""
     write_config(config_home, "poll_interval = 1\n[timeouts]\nconnect = 2\nanswer = 2\n")
     return ["qemu:///system", ssh_root_uri, session_uri, hung_daemon.uri]
-
-
-async def _until(pilot: object, fact: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not fact():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        await pilot.pause(0.05)  # type: ignore[attr-defined]
 
 
 def _rows(app: VirtdeckApp) -> dict[tuple[str, str], object]:

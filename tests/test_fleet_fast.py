@@ -67,3 +67,23 @@ async def test_dashboard_shows_the_others_and_badges_the_silent_host(
             assert time.monotonic() < deadline, "the healthy host stopped updating"
             await pilot.pause(0.1)
     silent.close(timeout=0.2)
+
+
+async def test_a_connect_that_waited_out_its_deadline_is_no_answer_at_once(
+    test_hv: Hypervisor, silent_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The badge came only if the once-a-second deadline watch looked while the 1 s connect
+    was waiting: under load it missed several times, the reconnect backoff doubled each time
+    (0.5, 1, 2 … 16 s) and the test above passed its 30 s deadline. The failed refresh itself
+    now says it waited out the deadline: with the watch switched off, the badge still comes."""
+    monkeypatch.setattr(VirtdeckApp, "_watch_deadlines", lambda self: None)
+    silent = Hypervisor.unconnected(silent_uri)
+    settings = Settings(poll_interval=0.5, connect_timeout=1, answer_timeout=1)
+    app = VirtdeckApp([test_hv, silent], settings=settings, unreachable={silent_uri: "no"})
+    async with app.run_test(size=(160, 50)) as pilot:
+        deadline = time.monotonic() + 15
+        while not app.host_status().get(silent_uri, "").startswith("no answer"):
+            assert time.monotonic() < deadline, app.host_status()
+            await pilot.pause(0.1)
+        assert app.hosts[silent_uri].failures <= 3  # the first failed attempts, not a backoff
+    silent.close(timeout=0.2)

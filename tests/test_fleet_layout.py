@@ -6,14 +6,13 @@ Times are measured in benchmarks/bench_idle.py and bench_filter.py; here only be
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from textual.pilot import Pilot
 from textual.widgets import Static, TabbedContent, Tabs
 
+from tests.waiting import wait_for
 from tui.app import VirtdeckApp
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import natural_key
@@ -21,13 +20,6 @@ from tui.core.testdriver import DomainSpec, node_xml
 from tui.widgets.domains import DomainsTable
 
 STATES = ("running", "shutoff", "shutoff")
-
-
-async def wait_for(pilot: Pilot[None], fact: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not fact():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
 
 
 def fleet(tmp_path: Path, hosts: int, per_host: int) -> list[Hypervisor]:

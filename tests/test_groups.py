@@ -4,7 +4,6 @@ undone when one member fails, the CLI's group shapes and bad input, the dashboar
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Checkbox, Input, Static
 
+from tests.waiting import wait_for
 from tui import cli
 from tui.app import VirtdeckApp
 from tui.core import groups, ops
@@ -298,13 +298,6 @@ def test_cli_group_bad_input_is_one_line(
 
 
 # -- the dashboard ---------------------------------------------------------------------------
-
-
-async def wait_for(pilot: Pilot[None], fact: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not fact():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
 
 
 def marked(app: VirtdeckApp) -> list[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import libvirt
 import pytest
 from textual.widgets import DataTable
 
+from tests.waiting import wait_for as _until
 from tui.app import VirtdeckApp
 from tui.core.errors import ConfigError
 from tui.core.hypervisor import Hypervisor
@@ -109,13 +108,6 @@ def test_cli_saved_hosts_and_config_errors(tmp_path: Path, test_uri: str) -> Non
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and f"{cfg}: invalid TOML" in bad.stderr
     assert "line 3" in bad.stderr
-
-
-async def _until(pilot: Any, fact: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not fact():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
 
 
 async def test_key_bindings_from_the_config_apply(test_hv: Hypervisor) -> None:

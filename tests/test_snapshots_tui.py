@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input, Static, Tree
 
 from tests.lab import SystemLab
 from tests.test_snapshots_system import disk_paths, has_pattern, live_write, stop
+from tests.waiting import wait_for
 from tui.app import VirtdeckApp
 from tui.core import snapshots as S
 from tui.core.hypervisor import Hypervisor
@@ -19,13 +17,6 @@ from tui.screens.confirm import PlanScreen
 from tui.screens.snapshot_forms import NewSnapshotScreen
 from tui.widgets.domains import DomainsTable
 from tui.widgets.snapshots_pane import SnapshotsPane
-
-
-async def wait_for(pilot: Pilot[None], fact: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not fact():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
 
 
 def tree_names(app: VirtdeckApp) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from textual.pilot import Pilot
 from textual.widgets import Checkbox, DataTable, Input, RadioButton, SelectionList, Static
 
 from tests.test_templates import Lab, uefi_template
+from tests.waiting import wait_for
 from tui.app import VirtdeckApp
 from tui.core.models import DomainState
 from tui.screens.confirm import PlanScreen
@@ -35,13 +35,6 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     lab = Lab(tmp_path)
     yield lab
     lab.hv.close()
-
-
-async def wait_for(pilot: Pilot[None], fact: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not fact():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
 
 
 async def start(app: VirtdeckApp, pilot: Pilot[None]) -> TemplatesPane:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from textual.pilot import Pilot
 from textual.widgets import Static
 
 from tests.test_usage import Lab, du, run, thin_spec, ulab, write, write_node
+from tests.waiting import wait_for
 from tui.app import VirtdeckApp
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import VirtdeckMeta
@@ -23,13 +21,6 @@ from tui.widgets.usage_pane import UsagePane
 
 MiB = 1024**2
 __all__ = ["ulab"]  # the fixture, shared with tests/test_usage.py
-
-
-async def wait_for(pilot: Pilot[None], fact: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not fact():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
 
 
 def text(app: VirtdeckApp, selector: str) -> str:

@@ -34,7 +34,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
-from tui.core import bases, ops
+from tui.core import bases, ops, undo_kinds  # noqa: F401  (every undo kind registered)
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor, start_event_loop
 from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind, HostInfo
@@ -277,6 +277,10 @@ class VirtdeckApp(App[None]):
         if message.error is not None:
             st.error = message.error
             st.failures += 1
+            if time.monotonic() - st.started >= self.settings.answer_timeout:
+                # It waited out the deadline: "no answer", known now (not only if the
+                # once-a-second watch happened to look while it waited).
+                st.silent = True
             self._notify_trouble(message.host, message.error)
             delay = min(BACKOFF_MAX, self.poll_interval * 2 ** (st.failures - 1))
         else:

@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tui import __version__
+from tui.core import debuglog
 from tui.core.cancel import Interrupted, run_cancellable
 from tui.core.errors import (
     ConfigError,
@@ -82,7 +83,48 @@ else:
     _SubParsers = argparse._SubParsersAction
 
 
-class LazyCommands(_SubParsers):
+#: The host options every command also takes after its name (README: "every command takes
+#: -c/-H"): the flags, where they land (merged into `connect`/`host` by `setup`), the metavar.
+_HOST_OPTIONS = (
+    (("-c", "--connect"), "sub_connect", "URI"),
+    (("-H", "--host"), "sub_host", "NAME"),
+)
+
+
+class _Commands(_SubParsers):
+    """Subcommand parsers that also take -c/-H after the command's name (and whose own
+    subcommands do too), unless the command uses one of those flags for something else."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = super().add_parser(name, **kwargs)
+        p.register("action", "parsers", _Commands)  # (its own subcommands: this class too)
+        return p
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        # Added when the command is chosen, after its module defined its own options.
+        chosen = self._name_parser_map.get(values[0]) if values else None
+        if chosen is not None and not getattr(chosen, "_host_options", False):
+            chosen._host_options = True  # type: ignore[attr-defined]
+            for flags, dest, metavar in _HOST_OPTIONS:
+                if not any(f in chosen._option_string_actions for f in flags):
+                    chosen.add_argument(
+                        *flags,
+                        dest=dest,
+                        metavar=metavar,
+                        action="append",
+                        default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS,
+                    )
+        super().__call__(parser, namespace, values, option_string)
+
+
+class LazyCommands(_Commands):
     """The subcommands: placeholders named in COMMANDS until one is chosen, then its module's
     register() replaces the placeholders of that module with the real parsers."""
 
@@ -196,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the demo lab (real qcow2 images, libvirt's test driver): no hypervisor needed",
     )
     parser.add_argument("--reset", action="store_true", help="with --demo: rebuild the lab")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="write a debug log (each step, libvirt change, XML diff, command run; no secrets) "
+        "to $XDG_STATE_HOME/virtdeck/debug.log; also VIRTDECK_DEBUG=1; 'virtdeck log --debug' "
+        "shows it",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=LazyCommands)
     for name, (_module, helptext) in COMMANDS.items():
         # A placeholder (an ArgumentParser each would cost a millisecond): LazyCommands puts
@@ -205,10 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, with -c/-H given after the command's name added to those before it."""
+    args = build_parser().parse_args(argv)
+    args.connect = [*args.connect, *getattr(args, "sub_connect", [])]
+    args.host = [*args.host, *getattr(args, "sub_host", [])]
+    return args
+
+
 def setup(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     """What every start does first, in this order: parse the arguments, read the config file,
     register libvirt's event implementation (before any connection is opened)."""
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
+    if debuglog.wanted(args.debug):
+        try:
+            debuglog.enable()
+        except OSError as err:
+            path = debuglog.log_path()
+            raise InvalidInputError(f"cannot write the debug log {path}: {err}") from None
+        shown = debuglog.redact_argv(sys.argv[1:] if argv is None else list(argv))
+        debuglog.LOG.debug("virtdeck %s %s", __version__, " ".join(shown))
     settings = load_settings()
     if args.connect_timeout is not None:
         if not 0 < args.connect_timeout <= 3600:

@@ -11,6 +11,7 @@ from tui.core.details import (
     DomainDetails,
     console_command,
     read_details,
+    refuse_demo_ssh,
     run_attached,
     ssh_command,
 )
@@ -57,6 +58,7 @@ def cmd_console(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
 
 
 def cmd_ssh(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    refuse_demo_ssh(find_domain(hypervisors, args.name))
     return runner(ssh_command(_details(args, hypervisors), args.user))
 
 

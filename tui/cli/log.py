@@ -34,11 +34,20 @@ def register(sub: Any) -> None:
         help="only operations on this host: its URI, a saved host name (config.toml) or its "
         "host name",
     )
+    p.add_argument(
+        "--debug",
+        dest="debug_tail",
+        action="store_true",
+        help="the tail of the debug log instead (see 'virtdeck --debug'); --limit N lines",
+    )
     p.set_defaults(handler=cmd_log, needs_hosts=False)
 
 
 def cmd_log(args: argparse.Namespace, hypervisors: list[Any]) -> int:
     from tui.core import audit
+
+    if args.debug_tail:
+        return debug_tail(args.limit or 200)
 
     try:
         records, bad = audit.read()
@@ -89,3 +98,28 @@ def table(records: list[Any]) -> list[str]:
         if i in errors:
             out.append(f"    {errors[i]}")
     return out
+
+
+def debug_tail(lines: int) -> int:
+    """The last `lines` lines of the debug log (its last 8 MiB read at most)."""
+    from tui.core import debuglog
+
+    path = debuglog.log_path()
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - (8 << 20)))
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        print(
+            f"virtdeck: no debug log at {path} yet (run 'virtdeck --debug …' "
+            "or set VIRTDECK_DEBUG=1)",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as err:
+        raise InvalidInputError(f"cannot read the debug log {path}: {err}") from None
+    tail = text.splitlines()[-lines:]
+    if tail:
+        print("\n".join(tail))
+    return 0

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from tui.core.clonexml import _Walk
+
+class Walk(Protocol):
+    """What a device rule records into one clone's rewrite (tui.core.clonexml.CloneWalk)."""
+
+    def add(self, element: str, old: str, new: str, kind: str, why: str) -> None: ...
+
+    def unique(self, element: str, old: str, why: str) -> str: ...
+
+    def shared(self, element: str, what: str, why: str) -> None: ...
+
 
 _LIBVIRT_CHANNEL_DIR = "/var/lib/libvirt/qemu/channel/"
 _CHARDEVS = ("serial", "console", "parallel", "channel")
@@ -28,7 +36,7 @@ def _chardev_label(dev: ET.Element) -> str:
     return f"{dev.tag} {port}" if port is not None else dev.tag
 
 
-def _chardev(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _chardev(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     label = _chardev_label(dev)
     log = dev.find("log")
     if log is not None and log.get("file"):
@@ -78,7 +86,7 @@ def _chardev(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
         source.attrib.pop("path")  # the pty of the template's last run (live XML)
 
 
-def _graphics(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _graphics(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     kind = dev.get("type", "")
     label = f"graphics {kind}"
     old: list[str] = []
@@ -116,7 +124,7 @@ def _fixed_port(value: str | None) -> bool:
     return value not in (None, "", "-1", "0")
 
 
-def _tpm(dev: ET.Element, walk: _Walk, old_uuid: str) -> None:
+def _tpm(dev: ET.Element, walk: Walk, old_uuid: str) -> None:
     backend = dev.find("backend")
     kind = backend.get("type", "") if backend is not None else ""
     label = f"tpm {dev.get('model', '')}".strip()
@@ -146,7 +154,7 @@ def _tpm(dev: ET.Element, walk: _Walk, old_uuid: str) -> None:
         )
 
 
-def _filesystem(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _filesystem(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     source = dev.find("source")
     target = dev.find("target")
     tag = target.get("dir", "") if target is not None else ""
@@ -169,7 +177,7 @@ def _filesystem(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
     )
 
 
-def _hostdev(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _hostdev(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     kind = dev.get("type", "")
     source = dev.find("source")
     if kind == "usb" and source is not None and source.find("vendor") is not None:
@@ -203,14 +211,14 @@ def _describe(elem: ET.Element | None) -> str:
     return " ".join(values) or "?"
 
 
-def _input(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _input(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     source = dev.find("source")
     if dev.get("type") in ("evdev", "passthrough") and source is not None:
         what = source.get("dev") or source.get("evdev") or _describe(source)
         walk.shared(f"input {dev.get('type')}", what, PASSTHROUGH_WHY)
 
 
-def _memory_device(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _memory_device(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     path = dev.findtext("source/path")
     if path:
         walk.shared(
@@ -220,7 +228,7 @@ def _memory_device(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
         )
 
 
-def _vsock(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _vsock(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     cid = dev.find("cid")
     if cid is not None and cid.get("auto") != "yes" and cid.get("address"):
         walk.add(
@@ -234,13 +242,13 @@ def _vsock(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
         cid.set("auto", "yes")
 
 
-def _shmem(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _shmem(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     walk.shared(
         f"shmem {dev.get('name', '')}", "(shared memory)", "shared between domains by design"
     )
 
 
-def _lease(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _lease(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     target = dev.find("target")
     walk.shared(
         f"lease {dev.findtext('key') or ''}".strip(),
@@ -249,14 +257,14 @@ def _lease(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
     )
 
 
-def _audio(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _audio(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     if dev.get("type") == "file" and dev.get("path"):
         dev.set(
             "path", walk.unique("audio file", dev.get("path", ""), "each clone records its own")
         )
 
 
-def _pstore(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _pstore(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     path_elem = dev.find("path")
     if path_elem is not None and (path_elem.text or "").strip():
         path_elem.text = walk.unique(
@@ -264,7 +272,7 @@ def _pstore(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
         )
 
 
-def _passthrough_device(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
+def _passthrough_device(dev: ET.Element, walk: Walk, _uuid: str) -> None:
     if dev.tag == "smartcard" and dev.get("mode") == "host":
         walk.shared("smartcard", "host reader", PASSTHROUGH_WHY)
     elif dev.tag == "redirdev" and dev.get("type") == "tcp":
@@ -277,7 +285,7 @@ def _passthrough_device(dev: ET.Element, walk: _Walk, _uuid: str) -> None:
             )
 
 
-DEVICE_HANDLERS: dict[str, Callable[[ET.Element, _Walk, str], None]] = {
+DEVICE_HANDLERS: dict[str, Callable[[ET.Element, Walk, str], None]] = {
     **{tag: _chardev for tag in _CHARDEVS},
     "graphics": _graphics,
     "tpm": _tpm,

@@ -140,7 +140,7 @@ def clone_path(path: str, old_names: Sequence[str], new: str) -> str:
     return posixpath.join(directory, f"{stem}-{new}{ext}")
 
 
-class _Walk:
+class CloneWalk:
     """One clone's rewrite: keeps the old -> new path map (a console repeats its serial's log
     file: both get the same new one) and the records."""
 
@@ -183,7 +183,7 @@ def clone_xml(template: ET.Element, ident: CloneIdentity) -> CloneXml:
     Raises InvalidInputError when the clone could not get a working definition (a missing
     NVRAM file with no firmware template to start a fresh one from)."""
     root = copy.deepcopy(template)
-    walk = _Walk(ident)
+    walk = CloneWalk(ident)
     old_uuid = (root.findtext("uuid") or "").strip()
     _identity(root, ident)
     _interfaces(root, ident, walk)
@@ -217,7 +217,7 @@ def _identity(root: ET.Element, ident: CloneIdentity) -> None:
         elem.text = text
 
 
-def _interfaces(root: ET.Element, ident: CloneIdentity, walk: _Walk) -> None:
+def _interfaces(root: ET.Element, ident: CloneIdentity, walk: CloneWalk) -> None:
     ifaces = root.findall("./devices/interface")
     if len(ifaces) != len(ident.macs):
         raise ValueError(f"{len(ifaces)} interfaces but {len(ident.macs)} MACs")
@@ -274,7 +274,7 @@ def _disks(root: ET.Element, ident: CloneIdentity) -> None:
 # -- firmware ----------------------------------------------------------------------------------
 
 
-def _nvram(root: ET.Element, walk: _Walk) -> None:
+def _nvram(root: ET.Element, walk: CloneWalk) -> None:
     os_elem = root.find("os")
     if os_elem is None:
         return
@@ -358,7 +358,7 @@ def _nvram(root: ET.Element, walk: _Walk) -> None:
 # -- the rest of the domain --------------------------------------------------------------------
 
 
-def _sysinfo(root: ET.Element, ident: CloneIdentity, walk: _Walk) -> None:
+def _sysinfo(root: ET.Element, ident: CloneIdentity, walk: CloneWalk) -> None:
     for sysinfo in root.findall("sysinfo"):
         walk.handled.add(id(sysinfo))
         for section in ("system", "baseBoard", "chassis"):
@@ -382,7 +382,7 @@ def _sysinfo(root: ET.Element, ident: CloneIdentity, walk: _Walk) -> None:
                     )
 
 
-def _seclabels(root: ET.Element, walk: _Walk) -> None:
+def _seclabels(root: ET.Element, walk: CloneWalk) -> None:
     for label in root.findall("seclabel"):
         walk.handled.add(id(label))
         model = label.get("model", "")
@@ -406,7 +406,7 @@ def _seclabels(root: ET.Element, walk: _Walk) -> None:
                     )
 
 
-def _genid(root: ET.Element, walk: _Walk) -> None:
+def _genid(root: ET.Element, walk: CloneWalk) -> None:
     genid = root.find("genid")
     if genid is not None and (genid.text or "").strip():
         walk.add(
@@ -419,7 +419,7 @@ def _genid(root: ET.Element, walk: _Walk) -> None:
         genid.text = None
 
 
-def _qemu_commandline(root: ET.Element, walk: _Walk) -> None:
+def _qemu_commandline(root: ET.Element, walk: CloneWalk) -> None:
     for elem in root.findall(f"{{{QEMU_NS}}}commandline"):
         walk.handled.add(id(elem))
         args = [a.get("value", "") for a in elem.findall(f"{{{QEMU_NS}}}arg")]
@@ -432,7 +432,7 @@ def _qemu_commandline(root: ET.Element, walk: _Walk) -> None:
             )
 
 
-def _unknown_paths(root: ET.Element, walk: _Walk) -> None:
+def _unknown_paths(root: ET.Element, walk: CloneWalk) -> None:
     """Host paths in elements no rule above looked at: kept, and said so."""
 
     def scan(elem: ET.Element, where: str) -> None:

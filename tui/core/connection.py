@@ -261,6 +261,8 @@ class Guarded:
                 gate.lock.release()
             return _wrap(out, gate)
 
+        call.__name__ = attr  # (what the debug log names: tui.core.debuglog)
+        call.__self__ = self  # type: ignore[attr-defined]
         return call
 
     def __eq__(self, other: object) -> bool:

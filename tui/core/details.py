@@ -467,6 +467,19 @@ def console_command(details: DomainDetails) -> list[str]:
     return ["virsh", "-c", details.host, "console", details.name]
 
 
+DEMO_SSH_REFUSAL = (
+    "ssh is off in the demo: its addresses are invented by libvirt's test driver "
+    "(no guest answers there)"
+)
+
+
+def refuse_demo_ssh(hv: Hypervisor) -> None:
+    """StateError in the demo: the test driver's 192.168.122.x are nobody's (never send
+    traffic to an address no guest of ours holds)."""
+    if hv.demo:
+        raise StateError(DEMO_SSH_REFUSAL)
+
+
 def ssh_command(details: DomainDetails, user: str = "root") -> list[str]:
     """`ssh user@first-address`; through the hypervisor (`-J`) when it is another host, since
     guest addresses are usually reachable only from there. StateError without an address."""

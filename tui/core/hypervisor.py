@@ -49,13 +49,13 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import debuglog, domxml
 from tui.core.connection import (  # noqa: F401  (re-exported: the backend's public names)
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_URI,
@@ -337,6 +337,7 @@ class Hypervisor(Lifecycle, Events):
 
     def call(self, fn: Callable[..., Any], *args: Any, what: str = "") -> Any:
         """Call a libvirt method; its error becomes a VirtdeckError (see `translate`)."""
+        debuglog.libvirt_call(self.uri, fn, args, what)
         try:
             return fn(*args)
         except libvirt.libvirtError as err:
@@ -550,20 +551,6 @@ def _with_file_allocation(disks: tuple[DiskInfo, ...]) -> tuple[DiskInfo, ...]:
                 d = replace(d, allocation_bytes=os.stat(d.path).st_blocks * 512)
         out.append(d)
     return tuple(out)
-
-
-def open_all(
-    uris: Iterable[str], *, demo: bool = False, timeout: float = DEFAULT_CONNECT_TIMEOUT
-) -> list[Hypervisor]:
-    """Open every URI (in parallel) or none: a failure closes what was already opened."""
-    from tui.core.fleet import connect_all
-
-    hvs, failures = connect_all(uris, demo=demo, timeout=timeout)
-    if failures:
-        for hv in hvs:
-            hv.close()
-        raise ConnectError(next(iter(failures.values())))
-    return hvs
 
 
 def validate_name(name: str, what: str = "name", why: str = "") -> str:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import debuglog, domxml
 from tui.core.errors import StateError, VirtdeckError
 from tui.core.models import DomainState
 
@@ -139,6 +139,7 @@ class Lifecycle:
         the NVRAM flags, so each rejected set falls back to a smaller one (a domain without
         NVRAM or TPM never needs them).
         """
+        debuglog.LOG.debug("undefine %s on %s (keep_nvram=%s)", _name(dom), self.uri, keep_nvram)
         managed = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
         if keep_nvram:
             flags = [libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | managed]
@@ -185,6 +186,7 @@ class Lifecycle:
         new name, restoring the old one if that define fails.
         """
         what = f"renaming '{old}' to '{new}'"
+        debuglog.LOG.debug("rename %s to %s on %s", old, new, self.uri)
         try:
             dom.rename(new, 0)
             return self.call(self.conn.lookupByName, new, what=what)
@@ -206,4 +208,31 @@ class Lifecycle:
             raise
 
     def define(self, xml: str, what: str = "defining") -> Any:
-        return self.call(self.conn.defineXML, xml, what=what)
+        before = self._definition_before(xml) if debuglog.on() else None
+        dom = self.call(self.conn.defineXML, xml, what=what)
+        if debuglog.on():
+            name = domxml.parse(xml).findtext("name") or "?"
+            debuglog.LOG.debug(
+                "define %s on %s:\n%s", name, self.uri, debuglog.xml_diff(before, xml, name)
+            )
+        return dom
+
+    def _definition_before(self, xml: str) -> str | None:
+        """(debug log) The definition `xml` replaces: same UUID, else same name; None."""
+        root = domxml.parse(xml)
+        uuid, name = (root.findtext("uuid") or "").strip(), root.findtext("name") or ""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        for lookup, key in ((self.conn.lookupByUUIDString, uuid), (self.conn.lookupByName, name)):
+            if key:
+                try:
+                    return str(lookup(key).XMLDesc(flags))
+                except libvirt.libvirtError:
+                    continue
+        return None
+
+
+def _name(dom: Any) -> str:
+    try:
+        return str(dom.name())
+    except libvirt.libvirtError:
+        return "?"

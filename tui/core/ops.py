@@ -52,9 +52,9 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from tui.core import audit, private
+from tui.core import audit, debuglog, private
 from tui.core.cancel import (  # noqa: F401  (re-exported: ops is the face)
     Interrupted,
     cancel,
@@ -71,6 +71,8 @@ from tui.core.errors import ConnectError, NotFoundError, OperationError, Virtdec
 from tui.core.hypervisor import Hypervisor
 from tui.core.paths import state_dir
 from tui.core.progress import Progress
+
+F = TypeVar("F", bound=Callable[..., None])
 
 
 class Plan(Protocol):
@@ -142,6 +144,34 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+# -- undo kinds: registered by the operations that push them ---------------------------------
+
+#: What each undo kind does (kind -> function of the hypervisor and the step's arguments).
+#: The journal's own kinds (domains, files) are below; an operation module registers its
+#: own with `@undo_kind` (snapshots: tui.core.snapshots.common, tui.core.groups).
+#: `tui.core.undo_kinds` imports every such module: a process reading journals imports it
+#: first, or a journal naming a kind it does not know is listed as broken.
+UNDO: dict[str, Callable[..., None]] = {}
+#: Each kind's ownership check (`_owned`): why its undo must not act now, or ''.
+Check = Callable[[Hypervisor, "UndoAction", bool, frozenset[str]], str]
+_CHECKS: dict[str, Check] = {}
+
+
+def undo_kind(kind: str, *, check: Check | None = None) -> Callable[[F], F]:
+    """Register the decorated function as the undo of `kind` (and `check` as its ownership
+    check). A kind registered twice by two functions is a programming error."""
+
+    def register(fn: F) -> F:
+        if UNDO.get(kind, fn) is not fn:
+            raise ValueError(f"undo kind '{kind}' is registered twice")
+        UNDO[kind] = fn
+        if check is not None:
+            _CHECKS[kind] = check
+        return fn
+
+    return register
 
 
 # -- the journal -----------------------------------------------------------------------------
@@ -479,6 +509,7 @@ class Undo:
     def push(self, label: str, kind: str, **args: Any) -> None:
         self.journal.push(label, kind, **args)
         self.steps.append(label)
+        debuglog.LOG.debug("step: %s (its undo: %s)", label, kind)
 
     def pop(self) -> None:
         self.journal.pop()
@@ -588,6 +619,7 @@ def unwind(
                     if skipped is not None:
                         skipped.append(f"{action.label}: skipped, {why}")
                 else:
+                    debuglog.LOG.debug("undo: %s (%s)", action.label, action.kind)
                     UNDO[action.kind](hv, **action.args)
                     if undone is not None:
                         undone.append(action.label)
@@ -698,46 +730,6 @@ def _check_define(hv: Hypervisor, action: UndoAction, live: bool, owned: frozens
     return "the domain's definition changed since the operation left it (kept as it is now)"
 
 
-def _check_snapshot(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset[str]) -> str:
-    from tui.core import snapshots
-
-    domain, name, token = action.args["domain"], action.args["name"], action.args.get("token")
-    if action.identity is None and live:
-        return ""
-    if action.identity is None:
-        # The connection was lost while libvirt worked: the daemon may have taken it after.
-        # Only the operation's token in its description proves it is this one (snapshot
-        # create asks for it with the token; one taken again under the name never has it).
-        if not token:
-            return "it was never recorded as taken, so it is not provably this one"
-        try:
-            mark = snapshots.snapshot_mark(hv, domain, name)
-        except NotFoundError:
-            return ""  # never taken (or gone): nothing to delete
-        if mark != token:
-            return (
-                f"snapshot '{name}' does not carry this operation's mark (taken by another "
-                "since), so it is not provably this one"
-            )
-        return ""
-    try:
-        node = snapshots.snapshot_tree(hv, domain).find(name)
-    except NotFoundError:
-        return ""
-    if node is not None and node.created.isoformat() != action.identity.get("created"):
-        return f"snapshot '{node.name}' was taken again since ({node.created.isoformat()})"
-    return ""
-
-
-_CHECKS: dict[str, Callable[[Hypervisor, UndoAction, bool, frozenset[str]], str]] = {
-    "delete_file": _check_file,
-    "restore_mode": _check_mode,
-    "remove_private": _check_private,
-    "define": _check_define,
-    "delete_snapshot": _check_snapshot,
-}
-
-
 @contextlib.contextmanager
 def running(
     hv: Hypervisor,
@@ -757,6 +749,8 @@ def running(
     the audit trail (tui.core.audit) with the `domains` it acts on, its steps and its result.
     """
     check_cancelled()
+    debuglog.LOG.debug("operation on %s: %s (domains %s, dirs %s)", hv.uri, title,
+                       list(domains), list(dirs))  # fmt: skip
     with audit.recorded(hv.uri, title, domains) as entry:
         journal = Journal(hv.uri, title, journal_directory, entry.domains, dirs)
         undo = Undo(hv, journal, steps=entry.steps)
@@ -772,6 +766,7 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
     try:
         yield
     except BaseException as err:
+        debuglog.LOG.debug("operation failed: %s: %r", title, err)
         if undo.committed:
             raise
         actions = list(journal.actions)
@@ -805,6 +800,7 @@ def _running(hv: Hypervisor, title: str, undo: Undo) -> Iterator[None]:
         raise
     else:
         journal.close()
+        debuglog.LOG.debug("operation done: %s", title)
     finally:
         with _active_lock:
             _active[0] -= 1
@@ -873,6 +869,7 @@ def recover(hv: Hypervisor, item: Pending, skipped: list[str] | None = None) -> 
 # -- undo actions: data, idempotent ----------------------------------------------------------
 
 
+@undo_kind("undefine")
 def _undefine(hv: Hypervisor, uuid: str, name: str, keep_nvram: bool = False) -> None:
     try:
         dom = hv.call(hv.conn.lookupByUUIDString, uuid)
@@ -886,17 +883,20 @@ def _undefine(hv: Hypervisor, uuid: str, name: str, keep_nvram: bool = False) ->
     hv.invalidate()
 
 
+@undo_kind("delete_file", check=_check_file)
 def _delete_file(hv: Hypervisor, path: str) -> None:
     from tui.core.storage import files_for
 
     files_for(hv, "undo", define_pools=False).delete(path)
 
 
+@undo_kind("define", check=_check_define)
 def _define(hv: Hypervisor, xml: str) -> None:
     hv.define(xml, what="restoring a definition")
     hv.invalidate()
 
 
+@undo_kind("restore_mode", check=_check_mode)
 def _restore_mode(hv: Hypervisor, path: str, mode: int) -> None:
     from tui.core.storage import files_for
 
@@ -905,12 +905,14 @@ def _restore_mode(hv: Hypervisor, path: str, mode: int) -> None:
         files.restore_mode(path, mode)
 
 
+@undo_kind("remove_private", check=_check_private)
 def _remove_private(hv: Hypervisor, path: str) -> None:
     from tui.core.storage.local import remove_private
 
     remove_private(path)
 
 
+@undo_kind("rename")
 def _rename(hv: Hypervisor, uuid: str, name: str) -> None:
     try:
         dom = hv.call(hv.conn.lookupByUUIDString, uuid)
@@ -922,18 +924,14 @@ def _rename(hv: Hypervisor, uuid: str, name: str) -> None:
     hv.invalidate()
 
 
-def _redefine_snapshot(hv: Hypervisor, domain: str, xml: str, current: bool) -> None:
-    from tui.core.snapshots import common
-
-    common.redefine(hv, domain, xml, current=current)
-
-
+@undo_kind("start")
 def _start(hv: Hypervisor, name: str) -> None:
     dom = hv.lookup(name)
     if not hv.call(dom.isActive):
         hv.call(dom.create, what=f"starting '{name}'")
 
 
+@undo_kind("restore_memory")
 def _restore_memory(hv: Hypervisor, domain: str, path: str, xml: str, running: bool) -> None:
     import libvirt
 
@@ -942,24 +940,3 @@ def _restore_memory(hv: Hypervisor, domain: str, path: str, xml: str, running: b
         return
     flags = libvirt.VIR_DOMAIN_SAVE_RUNNING if running else libvirt.VIR_DOMAIN_SAVE_PAUSED
     hv.call(hv.conn.restoreFlags, path, xml, flags, what=f"restoring '{domain}'")
-
-
-def _delete_snapshot(hv: Hypervisor, domain: str, name: str, token: str | None = None) -> None:
-    # `token`: what proves the snapshot is this operation's (checked by _check_snapshot)
-    from tui.core.groups import delete_snapshot
-
-    delete_snapshot(hv, domain, name)
-
-
-UNDO: dict[str, Callable[..., None]] = {
-    "undefine": _undefine,
-    "delete_file": _delete_file,
-    "define": _define,
-    "restore_mode": _restore_mode,
-    "remove_private": _remove_private,
-    "rename": _rename,
-    "redefine_snapshot": _redefine_snapshot,
-    "start": _start,
-    "restore_memory": _restore_memory,
-    "delete_snapshot": _delete_snapshot,  # a group snapshot's member (tui.core.groups)
-}

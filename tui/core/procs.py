@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tui.core import cancel
+from tui.core import cancel, debuglog
 
 _SETPRIV = shutil.which("setpriv")
 
@@ -30,6 +30,7 @@ def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
     if shutil.which(argv[0]) is None and "/" not in argv[0]:
         raise FileNotFoundError(argv[0])
     proc = subprocess.Popen(argv_with_deathsig(argv), start_new_session=True, text=True, **kwargs)
+    debuglog.started(argv, proc.pid)
     proc._virtdeck_forget = cancel.watch_child(proc)  # type: ignore[attr-defined]
     return proc
 
@@ -39,6 +40,7 @@ def finish(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+    debuglog.exited(proc.pid, proc.returncode)
     forget = getattr(proc, "_virtdeck_forget", None)
     if forget is not None:
         forget()

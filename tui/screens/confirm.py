@@ -21,11 +21,12 @@ class ConfirmScreen(ModalScreen[bool]):
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical {
-        width: 70; height: auto; max-height: 90%; padding: 1 2;
+        width: 70; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;
+        overflow-y: auto;
         border: thick $error; background: $surface;
     }
     ConfirmScreen #title { text-style: bold; margin-bottom: 1; }
-    ConfirmScreen #plan { height: auto; max-height: 24; }
+    ConfirmScreen #plan { height: auto; max-height: 50vh; }
     ConfirmScreen #buttons { height: auto; align-horizontal: right; margin-top: 1; }
     ConfirmScreen Button { margin-left: 2; }
     """
@@ -82,12 +83,13 @@ class PlanScreen(ModalScreen["Plan | None"]):
     DEFAULT_CSS = """
     PlanScreen { align: center middle; }
     PlanScreen > Vertical {
-        width: 100; height: auto; max-height: 90%; padding: 1 2;
+        width: 100; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;
+        overflow-y: auto;
         border: thick $accent; background: $surface;
     }
     PlanScreen.destructive > Vertical { border: thick $error; }
     PlanScreen #title { text-style: bold; margin-bottom: 1; }
-    PlanScreen #plan { height: auto; max-height: 30; }
+    PlanScreen #plan { height: auto; max-height: 50vh; }
     PlanScreen #buttons { height: auto; align-horizontal: right; margin-top: 1; }
     PlanScreen Button { margin-left: 2; }
     """

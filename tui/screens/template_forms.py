@@ -31,8 +31,9 @@ from tui.core.identity import DEFAULT_HOSTNAME, Identity
 _FORM_CSS = """
 {cls} {{ align: center middle; }}
 {cls} > Vertical {{
-    width: 80; height: auto; max-height: 90%; padding: 1 2;
+    width: 80; max-width: 100%; height: auto; max-height: 100%; padding: 1 2;
     border: thick $accent; background: $surface;
+    overflow-y: auto;  /* at 80x24 the form scrolls: its buttons stay reachable */
 }}
 {cls} #title {{ text-style: bold; margin-bottom: 1; }}
 {cls} #error {{ color: $error; height: auto; }}
@@ -41,7 +42,7 @@ _FORM_CSS = """
 {cls} Button {{ margin-left: 2; }}
 {cls} SelectionList {{ height: 10; }}
 {cls} RadioSet {{ width: 100%; }}
-{cls} #plan {{ height: auto; max-height: 24; }}
+{cls} #plan {{ height: auto; max-height: 50vh; }}
 """
 
 
@@ -155,7 +156,11 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Static(f"Deploy from '{self.template}'", id="title", markup=False)
+            yield Static(
+                f"Deploy from '{self.template}'  (Enter plans, Esc cancels)",
+                id="title",
+                markup=False,
+            )
             yield Label("Name (with a count above 1: NAME-1 … NAME-N)")
             yield Input(placeholder="e.g. web", id="name")
             yield Label("Count")

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from textual.app import App, SuspendNotSupported
 from textual.message import Message
 
-from tui.core.details import console_command, read_details, run_attached, ssh_command
+from tui.core.details import (
+    console_command,
+    read_details,
+    refuse_demo_ssh,
+    run_attached,
+    ssh_command,
+)
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor
 
@@ -34,6 +40,8 @@ class AttachReady(Message):
 
 def prepare(hv: Hypervisor, name: str, what: str, ssh_user: str = "root") -> AttachReady:
     """In a worker: the command for `what` (CONSOLE or SSH), or a StateError saying why not."""
+    if what != CONSOLE:
+        refuse_demo_ssh(hv)
     details = read_details(hv, name)
     if what == CONSOLE:
         return AttachReady(console_command(details), f"console of '{name}'")

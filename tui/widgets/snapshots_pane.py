@@ -96,6 +96,13 @@ def node_label(node: SnapshotNode) -> Text:
     )
 
 
+#: What the pane says when no connected host has a domain (a newcomer's first screen).
+NO_DOMAINS = (
+    "no domains on the connected hosts: define one (virt-install, virt-manager), then T makes "
+    "it a template and c deploys clones; 'virtdeck --demo' opens a lab to try it"
+)
+
+
 class SnapshotsPane(Pane):
     DEFAULT_CSS = """
     SnapshotsPane { height: 1fr; }
@@ -123,6 +130,7 @@ class SnapshotsPane(Pane):
         self._stale = False
         self._behind = False  # inventory or selection changed while the tab was hidden
         self._error: str | None = None
+        self._no_domains = False
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -131,6 +139,12 @@ class SnapshotsPane(Pane):
             yield tree
             yield Static("", id="snap-details", markup=False)
         yield Static("", id="snap-status", markup=False)
+
+    def on_mount(self) -> None:
+        # The first inventory may have arrived before this pane was mounted (an empty one
+        # is said only once a host answered: before, it is just not read yet).
+        if not self.vapp.domains and any(st.reads for st in self.vapp.hosts.values()):
+            self.inventory_changed([])
 
     # -- the Pane contract ------------------------------------------------------------------
 
@@ -147,6 +161,11 @@ class SnapshotsPane(Pane):
         self._load_if_shown()
 
     def inventory_changed(self, domains: list[DomainInfo]) -> None:
+        empty = not domains
+        if empty != self._no_domains:
+            self._no_domains = empty
+            if self.selected is None:
+                self._draw_tree()
         if self.selected is None:
             return
         key = (self.selected.host, self.selected.name)
@@ -225,7 +244,7 @@ class SnapshotsPane(Pane):
         keep = self.highlighted_name()
         widget.clear()
         if self.selected is None:
-            widget.root.set_label("no domain selected")
+            widget.root.set_label(NO_DOMAINS if self._no_domains else "no domain selected")
             self._details("")
             return
         tree = self.snap_tree

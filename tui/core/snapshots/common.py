@@ -14,14 +14,14 @@ from collections.abc import Iterable
 
 import libvirt
 
-from tui.core import domxml
+from tui.core import domxml, ops
+from tui.core.catalog import backup_owners
 from tui.core.errors import InvalidInputError
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.models import DiskInfo, DiskKind, DomainState
 from tui.core.progress import Progress
 from tui.core.snapshots.tree import SnapshotTree, snapshot_tree
 from tui.core.storage import Files, Resolver, StorageGraph
-from tui.core.templates import backup_owners
 
 
 def validate_snapshot_name(name: str) -> str:
@@ -135,6 +135,12 @@ def redefine(hv: Hypervisor, domain: str, xml: str, *, current: bool) -> None:
     if current:
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
     hv.call(dom.snapshotCreateXML, xml, flags, what=f"updating snapshot metadata of '{domain}'")
+
+
+@ops.undo_kind("redefine_snapshot")
+def undo_redefine(hv: Hypervisor, domain: str, xml: str, current: bool) -> None:
+    """Undo: put a snapshot's metadata (and which one is current) back as it was."""
+    redefine(hv, domain, xml, current=current)
 
 
 def set_snapshot_disks(
