@@ -1,0 +1,208 @@
+"""`virtdeck detach` against the real libvirtd (both daemons): a thin clone becomes full.
+
+Shut off: its chain is converted into a new image, the definition switched, the old overlay
+removed. Running (a no-OS domain: a block job needs no guest): the base is pulled in live,
+with writes made through QEMU during the pull; SIGTERM during the pull aborts the job and
+leaves the clone thin and running. Afterwards `qemu-img info` shows no backing file, the
+patterns written before read back, the template's base is unchanged and the template can be
+removed once its last clone is detached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab import SystemLab
+from tests.test_snapshots_system import cli, disk_paths, has_pattern, io_write, live_write
+from tui.core import detach
+from tui.core.clones import execute_clone, plan_clone, plan_remove
+from tui.core.errors import DependencyError
+from tui.core.hypervisor import Hypervisor
+from tui.core.models import DomainState
+from tui.core.templates import execute_template, plan_template
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_PATTERN = 0xAB
+MIB = 1024**2
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def info(path: str) -> dict:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", path],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return json.loads(out)
+
+
+def template_with_clones(
+    lab: SystemLab, count: int = 1, base_mib: int = 0
+) -> tuple[str, str, list[str]]:
+    """A template whose base holds BASE_PATTERN at 0 (and `base_mib` MiB of random data from
+    8 MiB on, so a pull takes a while), and `count` thin clones, shut off:
+    (template, base, clones)."""
+    hv = lab.hv
+    disk = lab.disk("base.qcow2", size="1G")
+    io_write(disk, BASE_PATTERN)
+    if base_mib:
+        raw = lab.dir / "payload.raw"
+        with open(raw, "wb") as fh:
+            subprocess.run(["head", "-c", str(base_mib * MIB), "/dev/urandom"], stdout=fh,
+                           check=True)  # fmt: skip
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", "-c", f"write -s {raw} 8M {base_mib}M", disk],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        raw.unlink()
+    src = lab.define("src", [(disk, "qcow2")])
+    backups = lab.dir / "backups"
+    tname = lab.name("tpl")
+    execute_template(hv, plan_template(hv, src, name=tname, seal=False, backup_dir=backups))
+    plan = plan_clone(hv, tname, lab.name("c"), count=count, allow_unsealed=True,
+                      backup_dir=backups)  # fmt: skip
+    names = list(execute_clone(hv, plan))
+    hv.invalidate()
+    return tname, disk, names
+
+
+def assert_full(hv: Hypervisor, name: str) -> str:
+    path = disk_paths(hv, name)[0]
+    facts = info(path)
+    assert "backing-filename" not in facts, facts
+    assert hv.domain(name).meta.mode == "full"
+    return path
+
+
+def test_detach_shut_off_clone(lab: SystemLab, capsys: pytest.CaptureFixture[str]) -> None:
+    hv = lab.hv
+    tname, base, (name,) = template_with_clones(lab)
+    base_sum = sha256(base)
+    overlay = disk_paths(hv, name)[0]
+    io_write(overlay, 0x5C, offset=4 * MIB)  # the clone's own data
+    # The template cannot go while its clone builds on it.
+    with pytest.raises(DependencyError):
+        plan_remove(hv, tname, storage=True, backup_dir=lab.dir / "backups")
+    code, out, err = cli(hv, capsys, "detach", name, "--dry-run")
+    assert code == 0 and "converted into a new standalone image" in err, err
+    assert disk_paths(hv, name) == [overlay]
+    code, out, err = cli(hv, capsys, "detach", name)
+    assert code == 0, err
+    assert "detached" in out
+    path = assert_full(hv, name)
+    assert path != overlay and os.path.dirname(path) == os.path.dirname(overlay)
+    assert not os.path.exists(overlay)  # the old overlay removed last
+    assert has_pattern(path, BASE_PATTERN) and has_pattern(path, 0x5C, 4 * MIB)
+    assert sha256(base) == base_sum
+    code, _, err = cli(hv, capsys, "detach", name)
+    assert code == 1 and "already full" in err
+    # Its last clone is full: the template (and its base) can go; the clone still reads.
+    code, _, err = cli(hv, capsys, "rm", tname, "--storage", "--backup-dir",
+                       str(lab.dir / "backups"))  # fmt: skip
+    assert code == 0, err
+    assert not os.path.exists(base)
+    assert has_pattern(path, BASE_PATTERN)
+    hv.start(name)
+    assert hv.domain(name).state is DomainState.RUNNING
+
+
+def test_detach_running_clone_while_qemu_writes(
+    lab: SystemLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second clone stays thin: the template is refused, then allowed once it is gone."""
+    hv = lab.hv
+    tname, base, (name, other) = template_with_clones(lab, count=2, base_mib=64)
+    base_sum = sha256(base)
+    overlay = disk_paths(hv, name)[0]
+    io_write(overlay, 0x5C, offset=4 * MIB)
+    hv.start(name)
+    plan = detach.plan_detach(hv, name)
+    assert plan.live and plan.disks[0].path == overlay
+    dom = hv.conn.lookupByName(name)
+    written: list[bool] = []
+
+    def progress(message: str, fraction: float | None) -> None:
+        # Mid-pull, slowed down so the write lands before the pull ends: a guest write.
+        if not written and dom.blockJobInfo("vda", 0):
+            dom.blockJobSetSpeed("vda", 8, 0)  # MiB/s
+            live_write(hv, name, 0x77)  # at offset 0: over the base's pattern
+            dom.blockJobSetSpeed("vda", 0, 0)
+            written.append(True)
+
+    assert detach.execute_detach(hv, plan, progress) == [overlay]
+    assert written
+    assert hv.domain(name).state is DomainState.RUNNING
+    assert assert_full(hv, name) == overlay
+    assert has_pattern(overlay, 0x77) and has_pattern(overlay, 0x5C, 4 * MIB)
+    assert sha256(base) == base_sum
+    with pytest.raises(DependencyError):
+        plan_remove(hv, tname, storage=True, backup_dir=lab.dir / "backups")
+    hv.destroy(name)
+    assert has_pattern(overlay, 0x77)  # after QEMU let go: the header has no backing either
+    assert "backing-filename" not in info(overlay)
+    code, _, err = cli(hv, capsys, "rm", other, "--storage")
+    assert code == 0, err
+    code, _, err = cli(hv, capsys, "rm", tname, "--storage", "--backup-dir",
+                       str(lab.dir / "backups"))  # fmt: skip
+    assert code == 0, err
+
+
+def test_sigterm_during_a_live_detach_leaves_the_clone_thin_and_running(
+    lab: SystemLab, tmp_path: Path
+) -> None:
+    hv = lab.hv
+    _, base, (name,) = template_with_clones(lab, base_mib=64)
+    overlay = disk_paths(hv, name)[0]
+    hv.start(name)
+    dom = hv.conn.lookupByName(name)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tui", "-c", hv.uri, "detach", name],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not dom.blockJobInfo("vda", 0):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the pull never started"
+            time.sleep(0.002)
+        dom.blockJobSetSpeed("vda", 1, 0)  # 1 MiB/s: it is still pulling when the signal lands
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "interrupted" in err, err
+    assert not dom.blockJobInfo("vda", 0)  # the job was aborted
+    hv.invalidate()
+    assert hv.domain(name).state is DomainState.RUNNING
+    assert disk_paths(hv, name) == [overlay]
+    assert info(overlay)["backing-filename"] == base  # still thin
+    assert hv.domain(name).meta.mode == "thin"
+    assert has_pattern(overlay, BASE_PATTERN)
+    assert not list((tmp_path / "state" / "virtdeck" / "journal").glob("*.json"))
+
+
+def test_detach_refuses_a_clone_with_snapshots(lab: SystemLab) -> None:
+    hv = lab.hv
+    _, _, (name,) = template_with_clones(lab)
+    hv.conn.lookupByName(name).snapshotCreateXML("<domainsnapshot><name>s1</name></domainsnapshot>")
+    with pytest.raises(DependencyError, match="has snapshots .s1."):
+        detach.plan_detach(hv, name)
