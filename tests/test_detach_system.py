@@ -206,3 +206,61 @@ def test_detach_refuses_a_clone_with_snapshots(lab: SystemLab) -> None:
     hv.conn.lookupByName(name).snapshotCreateXML("<domainsnapshot><name>s1</name></domainsnapshot>")
     with pytest.raises(DependencyError, match="has snapshots .s1."):
         detach.plan_detach(hv, name)
+
+
+# -- clone --from-snapshot ---------------------------------------------------------------------
+
+
+def vm_facts(hv: Hypervisor, name: str) -> tuple[str, list[str], str | None, list[str]]:
+    """What must not change: the definition, the snapshot names, the current one, the disks."""
+    dom = hv.conn.lookupByName(name)
+    current = dom.snapshotCurrent(0).getName() if dom.hasCurrentSnapshot(0) else None
+    names = sorted(s.getName() for s in dom.listAllSnapshots(0))
+    return dom.XMLDesc(2), names, current, disk_paths(hv, name)
+
+
+@pytest.mark.parametrize("kind", ["internal", "external"])
+def test_clone_from_a_snapshot_reads_its_data(
+    lab: SystemLab, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    hv = lab.hv
+    vm = lab.define("src")
+    io_write(disk_paths(hv, vm)[0], 0x11)
+    extra = ["--external"] if kind == "external" else []
+    code, _, err = cli(hv, capsys, "snapshot", "create", vm, "s1", *extra)
+    assert code == 0, err
+    io_write(disk_paths(hv, vm)[0], 0x22)  # after the snapshot: the current state
+    before = vm_facts(hv, vm)
+    sums = {str(p): sha256(str(p)) for p in lab.dir.iterdir() if p.is_file()}
+    code, _, err = cli(hv, capsys, "clone", "--from-snapshot", vm, "s1", lab.name("thin"),
+                       "--count", "2")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli(hv, capsys, "clone", "--from-snapshot", vm, "s1", lab.name("full"),
+                       "--full")  # fmt: skip
+    assert code == 0, err
+    thin = [disk_paths(hv, lab.name(f"thin-{i}"))[0] for i in (1, 2)]
+    full = disk_paths(hv, lab.name("full"))[0]
+    for path in [*thin, full]:
+        assert has_pattern(path, 0x11), path
+    assert "backing-filename" not in info(full)
+    base = info(thin[0])["backing-filename"]
+    assert base == info(thin[1])["backing-filename"]
+    if kind == "internal":
+        assert base not in sums
+        assert os.stat(base).st_mode & 0o222 == 0  # read-only like a template's base
+    else:
+        assert base in {str(p) for p in sums}  # the layer the snapshot froze
+    # The VM: same definition, tree, current snapshot, disks and data; no file of it changed.
+    assert vm_facts(hv, vm) == before
+    assert has_pattern(disk_paths(hv, vm)[0], 0x22)
+    assert {p: sha256(str(p)) for p in sums} == sums
+    # A clone boots its own way: start and write, the VM's files still unchanged.
+    hv.start(lab.name("thin-1"))
+    assert hv.domain(lab.name("thin-1")).state is DomainState.RUNNING
+    assert {p: sha256(str(p)) for p in sums} == sums
+    # Deleting the snapshot afterwards keeps what the clones build on.
+    hv.destroy(lab.name("thin-1"))
+    code, _, err = cli(hv, capsys, "snapshot", "delete", vm, "s1")
+    for path in thin:
+        assert has_pattern(path, 0x11), (code, err)
+    assert has_pattern(disk_paths(hv, vm)[0], 0x22)
