@@ -264,3 +264,42 @@ def test_clone_from_a_snapshot_reads_its_data(
     for path in thin:
         assert has_pattern(path, 0x11), (code, err)
     assert has_pattern(disk_paths(hv, vm)[0], 0x22)
+
+
+def test_sigterm_during_a_shut_off_detach_leaves_the_finished_result_or_nothing(
+    lab: SystemLab, tmp_path: Path
+) -> None:
+    """The signal lands once the new image appeared (the copy under way, or just done):
+    afterwards the clone is either still thin on its overlay with no new file, or full on the
+    new one with the overlay gone; never both, never neither; no journal left."""
+    hv = lab.hv
+    _, base, (name,) = template_with_clones(lab, base_mib=256)
+    overlay = disk_paths(hv, name)[0]
+    new = overlay.replace(".qcow2", "-full.qcow2")
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tui", "-c", hv.uri, "detach", name],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(new) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the copy never started"
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err, err
+    now = disk_paths(hv, name)
+    if now == [overlay]:
+        assert proc.returncode == 143 and "interrupted" in err, err
+        assert not os.path.exists(new)
+        assert info(overlay)["backing-filename"] == base
+    else:
+        assert now == [new] and not os.path.exists(overlay), (now, err)
+        assert "backing-filename" not in info(new)
+    assert has_pattern(now[0], BASE_PATTERN)
+    assert not list((tmp_path / "state" / "virtdeck" / "journal").glob("*.json"))
