@@ -111,6 +111,10 @@ def test_detach_shut_off_clone(lab: SystemLab, capsys: pytest.CaptureFixture[str
     assert sha256(base) == base_sum
     code, _, err = cli(hv, capsys, "detach", name)
     assert code == 1 and "already full" in err
+    code, out, err = cli(hv, capsys, "usage", "--json")
+    assert code == 0, err
+    (tpl,) = [t for t in json.loads(out)["templates"] if t["name"] == tname]
+    assert [c["domain"] for c in tpl["full"]] == [name] and tpl["thin"] == [], tpl
     # Its last clone is full: the template (and its base) can go; the clone still reads.
     code, _, err = cli(hv, capsys, "rm", tname, "--storage", "--backup-dir",
                        str(lab.dir / "backups"))  # fmt: skip
