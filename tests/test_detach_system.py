@@ -5,7 +5,11 @@ removed. Running (a no-OS domain: a block job needs no guest): the base is pulle
 with writes made through QEMU during the pull; SIGTERM during the pull aborts the job and
 leaves the clone thin and running. Afterwards `qemu-img info` shows no backing file, the
 patterns written before read back, the template's base is unchanged and the template can be
-removed once its last clone is detached.
+removed once its last clone is detached. One test detaches the real Debian guest (TCG, host
+daemon) while a loop inside it writes and syncs.
+
+`clone --from-snapshot` of an internal and of an external snapshot: the clones read the
+snapshot's data; the VM's definition, tree, current snapshot, disks and files are unchanged.
 """
 
 from __future__ import annotations
@@ -307,3 +311,37 @@ def test_sigterm_during_a_shut_off_detach_leaves_the_finished_result_or_nothing(
         assert "backing-filename" not in info(new)
     assert has_pattern(now[0], BASE_PATTERN)
     assert not list((tmp_path / "state" / "virtdeck" / "journal").glob("*.json"))
+
+
+def test_detach_a_running_real_guest_while_it_writes(host_lab: SystemLab) -> None:
+    """The small Debian guest (TCG, host daemon only: its cached image lives outside the
+    image directories the other daemon shares) on a thin overlay, a loop inside it writing
+    and syncing a file; detached live; it keeps running and writing, its overlay stands
+    alone, and the cached image it was built on is unchanged."""
+    from tests import guest
+
+    hv = host_lab.hv
+    image = guest.build()
+    cached_sum = sha256(str(image.disk))
+    overlay = str(host_lab.dir / "g.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                    str(image.disk), overlay], check=True)  # fmt: skip
+    name = host_lab.name("g")
+    hv.define(guest.domain_xml(name, image, overlay))
+    hv.start(name)
+    dom = hv.conn.lookupByName(name)
+    loop = "i=0; while :; do i=$((i+1)); echo $i > /root/w; sync; done"
+    code, _ = guest.agent_run(dom, f"nohup sh -c '{loop}' >/dev/null 2>&1 &")
+    assert code == 0
+    code, before = guest.agent_run(dom, "cat /root/w")
+    assert code == 0 and int(before) > 0
+    plan = detach.plan_detach(hv, name)
+    assert plan.live
+    detach.execute_detach(hv, plan)
+    assert "backing-filename" not in info(overlay)
+    code, after = guest.agent_run(dom, "sleep 1; cat /root/w")
+    assert code == 0 and int(after) > int(before)  # still writing, on the detached disk
+    hv.destroy(name)
+    out = subprocess.run(["qemu-img", "check", overlay], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sha256(str(image.disk)) == cached_sum
