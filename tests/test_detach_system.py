@@ -345,3 +345,40 @@ def test_detach_a_running_real_guest_while_it_writes(host_lab: SystemLab) -> Non
     out = subprocess.run(["qemu-img", "check", overlay], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert sha256(str(image.disk)) == cached_sum
+
+
+def test_clone_from_a_snapshot_gets_its_own_identity(
+    host_lab: SystemLab, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The real guest (host daemon, virt-customize under TCG, ~40 s): an internal snapshot of
+    a shut-off VM, one clone of it with --hostname-template and --ssh-key; the clone's disk
+    has them, the VM's image is unchanged."""
+    from tests import guest
+    from tests.test_identity_system import guestfish_cat
+    from tui.cli import main
+
+    lab = host_lab
+    image = guest.build()
+    disk = str(lab.dir / "vm.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                    str(image.disk), disk], check=True)  # fmt: skip
+    vm = lab.name("vm")
+    lab.hv.define(guest.domain_xml(vm, image, disk))
+    assert main(["-c", lab.hv.uri, "snapshot", "create", vm, "s1"]) == 0
+    before = sha256(disk)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ops@snap",
+                    "-f", str(tmp_path / "k")], check=True)  # fmt: skip
+    key = (tmp_path / "k.pub").read_text().strip()
+    name = lab.name("c")
+    rc = main(["-c", lab.hv.uri, "clone", "--from-snapshot", vm, "s1", name,
+               "--hostname-template", "{name}.lab",
+               "--ssh-key", str(tmp_path / "k.pub")])  # fmt: skip
+    err = capfd.readouterr().err
+    assert rc == 0, err
+    assert f"identity: hostname {name}.lab; ssh key for root (ed25519 ops@snap)" in err
+    files = ["/etc/hostname", "/root/.ssh/authorized_keys"]
+    ((hostname, keys),) = guestfish_cat([disk_paths(lab.hv, name)[0]], files)
+    assert hostname.strip() == f"{name}.lab" and key in keys.splitlines()
+    assert sha256(disk) == before
+    meta = lab.hv.domain(name).meta
+    assert meta.role == "clone" and meta.complete and meta.source == f"{vm}@s1"

@@ -4,10 +4,12 @@ tui.core.snapclone), planned and carried out like `clone`."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tui.cli import carry_out, find_domain, stderr_progress
 from tui.core import snapclone
 from tui.core.hypervisor import Hypervisor
+from tui.core.identity import Identity, IdentityError
 
 
 def cmd_clone_snapshot(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
@@ -20,9 +22,6 @@ def cmd_clone_snapshot(args: argparse.Namespace, hypervisors: list[Hypervisor]) 
         for opt, given in (
             ("--start", args.start),
             ("--dir", args.dir),
-            ("--hostname-template", args.hostname_template),
-            ("--ssh-key", args.ssh_key),
-            ("--first-boot", args.first_boot),
         )
         if given
     ]
@@ -30,8 +29,21 @@ def cmd_clone_snapshot(args: argparse.Namespace, hypervisors: list[Hypervisor]) 
         args.parser_error(f"--from-snapshot does not take {', '.join(unsupported)} (yet)")
     vm, snap = args.from_snapshot
     name = args.template  # the one positional
-    hv = find_domain(hypervisors, vm)
-    plan = snapclone.plan_snapshot_clone(hv, vm, snap, name, count=args.count, full=args.full)
+    try:  # a bad key file or a contradiction is a usage error (exit 2), before any lookup
+        who = Identity.from_options(
+            hostname_template=args.hostname_template,
+            keep_hostname=args.keep_hostname,
+            ssh_key_files=args.ssh_key,
+            ssh_user=args.ssh_user,
+            first_boot=args.first_boot,
+        )
+        hv = find_domain(hypervisors, vm)
+        plan = snapclone.plan_snapshot_clone(
+            hv, vm, snap, name, count=args.count, full=args.full, identity=who
+        )
+    except IdentityError as err:
+        print(f"virtdeck: {err}", file=sys.stderr)
+        return 2
     return carry_out(
         args,
         plan,

@@ -36,6 +36,14 @@ from tui.core.clones import (
 )
 from tui.core.errors import InvalidInputError, NotFoundError, StateError
 from tui.core.hypervisor import Hypervisor
+from tui.core.identity import (
+    Customisation,
+    Identity,
+    IdentityError,
+    check_hostname,
+    customise_all,
+    require_tool,
+)
 from tui.core.models import VirtdeckMeta
 from tui.core.progress import Progress, no_progress
 from tui.core.storage import Files, LocalFiles, Resolver, files_for, require_local
@@ -59,6 +67,7 @@ class SnapItem:
     uuid: str
     disks: tuple[tuple[str, str], ...]  # (target, path)
     xml: str
+    customise: Customisation | None = None  # its hostname, SSH keys, first-boot commands
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,8 @@ class SnapClonePlan(ops.PlanDefaults):
         lines.extend(f"new read-only base {p}" for p in self.exports)
         for item in self.items:
             lines.append(f"{item.name}  uuid {item.uuid}")
+            if item.customise is not None:
+                lines.append(f"  identity: {item.customise.line()}")
             for (target, path), d in zip(item.disks, self.disks, strict=True):
                 how = f"overlay on {d.base}" if self.mode == "thin" else "standalone copy"
                 lines.append(f"  {target}: {path} ({how})")
@@ -108,7 +119,15 @@ class SnapClonePlan(ops.PlanDefaults):
             "mode": self.mode,
             "disks": [d.__dict__ for d in self.disks],
             "exports": list(self.exports),
-            "items": [{"name": i.name, "uuid": i.uuid, "disks": dict(i.disks)} for i in self.items],
+            "items": [
+                {
+                    "name": i.name,
+                    "uuid": i.uuid,
+                    "disks": dict(i.disks),
+                    "customise": i.customise.to_json() if i.customise else None,
+                }
+                for i in self.items
+            ],
             "bytes_needed": self.bytes_needed,
         }
 
@@ -122,8 +141,10 @@ def plan_snapshot_clone(
     count: int = 1,
     full: bool = False,
     rng: random.Random | None = None,
+    identity: Identity | None = None,
 ) -> SnapClonePlan:
-    """Validate and describe the clones; nothing is written."""
+    """Validate and describe the clones; nothing is written. `identity`: what each clone gets
+    of its own (tui.core.identity: only what is asked for; the hostname stays by default)."""
     from tui.core.snapshots import common
     from tui.core.snapshots.tree import snapshot_tree
 
@@ -180,8 +201,16 @@ def plan_snapshot_clone(
         disks.append(SnapDisk(d.target, d.snapshot, d.image, fmt, base, need))
     if not disks:
         raise InvalidInputError(f"snapshot '{snapshot}' of '{vm}' holds no disk image to clone")
+    who = identity or Identity()
+    if who.explicit:
+        if not hv.local:
+            raise IdentityError(
+                f"cannot give clones on {hv.uri} their own identity: virt-customize writes "
+                "the clone's disk on this machine; drop --hostname-template/--ssh-key/--first-boot"
+            )
+        require_tool()
     taken_macs = _all_macs(hv)
-    items = []
+    items: list[SnapItem] = []
     meta = VirtdeckMeta(
         role="clone",
         created=now_iso(),
@@ -212,7 +241,17 @@ def plan_snapshot_clone(
                 nvram_present=False,
             ),
         )
-        items.append(SnapItem(n, uuid, tuple(paths), out.xml))
+        custom = None
+        if who.explicit:
+            custom = Customisation(
+                images=tuple((p, "qcow2") for _, p in paths),
+                hostname=None
+                if who.hostname is None
+                else check_hostname(who.hostname.format(name=n, n=len(items) + 1), n),
+                ssh_keys=who.ssh_keys,
+                first_boot=who.first_boot,
+            )
+        items.append(SnapItem(n, uuid, tuple(paths), out.xml, custom))
     per_clone = sum(sd.bytes_needed if full else OVERLAY_BYTES for sd in disks)
     needed = per_clone * len(items) + sum(sd.bytes_needed for sd in disks if sd.base in exports)
     where = os.path.dirname(disks[0].image)
@@ -291,7 +330,13 @@ def execute_snapshot_clone(
                                 files.copy(d.base, path, src_fmt=d.image_format,
                                            dst_fmt="qcow2", progress=progress,
                                            label=f"{item.name}: copying")  # fmt: skip
-                    _mark_complete(hv, item.name)
+                    if item.customise is None:
+                        _mark_complete(hv, item.name)
+                work = [(i.name, i.customise) for i in plan.items if i.customise is not None]
+                if work:
+                    customise_all(work, progress)
+                    for name, _ in work:
+                        _mark_complete(hv, name)
                 undo.commit()
         finally:
             hv.invalidate()
