@@ -382,3 +382,20 @@ def test_clone_from_a_snapshot_gets_its_own_identity(
     assert sha256(disk) == before
     meta = lab.hv.domain(name).meta
     assert meta.role == "clone" and meta.complete and meta.source == f"{vm}@s1"
+
+
+def test_detach_every_clone_of_a_template(
+    lab: SystemLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hv = lab.hv
+    tname, base, names = template_with_clones(lab, count=2)
+    code, out, err = cli(hv, capsys, "detach", "--template", tname)
+    assert code == 0, err
+    for name in names:
+        assert f"{name}: detached" in out
+        assert has_pattern(assert_full(hv, name), BASE_PATTERN)
+    code, _, err = cli(hv, capsys, "detach", "--template", tname)
+    assert code == 1 and "nothing to detach" in err and "already full" in err, err
+    with pytest.raises(SystemExit) as exit_:  # a usage error (argparse's exit 2)
+        cli(hv, capsys, "detach")
+    assert exit_.value.code == 2

@@ -437,3 +437,59 @@ def _abort(hv: Hypervisor, dom: Any, target: str, what: str) -> None:
         except VirtdeckError:
             return
         time.sleep(POLL)
+
+
+@dataclass(frozen=True)
+class GroupDetachPlan(ops.PlanDefaults):
+    """Several clones detached one after another, each on its own (one atomic detach each):
+    a failure stops the group there; those before it stay detached, the failed one is as
+    it was, those after it are not touched. Clones already full are skipped (said)."""
+
+    host: str  # the first member's (every plan names its own)
+    plans: tuple[DetachPlan, ...]
+    skipped: tuple[str, ...] = ()  # "name: why" of the members with nothing to do
+
+    @property
+    def title(self) -> str:
+        return f"Detach {len(self.plans)} clone(s) from their bases (thin → full)?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Detach"
+
+    def summary(self) -> list[str]:
+        lines = [line for p in self.plans for line in p.summary()]
+        lines += [f"skipped {s}" for s in self.skipped]
+        if len(self.plans) > 1:
+            lines.append(
+                "one after another: a failure stops there (those before stay detached, the "
+                "failed one stays as it was)"
+            )
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plans": [p.to_json() for p in self.plans], "skipped": list(self.skipped)}
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        done = []
+        for p in self.plans:  # those of `hv` (the CLI runs each member on its own host)
+            if p.host == hv.uri:
+                execute_detach(hv, p, progress)
+                done.append(p.domain)
+        return f"detached {', '.join(done)}: no longer building on a base"
+
+
+def plan_group_detach(members: list[tuple[Hypervisor, str]]) -> GroupDetachPlan:
+    """Every member planned first (a refusal refuses the group, nothing done); a member that
+    is already full is skipped."""
+    plans, skipped = [], []
+    for hv, name in members:
+        try:
+            plans.append(plan_detach(hv, name))
+        except InvalidInputError as err:
+            if "already full" not in str(err):
+                raise
+            skipped.append(f"{name}: already full")
+    if not plans:
+        raise InvalidInputError("nothing to detach: " + "; ".join(skipped or ["no domain"]))
+    return GroupDetachPlan(plans[0].host, tuple(plans), tuple(skipped))
