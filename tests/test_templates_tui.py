@@ -222,3 +222,30 @@ async def test_full_deploy_reports_progress_and_makes_an_independent_copy(
     assert "backing-filename" not in info
     assert seen and seen[-1][1] == 1.0
     assert any(text.startswith("defining 'db'") for text, _ in seen)
+
+
+async def test_detach_key_makes_a_thin_clone_full(lab: Lab) -> None:
+    """F on a shut-off thin clone: the plan first, then a standalone image, the overlay gone,
+    the template's thin count down to 0."""
+    from tui.core.clones import execute_clone, plan_clone
+
+    execute_clone(lab.hv, plan_clone(lab.hv, "template-base", "www"))
+    overlay = lab.images / "www.qcow2"
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        await wait_for(pilot, lambda: cell(pane, "template-base", "Thin") == "1")
+        await select(app, pilot, pane, "www")
+        await pilot.press("F")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
+        plan_text = str(app.screen.query_one("#body", Static).render())
+        assert str(lab.images / "www-full.qcow2") in plan_text
+        assert not (lab.images / "www-full.qcow2").exists()  # nothing before "y"
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not pane.busy and not overlay.exists())
+        info = json.loads(subprocess.run(
+            ["qemu-img", "info", "--output=json", str(lab.images / "www-full.qcow2")],
+            check=True, capture_output=True, text=True).stdout)  # fmt: skip
+        assert "backing-filename" not in info
+        await wait_for(pilot, lambda: cell(pane, "template-base", "Thin") == "0")
+        assert os.path.exists(lab.base)

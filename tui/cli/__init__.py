@@ -63,6 +63,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ssh": ("details", "ssh to a running domain's first address"),
     "template": ("templates", "make and list templates"),
     "clone": ("templates", "deploy thin (default) or full clones of a template"),
+    "detach": ("detach", "make a thin clone full: its disks stop building on the template's base"),
     "rm": ("templates", "remove a domain or template (refused while thin clones depend on it)"),
     "snapshot": ("snapshots", "snapshot trees: list, create, revert, delete"),
     "rollback": ("snapshots", "revert domains to their current snapshot"),

@@ -89,9 +89,20 @@ def register(sub: Any) -> None:
     ls.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
     ls.set_defaults(handler=cmd_ls)
 
-    p = sub.add_parser("clone", help="deploy thin (default) or full clones of a template")
+    p = sub.add_parser(
+        "clone",
+        help="deploy thin (default) or full clones of a template",
+        usage="%(prog)s [options] TEMPLATE NAME | --from-snapshot VM SNAP NAME [options]",
+    )
     p.add_argument("template", metavar="TEMPLATE")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument(
+        "--from-snapshot",
+        nargs=2,
+        metavar=("VM", "SNAP"),
+        help="clones of VM's disks as they were at its snapshot SNAP (then NAME is the only "
+        "positional): no template is made, VM and its snapshots stay as they are",
+    )
     p.add_argument("--full", action="store_true", help="independent full copy (qemu-img convert)")
     p.add_argument(
         "--count",
@@ -140,7 +151,7 @@ def register(sub: Any) -> None:
         help="a shell command each clone runs once at its first boot (repeatable, in order)",
     )
     add_plan_options(p)
-    p.set_defaults(handler=cmd_clone)
+    p.set_defaults(handler=cmd_clone, parser_error=p.error)
 
     p = sub.add_parser(
         "rm", help="remove a domain or template (refused while thin clones depend on it)"
@@ -277,6 +288,10 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
 
 
 def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    if args.from_snapshot or args.name is None:  # tui.cli.snapclone
+        from tui.cli.snapclone import cmd_clone_snapshot
+
+        return cmd_clone_snapshot(args, hypervisors)
     try:  # a bad key file or a contradiction is a usage error (exit 2), before any lookup
         who = Identity.from_options(
             hostname_template=args.hostname_template,

@@ -44,6 +44,7 @@ _WHEN: dict[str, Callable[[DomainInfo], bool]] = {
     "snapshot.rollback": lambda d: not d.is_template,
     "template.make": lambda d: not d.is_template,
     "template.delete": lambda d: True,
+    "template.detach": lambda d: d.meta.role == "clone" and d.meta.mode == "thin",
 }
 
 

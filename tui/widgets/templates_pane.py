@@ -1,6 +1,7 @@
 """The Templates pane: every template with its base images, sizes, seal and clones, and the
-keys that make a template (T), deploy clones (c), delete a domain (x) and copy the
-highlighted template to the next connected host (y).
+keys that make a template (T), deploy clones (c), delete a domain (x), copy the
+highlighted template to the next connected host (y) and detach the selected thin clone from
+its base (F: it becomes full).
 
 The list comes from tui.core.templates.list_templates in a thread worker; it is reloaded when
 the inventory's shape changes (names, roles, disks) and, while its tab is shown, at most every
@@ -133,6 +134,7 @@ class TemplatesPane(Pane):
         Binding("c", "pane('templates', 'deploy')", "Deploy", id="template.deploy"),
         Binding("x", "pane('templates', 'delete')", "Delete VM", id="template.delete"),
         Binding("y", "pane('templates', 'copy')", "Copy to host", id="template.copy"),
+        Binding("F", "pane('templates', 'detach')", "Detach (full)", id="template.detach"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -349,6 +351,14 @@ class TemplatesPane(Pane):
         if self._begin():
             self._plan_remove(self.hypervisor(info.host), info.name)
 
+    def action_detach(self) -> None:
+        info = self.selected
+        if info is None:
+            self.notify("select a clone first", severity="warning")
+            return
+        if self._begin():
+            self._plan_detach(self.hypervisor(info.host), info.name)
+
     # -- workers ----------------------------------------------------------------------------
 
     def _progress(self) -> Progress:
@@ -425,6 +435,12 @@ class TemplatesPane(Pane):
             hv, name, storage=True, backup_dir=self.backup_dir, others=self.vapp.hypervisors
         )
         self.post_message(Planned(replace(plan, ask=True)))
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="detach plan")
+    def _plan_detach(self, hv: Hypervisor, name: str) -> None:
+        from tui.core import detach
+
+        self.post_message(Planned(detach.plan_detach(hv, name)))
 
     def on_planned(self, message: Planned) -> None:
         self.confirm_plan(message.plan)

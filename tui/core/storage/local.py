@@ -157,6 +157,17 @@ class LocalFiles:
             src, dst, src_fmt=src_fmt, dst_fmt=dst_fmt, progress=progress, label=label
         )
 
+    def export_snapshot(self, src: str, snapshot: str, dst: str) -> None:
+        """The state of internal snapshot `snapshot` of `src` into the new file `dst`."""
+        self._new(dst)
+        _regular(src, self.operation)
+        try:
+            self.qemu_img.export_snapshot(src, snapshot, dst)
+        except BaseException:
+            if os.path.lexists(dst):
+                os.unlink(dst)
+            raise
+
     def copy_file(self, src: str, dst: str) -> None:
         """Copy a small file byte for byte (a template's NVRAM variables) to the new file
         `dst`, mode 0600 as libvirt keeps NVRAM (it hands it to QEMU's user at start). Never

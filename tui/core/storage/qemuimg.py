@@ -109,6 +109,12 @@ class QemuImg:
             raise OperationError(f"qemu-img convert failed: {last_line(err)}")
         progress(label, 1.0)
 
+    def export_snapshot(self, path: str, snapshot: str, dst: str) -> None:
+        """The state of internal snapshot `snapshot` of the qcow2 `path`, read-only, into the
+        new standalone qcow2 `dst` (`path` is only read)."""
+        self.run("convert", "-f", "qcow2", "-l", f"snapshot.name={snapshot}", "-O", "qcow2",
+                 path, dst)  # fmt: skip
+
     def commit(self, path: str, fmt: str = "qcow2") -> None:
         """Write the overlay `path` into its backing file (the overlay is left emptied)."""
         self.run("commit", "-q", "-f", fmt, path)
