@@ -114,6 +114,8 @@ class Template:
     full_clones: tuple[str, ...]
     incomplete_clones: tuple[str, ...] = ()  # interrupted before their disks were whole
     sealing: tuple[str, ...] | None = None  # what sealing added (tui.core.sealing); None: unknown
+    family: str | None = None  # the first template of its versions (tui.core.versions)
+    version: int = 1
 
     @property
     def first_boot(self) -> FirstBoot:
@@ -293,6 +295,8 @@ def list_templates(
                 full_clones=tuple(full),
                 incomplete_clones=tuple(incomplete),
                 sealing=meta.sealing,
+                family=meta.family,
+                version=meta.version or 1,
             )
         )
     out.sort(key=lambda t: t.name)

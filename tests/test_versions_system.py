@@ -1,0 +1,117 @@
+"""Template versions on the real libvirt daemons: update, seal (no virt-sysprep: fast) into
+version 2, old clones untouched, new clones on the new version, removal refused while used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.lab import SystemLab
+from tests.test_templates_system import unsealed_template
+from tui.cli import main
+from tui.core import versions
+from tui.core.clones import execute_clone, execute_remove, plan_clone, plan_remove
+from tui.core.errors import DependencyError
+from tui.core.templates import execute_template, list_templates
+
+pytestmark = pytest.mark.system
+
+OFFSET, LENGTH = "63M", "64k"  # past what mkfs.ext4 -d wrote into the 64 MiB guest disk
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def reads(path: str, pattern: int) -> bool:
+    """Whether the image (through its chain) reads `pattern` at OFFSET (qemu-io -r)."""
+    run = subprocess.run(
+        ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -P {pattern:#x} {OFFSET} {LENGTH}", path],
+        capture_output=True,
+        text=True,
+    )
+    if "Pattern verification failed" in run.stdout + run.stderr:
+        return False
+    assert run.returncode == 0, run.stderr  # a read error is not "another pattern"
+    return True
+
+
+def own_data(path: str) -> int:
+    """Bytes of guest data the image itself holds (not its backing chain): qemu-img map."""
+    out = subprocess.run(
+        ["qemu-img", "map", "-U", "--output=json", path], capture_output=True, check=True
+    ).stdout
+    return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["data"])
+
+
+def disk_of(lab: SystemLab, name: str) -> str:
+    path = lab.hv.domain(name).disks[0].path
+    assert path is not None
+    return path
+
+
+def test_update_seal_version_2_keeps_old_clones_and_base(
+    lab: SystemLab, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backups = lab.dir / "backups"
+    tname, base = unsealed_template(lab, tmp_path)
+    before = sha256(base)
+    old = plan_clone(lab.hv, tname, lab.name("old"), count=3, allow_unsealed=True)
+    execute_clone(lab.hv, old)
+
+    update = versions.plan_update(lab.hv, tname, backup_dir=backups)
+    assert update.names == (f"{tname}-edit",)
+    execute_clone(lab.hv, update)
+    edit = update.names[0]
+    overlay = disk_of(lab, edit)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P 0xab {OFFSET} {LENGTH}", overlay],
+        capture_output=True,
+        check=True,
+    )
+    seal = versions.plan_seal(lab.hv, edit, seal=False, backup_dir=backups)
+    assert (seal.name, seal.family, seal.version) == (f"{tname}-v2", tname, 2)
+    execute_template(lab.hv, seal)
+
+    assert sha256(base) == before  # version 1's base never changes
+    found = {t.name: t for t in list_templates(lab.hv, backups)}
+    assert (found[seal.name].family, found[seal.name].version) == (tname, 2)
+    assert found[tname].version == 1
+    assert 0 < own_data(overlay) * 4 < own_data(base)  # v2's own layer: only the changed clusters
+
+    assert versions.resolve(lab.hv, tname, backup_dir=backups) == seal.name
+    assert versions.resolve(lab.hv, tname, 1, backup_dir=backups) == tname
+    new = plan_clone(lab.hv, versions.resolve(lab.hv, tname, backup_dir=backups),
+                     lab.name("new"), allow_unsealed=True)  # fmt: skip
+    execute_clone(lab.hv, new)
+    assert reads(disk_of(lab, new.names[0]), 0xAB)
+    for name in old.names:
+        assert not reads(disk_of(lab, name), 0xAB)
+        same = subprocess.run(["qemu-img", "compare", "-U", disk_of(lab, name), base])
+        assert same.returncode == 0  # old clones read version 1, unchanged
+
+    with pytest.raises(DependencyError) as err:
+        plan_remove(lab.hv, versions.version_name(lab.hv, tname, 1, backups), storage=True,
+                    backup_dir=backups)  # fmt: skip
+    assert all(n in str(err.value) for n in (*old.names, seal.name))
+    cli = ["-c", lab.hv.uri, "template", "rm", tname, "--version", "1", "--backup-dir", backups]
+    assert main([str(a) for a in cli]) != 0
+    refusal = [line for line in capsys.readouterr().err.splitlines() if seal.name in line]
+    assert len(refusal) == 1 and all(n in refusal[0] for n in old.names)
+    assert main(["-c", lab.hv.uri, "template", "ls", "--json", "--backup-dir", str(backups)]) == 0
+    listed = {t["name"]: t for t in json.loads(capsys.readouterr().out)}
+    assert (listed[seal.name]["family"], listed[seal.name]["version"]) == (tname, 2)
+
+    for name in old.names:
+        execute_remove(lab.hv, plan_remove(lab.hv, name, storage=True, backup_dir=backups))
+    prune = versions.plan_prune(lab.hv, tname, backups)
+    assert prune.remove == ()  # version 2 is thin: it builds on version 1
+    assert (tname, f"used by {new.names[0]}, {seal.name}") in prune.kept
