@@ -3,8 +3,10 @@ version 2, old clones untouched, new clones on the new version, removal refused 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from tests.lab import SystemLab
 from tests.test_templates_system import unsealed_template
 from tui.cli import main
-from tui.core import versions
+from tui.core import reclaim, versions
 from tui.core.clones import execute_clone, execute_remove, plan_clone, plan_remove
 from tui.core.errors import DependencyError
 from tui.core.templates import execute_template, list_templates
@@ -115,3 +117,25 @@ def test_update_seal_version_2_keeps_old_clones_and_base(
     prune = versions.plan_prune(lab.hv, tname, backups)
     assert prune.remove == ()  # version 2 is thin: it builds on version 1
     assert (tname, f"used by {new.names[0]}, {seal.name}") in prune.kept
+
+
+def test_reclaim_deletes_an_orphaned_overlay_only(lab: SystemLab, tmp_path: Path) -> None:
+    backups = lab.dir / "backups"
+    tname, base = unsealed_template(lab, tmp_path)
+    made = plan_clone(lab.hv, tname, lab.name("c"), count=2, allow_unsealed=True)
+    execute_clone(lab.hv, made)
+    orphan, kept = disk_of(lab, made.names[0]), disk_of(lab, made.names[1])
+    lab.hv.lookup(made.names[0]).undefine()  # by hand: its overlay stays behind, read by none
+    plain = lab.disk("operator.qcow2")  # nobody's, but no overlay of a base: not virtdeck's
+
+    plan = reclaim.plan_reclaim(lab.hv, backup_dir=backups)
+    mine = [i for i in plan.items if i.path.startswith(str(lab.dir))]
+    assert [i.path for i in mine] == [orphan]
+    assert mine[0].bytes is not None and mine[0].bytes > 0
+    # Only this lab's files: other runs share the daemon and their image directories.
+    done = reclaim.execute_reclaim(
+        lab.hv, dataclasses.replace(plan, items=tuple(mine)), backup_dir=backups
+    )
+    assert done == [orphan] and not os.path.exists(orphan)
+    assert all(os.path.exists(p) for p in (kept, base, plain))
+    assert sha256(base) and reads(kept, 0) is True

@@ -86,7 +86,25 @@ def cmd_usage(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             )
             for path, why in shared.get(r.host, {}).items():
                 print(f"  shared storage: {path} ({'; '.join(why)})")
+        _reclaimable(hypervisors)
     for r in reports:
         for problem in r.problems:
             print(f"virtdeck: warning: {problem}", file=sys.stderr)
     return 0
+
+
+def _reclaimable(hypervisors: list[Hypervisor]) -> None:
+    """What `virtdeck reclaim` would free (tui.core.reclaim), one line each."""
+    from tui.core import reclaim
+    from tui.core.errors import VirtdeckError
+
+    for hv in hypervisors:
+        try:
+            plan = reclaim.plan_reclaim(hv, others=hypervisors)
+        except VirtdeckError as err:
+            print(f"virtdeck: warning: reclaimable space unknown: {err}", file=sys.stderr)
+            continue
+        for item in plan.items:
+            print(f"  reclaimable: {item.path} ({size(item.bytes)}): {item.why}")
+        if plan.items:
+            print(f"  'virtdeck reclaim' frees {size(plan.frees_bytes)} on {hv.uri}")
