@@ -95,6 +95,9 @@ def test_update_seal_version_2_keeps_old_clones_and_base(
                      lab.name("new"), allow_unsealed=True)  # fmt: skip
     execute_clone(lab.hv, new)
     assert reads(disk_of(lab, new.names[0]), 0xAB)
+    found = {t.name: t for t in list_templates(lab.hv, backups)}
+    assert set(found[tname].thin_clones) == set(old.names)  # each clone counts for its version
+    assert found[seal.name].thin_clones == new.names
     for name in old.names:
         assert not reads(disk_of(lab, name), 0xAB)
         same = subprocess.run(["qemu-img", "compare", "-U", disk_of(lab, name), base])
