@@ -70,7 +70,7 @@ def test_update_seal_version_2_keeps_old_clones_and_base(
     execute_clone(lab.hv, old)
 
     update = versions.plan_update(lab.hv, tname, backup_dir=backups)
-    assert update.names == (f"{tname}-edit",)
+    assert update.names == (f"{tname}-v2-edit",)
     execute_clone(lab.hv, update)
     edit = update.names[0]
     overlay = disk_of(lab, edit)
@@ -120,6 +120,27 @@ def test_update_seal_version_2_keeps_old_clones_and_base(
     prune = versions.plan_prune(lab.hv, tname, backups)
     assert prune.remove == ()  # version 2 is thin: it builds on version 1
     assert (tname, f"used by {new.names[0]}, {seal.name}") in prune.kept
+
+    # Version 3, flattened: a standalone image; once version 2's clone is gone, prune frees
+    # versions 2 and 1 (the newest is kept).
+    cli = ["-c", lab.hv.uri]
+    assert main([*cli, "template", "update", tname, "--backup-dir", str(backups)]) == 0
+    assert main([*cli, "template", "update", tname, "--commit", "--no-seal", "--flatten",
+                 "--backup-dir", str(backups)]) == 0  # fmt: skip
+    v3 = f"{tname}-v3"
+    flat = disk_of(lab, v3)
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", flat],
+                                     capture_output=True, check=True).stdout)  # fmt: skip
+    assert "backing-filename" not in info and reads(flat, 0xAB)
+    execute_remove(lab.hv, plan_remove(lab.hv, new.names[0], storage=True, backup_dir=backups))
+    prune = versions.plan_prune(lab.hv, tname, backups)
+    assert prune.remove == (seal.name, tname)
+    assert all(b is not None and b > 0 for b in prune.frees)
+    assert versions.execute_prune(lab.hv, prune, backup_dir=backups) == [seal.name, tname]
+    assert not os.path.exists(base) and not os.path.exists(overlay) and os.path.exists(flat)
+    assert versions.resolve(lab.hv, tname, backup_dir=backups) == v3  # the family's name
+    made = [*cli, "clone", tname, lab.name("v3c"), "--allow-unsealed", "--backup-dir", str(backups)]
+    assert main(made) == 0 and reads(disk_of(lab, lab.name("v3c")), 0xAB)
 
 
 def test_reclaim_deletes_an_orphaned_overlay_only(lab: SystemLab, tmp_path: Path) -> None:

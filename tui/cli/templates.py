@@ -227,6 +227,21 @@ def _find_template(hypervisors: list[Hypervisor], name: str, backup_dir: Path | 
     raise NotFoundError(f"no template named '{name}' on {where} ('virtdeck template ls')")
 
 
+def _find_versioned(
+    hypervisors: list[Hypervisor], name: str, backup_dir: Path | None
+) -> Hypervisor:
+    """As _find_template; a family whose first version was removed goes by its name too."""
+    from tui.core import versions
+
+    try:
+        return _find_template(hypervisors, name, backup_dir)
+    except NotFoundError:
+        for hv in hypervisors:
+            if versions.members(hv, name, backup_dir):
+                return hv
+        raise
+
+
 def cmd_copy(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     from tui.core import transfer
 
@@ -296,9 +311,9 @@ def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             ssh_user=args.ssh_user,
             first_boot=args.first_boot,
         )
-        hv = _find_template(hypervisors, args.template, args.backup_dir)
         from tui.core import versions
 
+        hv = _find_versioned(hypervisors, args.template, args.backup_dir)
         args.template = versions.resolve(hv, args.template, args.version, args.backup_dir)
         plan = clones.plan_clone(
             hv,

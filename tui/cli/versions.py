@@ -4,6 +4,7 @@ the plan on stderr, then executes it."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,18 @@ def register(tsub: Any) -> None:
     """Add the version subcommands to `virtdeck template`."""
     u = tsub.add_parser(
         "update",
-        help="make an editable VM (TEMPLATE-edit) on a thin overlay of the template's newest "
+        help="make an editable VM (TEMPLATE-vN-edit) on a thin overlay of the template's newest "
         "version; seal it into the next version with 'template seal' or --commit",
     )
     u.add_argument("template", metavar="TEMPLATE")
-    u.add_argument("--name", help="the edit VM's name (default: TEMPLATE-edit)")
+    u.add_argument(
+        "--name", help="the edit VM's name (default: TEMPLATE-vN-edit, N the next version)"
+    )
     u.add_argument("--dir", metavar="DIR", help="where its overlay goes (default: the base's)")
     u.add_argument(
         "--commit",
         action="store_true",
-        help="seal the edit VM (TEMPLATE-edit, or --name) into the next version",
+        help="seal the edit VM (TEMPLATE-vN-edit, or --name) into the next version",
     )
     _seal_options(u)
     u.set_defaults(handler=cmd_update)
@@ -61,6 +64,13 @@ def register(tsub: Any) -> None:
 
 
 def _seal_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--flatten",
+        action="store_true",
+        help="make the new version a standalone image (its chain converted into one file) "
+        "instead of a thin layer on the previous version: bigger, but the older versions "
+        "can then be pruned once no clone uses them",
+    )
     p.add_argument("--no-seal", action="store_true", help="do not run virt-sysprep")
     p.add_argument(
         "--operations", metavar="OPS", help="comma-separated virt-sysprep operations (as create)"
@@ -81,9 +91,7 @@ def cmd_update(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     if args.commit:
         hv = _template_host(hypervisors, args.template, args.backup_dir)
         family = versions._family_named(hv, args.template, args.backup_dir)
-        args.vm = args.name or versions.edit_name(
-            versions.family_of(family[0]) if family else args.template
-        )
+        args.vm = args.name or (versions.edit_name(family) if family else args.template)
         return cmd_seal(args, hypervisors)
     hv = _template_host(hypervisors, args.template, args.backup_dir)
     plan = versions.plan_update(
@@ -117,11 +125,40 @@ def cmd_seal(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         shutdown_timeout=args.timeout,
         sysprep=sysprep,
     )
+    if not args.flatten:
+        return carry_out(
+            args,
+            plan,
+            lambda: templates.execute_template(
+                hv, plan, stderr_progress, sysprep=sysprep
+            ).to_json(),
+            lambda t: [f"{t['name']}: version {plan.version} of {plan.family}"],
+            result_key="template",
+        )
+    assert plan.family is not None and plan.version is not None
+    steps = versions.plan_flatten(hv, args.vm, plan.family, plan.version)
+    for step in steps:
+        print(f"virtdeck: plan: {step.line()}", file=sys.stderr)
+
+    def execute() -> dict[str, Any]:
+        versions.execute_flatten(hv, args.vm, steps, stderr_progress)
+        again = versions.plan_seal(  # its disks are the flattened files now
+            hv,
+            args.vm,
+            seal=not args.no_seal,
+            operations=ops,
+            backup_dir=args.backup_dir,
+            force=args.force,
+            shutdown_timeout=args.timeout,
+            sysprep=sysprep,
+        )
+        return templates.execute_template(hv, again, stderr_progress, sysprep=sysprep).to_json()
+
     return carry_out(
         args,
         plan,
-        lambda: templates.execute_template(hv, plan, stderr_progress, sysprep=sysprep).to_json(),
-        lambda t: [f"{t['name']}: version {plan.version} of {plan.family}"],
+        execute,
+        lambda t: [f"{t['name']}: version {plan.version} of {plan.family} (flattened)"],
         result_key="template",
     )
 

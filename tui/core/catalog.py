@@ -266,9 +266,7 @@ def list_templates(
     )
     # A clone of version 2 of a template (tui.core.versions) also builds on version 1's base:
     # it counts as a clone of the version nearest to it in its chain only.
-    bases = {
-        graph.canonical(d.path) for *_, disks in found for d in own_images(disks) if d.path
-    }
+    bases = {graph.canonical(d.path) for *_, disks in found for d in own_images(disks) if d.path}
     nearest: dict[str, set[str]] = {}
     for oc in graph.chains:
         hit = next((p for p in oc.chain.paths[1:] if p in bases), None)

@@ -1,8 +1,8 @@
 """Template versions: a template that evolves without changing the base its clones read.
 
-`template update T` deploys an editable VM (`T-edit`) as a thin clone of T's newest version
+`template update T` deploys an editable VM (`T-v2-edit`) as a thin clone of T's newest version
 (tui.core.clones: an overlay on that version's read-only base, nothing else written). The
-operator boots and changes it and shuts it down; `template seal T-edit` then makes it a
+operator boots and changes it and shuts it down; `template seal T-v2-edit` then makes it a
 template like any other (tui.core.templates: virt-sysprep, XML backup, its overlay made
 read-only) named `T-vN`, recorded in virtdeck's metadata as version N of family T. Its own
 layer holds only the clusters the edit changed; version N-1's base is never written (it is
@@ -18,17 +18,21 @@ removes the versions nothing uses, the newest excepted (new clones are made from
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tui.core import clones, ops, templates
-from tui.core.catalog import Template, list_templates, storage_graph
+import libvirt
+
+from tui.core import bases, clones, domxml, ops, templates
+from tui.core.catalog import Template, list_templates, own_images, storage_graph
 from tui.core.errors import InvalidInputError, NotFoundError, StateError
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.identity import Identity
 from tui.core.progress import Progress, no_progress
+from tui.core.storage import files_for
 from tui.core.units import size
 
 
@@ -70,8 +74,10 @@ def resolve(
     return family[-1].name
 
 
-def edit_name(family: str) -> str:
-    return f"{family}-edit"
+def edit_name(family: Sequence[Template]) -> str:
+    """`T-vN-edit` for the next version N of family T: its overlay file (named after it)
+    becomes that version's layer, so each version's edit VM has a name of its own."""
+    return f"{family_of(family[0])}-v{family[-1].version + 1}-edit"
 
 
 def plan_update(
@@ -91,7 +97,7 @@ def plan_update(
     return clones.plan_clone(
         hv,
         newest.name,
-        validate_name(name or edit_name(family_of(newest))),
+        validate_name(name or edit_name(family)),
         directory=directory,
         allow_unsealed=True,
         backup_dir=backup_dir,
@@ -137,6 +143,98 @@ def plan_seal(
         sysprep=sysprep,
     )
     return dataclasses.replace(plan, family=family, version=number)
+
+
+# -- a flattened version ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """One disk of an edit VM made standalone: its chain converted into `new_path`."""
+
+    target: str
+    path: str
+    format: str | None
+    new_path: str
+    bytes_needed: int | None
+
+    def line(self) -> str:
+        return (
+            f"flatten disk {self.target}: convert {self.path} and its chain into "
+            f"{self.new_path} ({size(self.bytes_needed)}), then switch the disk to it and "
+            f"delete {self.path} (the earlier versions are not needed by this one)"
+        )
+
+
+def plan_flatten(hv: Hypervisor, vm: str, family: str, number: int) -> tuple[Flatten, ...]:
+    """What `--flatten` converts (the edit VM shut off, space checked); nothing is written."""
+    info = hv.domain(vm)
+    if info.state.active:
+        raise StateError(f"'{vm}' is {info.state.value}; shut it down before --flatten")
+    files = files_for(hv, "template seal --flatten")
+    out = []
+    for disk in own_images(info.disks):
+        assert disk.path is not None
+        new_path = os.path.join(
+            os.path.dirname(disk.path), f"{family}-v{number}-{disk.target}.qcow2"
+        )
+        if files.lexists(new_path):
+            raise InvalidInputError(f"{new_path} already exists; nothing was changed")
+        need = files.measure(disk.path, disk.format or "qcow2")
+        free = files.free_bytes(os.path.dirname(new_path))
+        if need > free:
+            raise InvalidInputError(
+                f"--flatten needs {size(need)} in {os.path.dirname(new_path)}, "
+                f"{size(free)} free; nothing was changed"
+            )
+        out.append(Flatten(disk.target, disk.path, disk.format, new_path, need))
+    return tuple(out)
+
+
+def execute_flatten(
+    hv: Hypervisor, vm: str, steps: Sequence[Flatten], progress: Progress = no_progress
+) -> None:
+    """Convert, then switch the domain's disks (journalled: an interrupt removes the new files
+    and keeps the old definition); the old overlays are deleted last, once the switch is
+    final (a crash in between leaves one that `virtdeck reclaim` finds)."""
+    files = files_for(hv, "template seal --flatten")
+    progress = ops.cancellable(progress)
+    paths = [s.path for s in steps]
+    dirs = {os.path.dirname(s.new_path) for s in steps}
+    with (
+        bases.family_lock(hv, paths),
+        ops.running(hv, f"flattening '{vm}'", domains=[vm], dirs=dirs) as undo,
+    ):
+        if hv.domain(vm).state.active:
+            raise StateError(f"'{vm}' was started since the plan; nothing was changed")
+        dom = hv.lookup(vm)
+        secure = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        xml = hv.call(dom.XMLDesc, secure, what=vm)
+        for s in steps:
+            progress(f"flattening {s.path} into {s.new_path}", None)
+            with undo.step(f"remove {s.new_path}", "delete_file", path=s.new_path):
+                files.copy(s.path, s.new_path, src_fmt=s.format or "qcow2", dst_fmt="qcow2",
+                           progress=progress, label="flattening")  # fmt: skip
+        root = domxml.parse(xml)
+        by_path = {s.path: s for s in steps}
+        for disk in domxml.disk_elements(root):
+            src = disk.find("source")
+            step = by_path.get(src.get("file") or "") if src is not None else None
+            if step is None or src is None:
+                continue
+            src.set("file", step.new_path)
+            driver = disk.find("driver")
+            if driver is not None:
+                driver.set("type", "qcow2")
+            for bs in disk.findall("backingStore"):
+                disk.remove(bs)
+        undo.push(f"restore the definition of '{vm}'", "define", xml=xml)
+        hv.define(domxml.to_string(root), what=f"switching '{vm}' to its flattened disks")
+        undo.commit()
+    hv.invalidate()  # its disks changed: the cached facts name the old overlays
+    for s in steps:
+        progress(f"deleting {s.path}", None)
+        files.delete(s.path)
 
 
 # -- removing versions -----------------------------------------------------------------------
