@@ -84,7 +84,7 @@ def row_cells(t: Template) -> tuple[str, ...]:
     else:
         sealed = "no"
     return (
-        t.name,
+        t.name if t.family is None else f"{t.name} (v{t.version} of {t.family})",
         "yes" if t.defined else "backup only",
         " ".join(os.path.basename(b.path) for b in t.base_images),
         size(t.virtual_bytes),
@@ -102,6 +102,8 @@ def details_text(t: Template) -> str:
         + ")",
         f"sealed    {', '.join(t.sealed_operations) or '-'}" if t.sealed else "sealed    no",
     ]
+    if t.family is not None:  # tui.core.versions
+        lines.append(f"version   {t.version} of {t.family} (sealed {t.created or '?'})")
     if t.sealed:  # what each clone makes of its own when it first boots, what they share
         lines.extend(f"new       {line}" for line in t.first_boot.lines())
         lines.extend(f"SHARED    {line}" for line in t.first_boot.shared)
