@@ -18,7 +18,7 @@ from tui.cli import main
 from tui.core import reclaim, versions
 from tui.core.clones import execute_clone, execute_remove, plan_clone, plan_remove
 from tui.core.errors import DependencyError
-from tui.core.templates import execute_template, list_templates
+from tui.core.templates import execute_template, list_templates, plan_template
 
 pytestmark = pytest.mark.system
 
@@ -152,14 +152,34 @@ def test_reclaim_deletes_an_orphaned_overlay_only(lab: SystemLab, tmp_path: Path
     lab.hv.lookup(made.names[0]).undefine()  # by hand: its overlay stays behind, read by none
     plain = lab.disk("operator.qcow2")  # nobody's, but no overlay of a base: not virtdeck's
 
+    # A family whose version 2 is flattened: version 1 is used by nothing.
+    uname, ubase = unsealed_template(lab, tmp_path, "u")
+    update = versions.plan_update(lab.hv, uname, backup_dir=backups)
+    execute_clone(lab.hv, update)
+    versions.execute_flatten(
+        lab.hv, update.names[0], versions.plan_flatten(lab.hv, update.names[0], uname, 2)
+    )
+    execute_template(lab.hv, versions.plan_seal(lab.hv, update.names[0], seal=False,
+                                                backup_dir=backups))  # fmt: skip
+    # A template kept only as its XML backup, whose image is gone.
+    gone = lab.define("gone", disks=[(lab.disk("gone.qcow2"), "qcow2")])
+    backup = execute_template(lab.hv, plan_template(lab.hv, gone, name=lab.name("tgone"),
+                              seal=False, backup_dir=backups, undefine=True))  # fmt: skip
+    os.unlink(str(lab.dir / "gone.qcow2"))
+
     plan = reclaim.plan_reclaim(lab.hv, backup_dir=backups)
-    mine = [i for i in plan.items if i.path.startswith(str(lab.dir))]
-    assert [i.path for i in mine] == [orphan]
-    assert mine[0].bytes is not None and mine[0].bytes > 0
+    mine = [i for i in plan.items if i.path.startswith((str(lab.dir), lab.prefix))]
+    assert [(i.kind, i.path) for i in mine] == [
+        ("overlay", orphan),
+        ("version", uname),
+        ("backup", str(backups / f"{backup.name}.xml")),
+    ]
+    assert all(i.bytes is not None and i.bytes > 0 for i in mine)
     # Only this lab's files: other runs share the daemon and their image directories.
     done = reclaim.execute_reclaim(
         lab.hv, dataclasses.replace(plan, items=tuple(mine)), backup_dir=backups
     )
-    assert done == [orphan] and not os.path.exists(orphan)
+    assert done == [uname, str(backups / f"{backup.name}.xml"), orphan]
+    assert not any(os.path.exists(p) for p in (orphan, ubase, backups / f"{backup.name}.xml"))
     assert all(os.path.exists(p) for p in (kept, base, plain))
     assert sha256(base) and reads(kept, 0) is True

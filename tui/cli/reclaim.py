@@ -31,7 +31,9 @@ def _one(args: argparse.Namespace, hv: Hypervisor, hypervisors: list[Hypervisor]
     return carry_out(
         args,
         plan,
-        lambda: reclaim.execute_reclaim(hv, plan, stderr_progress, backup_dir=args.backup_dir),
+        lambda: reclaim.execute_reclaim(
+            hv, plan, stderr_progress, backup_dir=args.backup_dir, others=hypervisors
+        ),
         lambda done: [f"deleted {p}" for p in done] or ["nothing deleted"],
         result_key="deleted",
         dry_result=[],

@@ -25,19 +25,22 @@ from tui.core.catalog import list_templates, storage_graph
 from tui.core.errors import OperationError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
-from tui.core.removal import _snapshot_files
+from tui.core.removal import _snapshot_files, execute_remove, plan_remove
 from tui.core.storage import files_for
 from tui.core.units import size
 
 
 @dataclass(frozen=True)
 class Reclaimable:
-    path: str
+    path: str  # the file; for a version, the template's name
     bytes: int | None  # what deleting it frees (None: unknown)
     why: str
+    kind: str = "overlay"  # "overlay", "version" (tui.core.versions) or "backup" (an XML backup)
+    template: str | None = None  # a version's or a backup's template
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "bytes": self.bytes, "why": self.why}
+        return {"kind": self.kind, "path": self.path, "bytes": self.bytes, "why": self.why,
+                "template": self.template}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,12 @@ class ReclaimPlan(ops.DestructivePlanDefaults):
         return f"deleted {len(done)} file(s)"
 
     def summary(self) -> list[str]:
-        lines = [f"delete {i.path} ({size(i.bytes)}): {i.why}" for i in self.items]
+        lines = [
+            f"remove template {i.path} with its own files ({size(i.bytes)}): {i.why}"
+            if i.kind == "version"
+            else f"delete {i.path} ({size(i.bytes)}): {i.why}"
+            for i in self.items
+        ]
         if not self.items:
             lines.append("nothing to reclaim")
         else:
@@ -110,9 +118,19 @@ def plan_reclaim(
         )
     files = files_for(hv, "reclaim")
     graph = storage_graph(hv, backup_dir)
-    if graph.problems:
+    # A backup template's disk that is gone reads nothing (that backup is reclaimable); any
+    # other chain that cannot be followed may hide a file in use: nothing is planned.
+    gone = {
+        b.path
+        for t in list_templates(hv, backup_dir)
+        if not t.defined
+        for b in t.base_images
+        if not files.lexists(b.path)
+    }
+    problems = [p for p in graph.problems if not any(p.startswith(f"{g}:") for g in gone)]
+    if problems:
         raise OperationError(
-            f"cannot tell which files on {hv.uri} are in use ({graph.problems[0]}); "
+            f"cannot tell which files on {hv.uri} are in use ({problems[0]}); "
             "nothing was changed"
         )
     base_paths = {
@@ -153,7 +171,34 @@ def plan_reclaim(
             notes += [f"read on another host: {u}" for u in asked.users]
             notes += asked.notes(force=False)
             found = []
+    found += _unused(hv, files, backup_dir, kept)
     return ReclaimPlan(hv.uri, tuple(found), tuple(kept), tuple(notes))
+
+
+def _unused(
+    hv: Hypervisor, files: Any, backup_dir: Path | None, kept: list[tuple[str, str]]
+) -> list[Reclaimable]:
+    """Template versions nothing uses (as `template prune` finds them) and XML backups of
+    templates whose images are all gone."""
+    from tui.core import versions
+
+    out: list[Reclaimable] = []
+    every = list_templates(hv, backup_dir)
+    families = sorted({versions.family_of(t) for t in every if t.family is not None})
+    for family in families:
+        prune = versions.plan_prune(hv, family, backup_dir)
+        for name, freed in zip(prune.remove, prune.frees, strict=True):
+            out.append(Reclaimable(name, freed, f"an unused version of '{family}'", "version",
+                                   family))  # fmt: skip
+    for t in every:
+        if t.defined or not t.xml_backup or not t.base_images:
+            continue
+        if any(files.lexists(b.path) for b in t.base_images):
+            continue
+        out.append(Reclaimable(t.xml_backup, files.file_size(t.xml_backup),
+                               f"the XML backup of template '{t.name}', whose images are gone",
+                               "backup", t.name))  # fmt: skip
+    return out
 
 
 def execute_reclaim(
@@ -162,14 +207,26 @@ def execute_reclaim(
     progress: Progress = no_progress,
     *,
     backup_dir: Path | None = None,
+    others: Sequence[Hypervisor] = (),
 ) -> list[str]:
-    """Delete the plan's files, each checked again under its image family's lock (a domain
+    """Remove the plan's unused versions and backups (each planned again, as `rm` does);
+    delete its overlays, each checked again under its image family's lock (a domain
     defined on it since the plan keeps it); returns the files deleted."""
-    if not plan.items:
-        return []
-    files = files_for(hv, "reclaim")
-    paths = [i.path for i in plan.items]
     done: list[str] = []
+    for item in plan.items:  # versions and backups: removed as 'rm' removes, planned again now
+        if item.kind in ("version", "backup"):
+            name = item.path if item.kind == "version" else item.template
+            assert name is not None
+            progress(f"removing template {name}", None)
+            step = plan_remove(
+                hv, name, storage=item.kind == "version", backup_dir=backup_dir, others=others
+            )
+            execute_remove(hv, step, progress, backup_dir=backup_dir, others=others)
+            done.append(item.path)
+    paths = [i.path for i in plan.items if i.kind == "overlay"]
+    if not paths:
+        return done
+    files = files_for(hv, "reclaim")
     with (
         bases.family_lock(hv, paths),
         # The audit trail names what an operation acts on: here files no domain owns.
