@@ -8,11 +8,13 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.lab import SystemLab
+from tests import guest
+from tests.lab import SystemLab, qemu_img
 from tests.test_templates_system import unsealed_template
 from tui.cli import main
 from tui.core import reclaim, versions
@@ -183,3 +185,47 @@ def test_reclaim_deletes_an_orphaned_overlay_only(lab: SystemLab, tmp_path: Path
     assert not any(os.path.exists(p) for p in (orphan, ubase, backups / f"{backup.name}.xml"))
     assert all(os.path.exists(p) for p in (kept, base, plain))
     assert sha256(base) and reads(kept, 0) is True
+
+
+@pytest.mark.timeout(900)
+def test_a_real_guest_changed_in_its_edit_vm_boots_as_version_2(
+    host_lab: SystemLab, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The operator's path on the real Debian guest under TCG: boot the edit VM, change it
+    (through the guest agent), seal (graceful shutdown, no virt-sysprep), and a clone of
+    version 2 boots and has the change; a clone of version 1 does not."""
+    lab = host_lab
+    backups = lab.dir / "backups"
+    image = guest.build()
+    disk = str(lab.dir / "vm.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), disk)
+    vm = lab.name("deb")
+    lab.hv.define(guest.domain_xml(vm, image, disk))
+    t = execute_template(lab.hv, plan_template(lab.hv, vm, name=lab.name("tdeb"), seal=False,
+                                               backup_dir=backups))  # fmt: skip
+    times: dict[str, float] = {}
+
+    update = versions.plan_update(lab.hv, t.name, backup_dir=backups)
+    execute_clone(lab.hv, update)
+    edit = lab.hv.conn.lookupByName(update.names[0])
+    started = time.monotonic()
+    edit.create()
+    status, _ = guest.agent_run(edit, "echo v2 > /etc/virtdeck-version && sync", timeout=300)
+    assert status == 0
+    times["edit boot+change"] = time.monotonic() - started
+    started = time.monotonic()
+    seal = versions.plan_seal(lab.hv, update.names[0], seal=False, backup_dir=backups)
+    execute_template(lab.hv, seal)  # shuts the edit VM down gracefully first
+    times["shutdown+seal"] = time.monotonic() - started
+
+    made = plan_clone(lab.hv, versions.resolve(lab.hv, t.name, backup_dir=backups),
+                      lab.name("c2"), allow_unsealed=True, start=True)  # fmt: skip
+    started = time.monotonic()
+    execute_clone(lab.hv, made)
+    clone = lab.hv.conn.lookupByName(made.names[0])
+    status, out = guest.agent_run(clone, "cat /etc/virtdeck-version", timeout=300)
+    times["v2 clone boot"] = time.monotonic() - started
+    assert (status, out.strip()) == (0, "v2")
+    clone.destroy()
+    with capfd.disabled():
+        print("times:", {k: round(v) for k, v in times.items()}, flush=True)

@@ -130,8 +130,7 @@ def plan_reclaim(
     problems = [p for p in graph.problems if not any(p.startswith(f"{g}:") for g in gone)]
     if problems:
         raise OperationError(
-            f"cannot tell which files on {hv.uri} are in use ({problems[0]}); "
-            "nothing was changed"
+            f"cannot tell which files on {hv.uri} are in use ({problems[0]}); nothing was changed"
         )
     base_paths = {
         graph.canonical(b.path) for t in list_templates(hv, backup_dir) for b in t.base_images
