@@ -145,7 +145,9 @@ def test_update_seal_version_2_keeps_old_clones_and_base(
     assert main(made) == 0 and reads(disk_of(lab, lab.name("v3c")), 0xAB)
 
 
-def test_reclaim_deletes_an_orphaned_overlay_only(lab: SystemLab, tmp_path: Path) -> None:
+def test_reclaim_deletes_an_orphaned_overlay_only(
+    lab: SystemLab, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     backups = lab.dir / "backups"
     tname, base = unsealed_template(lab, tmp_path)
     made = plan_clone(lab.hv, tname, lab.name("c"), count=2, allow_unsealed=True)
@@ -177,6 +179,11 @@ def test_reclaim_deletes_an_orphaned_overlay_only(lab: SystemLab, tmp_path: Path
         ("backup", str(backups / f"{backup.name}.xml")),
     ]
     assert all(i.bytes is not None and i.bytes > 0 for i in mine)
+    assert main(["-c", lab.hv.uri, "usage", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["reclaimable"]
+    assert {"path": orphan, "bytes": mine[0].bytes} in [
+        {"path": i["path"], "bytes": i["bytes"]} for i in listed
+    ]
     # Only this lab's files: other runs share the daemon and their image directories.
     done = reclaim.execute_reclaim(
         lab.hv, dataclasses.replace(plan, items=tuple(mine)), backup_dir=backups
