@@ -135,6 +135,7 @@ class TemplatesPane(Pane):
         Binding("c", "pane('templates', 'deploy')", "Deploy", id="template.deploy"),
         Binding("x", "pane('templates', 'delete')", "Delete VM", id="template.delete"),
         Binding("y", "pane('templates', 'copy')", "Copy to host", id="template.copy"),
+        Binding("e", "pane('templates', 'version')", "New version", id="template.version"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -342,6 +343,30 @@ class TemplatesPane(Pane):
             return
         if self._begin():
             self._plan_copy(self.hypervisor(host), self.hypervisor(others[0]), name)
+
+    def action_version(self) -> None:
+        """On a template: plan its edit VM (tui.core.versions); on that edit VM (a clone
+        named *-edit): plan sealing it into the next version."""
+        info = self.selected
+        if info is not None and not info.is_template and info.name.endswith("-edit"):
+            if self._begin():
+                self._plan_version(self.hypervisor(info.host), info.name, seal=True)
+            return
+        t = self.highlighted()
+        if t is None:
+            self.notify("select a template in this pane, or its edit VM", severity="warning")
+            return
+        if self._begin():
+            self._plan_version(self.hypervisor(t.host), t.name, seal=False)
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="version plan")
+    def _plan_version(self, hv: Hypervisor, name: str, *, seal: bool) -> None:
+        from tui.core import versions
+
+        if seal:
+            self.post_message(Planned(versions.plan_seal(hv, name, backup_dir=self.backup_dir)))
+        else:
+            self.post_message(Planned(versions.plan_update(hv, name, backup_dir=self.backup_dir)))
 
     def action_delete(self) -> None:
         info = self.selected
