@@ -44,6 +44,8 @@ _WHEN: dict[str, Callable[[DomainInfo], bool]] = {
     "snapshot.rollback": lambda d: not d.is_template,
     "template.make": lambda d: not d.is_template,
     "template.delete": lambda d: True,
+    # a template's next version (tui.core.versions), or sealing its edit VM into it
+    "template.version": lambda d: d.is_template or d.name.endswith("-edit"),
 }
 
 
