@@ -249,3 +249,30 @@ async def test_detach_key_makes_a_thin_clone_full(lab: Lab) -> None:
         assert "backing-filename" not in info
         await wait_for(pilot, lambda: cell(pane, "template-base", "Thin") == "0")
         assert os.path.exists(lab.base)
+
+
+async def test_new_version_key_plans_the_edit_vm_then_its_seal(lab: Lab) -> None:
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        await select(app, pilot, pane, "template-base")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
+        assert "template-base-v2-edit" in str(app.screen.query_one("#body", Static).render())
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not pane.busy)
+        edit = lab.images / "template-base-v2-edit.qcow2"
+        argv = ["qemu-img", "info", "--output=json", str(edit)]
+        info = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+        assert info["backing-filename"] == lab.base
+
+        # On the edit VM the same key plans its seal into version 2 (declined here: nothing).
+        await select(app, pilot, pane, "template-base-v2-edit")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
+        assert "rename 'template-base-v2-edit' to 'template-base-v2'" in str(
+            app.screen.query_one("#body", Static).render()
+        )
+        await pilot.press("n")
+        await wait_for(pilot, lambda: not pane.busy)
+        assert "template-base-v2" not in {d.name for d in lab.hv.domains()}

@@ -71,6 +71,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "usage",
         "disk usage: what thin clones cost against full copies, backing chains, host totals",
     ),
+    "reclaim": (
+        "reclaim",
+        "delete overlays in virtdeck's image directories that nothing reads (plan first)",
+    ),
     "recover": (
         "recover",
         "list, and with --yes roll back, operations a crash or kill left half-done",

@@ -89,6 +89,10 @@ def register(sub: Any) -> None:
     ls.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
     ls.set_defaults(handler=cmd_ls)
 
+    from tui.cli import versions
+
+    versions.register(tsub)
+
     p = sub.add_parser(
         "clone",
         help="deploy thin (default) or full clones of a template",
@@ -112,6 +116,12 @@ def register(sub: Any) -> None:
         help=f"make NAME-1 ... NAME-N (N from 1 to {clones.MAX_COUNT})",
     )
     p.add_argument("--start", action="store_true", help="start the clones afterwards")
+    p.add_argument(
+        "--version",
+        type=int,
+        metavar="N",
+        help="clone version N of the template (default: its newest; 'template ls')",
+    )
     p.add_argument("--dir", metavar="DIR", help="where the disk files go (default: the base's)")
     p.add_argument(
         "--allow-unsealed", action="store_true", help="clone a template that was not sealed"
@@ -228,6 +238,21 @@ def _find_template(hypervisors: list[Hypervisor], name: str, backup_dir: Path | 
     raise NotFoundError(f"no template named '{name}' on {where} ('virtdeck template ls')")
 
 
+def _find_versioned(
+    hypervisors: list[Hypervisor], name: str, backup_dir: Path | None
+) -> Hypervisor:
+    """As _find_template; a family whose first version was removed goes by its name too."""
+    from tui.core import versions
+
+    try:
+        return _find_template(hypervisors, name, backup_dir)
+    except NotFoundError:
+        for hv in hypervisors:
+            if versions.members(hv, name, backup_dir):
+                return hv
+        raise
+
+
 def cmd_copy(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     from tui.core import transfer
 
@@ -258,8 +283,8 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         print_json([t.to_json() for t in found])
         return 0
     show_host = len(hypervisors) + len(getattr(args, "unreachable", {})) > 1  # same tpl, 2 hosts
-    header = ["NAME", "DEFINED", "VIRTUAL", "REAL", "SEALED", "FIRST BOOT", "THIN", "FULL",
-              "BASE IMAGES"]  # fmt: skip
+    header = ["NAME", "VERSION", "DEFINED", "VIRTUAL", "REAL", "SEALED", "FIRST BOOT", "THIN",
+              "FULL", "BASE IMAGES"]  # fmt: skip
     rows = [(["HOST"] if show_host else []) + header]
     for t in found:
         sealed = (t.created or "?")[:16] if t.sealed else "no"
@@ -267,6 +292,7 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             ([t.host] if show_host else [])
             + [
                 t.name,
+                f"{t.family or t.name} v{t.version}",
                 "yes" if t.defined else "no",
                 size(t.virtual_bytes),
                 size(t.actual_bytes),
@@ -300,7 +326,10 @@ def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             ssh_user=args.ssh_user,
             first_boot=args.first_boot,
         )
-        hv = _find_template(hypervisors, args.template, args.backup_dir)
+        from tui.core import versions
+
+        hv = _find_versioned(hypervisors, args.template, args.backup_dir)
+        args.template = versions.resolve(hv, args.template, args.version, args.backup_dir)
         plan = clones.plan_clone(
             hv,
             args.template,

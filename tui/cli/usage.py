@@ -74,6 +74,7 @@ def cmd_usage(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         data = usage_json(reports)
         for image in data["images"]:
             image["shared_storage"] = list(shared.get(image["host"], {}).get(image["path"], ()))
+        data["reclaimable"] = [i.to_json() | {"host": uri} for uri, i in _plans(hypervisors)]
         print_json(data)
     else:
         for r in reports:
@@ -86,7 +87,34 @@ def cmd_usage(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             )
             for path, why in shared.get(r.host, {}).items():
                 print(f"  shared storage: {path} ({'; '.join(why)})")
+        _reclaimable(hypervisors)
     for r in reports:
         for problem in r.problems:
             print(f"virtdeck: warning: {problem}", file=sys.stderr)
     return 0
+
+
+def _plans(hypervisors: list[Hypervisor]) -> list[tuple[str, Any]]:
+    """(host, item) of what `virtdeck reclaim` would free (tui.core.reclaim); a host whose
+    files cannot all be told apart is warned about (unknown is not zero)."""
+    from tui.core import reclaim
+    from tui.core.errors import VirtdeckError
+
+    out: list[tuple[str, Any]] = []
+    for hv in hypervisors:
+        try:
+            plan = reclaim.plan_reclaim(hv, others=hypervisors)
+        except VirtdeckError as err:
+            print(f"virtdeck: warning: reclaimable space unknown: {err}", file=sys.stderr)
+            continue
+        out += [(hv.uri, item) for item in plan.items]
+    return out
+
+
+def _reclaimable(hypervisors: list[Hypervisor]) -> None:
+    """What `virtdeck reclaim` would free, one line each, and the total per host."""
+    found = _plans(hypervisors)
+    for _, item in found:
+        print(f"  reclaimable: {item.path} ({size(item.bytes)}): {item.why}")
+    if found:
+        print(f"  'virtdeck reclaim' frees {size(total(i.bytes for _, i in found))}")

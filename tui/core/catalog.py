@@ -114,6 +114,8 @@ class Template:
     full_clones: tuple[str, ...]
     incomplete_clones: tuple[str, ...] = ()  # interrupted before their disks were whole
     sealing: tuple[str, ...] | None = None  # what sealing added (tui.core.sealing); None: unknown
+    family: str | None = None  # the first template of its versions (tui.core.versions)
+    version: int = 1
 
     @property
     def first_boot(self) -> FirstBoot:
@@ -262,10 +264,23 @@ def list_templates(
     graph = StorageGraph(
         resolver or Resolver(hv), [Owner(d.name, d.disks) for d in domains if not d.is_template]
     )
+    # A clone of version 2 of a template (tui.core.versions) also builds on version 1's base:
+    # it counts as a clone of the version nearest to it in its chain only.
+    bases = {graph.canonical(d.path) for *_, disks in found for d in own_images(disks) if d.path}
+    nearest: dict[str, set[str]] = {}
+    for oc in graph.chains:
+        hit = next((p for p in oc.chain.paths[1:] if p in bases), None)
+        if hit is not None:
+            nearest.setdefault(oc.owner, set()).add(hit)
     out = []
     for name, defined, backup_path, meta, disks in found:
         images = tuple(_base_image(disk, graph) for disk in own_images(disks))
-        users = {u.name for u in graph.users([b.path for b in images]) if u.how == "backing"}
+        mine = {graph.canonical(b.path) for b in images}
+        users = {
+            u.name
+            for u in graph.users([b.path for b in images])
+            if u.how == "backing" and nearest.get(u.name, set()) & mine
+        }
         thin, full, incomplete = [], [], []
         for d in domains:
             if d.is_template:
@@ -293,6 +308,8 @@ def list_templates(
                 full_clones=tuple(full),
                 incomplete_clones=tuple(incomplete),
                 sealing=meta.sealing,
+                family=meta.family,
+                version=meta.version or 1,
             )
         )
     out.sort(key=lambda t: t.name)

@@ -172,7 +172,16 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         complete=elem.get("complete") != "no",
         host=elem.findtext(f"{{{NS}}}host"),
         sealing=None if sealing is None else tuple(a for a in (sealing.text or "").split(",") if a),
+        family=elem.findtext(f"{{{NS}}}family"),
+        version=_int(elem.findtext(f"{{{NS}}}version")),
     )
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
 
 
 def meta_xml(meta: VirtdeckMeta) -> str:
@@ -190,6 +199,8 @@ def meta_xml(meta: VirtdeckMeta) -> str:
         ("xml-backup", meta.xml_backup),
         ("operations", ",".join(meta.operations) if meta.operations else None),
         ("host", meta.host),
+        ("family", meta.family),
+        ("version", str(meta.version) if meta.version else None),
     ):
         if value:
             ET.SubElement(elem, tag).text = value

@@ -137,6 +137,10 @@ class VirtdeckMeta:
     # template: what sealing added to virt-sysprep (tui.core.sealing); None: not recorded
     # (made before virtdeck recorded it, or not sealed)
     sealing: tuple[str, ...] | None = None
+    # template versions (tui.core.versions): the family's first template, this one's number;
+    # None: a template made by 'template create' (version 1 of its own family)
+    family: str | None = None
+    version: int | None = None
 
 
 @dataclass(frozen=True)

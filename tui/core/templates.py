@@ -229,6 +229,8 @@ class TemplatePlan(ops.PlanDefaults):
     shutdown_timeout: float
     additions: tuple[str, ...] = ()  # what virtdeck adds to virt-sysprep (tui.core.sealing)
     windows: bool = False  # the domain XML says Windows: nothing is added
+    family: str | None = None  # a new version of that template (tui.core.versions)
+    version: int | None = None
 
     @property
     def needs_shutdown(self) -> bool:
@@ -473,6 +475,8 @@ def execute_template(
                 xml_backup=plan.backup_path,
                 host=host_key(hv),
                 sealing=plan.additions if plan.seal else None,
+                family=plan.family,
+                version=plan.version,
             )
             hv.call(
                 dom.setMetadata,

@@ -45,6 +45,8 @@ _WHEN: dict[str, Callable[[DomainInfo], bool]] = {
     "template.make": lambda d: not d.is_template,
     "template.delete": lambda d: True,
     "template.detach": lambda d: d.meta.role == "clone" and d.meta.mode == "thin",
+    # a template's next version (tui.core.versions), or sealing its edit VM into it
+    "template.version": lambda d: d.is_template or d.name.endswith("-edit"),
 }
 
 

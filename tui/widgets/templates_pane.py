@@ -85,7 +85,7 @@ def row_cells(t: Template) -> tuple[str, ...]:
     else:
         sealed = "no"
     return (
-        t.name,
+        t.name if t.family is None else f"{t.name} (v{t.version} of {t.family})",
         "yes" if t.defined else "backup only",
         " ".join(os.path.basename(b.path) for b in t.base_images),
         size(t.virtual_bytes),
@@ -103,6 +103,8 @@ def details_text(t: Template) -> str:
         + ")",
         f"sealed    {', '.join(t.sealed_operations) or '-'}" if t.sealed else "sealed    no",
     ]
+    if t.family is not None:  # tui.core.versions
+        lines.append(f"version   {t.version} of {t.family} (sealed {t.created or '?'})")
     if t.sealed:  # what each clone makes of its own when it first boots, what they share
         lines.extend(f"new       {line}" for line in t.first_boot.lines())
         lines.extend(f"SHARED    {line}" for line in t.first_boot.shared)
@@ -135,6 +137,7 @@ class TemplatesPane(Pane):
         Binding("x", "pane('templates', 'delete')", "Delete VM", id="template.delete"),
         Binding("y", "pane('templates', 'copy')", "Copy to host", id="template.copy"),
         Binding("F", "pane('templates', 'detach')", "Detach (full)", id="template.detach"),
+        Binding("e", "pane('templates', 'version')", "New version", id="template.version"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -342,6 +345,30 @@ class TemplatesPane(Pane):
             return
         if self._begin():
             self._plan_copy(self.hypervisor(host), self.hypervisor(others[0]), name)
+
+    def action_version(self) -> None:
+        """On a template: plan its edit VM (tui.core.versions); on that edit VM (a clone
+        named *-edit): plan sealing it into the next version."""
+        info = self.selected
+        if info is not None and not info.is_template and info.name.endswith("-edit"):
+            if self._begin():
+                self._plan_version(self.hypervisor(info.host), info.name, seal=True)
+            return
+        t = self.highlighted()
+        if t is None:
+            self.notify("select a template in this pane, or its edit VM", severity="warning")
+            return
+        if self._begin():
+            self._plan_version(self.hypervisor(t.host), t.name, seal=False)
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="version plan")
+    def _plan_version(self, hv: Hypervisor, name: str, *, seal: bool) -> None:
+        from tui.core import versions
+
+        if seal:
+            self.post_message(Planned(versions.plan_seal(hv, name, backup_dir=self.backup_dir)))
+        else:
+            self.post_message(Planned(versions.plan_update(hv, name, backup_dir=self.backup_dir)))
 
     def action_delete(self) -> None:
         info = self.selected
