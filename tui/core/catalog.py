@@ -114,6 +114,8 @@ class Template:
     full_clones: tuple[str, ...]
     incomplete_clones: tuple[str, ...] = ()  # interrupted before their disks were whole
     sealing: tuple[str, ...] | None = None  # what sealing added (tui.core.sealing); None: unknown
+    # sha256 of each disk's base layers, lowest first (tui.core.baseid); None: not recorded
+    base_identity: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
     @property
     def first_boot(self) -> FirstBoot:
@@ -143,6 +145,9 @@ class Template:
         data["incomplete_clones"] = list(self.incomplete_clones)
         data["sealing"] = None if self.sealing is None else list(self.sealing)
         data["first_boot"] = self.first_boot.to_json()
+        data["base_identity"] = (
+            None if self.base_identity is None else {d: list(ls) for d, ls in self.base_identity}
+        )
         return data
 
 
@@ -293,6 +298,7 @@ def list_templates(
                 full_clones=tuple(full),
                 incomplete_clones=tuple(incomplete),
                 sealing=meta.sealing,
+                base_identity=meta.base_identity,
             )
         )
     out.sort(key=lambda t: t.name)

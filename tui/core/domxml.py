@@ -172,6 +172,17 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         complete=elem.get("complete") != "no",
         host=elem.findtext(f"{{{NS}}}host"),
         sealing=None if sealing is None else tuple(a for a in (sealing.text or "").split(",") if a),
+        base_identity=_read_identity(elem),
+    )
+
+
+def _read_identity(elem: ET.Element) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+    found = elem.findall(f"{{{NS}}}base")
+    if not found:
+        return None
+    return tuple(
+        (b.get("disk") or "?", tuple(d for d in (b.get("layers") or "").split(",") if d))
+        for b in found
     )
 
 
@@ -195,6 +206,8 @@ def meta_xml(meta: VirtdeckMeta) -> str:
             ET.SubElement(elem, tag).text = value
     if meta.sealing is not None:  # present and empty: sealing added nothing (recorded)
         ET.SubElement(elem, "sealing").text = ",".join(meta.sealing)
+    for disk, layers in meta.base_identity or ():
+        ET.SubElement(elem, "base", disk=disk, layers=",".join(layers))
     return ET.tostring(elem, encoding="unicode")
 
 

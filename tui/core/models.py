@@ -137,6 +137,9 @@ class VirtdeckMeta:
     # template: what sealing added to virt-sysprep (tui.core.sealing); None: not recorded
     # (made before virtdeck recorded it, or not sealed)
     sealing: tuple[str, ...] | None = None
+    # template: a content digest of each disk's base, layer by layer (lowest first), as
+    # ((disk target, ("sha256:…", …)), …); None: not recorded (tui.core.baseid)
+    base_identity: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
 
 @dataclass(frozen=True)
