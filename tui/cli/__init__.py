@@ -67,6 +67,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "usage",
         "disk usage: what thin clones cost against full copies, backing chains, host totals",
     ),
+    "migrate": ("migrate", "move shut-off domains to another hypervisor (a thin clone stays thin)"),
     "recover": (
         "recover",
         "list, and with --yes roll back, operations a crash or kill left half-done",

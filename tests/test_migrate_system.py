@@ -1,0 +1,186 @@
+"""Offline migrate between two hypervisors with separate image directories (issue 20).
+
+Host A is the host's qemu:///system, reached over the SSH rig (from a private mount namespace
+with decoys over the lab directory, as in tests/test_remote_system.py); host B is the test
+user's qemu:///session over the same sshd, with its own pool directory. Results are checked
+on the host side with qemu-img and qemu-io.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab import SystemLab
+from tests.test_remote_system import in_namespace, ok, pool_target, reads, write
+from tests.test_storage_system import TEMPLATE, virtdeck
+
+pytestmark = pytest.mark.system
+MIB = 1024**2
+
+
+def allocated(directory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.is_file())
+
+
+def chain(path: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json",
+                           str(path)], capture_output=True, text=True, check=True)  # fmt: skip
+    result: list[dict[str, Any]] = json.loads(proc.stdout)
+    return result
+
+
+def snapshot_names(path: Path) -> list[str]:
+    return [s["name"] for s in chain(path)[0].get("snapshots", [])]
+
+
+class Target:
+    """Host B (the session daemon): its pool directory and a cleanup of what a test left."""
+
+    def __init__(self, uri: str) -> None:
+        import libvirt
+
+        self.libvirt = libvirt
+        self.conn = libvirt.open(uri)
+        self.pool = self.conn.storagePoolLookupByName("vdtest-pool")
+        self.dir = Path(pool_target(self.pool.XMLDesc(0)))
+
+    def has(self, name: str) -> bool:
+        return name in [d.name() for d in self.conn.listAllDomains(0)]
+
+    def cleanup(self, names: list[str], files: list[str]) -> None:
+        lv = self.libvirt
+        for name in names:
+            try:
+                d = self.conn.lookupByName(name)
+            except lv.libvirtError:
+                continue
+            if d.isActive():
+                d.destroy()
+            d.undefineFlags(lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        self.pool.refresh(0)
+        for vol in self.pool.listAllVolumes(0):
+            if vol.name() in files:
+                os.chmod(self.dir / vol.name(), 0o644)
+                vol.delete(0)
+        self.conn.close()
+
+
+@pytest.fixture
+def target(session_uri: str) -> Iterator[Target]:
+    t = Target(session_uri)
+    yield t
+
+
+def template(lab: SystemLab, suffix: str, base: str) -> str:
+    """A template as one made before identities were recorded (qemu: B has no KVM)."""
+    from tests.lab import domain_xml
+    from tui.core import domxml
+
+    name = lab.name(suffix)
+    root = domxml.parse(domain_xml(name, [(base, "qcow2")], virt_type="qemu"))
+    domxml.write_meta(root, TEMPLATE)
+    lab.hv.conn.defineXML(domxml.to_string(root))
+    return name
+
+
+def thin_clone(lab: SystemLab, base: str, tname: str, suffix: str) -> tuple[str, Path]:
+    name = lab.name(suffix)
+    virtdeck(lab.hv, "clone", tname, name, "--allow-unsealed")
+    return name, lab.dir / f"{name}.qcow2"
+
+
+def test_migrate_a_thin_clone_sends_only_its_own_layers(
+    host_lab: SystemLab, ssh_root_uri: str, session_uri: str, target: Target, tmp_path: Path
+) -> None:
+    lab = host_lab
+    base = lab.disk("mbase.qcow2", "256M")
+    write(base, 0x11, "8M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x12 200M 1M", base], check=True,
+                   capture_output=True)  # fmt: skip
+    os.chmod(base, 0o444)
+    tname = template(lab, "mtpl", base)  # no identity recorded
+    c1, o1 = thin_clone(lab, base, tname, "m1")
+    c2, o2 = thin_clone(lab, base, tname, "m2")
+    subprocess.run(["qemu-io", "-c", "write -P 0x21 0 64M", str(o1)], check=True,
+                   capture_output=True)  # fmt: skip
+    virtdeck(lab.hv, "snapshot", "create", c1, "s1")  # internal: inside the overlay
+    subprocess.run(["qemu-io", "-c", "write -P 0x22 64M 2M", str(o1)], check=True,
+                   capture_output=True)  # fmt: skip
+    subprocess.run(["qemu-io", "-c", "write -P 0x31 0 6M", str(o2)], check=True,
+                   capture_output=True)  # fmt: skip
+    o1_alloc = o1.stat().st_blocks * 512
+    o2_alloc = o2.stat().st_blocks * 512
+    assert o1_alloc > 60 * MIB
+    files = ["mbase.qcow2", o1.name, o2.name]
+    try:
+        out = in_namespace(lab, ssh_root_uri, tmp_path, [
+            ["migrate", c1, "--to", session_uri, "--dry-run"],
+            ["migrate", c1, "--to", session_uri, "--json"],
+        ])  # fmt: skip
+        dry = ok(out, 0) + out["results"][0][3]
+        assert "copy the template there first" in dry, dry
+        assert "computed now" in dry, dry  # the identity of an older template, cost said
+        result = json.loads(ok(out, 1))
+        plan = result["plans"][0]
+        assert result["results"] == [{"domain": c1, "ok": True}]
+        assert plan["template_copy"] is not None
+        # Bytes sent for the clone: its own allocation, not the base's.
+        assert plan["bytes_sent"] <= 1.1 * o1_alloc, (plan["bytes_sent"], o1_alloc)
+        moved, tbase = target.dir / o1.name, target.dir / "mbase.qcow2"
+        layers = chain(moved)
+        assert len(layers) == 2 and layers[0]["full-backing-filename"] == str(tbase), layers
+        assert layers[1]["filename"] == str(tbase)
+        assert reads(str(moved), 0x21, "64M")
+        assert subprocess.run(["qemu-io", "-r", "-U", "-c", "read -P 0x22 64M 2M", "-c",
+                               "read -P 0x12 200M 1M", str(moved)], capture_output=True,
+                              text=True).stdout.count("verification failed") == 0  # fmt: skip
+        assert snapshot_names(moved) == ["s1"]
+        dom = target.conn.lookupByName(c1)
+        assert dom.snapshotListNames() == ["s1"] and dom.snapshotCurrent().getName() == "s1"
+        assert dom.UUIDString() and not dom.isActive()
+        # Nothing of it on A; the template is still there, and now has its identity.
+        assert not lab.hv.exists(c1) and not o1.exists()
+        ident = lab.hv.domain(tname).meta.base_identity
+        from tui.core import domxml
+
+        there = domxml.read_meta(domxml.parse(target.conn.lookupByName(tname).XMLDesc(0)))
+        assert ident is not None and there.base_identity == ident
+
+        # A second clone: the base is not sent again.
+        before = allocated(target.dir)
+        out = in_namespace(lab, ssh_root_uri, tmp_path, [
+            ["migrate", c2, "--to", session_uri],
+        ])  # fmt: skip
+        ok(out, 0)
+        assert "already on" in out["results"][0][3], out["results"][0][3]
+        grew = allocated(target.dir) - before
+        assert grew <= 1.05 * o2_alloc, (grew, o2_alloc)
+        assert reads(str(target.dir / o2.name), 0x31, "6M")
+        assert not lab.hv.exists(c2) and not o2.exists()
+    finally:
+        target.cleanup([c1, c2, tname], files)
+
+
+def test_migrate_refusals_say_why(host_lab: SystemLab, session_uri: str, target: Target) -> None:
+    lab = host_lab
+    vm = lab.define("mr")
+    try:
+        proc = virtdeck(lab.hv, "migrate", vm, "--to", session_uri, "--live", check=1)
+        assert proc.stderr.count("\n") == 1 and "not available yet" in proc.stderr
+        proc = virtdeck(lab.hv, "migrate", vm, "--to", lab.hv.uri, check=1)
+        assert "nothing to migrate" in proc.stderr
+        proc = virtdeck(lab.hv, "migrate", "--to", session_uri, check=2)
+        assert "name at least one domain" in proc.stderr
+        lab.hv.start(vm)
+        proc = virtdeck(lab.hv, "migrate", vm, "--to", session_uri, check=1)
+        assert "is running" in proc.stderr and "live migration is not available" in proc.stderr
+        assert not target.has(vm) and lab.hv.exists(vm)
+    finally:
+        target.cleanup([], [])
