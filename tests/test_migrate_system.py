@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,93 @@ def test_migrate_refusals_say_why(host_lab: SystemLab, session_uri: str, target:
         assert not target.has(vm) and lab.hv.exists(vm)
     finally:
         target.cleanup([], [])
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+from tui.core import migrate
+from tui.core.hypervisor import Hypervisor, start_event_loop
+src, dst, name, moment = sys.argv[1:]
+start_event_loop()
+s, t = Hypervisor.open(src), Hypervisor.open(dst)
+plan = migrate.plan_migrate(s, t, name)
+def progress(message, fraction):
+    if message.startswith(moment) and (fraction is None or fraction > 0):
+        os.kill(os.getpid(), signal.SIGKILL)
+migrate.execute_migrate(s, t, plan, progress)
+print("finished")
+"""
+
+
+def test_interrupted_or_killed_migration_leaves_the_vm_whole_on_the_source(
+    host_lab: SystemLab, ssh_root_uri: str, session_uri: str, target: Target, tmp_path: Path
+) -> None:
+    """An interrupt (in-process, as SIGTERM/Ctrl-C raise it) or a SIGKILL + `recover` at
+    several moments: the source VM is defined as it was (UUID, snapshot tree, current
+    snapshot, data), and nothing of it is on the target."""
+    from tui.core import migrate, ops, transfer
+    from tui.core.hypervisor import Hypervisor
+    from tui.core.ops import Interrupted
+
+    lab = host_lab
+    base = lab.disk("kbase.qcow2", "64M")
+    write(base, 0x41, "1M")
+    os.chmod(base, 0o444)
+    tname = template(lab, "ktpl", base)
+    c, overlay = thin_clone(lab, base, tname, "k1")
+    write(str(overlay), 0x42, "8M")
+    virtdeck(lab.hv, "snapshot", "create", c, "s1")
+    subprocess.run(["qemu-io", "-c", "write -P 0x43 8M 1M", str(overlay)], check=True,
+                   capture_output=True)  # fmt: skip
+    uuid = lab.hv.lookup(c).UUIDString()
+    source, dest = Hypervisor.open(ssh_root_uri), Hypervisor.open(session_uri)
+    files = ["kbase.qcow2", overlay.name]
+
+    def whole() -> None:
+        dom = lab.hv.conn.lookupByUUIDString(uuid)
+        assert dom.name() == c and not dom.isActive()
+        assert dom.snapshotListNames() == ["s1"] and dom.snapshotCurrent().getName() == "s1"
+        assert reads(str(overlay), 0x42, "8M") and snapshot_names(overlay) == ["s1"]
+        assert not target.has(c)
+        target.pool.refresh(0)
+        assert overlay.name not in [v.name() for v in target.pool.listAllVolumes(0)]
+        assert not (target.dir / overlay.name).exists()
+
+    try:
+        transfer.execute_template_copy(
+            source, dest, transfer.plan_template_copy(source, dest, tname)
+        )
+        for moment in ("sending", "qemu-img check", "defining", f"'{c}' left"):
+            plan = migrate.plan_migrate(source, dest, c)
+            assert plan.target_template == tname and plan.template_copy is None
+
+            def stop(message: str, fraction: float | None, moment: str = moment) -> None:
+                if message.startswith(moment) and (fraction is None or fraction > 0):
+                    raise Interrupted("stopped by the test")
+
+            with pytest.raises(Interrupted, match="undid"):
+                migrate.execute_migrate(source, dest, plan, stop)
+            lab.hv.invalidate()
+            whole()
+            assert not ops.pending()
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        for moment in ("sending", f"'{c}' left"):
+            proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, ssh_root_uri, session_uri,
+                                   c, moment], capture_output=True, text=True, env=env,
+                                  timeout=300)  # fmt: skip
+            assert proc.returncode == -9 and "finished" not in proc.stdout, proc.stderr
+            assert ops.pending()  # the journal(s) it left
+            rec = subprocess.run([sys.executable, "-m", "tui", "recover", "--yes"], env=env,
+                                 capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert rec.returncode == 0, rec.stderr
+            assert not ops.pending()
+            lab.hv.invalidate()
+            whole()
+        # And then it goes through.
+        migrate.execute_migrate(source, dest, migrate.plan_migrate(source, dest, c))
+        assert target.has(c) and not overlay.exists()
+        assert reads(str(target.dir / overlay.name), 0x42, "8M")
+    finally:
+        source.close()
+        dest.close()
+        target.cleanup([c, tname], files)
