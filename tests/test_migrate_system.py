@@ -109,6 +109,7 @@ def test_migrate_a_thin_clone_sends_only_its_own_layers(
     tname = template(lab, "mtpl", base)  # no identity recorded
     c1, o1 = thin_clone(lab, base, tname, "m1")
     c2, o2 = thin_clone(lab, base, tname, "m2")
+    c3, o3 = thin_clone(lab, base, tname, "m3")  # migrated with c1, in one command
     subprocess.run(["qemu-io", "-c", "write -P 0x21 0 64M", str(o1)], check=True,
                    capture_output=True)  # fmt: skip
     virtdeck(lab.hv, "snapshot", "create", c1, "s1")  # internal: inside the overlay
@@ -119,18 +120,20 @@ def test_migrate_a_thin_clone_sends_only_its_own_layers(
     o1_alloc = o1.stat().st_blocks * 512
     o2_alloc = o2.stat().st_blocks * 512
     assert o1_alloc > 60 * MIB
-    files = ["mbase.qcow2", o1.name, o2.name]
+    files = ["mbase.qcow2", o1.name, o2.name, o3.name]
     try:
         out = in_namespace(lab, ssh_root_uri, tmp_path, [
             ["migrate", c1, "--to", session_uri, "--dry-run"],
-            ["migrate", c1, "--to", session_uri, "--json"],
+            ["migrate", c1, c3, "--to", session_uri, "--json"],
         ])  # fmt: skip
         dry = ok(out, 0) + out["results"][0][3]
         assert "copy the template there first" in dry, dry
         assert "computed now" in dry, dry  # the identity of an older template, cost said
         result = json.loads(ok(out, 1))
         plan = result["plans"][0]
-        assert result["results"] == [{"domain": c1, "ok": True}]
+        # c3's plan also said "copy the template first"; it is planned again on c1's copy.
+        assert result["results"] == [{"domain": c1, "ok": True}, {"domain": c3, "ok": True}]
+        assert target.has(c3) and not o3.exists()
         assert plan["template_copy"] is not None
         # Bytes sent for the clone: its own allocation, not the base's.
         assert plan["bytes_sent"] <= 1.1 * o1_alloc, (plan["bytes_sent"], o1_alloc)
@@ -166,7 +169,7 @@ def test_migrate_a_thin_clone_sends_only_its_own_layers(
         assert reads(str(target.dir / o2.name), 0x31, "6M")
         assert not lab.hv.exists(c2) and not o2.exists()
     finally:
-        target.cleanup([c1, c2, tname], files)
+        target.cleanup([c1, c2, c3, tname], files)
 
 
 def test_migrate_refusals_say_why(host_lab: SystemLab, session_uri: str, target: Target) -> None:

@@ -104,6 +104,12 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         if not args.dry_run:
             for plan in plans:
                 try:
+                    if plan.template_copy is not None and target.exists(plan.template or ""):
+                        # An earlier member copied the template: plan this one on it.
+                        plan = migrate.plan_migrate(
+                            by_uri[plan.source_host], target, plan.domain, directory=args.dir,
+                            keep_source=args.keep_source, progress=stderr_progress,
+                        )  # fmt: skip
                     migrate.execute_migrate(by_uri[plan.source_host], target, plan,
                                             stderr_progress)  # fmt: skip
                     results.append({"domain": plan.domain, "ok": True})
@@ -113,8 +119,6 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                     results.append({"domain": plan.domain, "ok": False, "error": str(err)})
                     print(f"virtdeck: {plan.domain}: {err}", file=sys.stderr)
                     status = 1
-                    if len(plans) > 1 and plan.template_copy is not None:
-                        break  # the next plans counted on this template copy
         if args.json:
             from tui.core import ops
 
