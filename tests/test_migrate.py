@@ -39,3 +39,32 @@ def test_a_stream_of_data_and_holes_hashes_as_the_file_does(tmp_path: Path) -> N
     expected = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest.hexdigest() == expected == _local(str(path), None)
     assert digest.length == os.path.getsize(path)
+
+
+async def test_key_m_and_the_palette_offer_migrate(tmp_path: Path) -> None:
+    """`M` and "Migrate NAME" in the palette: with one host connected, one clear line."""
+    import pytest
+
+    from tests.test_palette import _choose, _ready
+    from tui.app import VirtdeckApp
+    from tui.core import demo
+    from tui.core.hypervisor import Hypervisor
+    from tui.widgets.domains import DomainsTable
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        hv = Hypervisor.open(demo.ensure_lab(), demo=True)
+    app = VirtdeckApp([hv], poll_interval=3600)
+    try:
+        async with app.run_test(size=(140, 45)) as pilot:
+            await _ready(app, pilot)
+            hit = await _choose(app, pilot, "migrate web-3")
+            assert hit.startswith("Migrate web-3")
+            assert any("nowhere to migrate to" in n.message for n in app._notifications)
+            table = app.main.query_one(DomainsTable)
+            assert table.select_name("db")
+            await pilot.press("M")
+            await pilot.pause()
+            assert sum("nowhere to migrate" in n.message for n in app._notifications) == 2
+    finally:
+        hv.close()

@@ -270,8 +270,9 @@ def test_interrupted_or_killed_migration_leaves_the_vm_whole_on_the_source(
             assert not ops.pending()
             lab.hv.invalidate()
             whole()
-        # And then it goes through.
-        migrate.execute_migrate(source, dest, migrate.plan_migrate(source, dest, c))
+        # And then it goes through (as the dashboard's `M` runs it: tui.core.migrate.MigrateGroup).
+        group = migrate.plan_group(lambda _uri: source, dest, [(ssh_root_uri, c)])
+        assert "migrated" in group.run(dest, lambda _t, _f: None)
         assert target.has(c) and not overlay.exists()
         assert reads(str(target.dir / overlay.name), 0x42, "8M")
     finally:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import posixpath
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -721,3 +722,78 @@ def _redefine(hv: Hypervisor, domain: str, xml: str, *, current: bool) -> None:
     if current:
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
     hv.call(dom.snapshotCreateXML, xml, flags, what=f"redefining a snapshot of '{domain}'")
+
+
+@dataclass(frozen=True)
+class MigrateGroup(ops.PlanDefaults):
+    """Several domains to one target (the dashboard's `M` with marks): one plan each, run one
+    after the other; a member whose plan copied the template is planned again on that copy
+    once an earlier member made it."""
+
+    target_host: str
+    plans: tuple[MigratePlan, ...]
+    refused: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return self.target_host
+
+    @property
+    def title(self) -> str:
+        if len(self.plans) == 1:
+            return self.plans[0].title
+        return f"Migrate {len(self.plans)} domains to {self.target_host}?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Migrate"
+
+    def summary(self) -> list[str]:
+        lines = [f"not migrated: {r}" for r in self.refused]
+        for plan in self.plans:
+            lines.extend(plan.summary())
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plans": [p.to_json() for p in self.plans], "refused": list(self.refused)}
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        done, failed = [], []
+        for plan in self.plans:
+            source = Hypervisor.open(plan.source_host)
+            try:
+                if plan.template_copy is not None and hv.exists(plan.template or ""):
+                    plan = plan_migrate(
+                        source, hv, plan.domain, directory=plan.directory,
+                        keep_source=plan.keep_source is not None, progress=progress,
+                    )  # fmt: skip
+                execute_migrate(source, hv, plan, progress)
+                done.append(plan.domain)
+            except VirtdeckError as err:
+                failed.append(f"{plan.domain}: {err}")
+            finally:
+                source.close()
+        if failed:
+            raise OperationError(
+                "; ".join(failed) + (f" (migrated: {', '.join(done)})" if done else "")
+            )
+        return f"migrated {', '.join(done)} to {self.target_host}"
+
+
+def plan_group(
+    source_of: Any, target: Hypervisor, members: Sequence[tuple[str, str]]
+) -> MigrateGroup:
+    """One plan per (host, name); a member refused is named, the others go on. Refused all:
+    the first refusal is raised."""
+    plans, refused = [], []
+    first: VirtdeckError | None = None
+    for host, name in members:
+        try:
+            plans.append(plan_migrate(source_of(host), target, name))
+        except VirtdeckError as err:
+            first = first or err
+            refused.append(f"{name}: {err}")
+    if not plans:
+        assert first is not None
+        raise first
+    return MigrateGroup(target.uri, tuple(plans), tuple(refused))
