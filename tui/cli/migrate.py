@@ -91,6 +91,7 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                     migrate.plan_migrate(
                         by_uri[m.host], target, m.name, directory=args.dir,
                         keep_source=args.keep_source, progress=stderr_progress,
+                        record=not args.dry_run,
                     )
                 )  # fmt: skip
             except VirtdeckError as err:
@@ -109,6 +110,7 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                         plan = migrate.plan_migrate(
                             by_uri[plan.source_host], target, plan.domain, directory=args.dir,
                             keep_source=args.keep_source, progress=stderr_progress,
+                            record=not args.dry_run,
                         )  # fmt: skip
                     migrate.execute_migrate(by_uri[plan.source_host], target, plan,
                                             stderr_progress)  # fmt: skip

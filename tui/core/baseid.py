@@ -89,15 +89,18 @@ def of_xml(xml: str) -> Identity | None:
     return domxml.read_meta(domxml.parse(xml)).base_identity
 
 
-def ensure(hv: Hypervisor, name: str, progress: Progress = no_progress) -> tuple[Identity, bool]:
+def ensure(
+    hv: Hypervisor, name: str, progress: Progress = no_progress, *, keep: bool = True
+) -> tuple[Identity, bool]:
     """(identity, computed now) of the defined template `name`: the recorded one, else read
-    from its base and recorded."""
+    from its base (and recorded, with `keep`)."""
     xml = hv.xml(name, inactive=True)
     found = of_xml(xml)
     if found is not None:
         return found, False
     identity = compute(hv, xml, progress)
-    record(hv, name, identity)
+    if keep:
+        record(hv, name, identity)
     return identity, True
 
 

@@ -311,8 +311,10 @@ def plan_migrate(
     keep_source: bool = False,
     live: bool = False,
     progress: Progress = no_progress,
+    record: bool = True,
 ) -> MigratePlan:
-    """Check everything on both hosts; the only write is a template identity computed now."""
+    """Check everything on both hosts. The only write: a template identity computed now is
+    recorded in its metadata (with `record`; a dry run computes it again next time)."""
     if source.uri == target.uri:
         raise InvalidInputError(f"'{name}' is already on {target.uri}: choose another --to")
     info = source.domain(name)
@@ -418,11 +420,11 @@ def plan_migrate(
             cost = baseid.cost(source, t_xml)
             progress(f"computing the identity of '{template}' ({_mib(cost)} to read)", None)
             identity = baseid.compute(source, t_xml, progress)
-            if t_defined:
+            if t_defined and record:
                 baseid.record(source, template, identity)
             notes.append(
                 f"the identity of '{template}' was not recorded: computed now on "
-                f"{source.uri} (read {_mib(cost)} once{', recorded' if t_defined else ''})"
+                f"{source.uri} (read {_mib(cost)}{', recorded' if t_defined and record else ''})"
             )
         t_disks = {
             d.path: d.target for d in own_images(domxml.disks(domxml.parse(t_xml))) if d.path
@@ -442,10 +444,10 @@ def plan_migrate(
             if ident is None and cand.name == template:
                 c_xml = target.xml(cand.name, inactive=True)
                 cost = baseid.cost(target, c_xml)
-                ident, _ = baseid.ensure(target, cand.name, progress)
+                ident, _ = baseid.ensure(target, cand.name, progress, keep=record)
                 notes.append(
                     f"the identity of '{cand.name}' on {target.uri} was not recorded: computed "
-                    f"now (read {_mib(cost)} there once, recorded)"
+                    f"now (read {_mib(cost)} there{', recorded' if record else ''})"
                 )
             if ident is None:
                 continue
