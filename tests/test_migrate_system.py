@@ -279,3 +279,43 @@ def test_interrupted_or_killed_migration_leaves_the_vm_whole_on_the_source(
         source.close()
         dest.close()
         target.cleanup([c, tname], files)
+
+
+def test_migrate_carries_external_snapshot_layers_of_a_standalone_vm(
+    host_lab: SystemLab, ssh_root_uri: str, session_uri: str, target: Target
+) -> None:
+    """No template: every layer is the VM's own. An external snapshot's overlay and the disk
+    below it both move, rebased onto each other's new paths; the snapshot is redefined."""
+    from tests.lab import domain_xml
+    from tui.core import migrate
+    from tui.core.hypervisor import Hypervisor
+
+    lab = host_lab
+    disk = lab.disk("xvm.qcow2", "64M")
+    write(disk, 0x51, "4M")
+    name = lab.name("xvm")
+    lab.hv.conn.defineXML(domain_xml(name, [(disk, "qcow2")], virt_type="qemu"))
+    virtdeck(lab.hv, "snapshot", "create", name, "s1", "--external")
+    top = Path(lab.hv.domain(name).disks[0].path or "")
+    assert top != Path(disk)
+    write(str(top), 0x52, "1M")
+    source, dest = Hypervisor.open(ssh_root_uri), Hypervisor.open(session_uri)
+    try:
+        plan = migrate.plan_migrate(source, dest, name)
+        assert plan.template is None and len(plan.layers) == 2
+        migrate.execute_migrate(source, dest, plan)
+        moved = target.dir / top.name
+        layers = chain(moved)
+        assert [x["filename"] for x in layers] == [str(moved), str(target.dir / "xvm.qcow2")]
+        assert reads(str(moved), 0x52, "1M")
+        below = subprocess.run(["qemu-io", "-r", "-U", "-c", "read -P 0x51 1M 3M", str(moved)],
+                               capture_output=True, text=True)  # fmt: skip
+        assert below.returncode == 0 and "failed" not in below.stdout
+        dom = target.conn.lookupByName(name)
+        assert dom.snapshotListNames() == ["s1"]
+        assert str(moved) in dom.snapshotLookupByName("s1").getXMLDesc(0)
+        assert not lab.hv.exists(name) and not top.exists() and not Path(disk).exists()
+    finally:
+        source.close()
+        dest.close()
+        target.cleanup([name], ["xvm.qcow2", top.name])
