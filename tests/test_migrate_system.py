@@ -319,3 +319,32 @@ def test_migrate_carries_external_snapshot_layers_of_a_standalone_vm(
         source.close()
         dest.close()
         target.cleanup([name], ["xvm.qcow2", top.name])
+
+
+def test_keep_source_leaves_a_stopped_renamed_copy(
+    host_lab: SystemLab, ssh_root_uri: str, session_uri: str, target: Target
+) -> None:
+    from tests.lab import domain_xml
+    from tui.core import migrate
+    from tui.core.hypervisor import Hypervisor
+
+    lab = host_lab
+    disk = lab.disk("kvm.qcow2", "64M")
+    write(disk, 0x61, "2M")
+    name = lab.name("keep")
+    lab.hv.conn.defineXML(domain_xml(name, [(disk, "qcow2")], virt_type="qemu"))
+    uuid = lab.hv.lookup(name).UUIDString()
+    source, dest = Hypervisor.open(ssh_root_uri), Hypervisor.open(session_uri)
+    try:
+        plan = migrate.plan_migrate(source, dest, name, keep_source=True)
+        assert plan.keep_source == f"{name}-migrated"
+        assert f"rename the source to '{name}-migrated'" in " ".join(plan.summary())
+        migrate.execute_migrate(source, dest, plan)
+        kept = lab.hv.conn.lookupByUUIDString(uuid)
+        assert kept.name() == f"{name}-migrated" and not kept.isActive()
+        assert reads(disk, 0x61, "2M")  # its files stay
+        assert target.has(name) and reads(str(target.dir / "kvm.qcow2"), 0x61, "2M")
+    finally:
+        source.close()
+        dest.close()
+        target.cleanup([name], ["kvm.qcow2"])
