@@ -13,6 +13,7 @@ Everything is named with the lab prefix and removed by the `lab` fixture, even o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -182,6 +183,9 @@ def test_cli_template_create_with_defaults_undefine_then_clone(
     assert listed[lab.name("tdb")]["defined"] is False
     assert "machine-id" in listed[lab.name("tdb")]["sealed_operations"]
     assert listed[lab.name("tdb")]["first_boot"]["shared"] == []
+    # Its base's identity, recorded once when it was made: the sha256 of the sealed file.
+    digest = hashlib.sha256(Path(disk).read_bytes()).hexdigest()
+    assert listed[lab.name("tdb")]["base_identity"] == {"vda": [f"sha256:{digest}"]}
     # --keep-hostname: this sealed template has an OS, so by default each clone would be
     # renamed with virt-customize (40 s under TCG; test_identity_system covers that).
     argv = ["-c", lab.hv.uri, "clone", lab.name("tdb"), lab.name("app"),

@@ -116,6 +116,8 @@ class Template:
     sealing: tuple[str, ...] | None = None  # what sealing added (tui.core.sealing); None: unknown
     family: str | None = None  # the first template of its versions (tui.core.versions)
     version: int = 1
+    # sha256 of each disk's base layers, lowest first (tui.core.baseid); None: not recorded
+    base_identity: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
     @property
     def first_boot(self) -> FirstBoot:
@@ -145,6 +147,9 @@ class Template:
         data["incomplete_clones"] = list(self.incomplete_clones)
         data["sealing"] = None if self.sealing is None else list(self.sealing)
         data["first_boot"] = self.first_boot.to_json()
+        data["base_identity"] = (
+            None if self.base_identity is None else {d: list(ls) for d, ls in self.base_identity}
+        )
         return data
 
 
@@ -310,6 +315,7 @@ def list_templates(
                 sealing=meta.sealing,
                 family=meta.family,
                 version=meta.version or 1,
+                base_identity=meta.base_identity,
             )
         )
     out.sort(key=lambda t: t.name)

@@ -174,6 +174,17 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         sealing=None if sealing is None else tuple(a for a in (sealing.text or "").split(",") if a),
         family=elem.findtext(f"{{{NS}}}family"),
         version=_int(elem.findtext(f"{{{NS}}}version")),
+        base_identity=_read_identity(elem),
+    )
+
+
+def _read_identity(elem: ET.Element) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+    found = elem.findall(f"{{{NS}}}base")
+    if not found:
+        return None
+    return tuple(
+        (b.get("disk") or "?", tuple(d for d in (b.get("layers") or "").split(",") if d))
+        for b in found
     )
 
 
@@ -206,6 +217,8 @@ def meta_xml(meta: VirtdeckMeta) -> str:
             ET.SubElement(elem, tag).text = value
     if meta.sealing is not None:  # present and empty: sealing added nothing (recorded)
         ET.SubElement(elem, "sealing").text = ",".join(meta.sealing)
+    for disk, layers in meta.base_identity or ():
+        ET.SubElement(elem, "base", disk=disk, layers=",".join(layers))
     return ET.tostring(elem, encoding="unicode")
 
 

@@ -141,6 +141,9 @@ class VirtdeckMeta:
     # None: a template made by 'template create' (version 1 of its own family)
     family: str | None = None
     version: int | None = None
+    # template: a content digest of each disk's base, layer by layer (lowest first), as
+    # ((disk target, ("sha256:…", …)), …); None: not recorded (tui.core.baseid)
+    base_identity: tuple[tuple[str, tuple[str, ...]], ...] | None = None
 
 
 @dataclass(frozen=True)

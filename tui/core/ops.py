@@ -870,7 +870,9 @@ def recover(hv: Hypervisor, item: Pending, skipped: list[str] | None = None) -> 
 
 
 @undo_kind("undefine")
-def _undefine(hv: Hypervisor, uuid: str, name: str, keep_nvram: bool = False) -> None:
+def _undefine(
+    hv: Hypervisor, uuid: str, name: str, keep_nvram: bool = False, snapshots: bool = False
+) -> None:
     try:
         dom = hv.call(hv.conn.lookupByUUIDString, uuid)
     except NotFoundError:
@@ -879,7 +881,10 @@ def _undefine(hv: Hypervisor, uuid: str, name: str, keep_nvram: bool = False) ->
         return  # that UUID is another domain's (its define is why ours failed): not ours
     if hv.call(dom.isActive):
         hv.call(dom.destroy)
-    hv.undefine(dom, keep_nvram=keep_nvram)
+    if snapshots:  # with its snapshot metadata (a migrated domain's, redefined on the target)
+        hv.undefine_all(dom)
+    else:
+        hv.undefine(dom, keep_nvram=keep_nvram)
     hv.invalidate()
 
 

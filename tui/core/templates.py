@@ -269,6 +269,9 @@ class TemplatePlan(ops.PlanDefaults):
             lines.append("do not seal (clones will carry this VM's identity)")
         if self.name != self.vm:
             lines.append(f"rename '{self.vm}' to '{self.name}'")
+        lines.append(
+            "record its base's identity (a sha256 of each layer, read once) for other hosts"
+        )
         lines.append(f"back up its XML to {self.backup_path}")
         lines.extend(f"make {path} read-only" for path, _ in self.images)
         if self.undefine:
@@ -466,6 +469,12 @@ def execute_template(
                 undo.push(f"rename back to '{plan.vm}'", "rename", uuid=plan.uuid, name=plan.vm)
                 dom = hv.rename(dom, plan.vm, plan.name)
                 undo.domain_left(plan.uuid)
+            from tui.core import baseid  # the base is final: digest it once, here
+
+            identity = baseid.compute(
+                hv, hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, what=plan.name),
+                progress,
+            )  # fmt: skip
             meta = VirtdeckMeta(
                 role="template",
                 created=now_iso(),
@@ -477,6 +486,7 @@ def execute_template(
                 sealing=plan.additions if plan.seal else None,
                 family=plan.family,
                 version=plan.version,
+                base_identity=identity,
             )
             hv.call(
                 dom.setMetadata,

@@ -43,6 +43,7 @@ from tui.core.errors import (
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
 from tui.core.storage import Resolver, files_for
+from tui.core.storage.digest import StreamDigest, file_digest
 from tui.core.storage.remote import RemoteFiles
 from tui.core.templates import own_images, template_xml
 
@@ -81,6 +82,9 @@ class TemplateCopyPlan(ops.PlanDefaults):
     bytes_needed: int
     bytes_free: int | None
     notes: tuple[str, ...] = ()
+    # Each disk's base layers on the source, lowest first (what its identity digests).
+    layers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    identity: tuple[tuple[str, tuple[str, ...]], ...] | None = None  # recorded on the source
 
     @property
     def host(self) -> str:
@@ -120,6 +124,13 @@ class TemplateCopyPlan(ops.PlanDefaults):
             + f" for {self.directory} on the target"
         )
         lines.append(f"define '{self.template}' there as a template (uuid {self.uuid})")
+        if self.identity is None:
+            lines.append(
+                "its base's identity (sha256 of each layer) is computed as it streams and "
+                "recorded on both hosts"
+            )
+        else:
+            lines.append("each layer's sha256 is checked against the template's identity")
         lines.append(
             f"space needed: {_mib(self.bytes_needed)}"
             + (f" of {_mib(self.bytes_free)} free" if self.bytes_free is not None else "")
@@ -139,6 +150,7 @@ class TemplateCopyPlan(ops.PlanDefaults):
             "bytes_needed": self.bytes_needed,
             "bytes_free": self.bytes_free,
             "notes": list(self.notes),
+            "identity": None if self.identity is None else dict(self.identity),
         }
 
 
@@ -197,6 +209,7 @@ def plan_template_copy(
     resolver = Resolver(source, ssh=True)
     volumes: list[CopyVolume] = []
     disk_paths: list[tuple[str, str, str]] = []
+    disk_layers: list[tuple[str, tuple[str, ...]]] = []
     seen: dict[str, str] = {}
     for disk in own_images(domxml.disks(root)):
         assert disk.path is not None
@@ -240,6 +253,7 @@ def plan_template_copy(
             seen[img.path] = dest
             below, below_fmt = dest, img.format or "raw"
         disk_paths.append((disk.target, seen[chain.links[0].path], chain.links[0].format or "raw"))
+        disk_layers.append((disk.target, tuple(img.path for img in reversed(chain.links))))
     if not volumes:
         raise InvalidInputError(f"template '{template}' has no disk image to copy")
     if any(v.rebase for v in volumes) and not (target.local or dst_files.ssh is not None):
@@ -291,6 +305,8 @@ def plan_template_copy(
         bytes_needed=needed,
         bytes_free=free,
         notes=tuple(notes),
+        layers=tuple(disk_layers),
+        identity=meta.base_identity,
     )
 
 
@@ -317,6 +333,7 @@ def execute_template_copy(
         raise InvalidInputError(f"'{plan.template}' exists on {target.uri} now; plan again")
     total = sum(v.file_bytes for v in plan.volumes) or 1
     done, progress = 0, ops.cancellable(progress)
+    digests: dict[str, str] = {}
     title = f"copying template '{plan.template}' to {target.uri}"
     dirs = {posixpath.dirname(v.target) for v in plan.volumes}
     with ops.running(target, title, domains=[plan.template], dirs=dirs) as undo:
@@ -339,7 +356,9 @@ def execute_template_copy(
                 def report(n: int, start: int = start, label: str = label) -> None:
                     progress(label, (start + n) / total)
 
-                _stream(source, target, src_vol, dst_vol, v.file_bytes, report)
+                digest = StreamDigest()
+                _stream(source, target, src_vol, dst_vol, v.file_bytes, report, digest)
+            digests[v.source] = digest.hexdigest()
             done += v.file_bytes
             dst_pools._refresh(pool, force=True)
             got = dst_pools._volume(v.target)
@@ -351,16 +370,41 @@ def execute_template_copy(
                     f"{v.target} on {target.uri} has {length} bytes after the upload, the "
                     f"source {v.file_bytes}: the copy is incomplete"
                 )
+            if target.local or dst_pools.ssh is not None:
+                progress(f"checksumming {v.target} on {target.uri}", None)
+                if file_digest(target, v.target) != digests[v.source]:
+                    raise OperationError(
+                        f"{v.target} on {target.uri} does not have the bytes that were sent "
+                        "(sha256 differs): the copy is not kept"
+                    )
             if v.rebase and v.backing:
                 progress(f"rebasing {v.target} onto {v.backing}", None)
                 dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
             dst_files.make_read_only(v.target)
             undo.steps.append(f"made {v.target} read-only")
+        identity = tuple((t, tuple(digests[p] for p in paths)) for t, paths in plan.layers)
+        if plan.identity is not None and identity and tuple(plan.identity) != identity:
+            raise OperationError(
+                f"the base of '{plan.template}' on {source.uri} does not hash to the identity "
+                "recorded when it was made (it changed since): not copied"
+            )
+        root = domxml.parse(plan.xml)
+        meta = domxml.read_meta(root)
+        if identity:
+            domxml.write_meta(root, replace(meta, base_identity=identity))
         progress(f"defining '{plan.template}' on {target.uri}", None)
         undo.push(f"undefine '{plan.template}' on {target.uri}", "undefine", uuid=plan.uuid,
                   name=plan.template, keep_nvram=True)  # fmt: skip
-        target.define(plan.xml, what=f"defining template '{plan.template}' on {target.uri}")
+        target.define(
+            domxml.to_string(root), what=f"defining template '{plan.template}' on {target.uri}"
+        )
         undo.commit()
+    if plan.identity is None and identity and source.exists(plan.template):
+        # Kept on the source too (a fact about its base, read as it streamed): best effort.
+        with contextlib.suppress(VirtdeckError):
+            from tui.core import baseid
+
+            baseid.record(source, plan.template, identity)
     target.invalidate()
     progress(f"'{plan.template}' copied to {target.uri}", 1.0)
     return plan.template
@@ -373,8 +417,10 @@ def _stream(
     dst_vol: Any,
     length: int,
     report: Any,
+    digest: StreamDigest | None = None,
 ) -> None:
-    """Download -> upload with sparse streams: data is sent, holes are sent as holes."""
+    """Download -> upload with sparse streams: data is sent, holes are sent as holes (and
+    hashed into `digest` as they pass: tui.core.storage.digest)."""
     down = source.call(source.conn.newStream, 0)
     up = target.call(target.conn.newStream, 0)
     moved = 0
@@ -393,9 +439,13 @@ def _stream(
                 if got == -3:
                     up.sendHole(hole, 0)
                     moved += hole
+                    if digest is not None:
+                        digest.hole(hole)
                 elif not got:
                     break
                 else:
+                    if digest is not None:
+                        digest.data(got)
                     view = memoryview(got)
                     while view:
                         sent = up.send(bytes(view))

@@ -66,6 +66,7 @@ DOMAIN_BINDINGS: list[BindingType] = [
     Binding("i", "details", "Details", id="domain.details"),
     Binding("C", "attach('console')", "Console", show=False, id="domain.console"),
     Binding("S", "attach('ssh')", "SSH", show=False, id="domain.ssh"),
+    Binding("M", "migrate", "Migrate", show=False, id="domain.migrate"),
     Binding("space", "toggle_mark", "Mark", id="group.mark"),
     Binding("shift+down", "extend_marks(1)", "Mark down", show=False, id="group.extend_down"),
     Binding("shift+up", "extend_marks(-1)", "Mark up", show=False, id="group.extend_up"),
@@ -100,6 +101,11 @@ class GroupPlanned(Message):
 @dataclass
 class GroupDone(Message):
     text: str
+
+
+@dataclass
+class MigratePlanned(Message):
+    plan: Any  # tui.core.migrate.MigrateGroup
 
 
 def binding_ids() -> set[str]:
@@ -341,6 +347,47 @@ class MainScreen(Screen[None]):
                 self.vapp.run_lifecycle(host, name, "destroy")
 
         self.app.push_screen(ConfirmScreen(title, body, yes_label="Force off"), answered)
+
+    def action_migrate(self) -> None:
+        """Migrate the marked domains (else the highlighted one) to the next other host; the
+        plan names it (tui.core.migrate)."""
+        chosen = self.marked or ([self.selected] if self.selected is not None else [])
+        if not chosen:
+            self.notify("select a domain first", severity="warning")
+            return
+        uris = [hv.uri for hv in self.vapp.hypervisors]
+        host = chosen[0].host
+        start = uris.index(host) + 1 if host in uris else 0
+        others = [u for u in uris[start:] + uris if u != host]
+        if not others:
+            self.notify("only one host is connected: nowhere to migrate to", severity="warning")
+            return
+        self._plan_migrate([(d.host, d.name) for d in chosen if d.host != others[0]], others[0])
+
+    @work(thread=True, exit_on_error=False, group="group-plan", description="migrate plan")
+    def _plan_migrate(self, members: list[tuple[str, str]], target: str) -> None:
+        from tui.core import migrate
+
+        plan = migrate.plan_group(self.vapp.hypervisor, self.vapp.hypervisor(target), members)
+        self.post_message(MigratePlanned(plan))
+
+    @on(MigratePlanned)
+    def _migrate_planned(self, message: MigratePlanned) -> None:
+        def answered(chosen: Any) -> None:
+            if chosen is not None:
+                self.notify(f"{chosen.title.rstrip('?')}…", timeout=3)
+                self._run_migrate(chosen)
+
+        self.app.push_screen(PlanScreen(message.plan), answered)
+
+    @work(thread=True, exit_on_error=False, group="plan", description="migrating")
+    def _run_migrate(self, plan: Any) -> None:
+        progress: Progress = lambda _text, _fraction: None  # noqa: E731
+        try:
+            text = plan.run(self.vapp.hypervisor(plan.host), progress)
+        finally:
+            self.app.call_from_thread(self.vapp.refresh_inventory)
+        self.post_message(GroupDone(text))
 
     def action_details(self) -> None:
         info = self._need_selection()

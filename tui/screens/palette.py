@@ -40,6 +40,7 @@ _WHEN: dict[str, Callable[[DomainInfo], bool]] = {
     "domain.console": lambda d: d.state.active,
     "domain.ssh": lambda d: d.state.active,
     "domain.details": lambda d: True,
+    "domain.migrate": lambda d: not d.state.active and not d.is_template,
     "snapshot.new": lambda d: not d.is_template,
     "snapshot.rollback": lambda d: not d.is_template,
     "template.make": lambda d: not d.is_template,

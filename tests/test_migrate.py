@@ -1,0 +1,70 @@
+"""Template identity and migrate plans that need no daemon (issue 20)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from tui.core import baseid, domxml
+from tui.core.models import VirtdeckMeta
+from tui.core.storage.digest import StreamDigest, _local
+
+
+def test_base_identity_round_trips_through_the_metadata() -> None:
+    ident = (
+        ("vda", ("sha256:" + "a" * 64, "sha256:" + "b" * 64)),
+        ("vdb", ("sha256:" + "c" * 64,)),
+    )
+    root = domxml.parse("<domain type='kvm'><name>t</name></domain>")
+    domxml.write_meta(root, VirtdeckMeta(role="template", base_identity=ident))
+    again = domxml.read_meta(domxml.parse(domxml.to_string(root)))
+    assert again.base_identity == ident
+    assert domxml.read_meta(domxml.parse("<domain><name>x</name></domain>")).base_identity is None
+    assert baseid.find_base(ident, ident[1][1]) == "vdb"
+    assert baseid.find_base(ident, ("sha256:" + "d" * 64,)) is None
+    assert baseid.find_base(None, ident[0][1]) is None  # unknown is never a match
+
+
+def test_a_stream_of_data_and_holes_hashes_as_the_file_does(tmp_path: Path) -> None:
+    path = tmp_path / "sparse"
+    with open(path, "wb") as fh:
+        fh.write(b"x" * 4096)
+        fh.seek(3 * 1024**2 + 17)
+        fh.write(b"end")
+    digest = StreamDigest()
+    digest.data(b"x" * 4096)
+    digest.hole(3 * 1024**2 + 17 - 4096)
+    digest.data(b"end")
+    expected = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest.hexdigest() == expected == _local(str(path), None)
+    assert digest.length == os.path.getsize(path)
+
+
+async def test_key_m_and_the_palette_offer_migrate(tmp_path: Path) -> None:
+    """`M` and "Migrate NAME" in the palette: with one host connected, one clear line."""
+    import pytest
+
+    from tests.test_palette import _choose, _ready
+    from tui.app import VirtdeckApp
+    from tui.core import demo
+    from tui.core.hypervisor import Hypervisor
+    from tui.widgets.domains import DomainsTable
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        hv = Hypervisor.open(demo.ensure_lab(), demo=True)
+    app = VirtdeckApp([hv], poll_interval=3600)
+    try:
+        async with app.run_test(size=(140, 45)) as pilot:
+            await _ready(app, pilot)
+            hit = await _choose(app, pilot, "migrate web-3")
+            assert hit.startswith("Migrate web-3")
+            assert any("nowhere to migrate to" in n.message for n in app._notifications)
+            table = app.main.query_one(DomainsTable)
+            assert table.select_name("db")
+            await pilot.press("M")
+            await pilot.pause()
+            assert sum("nowhere to migrate" in n.message for n in app._notifications) == 2
+    finally:
+        hv.close()

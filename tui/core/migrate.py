@@ -1,0 +1,801 @@
+"""Move a shut-off domain to another hypervisor, keeping a thin clone thin (offline migrate).
+
+Plan (`plan_migrate`, nothing written except a missing template identity, which is a recorded
+fact about a base and is said in the plan):
+- the domain is shut off, not a template, has no managed save, no NVRAM or TPM state (not
+  carried yet: refused), and every disk is an image file (or an empty drive);
+- each disk's chain is split into the layers the domain owns (its overlay, external snapshot
+  layers; internal snapshots live inside those qcow2 files) and the base of its template.
+  A chain that goes below the domain's own layers into a file of no template is refused;
+- the template is found on the target by identity (tui.core.baseid: the sha256 of each base
+  layer, never by name or path): a target template whose identity is unknown is computed
+  on demand (the plan says how many bytes it reads), a different one is refused. With none
+  there, the plan copies the template first (tui.core.transfer's plan, its bytes counted);
+- the target's directory (its pool), no name, UUID or file collision, and its free space for
+  every byte that will be written; rebasing and `qemu-img check` there need the target to
+  be this machine or reached over SSH (the streams themselves need neither).
+
+Execute (`execute_migrate`), journalled on the target (and, from the source's undefine on, on
+the source too):
+1. the template copy, if planned (its own journalled operation: it stays if the migration
+   fails later; it is a template like any other);
+2. each own layer, lowest first, streamed sparse through libvirt's storage volumes (download
+   from the source, upload to the target; holes stay holes), hashed as it passes; the target
+   file's size and sha256 are checked against what was sent; then rebased (`qemu-img rebase
+   -u`, same data, only the backing path changes) onto the target's base (after an identity
+   match only) or the layer below, and `qemu-img check`ed;
+3. the domain defined on the target (same name, UUID and MACs), its snapshot metadata
+   redefined parent first, the current snapshot marked;
+4. the source re-checked (still shut off, its definition and its files unchanged since the
+   plan); then it is undefined (with its snapshot metadata; `--keep-source`: renamed
+   instead), both journals committed, and only then its own files deleted.
+
+An interrupt before step 4 ends undoes everything on the target; between the source's
+undefine and the commits, `recover` (or the unwinding) defines the source again with its
+snapshots and removes the target's copy. Deleting the source's files after the commit is
+the one step that can be left half-done: the plan's files are then named as left over.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import libvirt
+
+from tui.core import baseid, domxml, ops, transfer
+from tui.core.catalog import backup_templates, own_images, template_xml
+from tui.core.errors import (
+    InvalidInputError,
+    NotFoundError,
+    OperationError,
+    StateError,
+    VirtdeckError,
+)
+from tui.core.hypervisor import Hypervisor
+from tui.core.models import DiskKind, DomainState
+from tui.core.progress import Progress, no_progress
+from tui.core.storage import Resolver, files_for
+from tui.core.storage.digest import StreamDigest, file_digest
+from tui.core.storage.remote import RemoteFiles
+
+LIVE_REFUSAL = (
+    "live migration is not available yet: shut '{name}' down first and migrate it offline"
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer the domain owns, streamed to the target as it is."""
+
+    disk: str
+    source: str
+    target: str
+    format: str
+    file_bytes: int
+    allocated_bytes: int
+    backing: str | None  # its backing path on the target
+    backing_format: str | None
+    rebase: bool  # the backing path changes: qemu-img rebase -u on the target
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class SnapshotMeta:
+    name: str
+    parent: str | None
+    current: bool
+    xml: str  # as the source has it (redefined there by an undo)
+    target_xml: str  # its disks renamed to the target's paths
+
+
+@dataclass(frozen=True)
+class MigratePlan(ops.PlanDefaults):
+    source_host: str
+    target_host: str
+    domain: str
+    uuid: str
+    directory: str
+    pool: str | None
+    template: str | None  # the source's template (None: the domain stands alone)
+    target_template: str | None  # the template on the target with the same identity
+    template_copy: transfer.TemplateCopyPlan | None
+    layers: tuple[Layer, ...]  # lowest first, per disk
+    xml: str  # the definition on the target
+    source_xml: str  # the source's definition (what an undo defines again)
+    source_digest: str  # tui.core.ops.xml_digest of it when planned
+    snapshots: tuple[SnapshotMeta, ...]  # parents first
+    keep_source: str | None  # the source's new name when it is kept
+    bytes_needed: int
+    bytes_free: int | None
+    notes: tuple[str, ...] = ()
+    disks: tuple[tuple[str, str, str], ...] = field(default=())  # (target, top on target, fmt)
+
+    @property
+    def host(self) -> str:
+        return self.target_host
+
+    @property
+    def title(self) -> str:
+        return f"Migrate '{self.domain}' to {self.target_host}?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Migrate"
+
+    @property
+    def bytes_sent(self) -> int:
+        """Data that crosses for the domain's own layers (holes do not)."""
+        return sum(v.allocated_bytes for v in self.layers)
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        source = Hypervisor.open(self.source_host)
+        try:
+            execute_migrate(source, hv, self, progress)
+        finally:
+            source.close()
+        return f"migrated '{self.domain}' to {self.target_host}"
+
+    def summary(self) -> list[str]:
+        lines = [
+            f"migrate '{self.domain}' (shut off) from {self.source_host} to {self.target_host}"
+        ]
+        if self.template_copy is not None:
+            lines.append(
+                f"{self.target_host} has no template with the identity of '{self.template}': "
+                f"copy the template there first ({_mib(self.template_copy.bytes_needed)} of base)"
+            )
+            lines.extend("  " + line for line in self.template_copy.summary())
+        elif self.target_template is not None:
+            lines.append(
+                f"its base is already on {self.target_host}: template '{self.target_template}' "
+                "has the same identity (sha256 of each layer); the base is not sent"
+            )
+        for v in self.layers:
+            lines.append(
+                f"  stream {v.source} -> {v.target} ({v.format}, {_mib(v.allocated_bytes)} of "
+                "data; sparse stream, sha256 checked on both sides)"
+            )
+            if v.rebase:
+                lines.append(f"  rebase {v.target} onto {v.backing} (same data, new path)")
+        lines.append("check each layer there with qemu-img check")
+        lines.append(
+            f"define '{self.domain}' there (same UUID {self.uuid}, same MAC addresses)"
+            + (
+                f" with its {len(self.snapshots)} snapshot(s) redefined"
+                + (
+                    f", current '{next(s.name for s in self.snapshots if s.current)}'"
+                    if any(s.current for s in self.snapshots)
+                    else ""
+                )
+                if self.snapshots
+                else ""
+            )
+        )
+        if self.keep_source:
+            lines.append(
+                f"then rename the source to '{self.keep_source}' and keep it, stopped, with its "
+                "files"
+            )
+        else:
+            lines.append(
+                "then undefine it on the source and delete its own files there: "
+                + ", ".join(v.source for v in self.layers)
+            )
+        lines.append(
+            f"data sent: {_mib(self.bytes_sent)} for the domain"
+            + (
+                f" + {_mib(self.template_copy.bytes_needed)} for the template"
+                if self.template_copy
+                else ""
+            )
+        )
+        lines.append(
+            f"space needed in {self.directory}: {_mib(self.bytes_needed)}"
+            + (f" of {_mib(self.bytes_free)} free" if self.bytes_free is not None else "")
+        )
+        lines.extend(self.notes)
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source_host": self.source_host,
+            "target_host": self.target_host,
+            "domain": self.domain,
+            "uuid": self.uuid,
+            "directory": self.directory,
+            "pool": self.pool,
+            "template": self.template,
+            "target_template": self.target_template,
+            "template_copy": None if self.template_copy is None else self.template_copy.to_json(),
+            "layers": [v.to_json() for v in self.layers],
+            "snapshots": [
+                {"name": s.name, "parent": s.parent, "current": s.current} for s in self.snapshots
+            ],
+            "keep_source": self.keep_source,
+            "bytes_sent": self.bytes_sent,
+            "bytes_needed": self.bytes_needed,
+            "bytes_free": self.bytes_free,
+            "notes": list(self.notes),
+        }
+
+
+def _mib(n: int | None) -> str:
+    return f"{(n or 0) / 1024**2:.1f} MiB"
+
+
+# -- planning -------------------------------------------------------------------------------
+
+
+def _template_bases(hv: Hypervisor) -> dict[str, tuple[str, str]]:
+    """Base path -> (template, disk target) of every template of `hv` (defined or backed up)."""
+    out: dict[str, tuple[str, str]] = {}
+    defined = set()
+    for d in hv.domains():
+        if d.is_template:
+            defined.add(d.name)
+            for disk in own_images(d.disks):
+                assert disk.path is not None
+                out[disk.path] = (d.name, disk.target)
+    for b in backup_templates(None, hv):
+        if b.name not in defined:
+            for disk in own_images(domxml.disks(b.root)):
+                assert disk.path is not None
+                out.setdefault(disk.path, (b.name, disk.target))
+    return out
+
+
+def _snapshots(hv: Hypervisor, name: str) -> list[tuple[str, str | None, bool, str]]:
+    """(name, parent, current, secure XML) of each snapshot, parents first."""
+    dom = hv.lookup(name)
+    found = []
+    for snap in hv.call(dom.listAllSnapshots, 0, what=f"listing snapshots of '{name}'"):
+        xml = hv.call(snap.getXMLDesc, libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE, what=name)
+        current = bool(hv.call(snap.isCurrent, 0, what=name))
+        root = ET.fromstring(xml)
+        found.append((root.findtext("name") or "", root.findtext("parent/name"), current, xml))
+    ordered: list[tuple[str, str | None, bool, str]] = []
+    done: set[str | None] = {None}
+    while len(ordered) < len(found):
+        ready = [s for s in found if s not in ordered and s[1] in done]
+        if not ready:  # a parent that is not listed: keep the rest in their order
+            ready = [s for s in found if s not in ordered]
+        for s in ready:
+            ordered.append(s)
+            done.add(s[0])
+    return ordered
+
+
+def _rename_snapshot_disks(xml: str, paths: dict[str, str]) -> tuple[str, list[str]]:
+    """The snapshot XML with its files renamed to the target's; the files it names that are
+    not among the migrated layers (a memory state file, a layer off the chain)."""
+    root = ET.fromstring(xml)
+    foreign = []
+    memory = root.find("memory")
+    if memory is not None and memory.get("file"):
+        foreign.append(memory.get("file") or "")
+    for src in root.findall("disks/disk/source"):
+        path = src.get("file")
+        if path:
+            if path in paths:
+                src.set("file", paths[path])
+            else:
+                foreign.append(path)
+    dom = root.find("domain")
+    if dom is not None:
+        _rename_disks(dom, paths)
+    return ET.tostring(root, encoding="unicode"), foreign
+
+
+def _rename_disks(dom: ET.Element, paths: dict[str, str]) -> None:
+    for disk in dom.findall("devices/disk"):
+        src = disk.find("source")
+        if src is not None and src.get("file") in paths:
+            src.set("file", paths[src.get("file") or ""])
+            for backing in disk.findall("backingStore"):
+                disk.remove(backing)
+
+
+def plan_migrate(
+    source: Hypervisor,
+    target: Hypervisor,
+    name: str,
+    *,
+    directory: str | None = None,
+    keep_source: bool = False,
+    live: bool = False,
+    progress: Progress = no_progress,
+    record: bool = True,
+) -> MigratePlan:
+    """Check everything on both hosts. The only write: a template identity computed now is
+    recorded in its metadata (with `record`; a dry run computes it again next time)."""
+    if source.uri == target.uri:
+        raise InvalidInputError(f"'{name}' is already on {target.uri}: choose another --to")
+    info = source.domain(name)
+    if info.is_template:
+        raise InvalidInputError(
+            f"'{name}' is a template: copy it with 'virtdeck template copy {name} --to ...'"
+        )
+    if live:
+        raise InvalidInputError(LIVE_REFUSAL.format(name=name))
+    if info.state != DomainState.SHUTOFF:
+        raise StateError(
+            f"'{name}' is {info.state.value} on {source.uri}: " + LIVE_REFUSAL.format(name=name)
+        )
+    dom = source.lookup(name)
+    if source.call(dom.hasManagedSaveImage, 0, what=name):
+        raise StateError(
+            f"'{name}' has a saved state on {source.uri}: start it or discard the save first"
+        )
+    xml = source.call(
+        dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE, what=name
+    )
+    root = domxml.parse(xml)
+    if root.find("os/nvram") is not None or root.find("os/loader[@type='pflash']") is not None:
+        raise InvalidInputError(
+            f"'{name}' boots with UEFI variables (NVRAM): carrying them is not built yet; "
+            "nothing was changed"
+        )
+    if root.find("devices/tpm/backend[@type='emulator']") is not None:
+        raise InvalidInputError(
+            f"'{name}' has an emulated TPM: carrying its state is not built yet; "
+            "nothing was changed"
+        )
+    for d in domxml.disks(root):
+        if d.is_image or d.kind == DiskKind.EMPTY:
+            continue
+        raise InvalidInputError(
+            f"disk {d.target} of '{name}' is {d.source or d.kind.value} ({d.kind.value}"
+            f"{', read-only' if d.readonly else ''}{', shareable' if d.shareable else ''}): "
+            "migrate moves image files only (eject or detach it first)"
+        )
+    if target.exists(name):
+        raise InvalidInputError(f"a domain named '{name}' already exists on {target.uri}")
+    try:
+        other = target.call(target.conn.lookupByUUIDString, info.uuid)
+        raise InvalidInputError(
+            f"a domain with the UUID of '{name}' ({info.uuid}) already exists on {target.uri}: "
+            f"'{target.call(other.name)}'"
+        )
+    except NotFoundError:
+        pass
+
+    src_files = RemoteFiles(source, "migrate")
+    dst_files = RemoteFiles(target, "migrate")
+    if not (target.local or dst_files.ssh is not None):
+        raise InvalidInputError(
+            f"migrate checks each layer on {target.uri} with qemu-img and rebases it there: "
+            "that needs the target to be this machine or a qemu+ssh:// URI"
+        )
+    where, pool = transfer._pool_dir(dst_files, directory)
+    resolver = Resolver(source, ssh=True)
+    bases = _template_bases(source)
+    notes: list[str] = []
+
+    # Each disk: the layers it owns (top first) and the template base below them.
+    owned: list[tuple[str, list[Any], str | None]] = []  # (disk, links top first, base path)
+    template: str | None = None
+    for disk in own_images(domxml.disks(root)):
+        assert disk.path is not None
+        chain = resolver.chain(disk.path, disk.format)
+        if not chain.complete:
+            raise NotFoundError(f"disk {disk.target} of '{name}': {chain.problem}")
+        links: list[Any] = []
+        base: str | None = None
+        for img in chain.links:
+            if img.path in bases:
+                base = img.path
+                break
+            links.append(img)
+        if base is None and links[-1].backing:
+            raise InvalidInputError(
+                f"disk {disk.target} of '{name}' builds on {links[-1].backing}, which is no "
+                "template's base virtdeck knows: not migrated (its data would be left behind)"
+            )
+        if base is not None:
+            t = bases[base][0]
+            if template is not None and t != template:
+                raise InvalidInputError(
+                    f"'{name}' has disks on two templates ('{template}', '{t}'): not migrated"
+                )
+            template = t
+        if base is not None and not links:
+            raise InvalidInputError(f"disk {disk.target} of '{name}' is a template's base itself")
+        owned.append((disk.target, links, base))
+
+    # The template on the target, by identity.
+    target_template: str | None = None
+    copy_plan: transfer.TemplateCopyPlan | None = None
+    target_bases: dict[str, tuple[str, str]] = {}  # source base path -> (target path, format)
+    if template is not None:
+        t_xml, t_defined = template_xml(source, template)
+        identity = baseid.of_xml(t_xml)
+        if identity is None:
+            cost = baseid.cost(source, t_xml)
+            progress(f"computing the identity of '{template}' ({_mib(cost)} to read)", None)
+            identity = baseid.compute(source, t_xml, progress)
+            if t_defined and record:
+                baseid.record(source, template, identity)
+            notes.append(
+                f"the identity of '{template}' was not recorded: computed now on "
+                f"{source.uri} (read {_mib(cost)}{', recorded' if t_defined and record else ''})"
+            )
+        t_disks = {
+            d.path: d.target for d in own_images(domxml.disks(domxml.parse(t_xml))) if d.path
+        }
+        wanted = {  # source base path -> its layers' digests
+            base: baseid.disk_layers(identity, t_disks.get(base, "")) or ()
+            for _t, _l, base in owned
+            if base is not None
+        }
+        if not all(wanted.values()):
+            raise InvalidInputError(
+                f"the identity of '{template}' does not cover every disk: not migrated"
+            )
+        candidates = [d for d in target.domains() if d.is_template]
+        for cand in sorted(candidates, key=lambda d: (d.name != template, d.name)):
+            ident = cand.meta.base_identity
+            if ident is None and cand.name == template:
+                c_xml = target.xml(cand.name, inactive=True)
+                cost = baseid.cost(target, c_xml)
+                ident, _ = baseid.ensure(target, cand.name, progress, keep=record)
+                notes.append(
+                    f"the identity of '{cand.name}' on {target.uri} was not recorded: computed "
+                    f"now (read {_mib(cost)} there{', recorded' if record else ''})"
+                )
+            if ident is None:
+                continue
+            c_paths = {
+                d.target: (d.path, d.format or "raw") for d in own_images(cand.disks) if d.path
+            }
+            found: dict[str, tuple[str, str]] = {}
+            for base, digests in wanted.items():
+                disk_t = baseid.find_base(ident, digests)
+                if disk_t is not None and disk_t in c_paths:
+                    found[base] = c_paths[disk_t]
+            if len(found) == len(wanted):
+                target_template, target_bases = cand.name, found
+                break
+            if cand.name == template:
+                raise InvalidInputError(
+                    f"{target.uri} has a template named '{template}' whose base is different "
+                    f"(its identity differs): '{name}' is never rebased onto it; not migrated"
+                )
+        if target_template is None:
+            copy_plan = transfer.plan_template_copy(source, target, template, directory=where)
+            by_source = {v.source: v for v in copy_plan.volumes}
+            for base in wanted:
+                v = by_source[base]
+                target_bases[base] = (v.target, v.format)
+
+    # The layers, lowest first, and their places on the target.
+    layers: list[Layer] = []
+    paths: dict[str, str] = {}
+    disks_out: list[tuple[str, str, str]] = []
+    taken = {v.target for v in copy_plan.volumes} if copy_plan else set()
+    for disk_t, links, base in owned:
+        below, below_fmt = target_bases[base] if base is not None else (None, None)
+        for img in reversed(links):
+            dest = posixpath.join(where, posixpath.basename(img.path))
+            if dest in taken:
+                raise InvalidInputError(
+                    f"two layers would be {dest} on {target.uri}: migrate it with another --dir"
+                )
+            if dst_files.lexists(dest):
+                raise InvalidInputError(
+                    f"{dest} already exists on {target.uri}; virtdeck never overwrites a file "
+                    "(choose another --dir)"
+                )
+            taken.add(dest)
+            vol = src_files._volume(img.path) or transfer._source_volume(src_files, img.path)
+            _cap, length, allocation = transfer._physical(source, vol)
+            layers.append(
+                Layer(
+                    disk=disk_t,
+                    source=img.path,
+                    target=dest,
+                    format=img.format or "raw",
+                    file_bytes=length,
+                    allocated_bytes=allocation,
+                    backing=below,
+                    backing_format=below_fmt,
+                    rebase=below is not None and img.backing != below,
+                )
+            )
+            paths[img.path] = dest
+            below, below_fmt = dest, img.format or "raw"
+        disks_out.append((disk_t, paths[links[0].path], links[0].format or "raw"))
+
+    snaps = []
+    for s_name, parent, current, s_xml in _snapshots(source, name):
+        t_xml_s, foreign = _rename_snapshot_disks(s_xml, paths)
+        if foreign:
+            raise InvalidInputError(
+                f"snapshot '{s_name}' of '{name}' keeps {', '.join(foreign)}, outside the disk "
+                "chains migrate moves: not migrated (delete that snapshot first)"
+            )
+        snaps.append(SnapshotMeta(s_name, parent, current, s_xml, t_xml_s))
+
+    out_root = domxml.parse(xml)
+    _rename_disks(out_root, paths)
+    if template is not None and target_template is not None and target_template != template:
+        meta = domxml.read_meta(out_root)
+        if meta.role == "clone":
+            from dataclasses import replace
+
+            domxml.write_meta(out_root, replace(meta, source=target_template))
+
+    needed = sum(v.allocated_bytes for v in layers) + (copy_plan.bytes_needed if copy_plan else 0)
+    free = dst_files.free_bytes(where) if pool is not None or dst_files.ssh else None
+    if free is not None and needed > free:
+        raise InvalidInputError(
+            f"not enough space in {where} on {target.uri}: {_mib(needed)} needed, {_mib(free)} free"
+        )
+    kept = None
+    if keep_source:
+        kept = f"{name}-migrated"
+        if source.exists(kept):
+            raise InvalidInputError(f"'{kept}' already exists on {source.uri}: cannot keep a copy")
+    if pool is None and copy_plan is None:
+        notes.extend(dst_files.pool_notes([where + "/x"]))
+    estimate = dst_files.free_note(where) if free is not None else None
+    if estimate:
+        notes.append(estimate)
+    return MigratePlan(
+        source_host=source.uri,
+        target_host=target.uri,
+        domain=name,
+        uuid=info.uuid,
+        directory=where,
+        pool=pool,
+        template=template,
+        target_template=target_template,
+        template_copy=copy_plan,
+        layers=tuple(layers),
+        xml=domxml.to_string(out_root),
+        source_xml=xml,
+        source_digest=ops.xml_digest(xml),
+        snapshots=tuple(snaps),
+        keep_source=kept,
+        bytes_needed=needed,
+        bytes_free=free,
+        notes=tuple(notes),
+        disks=tuple(disks_out),
+    )
+
+
+# -- executing ------------------------------------------------------------------------------
+
+
+def _source_unchanged(
+    source: Hypervisor, plan: MigratePlan, files: Any, ids: dict[str, Any]
+) -> None:
+    """The source is still what was planned: shut off, same definition, same files."""
+    try:
+        dom = source.call(source.conn.lookupByUUIDString, plan.uuid)
+    except NotFoundError:
+        raise StateError(f"'{plan.domain}' is gone from {plan.source_host}; plan again") from None
+    if source.call(dom.isActive):
+        raise StateError(f"'{plan.domain}' was started on {plan.source_host}; nothing was kept")
+    if ops.domain_digest(source, plan.uuid) != plan.source_digest:
+        raise StateError(
+            f"the definition of '{plan.domain}' changed on {plan.source_host}; plan again"
+        )
+    for path, was in ids.items():
+        if files.identity(path) != was:
+            raise StateError(f"{path} changed on {plan.source_host} meanwhile; nothing was kept")
+
+
+def execute_migrate(
+    source: Hypervisor,
+    target: Hypervisor,
+    plan: MigratePlan,
+    progress: Progress = no_progress,
+) -> str:
+    """Stream, verify, define there; then (only then) undefine the source and delete its files."""
+    progress = ops.cancellable(progress)
+    if plan.template_copy is not None:
+        if target.exists(plan.template_copy.template):
+            raise InvalidInputError(
+                f"'{plan.template_copy.template}' appeared on {target.uri} meanwhile; plan again"
+            )
+        transfer.execute_template_copy(source, target, plan.template_copy, progress)
+    src_pools = RemoteFiles(source, "migrate")
+    src_files = files_for(source, "migrate")
+    dst_pools = RemoteFiles(target, "migrate")
+    dst_files = files_for(target, "migrate")
+    ids = {v.source: src_files.identity(v.source) for v in plan.layers}
+    _source_unchanged(source, plan, src_files, ids)
+    if target.exists(plan.domain):
+        raise InvalidInputError(f"'{plan.domain}' exists on {target.uri} now; plan again")
+    total = sum(v.file_bytes for v in plan.layers) or 1
+    done = 0
+    title = f"migrating '{plan.domain}' from {plan.source_host}"
+    with ops.running(target, title, domains=[plan.domain], dirs={plan.directory}) as undo:
+        pool = dst_pools.ensure_pool(plan.directory)
+        for v in plan.layers:
+            if dst_pools.lexists(v.target):
+                raise InvalidInputError(f"{v.target} appeared on {target.uri}; nothing was kept")
+            src_vol = transfer._source_volume(src_pools, v.source)
+            label = f"sending {os.path.basename(v.source)}"
+            digest = StreamDigest()
+            with undo.step(f"remove {v.target} on {target.uri}", "delete_file", path=v.target):
+                vol_xml = (
+                    f"<volume><name>{transfer._esc(posixpath.basename(v.target))}</name>"
+                    f"<capacity unit='bytes'>{v.file_bytes}</capacity>"
+                    "<allocation unit='bytes'>0</allocation>"
+                    "<target><format type='raw'/></target></volume>"
+                )
+                dst_vol = target.call(pool.pool.createXML, vol_xml, 0, what=f"creating {v.target}")
+                start = done
+
+                def report(n: int, start: int = start, label: str = label) -> None:
+                    progress(label, (start + n) / total)
+
+                transfer._stream(source, target, src_vol, dst_vol, v.file_bytes, report, digest)
+            done += v.file_bytes
+            dst_pools._refresh(pool, force=True)
+            got = dst_pools._volume(v.target)
+            if got is None:
+                raise OperationError(f"{v.target} is missing on {target.uri} after the upload")
+            length = transfer._physical(target, got)[1]
+            if length != v.file_bytes:
+                raise OperationError(
+                    f"{v.target} on {target.uri} has {length} bytes, the source {v.file_bytes}: "
+                    "the copy is incomplete"
+                )
+            progress(f"checksumming {v.target} on {target.uri}", None)
+            if file_digest(target, v.target) != digest.hexdigest():
+                raise OperationError(
+                    f"{v.target} on {target.uri} does not have the bytes that were sent "
+                    "(sha256 differs): nothing was kept"
+                )
+            if v.rebase and v.backing:
+                progress(f"rebasing {v.target} onto {v.backing}", None)
+                dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
+            progress(f"qemu-img check {v.target}", None)
+            checker = dst_files.qemu_img
+            assert checker is not None  # the plan required local or SSH
+            checker.check(v.target, v.format)
+        progress(f"defining '{plan.domain}' on {target.uri}", None)
+        undo.push(f"undefine '{plan.domain}' on {target.uri}", "undefine", uuid=plan.uuid,
+                  name=plan.domain, snapshots=True)  # fmt: skip
+        target.define(plan.xml, what=f"defining '{plan.domain}' on {target.uri}")
+        for s in plan.snapshots:
+            _redefine(target, plan.domain, s.target_xml, current=False)
+        current = [s for s in plan.snapshots if s.current]
+        if current:
+            _redefine(target, plan.domain, current[0].target_xml, current=True)
+        names = {n for n, *_ in _snapshots(target, plan.domain)}
+        if names != {s.name for s in plan.snapshots}:
+            raise OperationError(
+                f"the snapshots of '{plan.domain}' on {target.uri} are not the source's: "
+                "nothing was kept"
+            )
+        _source_unchanged(source, plan, src_files, ids)
+        side = f"migrating '{plan.domain}' to {plan.target_host}: the source"
+        with ops.running(source, side, domains=[plan.domain]) as src_undo:
+            dom = source.call(source.conn.lookupByUUIDString, plan.uuid)
+            if plan.keep_source:
+                progress(f"renaming the source to '{plan.keep_source}'", None)
+                src_undo.push(f"rename back to '{plan.domain}'", "rename", uuid=plan.uuid,
+                              name=plan.domain)  # fmt: skip
+                source.rename(dom, plan.domain, plan.keep_source)
+            else:
+                progress(f"undefining '{plan.domain}' on {plan.source_host}", None)
+                # Unwound last pushed first: the definition, then its snapshots, parents first.
+                for s in reversed(plan.snapshots):
+                    src_undo.push(f"redefine snapshot '{s.name}'", "redefine_snapshot",
+                                  domain=plan.domain, xml=s.xml, current=s.current)  # fmt: skip
+                src_undo.push(f"define '{plan.domain}' again on {plan.source_host}", "define",
+                              xml=plan.source_xml)  # fmt: skip
+                source.undefine_all(dom, what=f"undefining '{plan.domain}' on the source")
+            progress(f"'{plan.domain}' left {plan.source_host}; committing", None)
+            undo.commit()
+            src_undo.commit()
+    source.invalidate()
+    target.invalidate()
+    if not plan.keep_source:
+        left = []
+        for v in plan.layers:
+            progress(f"deleting {v.source} on {plan.source_host}", None)
+            try:
+                src_files.delete(v.source)
+            except VirtdeckError as err:
+                left.append(f"{v.source} ({err})")
+        if left:
+            raise OperationError(
+                f"'{plan.domain}' is on {plan.target_host}; left on {plan.source_host}: "
+                + ", ".join(left)
+            )
+    progress(f"'{plan.domain}' is on {plan.target_host}", 1.0)
+    return plan.domain
+
+
+def _redefine(hv: Hypervisor, domain: str, xml: str, *, current: bool) -> None:
+    dom = hv.lookup(domain)
+    flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+    if current:
+        flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+    hv.call(dom.snapshotCreateXML, xml, flags, what=f"redefining a snapshot of '{domain}'")
+
+
+@dataclass(frozen=True)
+class MigrateGroup(ops.PlanDefaults):
+    """Several domains to one target (the dashboard's `M` with marks): one plan each, run one
+    after the other; a member whose plan copied the template is planned again on that copy
+    once an earlier member made it."""
+
+    target_host: str
+    plans: tuple[MigratePlan, ...]
+    refused: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return self.target_host
+
+    @property
+    def title(self) -> str:
+        if len(self.plans) == 1:
+            return self.plans[0].title
+        return f"Migrate {len(self.plans)} domains to {self.target_host}?"
+
+    @property
+    def confirm_label(self) -> str:
+        return "Migrate"
+
+    def summary(self) -> list[str]:
+        lines = [f"not migrated: {r}" for r in self.refused]
+        for plan in self.plans:
+            lines.extend(plan.summary())
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plans": [p.to_json() for p in self.plans], "refused": list(self.refused)}
+
+    def run(self, hv: Hypervisor, progress: Progress) -> str:
+        done, failed = [], []
+        for plan in self.plans:
+            source = Hypervisor.open(plan.source_host)
+            try:
+                if plan.template_copy is not None and hv.exists(plan.template or ""):
+                    plan = plan_migrate(
+                        source, hv, plan.domain, directory=plan.directory,
+                        keep_source=plan.keep_source is not None, progress=progress,
+                    )  # fmt: skip
+                execute_migrate(source, hv, plan, progress)
+                done.append(plan.domain)
+            except VirtdeckError as err:
+                failed.append(f"{plan.domain}: {err}")
+            finally:
+                source.close()
+        if failed:
+            raise OperationError(
+                "; ".join(failed) + (f" (migrated: {', '.join(done)})" if done else "")
+            )
+        return f"migrated {', '.join(done)} to {self.target_host}"
+
+
+def plan_group(
+    source_of: Any, target: Hypervisor, members: Sequence[tuple[str, str]]
+) -> MigrateGroup:
+    """One plan per (host, name); a member refused is named, the others go on. Refused all:
+    the first refusal is raised."""
+    plans, refused = [], []
+    first: VirtdeckError | None = None
+    for host, name in members:
+        try:
+            plans.append(plan_migrate(source_of(host), target, name))
+        except VirtdeckError as err:
+            first = first or err
+            refused.append(f"{name}: {err}")
+    if not plans:
+        assert first is not None
+        raise first
+    return MigrateGroup(target.uri, tuple(plans), tuple(refused))
