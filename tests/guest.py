@@ -197,7 +197,7 @@ def build(dest: Path = CACHE, log: Path | None = None) -> GuestImage:
 # syslinux, and the ext4 root. `virtdeck template import` takes it as an operator takes
 # Debian's genericcloud qcow2. Cached beside the plain guest in guest-cloud-<CLOUD_RECIPE>/.
 
-CLOUD_RECIPE = 1
+CLOUD_RECIPE = 2
 CLOUD_CACHE = Path(
     os.environ.get(
         "VIRTDECK_CLOUD_GUEST_CACHE", f"/var/cache/virtdeck-test/guest-cloud-{CLOUD_RECIPE}"
@@ -288,7 +288,16 @@ def build_cloud(dest: Path = CLOUD_CACHE) -> Path:
             root_bytes = 2 * 1024**3 - _ROOT_START * 512
             ext4 = work / "root.ext4"
             _run(
-                ["mkfs.ext4", "-q", "-L", "root", "-d", str(rootfs), str(ext4), f"{root_bytes}"],
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-L",
+                    "root",
+                    "-d",
+                    str(rootfs),
+                    str(ext4),
+                    f"{root_bytes // 1024}k",
+                ],
                 log,
             )
             with raw.open("r+b") as f:
@@ -351,6 +360,39 @@ def domain_xml(
         "<console type='pty'><target type='serial' port='0'/></console>"
         "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
         "<graphics type='vnc' autoport='yes' listen='127.0.0.1'/>"
+        "</devices></domain>"
+    )
+
+
+def cloud_domain_xml(
+    name: str,
+    overlay: str,
+    *,
+    seed: str | None = None,
+    mac: str = "52:54:00:d1:5c:02",
+    memory_mib: int = 512,
+) -> str:
+    """A TCG domain booting the cloud image from its own disk (BIOS, syslinux), with a
+    NoCloud seed as a read-only IDE CD-ROM when given."""
+    cdrom = (
+        ""
+        if seed is None
+        else "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+        f"<source file='{seed}'/><target dev='hdc' bus='ide'/><readonly/></disk>"
+    )
+    return (
+        f"<domain type='qemu'><name>{name}</name>"
+        f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
+        "<features><acpi/></features>"
+        "<devices>"
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{overlay}'/><target dev='vda' bus='virtio'/></disk>{cdrom}"
+        f"<interface type='user'><mac address='{mac}'/><model type='virtio'/>"
+        "</interface>"
+        "<serial type='pty'><target port='0'/></serial>"
+        "<console type='pty'><target type='serial' port='0'/></console>"
+        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
         "</devices></domain>"
     )
 
