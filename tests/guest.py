@@ -197,13 +197,13 @@ def build(dest: Path = CACHE, log: Path | None = None) -> GuestImage:
 # syslinux, and the ext4 root. `virtdeck template import` takes it as an operator takes
 # Debian's genericcloud qcow2. Cached beside the plain guest in guest-cloud-<CLOUD_RECIPE>/.
 
-CLOUD_RECIPE = 2
+CLOUD_RECIPE = 3
 CLOUD_CACHE = Path(
     os.environ.get(
         "VIRTDECK_CLOUD_GUEST_CACHE", f"/var/cache/virtdeck-test/guest-cloud-{CLOUD_RECIPE}"
     )
 )
-CLOUD_PACKAGES = (*PACKAGES, "cloud-init")
+CLOUD_PACKAGES = (*PACKAGES, "cloud-init", "e2fsprogs")  # e2fsprogs: resizefs at first boot
 _MBR = Path("/usr/lib/SYSLINUX/mbr.bin")
 _BOOT_START, _BOOT_SECTORS = 2048, 262144  # 1 MiB, 128 MiB
 _ROOT_START = _BOOT_START + _BOOT_SECTORS
