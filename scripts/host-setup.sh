@@ -9,6 +9,7 @@ PKGS=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-d
       openssh-server openssh-client  # ssh: the fleet test rig (tests/rigs.py) and qemu+ssh
       ovmf swtpm swtpm-tools  # UEFI firmware and the TPM emulator clones may use
       mmdebstrap e2fsprogs tmux  # the real test guest; console/ssh keys
+      syslinux mtools dosfstools fdisk  # the cloud test guest: a disk that boots alone
       iproute2)  # scripts/other-libvirt.sh: the other release's libvirt
 
 if [ "$(id -u)" -ne 0 ]; then

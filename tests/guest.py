@@ -20,6 +20,7 @@ The domain is TCG (`type='qemu'`, a Linux kernel does not boot under this machin
 leaves QEMU), a serial console on ttyS0 and the guest agent channel.
 
     python -m tests.guest            # build the cached image now (no-op when it is there)
+    python -m tests.guest cloud      # the same for the cloud image (cloud-init, boots alone)
 """
 
 from __future__ import annotations
@@ -187,6 +188,153 @@ def build(dest: Path = CACHE, log: Path | None = None) -> GuestImage:
     return GuestImage.at(dest)
 
 
+# -- a cloud image: cloud-init and a disk that boots on its own --------------------------------
+#
+# What the distributions publish as "genericcloud" images, in small: cloud-init (NoCloud first,
+# so first boot does not probe for metadata servers under TCG), qemu-guest-agent, an empty
+# machine-id and no SSH host keys (cloud-init makes both per instance), and a disk a BIOS boots
+# without a <kernel>: an MBR (syslinux's), a FAT partition with the kernel, the initrd and
+# syslinux, and the ext4 root. `virtdeck template import` takes it as an operator takes
+# Debian's genericcloud qcow2. Cached beside the plain guest in guest-cloud-<CLOUD_RECIPE>/.
+
+CLOUD_RECIPE = 3
+CLOUD_CACHE = Path(
+    os.environ.get(
+        "VIRTDECK_CLOUD_GUEST_CACHE", f"/var/cache/virtdeck-test/guest-cloud-{CLOUD_RECIPE}"
+    )
+)
+CLOUD_PACKAGES = (*PACKAGES, "cloud-init", "e2fsprogs")  # e2fsprogs: resizefs at first boot
+_MBR = Path("/usr/lib/SYSLINUX/mbr.bin")
+_BOOT_START, _BOOT_SECTORS = 2048, 262144  # 1 MiB, 128 MiB
+_ROOT_START = _BOOT_START + _BOOT_SECTORS
+_SYSLINUX_CFG = """DEFAULT linux
+TIMEOUT 0
+LABEL linux
+  LINUX vmlinuz
+  INITRD initrd.img
+  APPEND root=/dev/vda2 rw console=ttyS0 net.ifnames=0 quiet
+"""
+_CLOUD_CFG = """datasource_list: [NoCloud, None]
+"""
+
+
+def cloud_disk(root: Path = CLOUD_CACHE) -> Path:
+    return root / "cloud.qcow2"
+
+
+def _customize_cloud(rootfs: Path) -> None:
+    _customize(rootfs)
+    (rootfs / "etc/fstab").write_text("/dev/vda2 / ext4 defaults,errors=remount-ro 0 1\n")
+    (rootfs / "etc/machine-id").write_text("")  # systemd makes one per instance
+    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()  # cloud-init makes them per instance
+    (rootfs / "etc/cloud/cloud.cfg.d/90-virtdeck-test.cfg").write_text(_CLOUD_CFG)
+    for old in ("var/lib/cloud",):
+        shutil.rmtree(rootfs / old, ignore_errors=True)
+
+
+def build_cloud(dest: Path = CLOUD_CACHE) -> Path:
+    """Build the cloud image (`cloud_disk(dest)`) in a temporary directory beside `dest`,
+    then rename it into place; a no-op when it is there."""
+    disk = cloud_disk(dest)
+    if disk.is_file() and disk.stat().st_size > 0:
+        return disk
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = (dest.parent / f".{dest.name}.lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        if disk.is_file() and disk.stat().st_size > 0:
+            return disk
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-build-", dir=dest.parent))
+        try:
+            log = work / "build.log"
+            rootfs = work / "rootfs"
+            _run(
+                [
+                    "mmdebstrap",
+                    "--variant=apt",
+                    '--aptopt=APT::Install-Recommends "false"',
+                    "--dpkgopt=path-exclude=/usr/share/doc/*",
+                    "--dpkgopt=path-exclude=/usr/share/man/*",
+                    "--dpkgopt=path-exclude=/usr/share/locale/*",
+                    "--include=" + ",".join(CLOUD_PACKAGES),
+                    SUITE,
+                    str(rootfs),
+                ],
+                log,
+            )
+            _customize_cloud(rootfs)
+            boot = work / "boot.fat"
+            _run(["mkfs.vfat", "-C", "-n", "BOOT", str(boot), str(_BOOT_SECTORS // 2)], log)
+            (work / "syslinux.cfg").write_text(_SYSLINUX_CFG)
+            shutil.copyfile(max((rootfs / "boot").glob("vmlinuz-*")), work / "vmlinuz")
+            shutil.copyfile(max((rootfs / "boot").glob("initrd.img-*")), work / "initrd.img")
+            for name in ("vmlinuz", "initrd.img", "syslinux.cfg"):
+                _run(["mcopy", "-i", str(boot), str(work / name), f"::{name}"], log)
+            _run(["syslinux", "--install", str(boot)], log)
+            raw = work / "disk.raw"
+            with raw.open("wb") as f:
+                f.truncate(2 * 1024**3)
+            table = f"start={_BOOT_START}, size={_BOOT_SECTORS}, type=6, bootable\n"
+            table += f"start={_ROOT_START}, type=83\n"
+            with log.open("a") as out:
+                subprocess.run(
+                    ["sfdisk", "--no-reread", "--no-tell-kernel", str(raw)],
+                    input=table.encode(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    check=True,
+                )
+            root_bytes = 2 * 1024**3 - _ROOT_START * 512
+            ext4 = work / "root.ext4"
+            _run(
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-L",
+                    "root",
+                    "-d",
+                    str(rootfs),
+                    str(ext4),
+                    f"{root_bytes // 1024}k",
+                ],
+                log,
+            )
+            with raw.open("r+b") as f:
+                f.write(_MBR.read_bytes()[:440])
+                f.seek(_BOOT_START * 512)
+                f.write(boot.read_bytes())
+            _run(
+                [
+                    "dd", f"if={ext4}", f"of={raw}", "bs=1M", "conv=notrunc,sparse",
+                    f"seek={_ROOT_START * 512}", "oflag=seek_bytes", "status=none",
+                ],
+                log,
+            )  # fmt: skip
+            out_disk = cloud_disk(work)
+            _run(
+                ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(raw), str(out_disk)],
+                log,
+            )
+            for leftover in (raw, ext4, boot, work / "vmlinuz", work / "initrd.img"):
+                leftover.unlink()
+            (work / "syslinux.cfg").unlink()
+            shutil.rmtree(rootfs)
+            out_disk.chmod(0o444)
+            work.chmod(0o755)
+            if dest.exists():
+                shutil.rmtree(dest)
+            work.rename(dest)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    return cloud_disk(dest)
+
+
 def domain_xml(
     name: str,
     image: GuestImage,
@@ -212,6 +360,39 @@ def domain_xml(
         "<console type='pty'><target type='serial' port='0'/></console>"
         "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
         "<graphics type='vnc' autoport='yes' listen='127.0.0.1'/>"
+        "</devices></domain>"
+    )
+
+
+def cloud_domain_xml(
+    name: str,
+    overlay: str,
+    *,
+    seed: str | None = None,
+    mac: str = "52:54:00:d1:5c:02",
+    memory_mib: int = 512,
+) -> str:
+    """A TCG domain booting the cloud image from its own disk (BIOS, syslinux), with a
+    NoCloud seed as a read-only IDE CD-ROM when given."""
+    cdrom = (
+        ""
+        if seed is None
+        else "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+        f"<source file='{seed}'/><target dev='hdc' bus='ide'/><readonly/></disk>"
+    )
+    return (
+        f"<domain type='qemu'><name>{name}</name>"
+        f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>"
+        "<features><acpi/></features>"
+        "<devices>"
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{overlay}'/><target dev='vda' bus='virtio'/></disk>{cdrom}"
+        f"<interface type='user'><mac address='{mac}'/><model type='virtio'/>"
+        "</interface>"
+        "<serial type='pty'><target port='0'/></serial>"
+        "<console type='pty'><target type='serial' port='0'/></console>"
+        "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
         "</devices></domain>"
     )
 
@@ -252,5 +433,8 @@ def agent_run(dom: Any, command: str, *, timeout: float = 120.0) -> tuple[int, s
 
 
 if __name__ == "__main__":
-    img = build()
-    print(img.disk, img.kernel, img.initrd, file=sys.stdout)
+    if sys.argv[1:] == ["cloud"]:
+        print(build_cloud(), file=sys.stdout)
+    else:
+        img = build()
+        print(img.disk, img.kernel, img.initrd, file=sys.stdout)
