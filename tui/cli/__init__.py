@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tui import __version__
+from tui.cli.output import print_json  # noqa: F401  (re-exported: every command uses it)
 from tui.core import debuglog
 from tui.core.cancel import Interrupted, run_cancellable
 from tui.core.errors import (
@@ -367,13 +368,6 @@ def find_domain(hypervisors: list[Hypervisor], name: str) -> Hypervisor:
         where = " and ".join(hv.uri for hv in found)
         raise InvalidInputError(f"'{name}' exists on {where}: pick one with -c URI")
     return found[0]
-
-
-def print_json(data: Any) -> None:
-    import json
-
-    json.dump(data, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
 
 
 def format_table(

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from tui.cli import print_json
+from tui.cli.output import print_json
 from tui.core import bases, ops, undo_kinds  # noqa: F401  (every undo kind registered)
 from tui.core.errors import InvalidInputError, VirtdeckError
 from tui.core.hypervisor import Hypervisor

@@ -226,16 +226,9 @@ def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
 
 
 def _find_template(hypervisors: list[Hypervisor], name: str, backup_dir: Path | None) -> Hypervisor:
-    """The hypervisor holding template `name`; an undefined one (an XML backup) goes with the
-    first hypervisor, which is where virtdeck lists it."""
-    for hv in hypervisors:
-        if hv.exists(name):
-            return hv
-    for hv in hypervisors:
-        if any(b.name == name for b in templates.backup_templates(backup_dir, hv)):
-            return hv
-    where = ", ".join(hv.uri for hv in hypervisors)
-    raise NotFoundError(f"no template named '{name}' on {where} ('virtdeck template ls')")
+    from tui.cli.versions import find_template
+
+    return find_template(hypervisors, name, backup_dir)
 
 
 def _find_versioned(

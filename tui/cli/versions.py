@@ -10,6 +10,7 @@ from typing import Any
 
 from tui.cli import add_plan_options, carry_out, find_domain, stderr_progress
 from tui.core import clones, templates, versions
+from tui.core.errors import NotFoundError
 from tui.core.hypervisor import Hypervisor
 
 
@@ -81,10 +82,21 @@ def _seal_options(p: argparse.ArgumentParser) -> None:
     add_plan_options(p)
 
 
-def _template_host(hypervisors: list[Hypervisor], name: str, backup_dir: Path | None) -> Hypervisor:
-    from tui.cli.templates import _find_template
+def find_template(hypervisors: list[Hypervisor], name: str, backup_dir: Path | None) -> Hypervisor:
+    """The hypervisor holding template `name`; an undefined one (an XML backup) goes with the
+    first hypervisor, which is where virtdeck lists it."""
+    for hv in hypervisors:
+        if hv.exists(name):
+            return hv
+    for hv in hypervisors:
+        if any(b.name == name for b in templates.backup_templates(backup_dir, hv)):
+            return hv
+    where = ", ".join(hv.uri for hv in hypervisors)
+    raise NotFoundError(f"no template named '{name}' on {where} ('virtdeck template ls')")
 
-    return _find_template(hypervisors, name, backup_dir)
+
+def _template_host(hypervisors: list[Hypervisor], name: str, backup_dir: Path | None) -> Hypervisor:
+    return find_template(hypervisors, name, backup_dir)
 
 
 def cmd_update(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
