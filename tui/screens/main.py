@@ -431,13 +431,17 @@ class MainScreen(Screen[None]):
 
     @on(Input.Submitted, "#filter")
     def _filter_submitted(self, event: Input.Submitted) -> None:
-        self.query_one(DomainsTable).focus()  # the box keeps showing the filter until Esc
-        if not event.value:
+        # The filter stays applied; the footer gets its line back (`/` shows the filter
+        # again, `Esc` clears it).
+        with self.app.batch_update():
+            self.query_one(DomainsTable).focus()
             self._show_filter(False)
+        if event.value:
+            self.notify(f"filtered by '{event.value}' (Esc clears)", timeout=3)
 
     def key_escape(self) -> None:
         box = self.query_one("#filter", Input)
-        if box.display:
+        if box.display or box.value:
             with self.app.batch_update():  # one layout and repaint, not one per change
                 self.query_one(DomainsTable).focus()  # first: the footer comes back to the
                 box.value = ""  # keys it showed before `/`, and need not be rebuilt
