@@ -59,6 +59,7 @@ from tui.core.errors import (
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DiskKind, DomainState
 from tui.core.progress import Progress, no_progress
+from tui.core.snapshots import common as _snapshot_kinds  # noqa: F401  (registers its kind)
 from tui.core.storage import Resolver, files_for
 from tui.core.storage.digest import StreamDigest, file_digest
 from tui.core.storage.remote import RemoteFiles
