@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,9 @@ def dashboard(booted: Guest, tmp_path: Path) -> Iterator[Callable[[dict[str, str
     started: list[Tmux] = []
 
     def start(env: dict[str, str]) -> Tmux:
-        label = f"{booted.name}-{len(started)}"
+        # a label of its own: the server an earlier test killed may still be exiting on
+        # its socket, and a new session there fails ("server exited unexpectedly")
+        label = f"{booted.name}-{uuid.uuid4().hex[:8]}"
         base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TERM": "xterm-256color"}
         t = Tmux(label, [sys.executable, "-m", "tui", "-c", booted.hv.uri], base | env)
         started.append(t)
