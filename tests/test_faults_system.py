@@ -285,9 +285,7 @@ def test_a_snapshot_taken_again_under_that_name_by_another_is_kept(
     # Either proof keeps it: the stop landed before the reply (no creation time journalled:
     # the mark decides), or after it, while the mark was being taken off (the creation time
     # journalled differs from the new snapshot's).
-    assert (
-        "does not carry this operation's mark" in out or "was taken again since" in out
-    ), out
+    assert "does not carry this operation's mark" in out or "was taken again since" in out, out
     conn = fault_host.conn()
     try:
         assert conn.lookupByName(domain).snapshotLookupByName(snap).getXMLDesc(0) == created

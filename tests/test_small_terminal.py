@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from textual.app import App
 from textual.widgets import Button
 
+from tests.waiting import wait_for
 from tui.screens.confirm import PlanScreen
 from tui.screens.template_forms import DeployScreen
 
@@ -32,7 +33,7 @@ async def test_a_long_plan_keeps_its_buttons_on_an_80x24_screen() -> None:
     app: App[None] = App()
     async with app.run_test(size=(80, 24)) as pilot:
         app.push_screen(PlanScreen(LongPlan()))  # type: ignore[arg-type]
-        await pilot.pause()
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
         yes = app.screen.query_one("#yes", Button)
         assert "(y)" in str(yes.label)  # the key that confirms
         assert _on_screen(app, yes) and _on_screen(app, app.screen.query_one("#no", Button))
@@ -43,9 +44,10 @@ async def test_the_deploy_form_s_buttons_are_reachable_at_80x24() -> None:
     app: App[None] = App()
     async with app.run_test(size=(80, 24)) as pilot:
         app.push_screen(DeployScreen("template-web", sealed=True))
-        await pilot.pause()
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen.is_mounted
+        )
         assert "Enter plans" in str(app.screen.query_one("#title").render())
         ok = app.screen.query_one("#ok", Button)
         ok.focus()  # tabbing to it scrolls the form
-        await pilot.pause()
-        assert _on_screen(app, ok)
+        await wait_for(pilot, lambda: _on_screen(app, ok), what="the focused button on screen")

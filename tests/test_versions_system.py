@@ -73,6 +73,9 @@ def test_update_seal_version_2_keeps_old_clones_and_base(
 
     update = versions.plan_update(lab.hv, tname, backup_dir=backups)
     assert update.names == (f"{tname}-v2-edit",)
+    # the plan says what it makes: the next version's edit VM, not a clone to deploy
+    assert "version 2" in update.title and "Deploy" not in update.title
+    assert not any("share its identity" in line for line in update.summary())
     execute_clone(lab.hv, update)
     edit = update.names[0]
     overlay = disk_of(lab, edit)

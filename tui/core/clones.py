@@ -107,6 +107,7 @@ class ClonePlan(ops.PlanDefaults):
     bytes_needed: int
     bytes_free: int | None  # on the emptiest target filesystem
     notes: tuple[str, ...] = ()  # storage set-up on another host (pools defined)
+    edit_of: int | None = None  # the version an edit VM ('template update') will become
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -128,14 +129,22 @@ class ClonePlan(ops.PlanDefaults):
 
     @property
     def title(self) -> str:
+        if self.edit_of is not None:
+            name, version = self.names[0], self.edit_of
+            return f"Make '{name}' to edit into version {version} of '{self.template}'?"
         return f"Deploy {len(self.items)} {self.mode} clone(s) of '{self.template}'?"
 
     @property
     def confirm_label(self) -> str:
-        return "Deploy"
+        return "Make" if self.edit_of is not None else "Deploy"
 
     def run(self, hv: Hypervisor, progress: Progress) -> str:
         names = execute_clone(hv, self, progress)
+        if self.edit_of is not None:
+            return (
+                f"made {names[0]} on '{self.template}': edit it, then seal it into version "
+                f"{self.edit_of} ('virtdeck template seal {names[0]}')"
+            )
         return f"deployed {', '.join(names)} ({self.mode}) from '{self.template}'"
 
     def summary(self) -> list[str]:
@@ -164,7 +173,9 @@ class ClonePlan(ops.PlanDefaults):
         lines.extend(self.notes)
         if self.start:
             lines.append("start every clone afterwards")
-        if not self.sealed:
+        if self.edit_of is not None:
+            lines.append(f"sealing it ('virtdeck template seal') makes version {self.edit_of}")
+        elif not self.sealed:
             lines.append(f"warning: '{self.template}' is not sealed; clones share its identity")
         lines.extend(f"warning: {r.line()}: {r.why}" for r in self.warnings)
         return lines

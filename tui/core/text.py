@@ -15,3 +15,12 @@ def has_control(text: str | None) -> bool:
 def printable(text: str) -> str:
     """`text` with control characters shown escaped (what another tool stored, displayed)."""
     return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def shortened(text: str, width: int = 32) -> str:
+    """`text` cut in the middle to `width` characters (a long URI in a table column: its
+    scheme and its end, e.g. the socket, stay readable)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head) :]}"

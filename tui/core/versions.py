@@ -94,7 +94,7 @@ def plan_update(
     if not family:
         raise NotFoundError(f"no template named '{template}' ('virtdeck template ls')")
     newest = family[-1]
-    return clones.plan_clone(
+    plan = clones.plan_clone(
         hv,
         newest.name,
         validate_name(name or edit_name(family)),
@@ -103,6 +103,7 @@ def plan_update(
         backup_dir=backup_dir,
         identity=Identity(),
     )
+    return dataclasses.replace(plan, edit_of=newest.version + 1)
 
 
 def plan_seal(

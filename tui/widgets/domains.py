@@ -31,6 +31,7 @@ from textual.widgets.data_table import Row, RowKey
 
 from tui.core.groups import clones_of, matching
 from tui.core.models import DomainInfo, DomainState, natural_key
+from tui.core.text import shortened
 
 MARK = "●"
 
@@ -143,7 +144,7 @@ class DomainsTable(DataTable[Any]):
             Text(_size(d.disk_allocation_bytes), justify="right"),
         ]
         if self.show_host:
-            cells.insert(0, Text(d.host, style="dim"))
+            cells.insert(0, Text(shortened(d.host), style="dim"))
         mark = Text(MARK, style="bold cyan") if row_key(d) in self.marked else Text(" ")
         return [mark, *cells]
 
