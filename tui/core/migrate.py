@@ -117,6 +117,8 @@ class MigratePlan(ops.PlanDefaults):
     bytes_free: int | None
     notes: tuple[str, ...] = ()
     disks: tuple[tuple[str, str, str], ...] = field(default=())  # (target, top on target, fmt)
+    shared: str | None = None  # how it is proved that both hosts see the same files
+    shared_files: tuple[str, ...] = ()  # the domain's own files there (kept, not copied)
 
     @property
     def host(self) -> str:
@@ -147,6 +149,17 @@ class MigratePlan(ops.PlanDefaults):
         lines = [
             f"migrate '{self.domain}' (shut off) from {self.source_host} to {self.target_host}"
         ]
+        if self.shared:
+            return lines + [
+                f"both hosts see the same image files (shared storage: {self.shared}): "
+                "nothing is copied and no file is deleted",
+                f"define '{self.domain}' there as it is (same UUID {self.uuid}, same MAC "
+                f"addresses, same disks: {', '.join(self.shared_files)})"
+                + (f" with its {len(self.snapshots)} snapshot(s)" if self.snapshots else ""),
+                f"then undefine it on {self.source_host} (its files stay: {self.target_host} "
+                "reads them)",
+                *self.notes,
+            ]
         if self.template_copy is not None:
             lines.append(
                 f"{self.target_host} has no template with the identity of '{self.template}': "
@@ -224,6 +237,7 @@ class MigratePlan(ops.PlanDefaults):
             "bytes_needed": self.bytes_needed,
             "bytes_free": self.bytes_free,
             "notes": list(self.notes),
+            "shared_storage": self.shared,
         }
 
 
@@ -374,19 +388,20 @@ def plan_migrate(
             f"migrate checks each layer on {target.uri} with qemu-img and rebases it there: "
             "that needs the target to be this machine or a qemu+ssh:// URI"
         )
-    where, pool = transfer._pool_dir(dst_files, directory)
     resolver = Resolver(source, ssh=True)
     bases = _template_bases(source)
     notes: list[str] = []
 
     # Each disk: the layers it owns (top first) and the template base below them.
     owned: list[tuple[str, list[Any], str | None]] = []  # (disk, links top first, base path)
+    every_file: list[str] = []  # every file of every chain, for the shared-storage proof
     template: str | None = None
     for disk in own_images(domxml.disks(root)):
         assert disk.path is not None
         chain = resolver.chain(disk.path, disk.format)
         if not chain.complete:
             raise NotFoundError(f"disk {disk.target} of '{name}': {chain.problem}")
+        every_file.extend(chain.paths)
         links: list[Any] = []
         base: str | None = None
         for img in chain.links:
@@ -409,6 +424,16 @@ def plan_migrate(
         if base is not None and not links:
             raise InvalidInputError(f"disk {disk.target} of '{name}' is a template's base itself")
         owned.append((disk.target, links, base))
+
+    # Existence on the target is asked where it can be answered (this machine, or SSH): a
+    # directory in no storage pool is not "empty" to virtdeck.
+    dst_check = files_for(target, "migrate", define_pools=False)
+    src_check = files_for(source, "migrate", define_pools=False)
+    proof = _shared_proof(source, target, src_check, dst_check, every_file)
+    if proof is not None:
+        return _plan_shared(source, target, info.uuid, name, xml, owned, proof,
+                            keep_source=keep_source)  # fmt: skip
+    where, pool = transfer._pool_dir(dst_files, directory)
 
     # The template on the target, by identity.
     target_template: str | None = None
@@ -488,7 +513,7 @@ def plan_migrate(
                 raise InvalidInputError(
                     f"two layers would be {dest} on {target.uri}: migrate it with another --dir"
                 )
-            if dst_files.lexists(dest):
+            if dst_check.lexists(dest) or dst_files.lexists(dest):
                 raise InvalidInputError(
                     f"{dest} already exists on {target.uri}; virtdeck never overwrites a file "
                     "(choose another --dir)"
@@ -571,6 +596,76 @@ def plan_migrate(
     )
 
 
+def _shared_proof(
+    source: Hypervisor, target: Hypervisor, src: Any, dst: Any, paths: Sequence[str]
+) -> str | None:
+    """How it is proved that the target sees every one of `paths` as the very file the
+    source has (shared storage), or None. The target's libvirt must hold each file as a
+    volume of one of its storage pools (it can use it, not only see it), and: both hosts on
+    this machine (the same path is the same file), or each file's inode and change time,
+    read on both hosts over SSH, agree. Anything less is no proof: the migration then
+    copies, which is safe on shared storage too (it never writes over a file it sees)."""
+    if not paths:
+        return None
+    pools = RemoteFiles(target, "migrate", define_pools=False)
+    if any(pools._volume(p) is None for p in paths):
+        return None
+    if source.local and target.local:
+        return "both daemons run on this machine and hold the files in their pools"
+    for path in paths:
+        mine, theirs = src.identity(path), dst.identity(path)
+        if not mine or not theirs or "ino" not in mine or "ino" not in theirs:
+            return None
+        if (mine["ino"], mine["ctime"]) != (theirs["ino"], theirs["ctime"]):
+            return None
+    return "each file has the same inode and change time on both hosts, in a pool of both"
+
+
+def _plan_shared(
+    source: Hypervisor,
+    target: Hypervisor,
+    uuid: str,
+    name: str,
+    xml: str,
+    owned: list[tuple[str, list[Any], str | None]],
+    proof: str,
+    *,
+    keep_source: bool,
+) -> MigratePlan:
+    """Both hosts see the domain's files (shared storage): nothing is copied or deleted; the
+    domain is defined on the target as it is, with its snapshots, and undefined here."""
+    if keep_source:
+        raise InvalidInputError(
+            f"{target.uri} sees the very files of '{name}' (shared storage): a kept copy would "
+            "write to the same disks as the migrated one; migrate it without --keep-source"
+        )
+    snaps = []
+    for s_name, parent, current, s_xml in _snapshots(source, name):
+        snaps.append(SnapshotMeta(s_name, parent, current, s_xml, s_xml))
+    own = tuple(img.path for _d, links, _b in owned for img in links)
+    return MigratePlan(
+        source_host=source.uri,
+        target_host=target.uri,
+        domain=name,
+        uuid=uuid,
+        directory=posixpath.dirname(own[0]) if own else "/",
+        pool=None,
+        template=None,
+        target_template=None,
+        template_copy=None,
+        layers=(),
+        xml=xml,
+        source_xml=xml,
+        source_digest=ops.xml_digest(xml),
+        snapshots=tuple(snaps),
+        keep_source=None,
+        bytes_needed=0,
+        bytes_free=None,
+        shared=proof,
+        shared_files=own,
+    )
+
+
 # -- executing ------------------------------------------------------------------------------
 
 
@@ -611,7 +706,9 @@ def execute_migrate(
     src_files = files_for(source, "migrate")
     dst_pools = RemoteFiles(target, "migrate")
     dst_files = files_for(target, "migrate")
-    ids = {v.source: src_files.identity(v.source) for v in plan.layers}
+    ids = {
+        p: src_files.identity(p) for p in [v.source for v in plan.layers] + list(plan.shared_files)
+    }
     _source_unchanged(source, plan, src_files, ids)
     if target.exists(plan.domain):
         raise InvalidInputError(f"'{plan.domain}' exists on {target.uri} now; plan again")
@@ -619,9 +716,10 @@ def execute_migrate(
     done = 0
     title = f"migrating '{plan.domain}' from {plan.source_host}"
     with ops.running(target, title, domains=[plan.domain], dirs={plan.directory}) as undo:
-        pool = dst_pools.ensure_pool(plan.directory)
+        pool = dst_pools.ensure_pool(plan.directory) if plan.layers else None
         for v in plan.layers:
-            if dst_pools.lexists(v.target):
+            assert pool is not None
+            if dst_files.lexists(v.target) or dst_pools.lexists(v.target):
                 raise InvalidInputError(f"{v.target} appeared on {target.uri}; nothing was kept")
             src_vol = transfer._source_volume(src_pools, v.source)
             label = f"sending {os.path.basename(v.source)}"
