@@ -68,3 +68,58 @@ async def test_key_m_and_the_palette_offer_migrate(tmp_path: Path) -> None:
             assert sum("nowhere to migrate" in n.message for n in app._notifications) == 2
     finally:
         hv.close()
+
+
+async def test_key_m_asks_for_the_target_host_and_directory(tmp_path: Path) -> None:
+    """With two hosts `M` asks where to: the other hosts, and an image directory there (the
+    CLI's --dir); a relative directory gets one line in the form, Escape plans nothing, Enter
+    plans (here the plan is refused: the test driver holds no image files)."""
+    import pytest
+    from textual.widgets import Input, Select, Static
+
+    from tests.test_palette import _ready
+    from tests.waiting import wait_for
+    from tui.app import VirtdeckApp
+    from tui.core import demo
+    from tui.core.hypervisor import Hypervisor
+    from tui.screens.confirm import PlanScreen
+    from tui.screens.migrate_form import MigrateScreen
+    from tui.widgets.domains import DomainsTable
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        hv = Hypervisor.open(demo.ensure_lab(), demo=True)
+    other = Hypervisor.open("test:///default")
+    app = VirtdeckApp([hv, other], poll_interval=3600)
+    try:
+        async with app.run_test(size=(140, 45)) as pilot:
+            await _ready(app, pilot)
+            assert app.main.query_one(DomainsTable).select_name("db")
+            await pilot.press("M")
+            await wait_for(pilot, lambda: isinstance(app.screen, MigrateScreen), what="the form")
+            form = app.screen
+            assert form.query_one("#target", Select).value == "test:///default"
+            form.query_one("#dir", Input).value = "images/here"
+            await pilot.press("tab", "enter")
+            await pilot.pause()
+            assert "not an absolute path" in str(form.query_one("#error", Static).render())
+            assert app.screen is form
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not isinstance(app.screen, MigrateScreen))
+            await app.workers.wait_for_complete()
+            assert not isinstance(app.screen, PlanScreen)
+            before = len(app._notifications)
+            await pilot.press("M")
+            await wait_for(pilot, lambda: isinstance(app.screen, MigrateScreen), what="the form")
+            app.screen.query_one("#dir", Input).value = "/var/lib/elsewhere"
+            app.screen.query_one("#dir", Input).focus()
+            await pilot.press("enter")
+            await wait_for(
+                pilot,
+                lambda: isinstance(app.screen, PlanScreen) or len(app._notifications) > before,
+                what="a plan or its refusal",
+            )
+            assert not isinstance(app.screen, MigrateScreen)
+    finally:
+        hv.close()
+        other.close()

@@ -332,6 +332,8 @@ def plan_migrate(
     recorded in its metadata (with `record`; a dry run computes it again next time)."""
     if source.uri == target.uri:
         raise InvalidInputError(f"'{name}' is already on {target.uri}: choose another --to")
+    if directory is not None and not directory.startswith("/"):
+        raise InvalidInputError(f"--dir '{directory}' is not an absolute path on {target.uri}")
     info = source.domain(name)
     if info.is_template:
         raise InvalidInputError(
@@ -882,7 +884,11 @@ class MigrateGroup(ops.PlanDefaults):
 
 
 def plan_group(
-    source_of: Any, target: Hypervisor, members: Sequence[tuple[str, str]]
+    source_of: Any,
+    target: Hypervisor,
+    members: Sequence[tuple[str, str]],
+    *,
+    directory: str | None = None,
 ) -> MigrateGroup:
     """One plan per (host, name); a member refused is named, the others go on. Refused all:
     the first refusal is raised."""
@@ -890,7 +896,7 @@ def plan_group(
     first: VirtdeckError | None = None
     for host, name in members:
         try:
-            plans.append(plan_migrate(source_of(host), target, name))
+            plans.append(plan_migrate(source_of(host), target, name, directory=directory))
         except VirtdeckError as err:
             first = first or err
             refused.append(f"{name}: {err}")

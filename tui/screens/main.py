@@ -39,6 +39,7 @@ from tui.core.progress import Progress
 from tui.screens.confirm import ConfirmScreen, PlanScreen
 from tui.screens.details import DetailsScreen
 from tui.screens.group_forms import MatchScreen
+from tui.screens.migrate_form import MigrateScreen
 from tui.screens.snapshot_forms import NewSnapshotScreen, SnapshotRequest
 from tui.screens.terminal import AttachReady, hand_over, prepare
 from tui.widgets.base import Pane
@@ -362,13 +363,28 @@ class MainScreen(Screen[None]):
         if not others:
             self.notify("only one host is connected: nowhere to migrate to", severity="warning")
             return
-        self._plan_migrate([(d.host, d.name) for d in chosen if d.host != others[0]], others[0])
+
+        def chosen_target(answer: tuple[str, str | None] | None) -> None:
+            if answer is None:
+                return
+            target, directory = answer
+            members = [(d.host, d.name) for d in chosen if d.host != target]
+            if not members:
+                self.notify(f"already on {target}", severity="warning")
+                return
+            self._plan_migrate(members, target, directory)
+
+        self.app.push_screen(MigrateScreen([d.name for d in chosen], others), chosen_target)
 
     @work(thread=True, exit_on_error=False, group="group-plan", description="migrate plan")
-    def _plan_migrate(self, members: list[tuple[str, str]], target: str) -> None:
+    def _plan_migrate(
+        self, members: list[tuple[str, str]], target: str, directory: str | None = None
+    ) -> None:
         from tui.core import migrate
 
-        plan = migrate.plan_group(self.vapp.hypervisor, self.vapp.hypervisor(target), members)
+        plan = migrate.plan_group(
+            self.vapp.hypervisor, self.vapp.hypervisor(target), members, directory=directory
+        )
         self.post_message(MigratePlanned(plan))
 
     @on(MigratePlanned)
