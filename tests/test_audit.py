@@ -197,6 +197,8 @@ def _log(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def test_log_without_a_log_is_empty(capsys: pytest.CaptureFixture[str]) -> None:
     assert _log(capsys) == (0, "", "")
     assert _log(capsys, "--json") == (0, "[]\n", "")
+    status, out, err = _log(capsys, "--host", "nosuch")
+    assert (status, out) == (0, "") and err.startswith("virtdeck: no operation on host 'nosuch'")
 
 
 def test_log_filters_limits_and_skips_corrupt_lines(capsys: pytest.CaptureFixture[str]) -> None:

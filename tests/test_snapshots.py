@@ -198,7 +198,7 @@ def test_a_description_is_one_line_of_printable_text(
     """Issue 17, case 7: refused at planning; one another tool stored is shown escaped."""
     for text in ("line one\nforged line", "bell\x07", "esc\x1b[2J"):
         assert (
-            main(["-c", test_uri, "snapshot", "create", "beta", "s1", "--description", text]) == 1
+            main(["-c", test_uri, "snapshot", "create", "beta", "s1", "--description", text]) == 2
         )
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "the description holds a control character" in err, err

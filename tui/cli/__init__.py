@@ -33,6 +33,7 @@ from tui.core.errors import (
     ConnectError,
     InvalidInputError,
     NotFoundError,
+    UsageError,
     VirtdeckError,
 )
 from tui.core.fleet import connect_all, on_each
@@ -460,7 +461,7 @@ def run_tui(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, settings = setup(argv)
-    except ConfigError as err:
+    except (ConfigError, UsageError) as err:
         print(f"virtdeck: {err}", file=sys.stderr)
         return 2
     except VirtdeckError as err:
@@ -487,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for hv in hypervisors:
                 hv.close()
         return 1 if args.unreachable and status == 0 else status
-    except ConfigError as err:
+    except (ConfigError, UsageError) as err:
         print(f"virtdeck: {err}", file=sys.stderr)
         return 2
     except VirtdeckError as err:

@@ -75,6 +75,11 @@ def cmd_log(args: argparse.Namespace, hypervisors: list[Any]) -> int:
         return 0
     if shown:
         print("\n".join(table(shown)))
+    elif args.domain or args.log_host:  # a filter that matched nothing is said, not silent
+        which = [f"domain '{args.domain}'"] if args.domain else []
+        which += [f"host '{args.log_host}'"] if args.log_host else []
+        print(f"virtdeck: no operation on {' and '.join(which)} in {audit.log_path()}",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 

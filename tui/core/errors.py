@@ -1,7 +1,8 @@
 """Typed errors of the action layer.
 
 Every message is one line an operator can act on: what failed, why, and what to try.
-The CLI prints it on stderr and exits 1; the TUI shows it as a notification.
+The CLI prints it on stderr and exits 1 (2 for a UsageError or a ConfigError); the TUI shows
+it as a notification.
 """
 
 
@@ -19,6 +20,11 @@ class NotFoundError(VirtdeckError):
 
 class InvalidInputError(VirtdeckError):
     """Bad input: a malformed or duplicate name, a wrong format, an impossible option."""
+
+
+class UsageError(InvalidInputError):
+    """A malformed argument the command line itself holds (a control character in a
+    description): the CLI exits 2, as for argparse's usage errors."""
 
 
 class StateError(VirtdeckError):

@@ -79,6 +79,7 @@ from tui.core.errors import (
     NotFoundError,
     OperationError,
     StateError,
+    UsageError,
     VirtdeckError,
 )
 from tui.core.events import EventCallback, Events
@@ -495,7 +496,7 @@ class Hypervisor(Lifecycle, Events):
         else:
             self._cpu_prev.pop(uuid, None)
         disks = _with_block_stats(facts.disks, st, state.active)
-        if self.local and "block.count" not in st:
+        if self.local:  # no block stats (test driver), or none yet (a domain just started)
             disks = _with_file_allocation(disks)
         return DomainInfo(
             host=self.uri,
@@ -543,7 +544,8 @@ def _with_block_stats(
 
 
 def _with_file_allocation(disks: tuple[DiskInfo, ...]) -> tuple[DiskInfo, ...]:
-    """When libvirt reports no block stats (test driver), the file's real allocation."""
+    """Where libvirt reported no allocation (no block stats: the test driver, or a domain
+    whose QEMU has not answered for its disks yet), the file's real allocation."""
     out = []
     for d in disks:
         if d.allocation_bytes is None and d.path:
@@ -571,10 +573,10 @@ def validate_text(text: str, what: str, limit: int = 1000) -> str:
     newline or an escape sequence would forge lines in `snapshot ls` and the logs)."""
     bad = CONTROL.search(text)
     if bad:
-        raise InvalidInputError(
+        raise UsageError(
             f"the {what} holds a control character ({bad.group()!r} at {bad.start() + 1}); "
             "give one line of printable text"
         )
     if len(text) > limit:
-        raise InvalidInputError(f"the {what} is {len(text)} characters long; at most {limit}")
+        raise UsageError(f"the {what} is {len(text)} characters long; at most {limit}")
     return text
