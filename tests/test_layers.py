@@ -170,3 +170,32 @@ def test_every_undo_kind_a_journal_can_hold_has_a_handler() -> None:
 def test_the_journal_alone_does_not_know_the_operations_kinds() -> None:
     # ops is a generic journal: the snapshot kinds come from the modules that push them
     assert "redefine_snapshot" not in _registered_after("import tui.core.ops")
+
+
+def _pushed_by_module() -> dict[str, set[str]]:
+    """The undo kinds each module of `tui` pushes itself (as _pushed_kinds)."""
+    out: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("push", "step")
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+            ):
+                module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+                out.setdefault(module.removesuffix(".__init__"), set()).add(node.args[1].value)
+    return out
+
+
+def test_a_module_that_pushes_an_undo_kind_registers_it_when_imported_alone() -> None:
+    """A process that runs only one operation (a CLI command, a test) has the handler of
+    every kind that operation journals: a kind pushed without it fails the push ('unknown
+    undo action'), as migrate's redefine_snapshot and snapshot create's delete_snapshot did."""
+    by_module = _pushed_by_module()
+    assert "tui.core.snapshots.create" in by_module, sorted(by_module)
+    for module, kinds in sorted(by_module.items()):
+        missing = kinds - _registered_after(f"import {module}")
+        assert not missing, f"'import {module}' leaves no handler for {sorted(missing)}"

@@ -44,6 +44,7 @@ from tui.core.errors import (
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo, DomainState
 from tui.core.progress import Progress, no_progress
+from tui.core.snapshots import delete as _snapshot_kinds  # noqa: F401  (delete_snapshot)
 
 HostResolver = Callable[[str], Hypervisor]
 
@@ -542,59 +543,3 @@ def _refuse_template_with_its_clones(hosts: HostResolver, members: Sequence[Memb
                 f"template '{m.name}' and its clones ({', '.join(clones)}) are both selected: "
                 f"remove the clones first ('virtdeck rm --template {m.name}'), then the template"
             )
-
-
-def _check_snapshot(
-    hv: Hypervisor, action: ops.UndoAction, live: bool, owned: frozenset[str]
-) -> str:
-    """Why a member's snapshot must not be deleted now (it was taken again since), or ''."""
-    from tui.core import snapshots
-
-    domain, name, token = action.args["domain"], action.args["name"], action.args.get("token")
-    if action.identity is None and live:
-        return ""
-    if action.identity is None:
-        # The connection was lost while libvirt worked: the daemon may have taken it after.
-        # Only the operation's token in its description proves it is this one (snapshot
-        # create asks for it with the token; one taken again under the name never has it).
-        if not token:
-            return "it was never recorded as taken, so it is not provably this one"
-        try:
-            mark = snapshots.snapshot_mark(hv, domain, name)
-        except NotFoundError:
-            return ""  # never taken (or gone): nothing to delete
-        if mark != token:
-            return (
-                f"snapshot '{name}' does not carry this operation's mark (taken by another "
-                "since), so it is not provably this one"
-            )
-        return ""
-    try:
-        node = snapshots.snapshot_tree(hv, domain).find(name)
-    except NotFoundError:
-        return ""
-    if node is not None and node.created.isoformat() != action.identity.get("created"):
-        return f"snapshot '{node.name}' was taken again since ({node.created.isoformat()})"
-    return ""
-
-
-@ops.undo_kind("delete_snapshot", check=_check_snapshot)
-def delete_snapshot(hv: Hypervisor, domain: str, name: str, token: str | None = None) -> None:
-    """Undo of a group member's snapshot (idempotent: a domain or snapshot that is gone is
-    not an error). Internal snapshots are deleted by libvirt, external ones as `virtdeck
-    snapshot delete` would (nothing was written to their overlays but what came after).
-    `token`: what proves the snapshot is this operation's (checked by _check_snapshot)."""
-    from tui.core import snapshots
-
-    try:
-        tree = snapshots.snapshot_tree(hv, domain)
-    except NotFoundError:
-        return
-    if tree.find(name) is None:
-        return
-    try:
-        snapshots.delete(hv, snapshots.plan_delete(hv, domain, name))
-    except ops.Interrupted as err:
-        # The group was interrupted and the delete is an operation of its own: leave the
-        # journal entry to `virtdeck recover`.
-        raise OperationError(f"interrupted ({err})") from None

@@ -7,6 +7,6 @@ that every kind pushed anywhere in `tui` is registered once this is imported.
 """
 
 from tui.core import groups, ops
-from tui.core.snapshots import common
+from tui.core.snapshots import common, delete
 
-__all__ = ["groups", "ops", "common"]
+__all__ = ["groups", "ops", "common", "delete"]
