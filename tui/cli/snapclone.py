@@ -7,9 +7,10 @@ import argparse
 import sys
 
 from tui.cli import carry_out, find_domain, stderr_progress
+from tui.cli.identity_args import identity_from_args
 from tui.core import snapclone
 from tui.core.hypervisor import Hypervisor
-from tui.core.identity import Identity, IdentityError
+from tui.core.identity import IdentityError
 
 
 def cmd_clone_snapshot(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
@@ -22,6 +23,7 @@ def cmd_clone_snapshot(args: argparse.Namespace, hypervisors: list[Hypervisor]) 
         for opt, given in (
             ("--start", args.start),
             ("--dir", args.dir),
+            ("--identity cloud-init", args.identity == "cloud-init"),
         )
         if given
     ]
@@ -30,13 +32,7 @@ def cmd_clone_snapshot(args: argparse.Namespace, hypervisors: list[Hypervisor]) 
     vm, snap = args.from_snapshot
     name = args.template  # the one positional
     try:  # a bad key file or a contradiction is a usage error (exit 2), before any lookup
-        who = Identity.from_options(
-            hostname_template=args.hostname_template,
-            keep_hostname=args.keep_hostname,
-            ssh_key_files=args.ssh_key,
-            ssh_user=args.ssh_user,
-            first_boot=args.first_boot,
-        )
+        who = identity_from_args(args)
         hv = find_domain(hypervisors, vm)
         plan = snapclone.plan_snapshot_clone(
             hv, vm, snap, name, count=args.count, full=args.full, identity=who

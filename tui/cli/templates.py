@@ -17,10 +17,11 @@ from tui.cli import (
     stderr_progress,
 )
 from tui.cli.groups import add_group_options, cmd_rm_group, is_group
+from tui.cli.identity_args import identity_from_args
 from tui.core import clones, templates
 from tui.core.errors import NotFoundError
 from tui.core.hypervisor import Hypervisor
-from tui.core.identity import Identity, IdentityError
+from tui.core.identity import IdentityError
 from tui.core.paths import template_backup_dir
 from tui.core.units import size
 
@@ -130,9 +131,17 @@ def register(sub: Any) -> None:
     who = p.add_argument_group(
         "identity",
         "written into each clone's own disk with virt-customize (this machine, image files; "
-        "about 40 s per clone under TCG, several at once up to the number of cores). By "
-        "default the hostname becomes the clone's name when the template is sealed and its "
-        "disk has an OS; keys and first-boot commands only when asked for.",
+        "about 40 s per clone under TCG, several at once up to the number of cores), or "
+        "given as a cloud-init seed per clone (--identity cloud-init: milliseconds, any host; "
+        "the template's OS must run cloud-init). By default the hostname becomes the clone's "
+        "name when the template is sealed and its disk has an OS; keys and first-boot "
+        "commands only when asked for.",
+    )
+    who.add_argument(
+        "--identity",
+        choices=("virt-customize", "cloud-init"),
+        default="virt-customize",
+        help="how each clone gets its identity (default: virt-customize)",
     )
     who.add_argument(
         "--hostname-template",
@@ -159,6 +168,21 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         help="a shell command each clone runs once at its first boot (repeatable, in order)",
+    )
+    who.add_argument(
+        "--ip",
+        metavar="ADDR/PREFIX[+]",
+        help="cloud-init: a static address for the first NIC; '+' gives --count clones "
+        "consecutive ones (10.0.0.10/24+)",
+    )
+    who.add_argument("--gateway", metavar="ADDR", help="cloud-init: the default route (with --ip)")
+    who.add_argument(
+        "--dns", metavar="ADDR", action="append", default=[], help="cloud-init: a name server"
+    )
+    who.add_argument(
+        "--user-data",
+        metavar="FILE",
+        help="cloud-init: your own #cloud-config or script, added to virtdeck's",
     )
     add_plan_options(p)
     p.set_defaults(handler=cmd_clone, parser_error=p.error)
@@ -312,13 +336,7 @@ def cmd_clone(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
 
         return cmd_clone_snapshot(args, hypervisors)
     try:  # a bad key file or a contradiction is a usage error (exit 2), before any lookup
-        who = Identity.from_options(
-            hostname_template=args.hostname_template,
-            keep_hostname=args.keep_hostname,
-            ssh_key_files=args.ssh_key,
-            ssh_user=args.ssh_user,
-            first_boot=args.first_boot,
-        )
+        who = identity_from_args(args)
         from tui.core import versions
 
         hv = _find_versioned(hypervisors, args.template, args.backup_dir)

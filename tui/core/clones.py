@@ -25,7 +25,7 @@ from typing import Any
 
 import libvirt
 
-from tui.core import bases, clonexml, domxml, ops
+from tui.core import bases, clonexml, cloudinit, domxml, ops
 from tui.core.clonexml import FileCopy, Rewrite
 from tui.core.errors import (
     InvalidInputError,
@@ -36,6 +36,7 @@ from tui.core.errors import (
 )
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.identity import (
+    CLOUD_INIT,
     DEFAULT_HOSTNAME,
     Customisation,
     Customiser,
@@ -86,12 +87,18 @@ class CloneItem:
     rewrites: tuple[Rewrite, ...] = ()  # per-domain resources made unique, copied, shared...
     copies: tuple[FileCopy, ...] = ()  # files copied for it (the template's NVRAM)
     customise: Customisation | None = None  # its hostname, SSH keys, first-boot commands
+    seed: cloudinit.Seed | None = None  # its cloud-init seed (written at seed_path, a CD-ROM)
+    seed_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["rewrites"] = [r.to_json() for r in self.rewrites]
         data["copies"] = [c.to_json() for c in self.copies]
         data["customise"] = self.customise.to_json() if self.customise else None
+        # what the seed says, never its keys or the operator's user-data
+        data["seed"] = None if self.seed is None else {"path": self.seed_path,
+                                                       "says": self.seed.line()}  # fmt: skip
+        data.pop("seed_path")
         return data
 
 
@@ -116,6 +123,10 @@ class ClonePlan(ops.PlanDefaults):
     @property
     def files(self) -> tuple[str, ...]:
         return tuple(d.path for i in self.items for d in i.disks)
+
+    @property
+    def seeds(self) -> tuple[str, ...]:
+        return tuple(i.seed_path for i in self.items if i.seed_path)
 
     @property
     def copies(self) -> tuple[FileCopy, ...]:
@@ -159,6 +170,9 @@ class ClonePlan(ops.PlanDefaults):
                     + (f" ({why})" if why and "identity" not in explained else "")
                 )
                 explained.add("identity")
+            if item.seed is not None:
+                lines.append(f"  identity: {item.seed.line()}")
+                lines.append(f"  seed: {item.seed_path} (its CD-ROM, read by cloud-init at boot)")
             for d in item.disks:
                 how = f"overlay on {d.base}" if self.mode == "thin" else f"copy of {d.base}"
                 lines.append(f"  {d.target}: {d.path} ({how})")
@@ -194,6 +208,7 @@ class ClonePlan(ops.PlanDefaults):
             "notes": list(self.notes),
             "warnings": [r.to_json() for r in self.warnings],
             "customised": [i.name for i in self.items if i.customise is not None],
+            "seeded": [i.name for i in self.items if i.seed is not None],
         }
 
 
@@ -300,9 +315,11 @@ def plan_clone(
     tdisks = domxml.disks(troot)
     bases = _check_disks(template, tdisks)
     wanted = identity or Identity()
-    not_customisable = _not_customisable(hv, template, tdisks)
+    seeded = wanted.method == CLOUD_INIT
+    not_customisable = "" if seeded else _not_customisable(hv, template, tdisks)
     if wanted.explicit and not_customisable:
         raise IdentityError(not_customisable)
+    network = _seed_network(wanted, len(names), clonexml.interface_count(troot))
     resolver = Resolver(hv, qemu_img=qemu, ssh=True)
     chains: dict[str, Chain] = {}
     for disk in bases:
@@ -332,7 +349,14 @@ def plan_clone(
     mode = "full" if full else "thin"
     hostname, hostname_why = wanted.hostname, ""
     kept: tuple[str, ...] = ()
-    if hostname is None and wanted.hostname_by_default:
+    if seeded:
+        if hostname is None and not wanted.hostname_by_default:
+            raise IdentityError(
+                "--keep-hostname: a cloud-init seed always names the clone's host (cloud-init "
+                "would take the instance id otherwise); give --hostname-template instead"
+            )
+        hostname = hostname or DEFAULT_HOSTNAME
+    elif hostname is None and wanted.hostname_by_default:
         first = bases[0]
         assert first.path is not None
         applies, why = hostname_default(
@@ -340,7 +364,7 @@ def plan_clone(
         )
         hostname, hostname_why = (DEFAULT_HOSTNAME, why) if applies else (None, "")
         kept = () if applies or not why else (why,)
-    if hostname is not None or wanted.explicit:
+    if not seeded and (hostname is not None or wanted.explicit):
         require_tool()
     nvram = clonexml.nvram_path(troot)
     nvram_bytes = files.file_size(nvram) if nvram else None
@@ -369,18 +393,43 @@ def plan_clone(
             disks.append(CloneDisk(disk.target, base, base_fmt, path, fmt, need))
         uuid = str(uuidlib.uuid4())
         macs = tuple(_new_mac(taken_macs, rng) for _ in range(clonexml.interface_count(troot)))
+        seed_path = None
+        if seeded:
+            seed_path = os.path.join(os.path.dirname(disks[0].path), f"{n}-seed.iso")
+            if files.lexists(seed_path) or seed_path in taken_files:
+                raise InvalidInputError(f"{seed_path} already exists; choose another name")
+            taken_files.add(seed_path)
+            dev = files.device(os.path.dirname(seed_path))
+            needed_by_dev[dev] = needed_by_dev.get(dev, 0) + SEED_BYTES
         ident = clonexml.CloneIdentity(
             name=n,
             uuid=uuid,
             macs=macs,
             disks=tuple((d.target, d.path, d.format) for d in disks),
             meta=VirtdeckMeta(
-                role="clone", created=now_iso(), source=template, mode=mode, complete=False
+                role="clone",
+                created=now_iso(),
+                source=template,
+                mode=mode,
+                complete=False,
+                seed=seed_path,
             ),
             old_names=(template, meta.source or ""),
             nvram_present=nvram_bytes is not None,
         )
         out = clonexml.clone_xml(troot, ident)
+        seed = None
+        if seed_path is not None:
+            assert hostname is not None
+            seed = cloudinit.Seed(
+                check_hostname(hostname.format(name=n, n=len(items) + 1), n),
+                ssh_keys=wanted.ssh_keys,
+                first_boot=wanted.first_boot,
+                user_data=wanted.user_data,
+                network=network[len(items)] if network else None,
+                mac=macs[0] if macs else None,
+            )
+            out = replace(out, xml=with_seed_cdrom(out.xml, seed_path))
         copies = []
         for c in out.copies:
             if files.lexists(c.destination) or c.destination in taken_files:
@@ -393,7 +442,7 @@ def plan_clone(
             needed_by_dev[dev] = needed_by_dev.get(dev, 0) + (nvram_bytes or 0)
             dirs_by_dev.setdefault(dev, os.path.dirname(c.destination))
         custom = None
-        if hostname is not None or wanted.ssh_keys or wanted.first_boot:
+        if not seeded and (hostname is not None or wanted.ssh_keys or wanted.first_boot):
             custom = Customisation(
                 images=tuple((d.path, d.format) for d in disks),
                 hostname=None
@@ -404,7 +453,18 @@ def plan_clone(
                 hostname_why=hostname_why,
             )
         items.append(
-            CloneItem(n, uuid, macs, tuple(disks), out.xml, out.rewrites, tuple(copies), custom)
+            CloneItem(
+                n,
+                uuid,
+                macs,
+                tuple(disks),
+                out.xml,
+                out.rewrites,
+                tuple(copies),
+                custom,
+                seed,
+                seed_path,
+            )  # fmt: skip
         )
     free = {dev: files.free_bytes(d) for dev, d in dirs_by_dev.items()}
     for dev, need in needed_by_dev.items():
@@ -427,6 +487,47 @@ def plan_clone(
         + kept
         + tuple(n for n in (files.free_note(d) for d in dirs_by_dev.values()) if n),
     )
+
+
+#: What a seed image takes (a few files in a small ISO 9660 image: about 360 KiB), rounded up.
+SEED_BYTES = 1024 * 1024
+
+
+def _seed_network(wanted: Identity, count: int, nics: int) -> tuple[cloudinit.Network, ...] | None:
+    """Each clone's static address (--ip, --gateway, --dns), checked; None without --ip."""
+    if wanted.ip is None:
+        return None
+    if nics == 0:
+        raise IdentityError("--ip: the template has no network interface to give it to")
+    addrs = cloudinit.addresses(wanted.ip, count)
+    gateway = cloudinit.check_gateway(wanted.gateway, addrs)
+    dns = cloudinit.check_dns(wanted.dns)
+    return tuple(cloudinit.Network(a, gateway, dns) for a in addrs)
+
+
+def with_seed_cdrom(xml: str, path: str) -> str:
+    """The clone's XML with its seed as a read-only CD-ROM: SATA on a q35 machine, IDE
+    otherwise, on the first free target name."""
+    root = domxml.parse(xml)
+    os_type = root.find("os/type")
+    machine = os_type.get("machine", "") if os_type is not None else ""
+    used = {t.get("dev") for t in root.findall("devices/disk/target")}
+    if "q35" in machine:
+        bus, names = "sata", [f"sd{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    else:
+        bus, names = "ide", ["hdc", "hdd", "hda", "hdb"]
+    free = [d for d in names if d not in used]
+    if not free:
+        raise IdentityError(f"no free {bus} slot for the cloud-init seed's CD-ROM")
+    devices = root.find("devices")
+    if devices is None:
+        devices = domxml.ET.SubElement(root, "devices")
+    disk = domxml.ET.SubElement(devices, "disk", type="file", device="cdrom")
+    domxml.ET.SubElement(disk, "driver", name="qemu", type="raw")
+    domxml.ET.SubElement(disk, "source", file=path)
+    domxml.ET.SubElement(disk, "target", dev=free[0], bus=bus)
+    domxml.ET.SubElement(disk, "readonly")
+    return domxml.to_string(root)
 
 
 def _not_customisable(hv: Hypervisor, template: str, disks: tuple[DiskInfo, ...]) -> str:
@@ -492,7 +593,8 @@ def _execute_clone(
     for item in plan.items:
         if hv.exists(item.name):
             raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
-        for path in [d.path for d in item.disks] + [c.destination for c in item.copies]:
+        own = [d.path for d in item.disks] + [c.destination for c in item.copies]
+        for path in own + ([item.seed_path] if item.seed_path else []):
             if files.lexists(path):
                 raise InvalidInputError(f"{path} already exists; plan again")
     total = sum(d.bytes_needed for i in plan.items for d in i.disks) or 1
@@ -501,6 +603,7 @@ def _execute_clone(
     try:
         made = [d.path for i in plan.items for d in i.disks]
         made += [c.destination for i in plan.items for c in i.copies]
+        made += list(plan.seeds)
         dirs = {os.path.dirname(p) for p in made}
         with ops.running(
             hv, title, domains=[plan.template, *(i.name for i in plan.items)], dirs=dirs
@@ -542,6 +645,11 @@ def _execute_clone(
                                 label=f"{item.name}: copying {os.path.basename(d.base)}",
                             )
                     done += d.bytes_needed
+                if item.seed is not None and item.seed_path is not None:
+                    progress(f"{item.name}: cloud-init seed {item.seed_path}", None)
+                    with undo.step(f"remove {item.seed_path}", "delete_file",
+                                   path=item.seed_path):  # fmt: skip
+                        files.write_new(item.seed_path, cloudinit.iso_bytes(item.seed))
                 # Only now is it a clone: until its disks are whole (and customised) it is
                 # marked incomplete (template ls and usage never count a partial copy).
                 if item.customise is None:

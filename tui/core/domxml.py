@@ -175,6 +175,7 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         family=elem.findtext(f"{{{NS}}}family"),
         version=_int(elem.findtext(f"{{{NS}}}version")),
         base_identity=_read_identity(elem),
+        seed=elem.findtext(f"{{{NS}}}seed"),
     )
 
 
@@ -212,6 +213,7 @@ def meta_xml(meta: VirtdeckMeta) -> str:
         ("host", meta.host),
         ("family", meta.family),
         ("version", str(meta.version) if meta.version else None),
+        ("seed", meta.seed),
     ):
         if value:
             ET.SubElement(elem, tag).text = value

@@ -50,6 +50,8 @@ from tui.core.templates import LineRunner, run_guestfs
 
 DEFAULT_HOSTNAME = "{name}"
 BINARY = "virt-customize"
+VIRT_CUSTOMIZE, CLOUD_INIT = "virt-customize", "cloud-init"
+METHODS = (VIRT_CUSTOMIZE, CLOUD_INIT)
 
 
 class IdentityError(InvalidInputError):
@@ -184,6 +186,13 @@ class Identity:
     hostname_by_default: bool = False  # hostname None: {name} when the template has an OS
     ssh_keys: tuple[SshKey, ...] = ()
     first_boot: tuple[str, ...] = ()
+    # How it is given: written into the disk (virt-customize), or a cloud-init NoCloud seed
+    # per clone (tui.core.cloudinit: milliseconds, any host); the options below need a seed.
+    method: str = VIRT_CUSTOMIZE
+    ip: str | None = None  # --ip 10.0.0.10/24 (one clone) or 10.0.0.10/24+ (consecutive)
+    gateway: str | None = None
+    dns: tuple[str, ...] = ()
+    user_data: str | None = None  # the operator's own user-data, read and checked
 
     @classmethod
     def from_options(
@@ -194,6 +203,11 @@ class Identity:
         ssh_key_files: Sequence[str | Path] = (),
         ssh_user: str = "root",
         first_boot: Sequence[str] = (),
+        method: str = "virt-customize",
+        ip: str | None = None,
+        gateway: str | None = None,
+        dns: Sequence[str] = (),
+        user_data: str | None = None,
     ) -> Identity:
         """The identity the CLI options (or the deploy form) ask for, checked now: a key
         file is read here, so a bad one stops the plan before anything is looked up."""
@@ -204,6 +218,16 @@ class Identity:
         keys = tuple(k for f in ssh_key_files for k in read_ssh_keys(f, ssh_user))
         if ssh_user != "root" and not ssh_key_files:
             raise IdentityError("--ssh-user needs --ssh-key (the key to give that user)")
+        if method not in METHODS:
+            raise IdentityError(f"--identity {method!r}: choose {' or '.join(METHODS)}")
+        seed_only = [o for o, v in (("--ip", ip), ("--gateway", gateway), ("--dns", dns),
+                                    ("--user-data", user_data)) if v]  # fmt: skip
+        if seed_only and method != CLOUD_INIT:
+            raise IdentityError(
+                f"{', '.join(seed_only)} go in a cloud-init seed: add --identity cloud-init"
+            )
+        if (gateway or dns) and not ip:
+            raise IdentityError("--gateway and --dns go with a static address: add --ip")
         return cls(
             hostname=None
             if hostname_template is None
@@ -211,6 +235,11 @@ class Identity:
             hostname_by_default=not keep_hostname and hostname_template is None,
             ssh_keys=keys,
             first_boot=tuple(check_first_boot(c) for c in first_boot),
+            method=method,
+            ip=ip,
+            gateway=gateway,
+            dns=tuple(dns),
+            user_data=user_data,
         )
 
     @property

@@ -144,6 +144,9 @@ class VirtdeckMeta:
     # template: a content digest of each disk's base, layer by layer (lowest first), as
     # ((disk target, ("sha256:…", …)), …); None: not recorded (tui.core.baseid)
     base_identity: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    # clone: the cloud-init seed image virtdeck made for it (its CD-ROM; rm --storage
+    # deletes it, the one removable medium virtdeck ever deletes)
+    seed: str | None = None
 
 
 @dataclass(frozen=True)

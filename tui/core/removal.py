@@ -130,6 +130,7 @@ def plan_remove(
     """
     files = files_for(hv, "rm --storage") if storage else None
     backup: str | None = None
+    seed: str | None = None  # the cloud-init seed virtdeck made for it (tui.core.clones)
     if hv.exists(name):
         info = hv.domain(name)
         if info.state.active:
@@ -140,6 +141,7 @@ def plan_remove(
         disks = info.disks
         is_template = info.is_template
         defined = True
+        seed = info.meta.seed
         if is_template and info.meta.xml_backup and os.path.isfile(info.meta.xml_backup):
             backup = info.meta.xml_backup
     else:
@@ -155,8 +157,14 @@ def plan_remove(
                 "file it is, so it deletes none; rename the file and fix the definition first"
             )
     own = own_images(disks)
+    # Its seed is the one removable medium virtdeck deletes: it made it, and recorded where
+    # (the CD-ROM must still name that very file).
+    seed = next((d.path for d in disks if seed and d.kind == DiskKind.FILE
+                 and d.device == "cdrom" and d.path == seed), None)  # fmt: skip
     foreign = tuple(
-        f"{d.target}: {d.described}" for d in disks if not d.is_image and d.kind.value != "empty"
+        f"{d.target}: {d.described}"
+        for d in disks
+        if not d.is_image and d.kind.value != "empty" and not (seed and d.source == seed)
     )
     images = [d.path for d in own if d.path]
     graph = storage_graph(hv, backup_dir)
@@ -181,6 +189,8 @@ def plan_remove(
     kept_why = list(freed.kept)
     if files is not None:
         delete += [m for m in memory if m not in delete and files.lexists(m)]
+        if seed and seed not in delete and files.lexists(seed):
+            delete.append(seed)
         # A disk that is a symbolic link: the link goes, never what it points to (which may
         # be anywhere, outside every image directory).
         for p in images:

@@ -168,6 +168,19 @@ class LocalFiles:
                 os.unlink(dst)
             raise
 
+    def write_new(self, path: str, data: bytes) -> None:
+        """A new small file (a cloud-init seed: it holds keys) with `data`, mode 0600; never
+        over an existing one; a partial file is removed."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            os.unlink(path)
+            raise
+
     def copy_file(self, src: str, dst: str) -> None:
         """Copy a small file byte for byte (a template's NVRAM variables) to the new file
         `dst`, mode 0600 as libvirt keeps NVRAM (it hands it to QEMU's user at start). Never

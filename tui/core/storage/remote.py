@@ -409,6 +409,33 @@ class RemoteFiles:
         )
         self.hv.call(p.pool.createXML, xml, 0, what=f"creating the overlay {path}")
 
+    def write_new(self, path: str, data: bytes) -> None:
+        """A new small volume (a cloud-init seed: it holds keys) with `data`, mode 0600,
+        uploaded through the storage pool (no SSH needed); never over an existing file."""
+        p = self._new(path)
+        xml = (
+            f"<volume><name>{_esc(posixpath.basename(path))}</name>"
+            f"<capacity unit='bytes'>{len(data)}</capacity>"
+            "<allocation unit='bytes'>0</allocation>"
+            "<target><format type='raw'/><permissions><mode>0600</mode></permissions>"
+            "</target></volume>"
+        )
+        vol = self.hv.call(p.pool.createXML, xml, 0, what=f"creating {path}")
+        stream = self.hv.call(self.hv.conn.newStream, 0)
+        try:
+            with self.hv.translating(f"uploading {path}"):
+                vol.upload(stream, 0, len(data), 0)
+                view = memoryview(data)
+                while view:
+                    view = view[stream.send(bytes(view[: 1 << 20])) :]
+                stream.finish()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stream.abort()
+            with contextlib.suppress(Exception):
+                vol.delete(0)
+            raise
+
     def _capacity(self, path: str, fmt: str) -> int:
         vol = self._volume(path, fresh=False) or self._volume(path)
         if vol is not None:
