@@ -1,6 +1,7 @@
-"""A seed from tui.core.cloudinit read by a real cloud-init (the cloud image of tests/guest.py).
+"""The seed `virtdeck clone --identity cloud-init` gives, read by a real cloud-init (the
+cloud image of tests/guest.py).
 
-One guest boots under TCG (the end of cloud-init) on a qcow2 overlay in the lab
+One clone boots under TCG (to the end of cloud-init) on a qcow2 overlay in the lab
 directory, with its seed ISO as a read-only CD-ROM; user-mode networking, so the static
 address the seed gives is configured inside the guest and nothing here sends it a packet.
 Everything is read through the guest agent.
@@ -9,17 +10,16 @@ Everything is read through the guest agent.
 from __future__ import annotations
 
 import hashlib
-import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests import guest
 from tests.lab import SystemLab, qemu_img
-from tui.core import cloudinit
-from tui.core.cloudinit import Network, Seed
+from tui.core import templates
 from tui.core.hypervisor import Hypervisor
-from tui.core.identity import read_ssh_keys
 
 pytestmark = pytest.mark.system
 
@@ -38,36 +38,45 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_real_cloud_init_takes_the_seed(host_hv: Hypervisor, tmp_path: Path) -> None:
+def test_real_cloud_init_takes_the_seed_virtdeck_clone_gives(
+    host_hv: Hypervisor, tmp_path: Path
+) -> None:
+    """`virtdeck clone --identity cloud-init` of a template on the cloud image: the clone
+    boots, cloud-init reads its seed (NoCloud, /dev/sr0) and gives it the hostname, the key,
+    the first-boot command, the static address; new machine-id and host keys."""
     image = guest.build_cloud()  # ~9 min the first time on a machine, then cached
     before = _sha256(image)
     key = tmp_path / "k.pub"
     key.write_text(KEY + "\n")
+    own = tmp_path / "user-data"
+    own.write_text("#cloud-config\nlocale: false\n")  # the image has no locales package
     lab = SystemLab(host_hv)
     try:
-        name = lab.name("ci")
-        overlay = lab.dir / "root.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(overlay))
-        mac = "52:54:00:" + ":".join(secrets.token_hex(1) for _ in range(3))
-        seed = Seed(
-            "web-1",
-            ssh_keys=read_ssh_keys(key),
-            first_boot=("echo ran > /root/first-boot",),
-            network=Network("10.99.0.10/24", "10.99.0.1", ("10.99.0.2",)),
-            mac=mac,
-            # The operator's own part (a MIME second part): the image has no locales package.
-            user_data="#cloud-config\nlocale: false\n",
+        tpl = lab.name("tpl")
+        root = lab.dir / "tpl-root.qcow2"  # the template's disk: an overlay on the cache
+        qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(root))
+        host_hv.define(guest.cloud_domain_xml(tpl, str(root)))
+        templates.execute_template(
+            host_hv,
+            templates.plan_template(
+                host_hv, tpl, name=tpl, seal=False, backup_dir=tmp_path
+            ),  # fmt: skip
         )
-        seed_path = lab.dir / "web-1-seed.iso"
-        cloudinit.write_seed(seed_path, cloudinit.iso_bytes(seed))
-        dom = host_hv.define(
-            guest.cloud_domain_xml(name, str(overlay), seed=str(seed_path), mac=mac)
-        )
-        dom.create()
+        name = lab.name("web")
+        proc = subprocess.run(
+            [sys.executable, "-m", "tui", "-c", host_hv.uri, "clone", tpl, name,
+             "--allow-unsealed", "--identity", "cloud-init", "--ssh-key", str(key),
+             "--first-boot", "echo ran > /root/first-boot", "--user-data", str(own),
+             "--ip", "10.99.0.10/24", "--gateway", "10.99.0.1", "--dns", "10.99.0.2",
+             "--start", "--backup-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        dom = host_hv.conn.lookupByName(name)
         status, out = guest.agent_run(dom, "cloud-init status --wait --long", timeout=420)
         assert "status: done" in out, out
         assert "DataSourceNoCloud" in out and "/dev/sr0" in out, out
-        assert guest.agent_run(dom, "hostname")[1].strip() == "web-1"
+        assert guest.agent_run(dom, "hostname")[1].strip() == name
         keys = guest.agent_run(dom, "cat /root/.ssh/authorized_keys")[1]
         assert KEY in keys
         assert guest.agent_run(dom, "cat /root/first-boot")[1].strip() == "ran"
