@@ -148,3 +148,39 @@ def test_the_seed_cdrom_takes_a_free_slot_of_the_machines_bus() -> None:
     q35 = "<domain><os><type machine='pc-q35-7.2'>hvm</type></os><devices/></domain>"
     target = domxml.parse(with_seed_cdrom(q35, "/i/s.iso")).find("devices/disk/target")
     assert target is not None and (target.get("dev"), target.get("bus")) == ("sda", "sata")
+
+
+async def test_the_deploy_form_offers_seeds_with_a_static_address(lab: Lab, key: Path) -> None:
+    from textual.widgets import Checkbox, Input, Static
+
+    from tests.test_templates_tui import select, start, wait_for
+    from tui.app import VirtdeckApp
+    from tui.screens.confirm import PlanScreen
+    from tui.screens.template_forms import DeployScreen
+
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        await select(app, pilot, pane, "template-base")
+        await pilot.press("c")
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, DeployScreen) and app.screen.is_mounted
+        )
+        form = app.screen
+        form.query_one("#name", Input).value = "sf"
+        form.query_one("#count", Input).value = "2"
+        form.query_one("#ip", Input).value = "10.99.0.10/24+"
+        form.query_one("#name", Input).focus()
+        await pilot.press("enter")  # an address without a seed: said in the form
+        assert "add --identity cloud-init" in str(form.query_one("#error", Static).render())
+        form.query_one("#cloud-init", Checkbox).value = True
+        form.query_one("#ssh-key", Input).value = str(key)
+        form.query_one("#name", Input).focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
+        body = str(app.screen.query_one("#body", Static).render())
+        assert "identity: cloud-init seed: hostname sf-2; ssh key for root" in body, body
+        assert "address 10.99.0.11/24" in body and "sf-2-seed.iso" in body, body
+        await pilot.press("y")
+        await wait_for(pilot, lambda: (lab.images / "sf-2-seed.iso").exists() and not pane.busy)
+    assert cloudinit.read_iso((lab.images / "sf-1-seed.iso").read_bytes())["meta-data"]

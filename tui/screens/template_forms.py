@@ -144,7 +144,8 @@ class DeployRequest:
 
 class DeployScreen(ModalScreen[DeployRequest | None]):
     """Name, count, thin or full, start afterwards (and allow an unsealed template); the
-    clones' hostname (prefilled `{name}` for a sealed template) and an SSH key file."""
+    clones' hostname (prefilled `{name}` for a sealed template), an SSH key file, and
+    whether they get them as cloud-init seeds (with a static address)."""
 
     DEFAULT_CSS = _FORM_CSS.format(cls="DeployScreen")
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="deploy_form.cancel")]
@@ -173,6 +174,14 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
             yield Input(value=DEFAULT_HOSTNAME if self.sealed else "", id="hostname")
             yield Label("SSH public key file for root (optional)")
             yield Input(placeholder="e.g. ~/.ssh/id_ed25519.pub", id="ssh-key")
+            yield Checkbox(
+                "As a cloud-init seed (milliseconds; the template's OS runs cloud-init)",
+                id="cloud-init",
+            )
+            yield Input(
+                placeholder="cloud-init: static address, e.g. 10.0.0.10/24+ (optional)",
+                id="ip",
+            )
             if not self.sealed:
                 yield Checkbox(
                     "Deploy although the template is not sealed (clones share its identity)",
@@ -210,16 +219,20 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
             return
         hostname = self.query_one("#hostname", Input).value.strip()
         key = self.query_one("#ssh-key", Input).value.strip()
+        seeded = self.query_one("#cloud-init", Checkbox).value
+        ip = self.query_one("#ip", Input).value.strip() or None
         try:
             identity = Identity.from_options(
                 hostname_template=hostname or None,
-                keep_hostname=not hostname,
+                keep_hostname=not hostname and not seeded,  # a seed always names the host
                 ssh_key_files=[os.path.expanduser(key)] if key else [],
+                method="cloud-init" if seeded else "virt-customize",
+                ip=ip,
             )
         except InvalidInputError as err:
             error.update(str(err))
             return
-        if self.sealed and hostname == DEFAULT_HOSTNAME:
+        if self.sealed and hostname == DEFAULT_HOSTNAME and not seeded:
             # Left as offered: the default, which applies when the template's disk has an
             # OS (the plan says when it does not), as `virtdeck clone` does.
             identity = replace(identity, hostname=None, hostname_by_default=True)
