@@ -12,6 +12,7 @@ import getpass
 import io
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -269,14 +270,17 @@ def _suspend() -> Iterator[None]:
 
 
 async def _until(app: VirtdeckApp, pilot: object, done: Callable[[], bool]) -> None:
-    """Let workers and the messages they post run until `done()` (a bounded number of turns,
-    not a time: a loaded machine only takes more turns); fails loudly when they run out."""
-    for _ in range(200):
+    """Let workers and the messages they post run until `done()`; fails loudly after 30 s
+    (tests.waiting: a deadline, not a count of turns, which a loaded machine used up in
+    moments while a pane's refresh was still queued)."""
+    deadline = time.monotonic() + 30
+    while True:
         await app.workers.wait_for_complete()
-        await pilot.pause()  # type: ignore[attr-defined]
+        await pilot.pause(0.02)  # type: ignore[attr-defined]
         if done():
             return
-    pytest.fail(f"{getattr(done, '__name__', done)} still false after 200 turns")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{getattr(done, '__name__', done)} still false after 30 s")
 
 
 async def test_ssh_and_console_keys_hand_over_or_refuse(
