@@ -70,3 +70,38 @@ def test_migrate_on_shared_storage_moves_only_the_definition(
         assert os.stat(disk).st_ino == inode  # the very file, neither copied nor deleted
     finally:
         remove_prefixed(other_lab.hv.conn, host_lab.prefix)
+
+
+def test_a_seeded_clone_takes_its_seed_along(
+    host_lab: SystemLab,
+    other_lab: SystemLab,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A clone's cloud-init seed is virtdeck's own file: migrate streams it with the overlay
+    (into --dir on a host with no pool there), the metadata and the CD-ROM name its new
+    place, and rm --storage there deletes it."""
+    from tests.test_bases_system import make_template
+    from tui.core import domxml
+
+    a, b = host_lab.hv.uri, other_lab.hv.uri
+    t, _base = make_template(host_lab, tmp_path)
+    name = host_lab.name("sc")
+    try:
+        r = cli(a, "clone", t, name, "--allow-unsealed", "--identity", "cloud-init",
+                "--backup-dir", str(tmp_path))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        seed = host_lab.dir / f"{name}-seed.iso"
+        data = seed.read_bytes()
+        r = cli(a, "-c", b, "migrate", name, "--to", b, "--dir", str(other_lab.dir))
+        assert r.returncode == 0, r.stderr
+        moved = other_lab.dir / seed.name
+        assert moved.read_bytes() == data and not seed.exists()
+        root = domxml.parse(other_lab.hv.conn.lookupByName(name).XMLDesc(0))
+        assert domxml.read_meta(root).seed == str(moved)
+        cdrom = root.find("devices/disk[@device='cdrom']/source")
+        assert cdrom is not None and cdrom.get("file") == str(moved)
+        r = cli(b, "rm", name, "--storage")
+        assert r.returncode == 0, r.stderr
+        assert not moved.exists() and not (other_lab.dir / f"{name}.qcow2").exists()
+    finally:
+        remove_prefixed(other_lab.hv.conn, host_lab.prefix)

@@ -364,8 +364,11 @@ def plan_migrate(
             f"'{name}' has an emulated TPM: carrying its state is not built yet; "
             "nothing was changed"
         )
+    # Its cloud-init seed (tui.core.clones) is virtdeck's own file: it moves with the domain.
+    seed = next((d for d in domxml.disks(root) if d.kind == DiskKind.FILE and d.device == "cdrom"
+                 and d.path and d.path == info.meta.seed), None)  # fmt: skip
     for d in domxml.disks(root):
-        if d.is_image or d.kind == DiskKind.EMPTY:
+        if d.is_image or d.kind == DiskKind.EMPTY or d == seed:
             continue
         raise InvalidInputError(
             f"disk {d.target} of '{name}' is {d.source or d.kind.value} ({d.kind.value}"
@@ -431,10 +434,13 @@ def plan_migrate(
     # directory in no storage pool is not "empty" to virtdeck.
     dst_check = files_for(target, "migrate", define_pools=False)
     src_check = files_for(source, "migrate", define_pools=False)
-    proof = _shared_proof(source, target, src_check, dst_check, every_file)
+    seed_path = seed.path if seed is not None else None
+    proof = _shared_proof(
+        source, target, src_check, dst_check, every_file + ([seed_path] if seed_path else [])
+    )
     if proof is not None:
         return _plan_shared(source, target, info.uuid, name, xml, owned, proof,
-                            keep_source=keep_source)  # fmt: skip
+                            keep_source=keep_source, seed=seed_path)  # fmt: skip
     where, pool = transfer._pool_dir(dst_files, directory)
 
     # The template on the target, by identity.
@@ -539,6 +545,19 @@ def plan_migrate(
             paths[img.path] = dest
             below, below_fmt = dest, img.format or "raw"
         disks_out.append((disk_t, paths[links[0].path], links[0].format or "raw"))
+    if seed is not None and seed_path is not None:  # streamed as it is, a raw file
+        dest = posixpath.join(where, posixpath.basename(seed_path))
+        if dest in taken or dst_check.lexists(dest) or dst_files.lexists(dest):
+            raise InvalidInputError(
+                f"{dest} already exists on {target.uri}; virtdeck never overwrites a file "
+                "(choose another --dir)"
+            )
+        vol = src_files._volume(seed_path) or transfer._source_volume(src_files, seed_path)
+        _cap, length, allocation = transfer._physical(source, vol)
+        layers.append(Layer(disk=seed.target, source=seed_path, target=dest, format="raw",
+                            file_bytes=length, allocated_bytes=allocation, backing=None,
+                            backing_format=None, rebase=False))  # fmt: skip
+        paths[seed_path] = dest
 
     snaps = []
     for s_name, parent, current, s_xml in _snapshots(source, name):
@@ -552,6 +571,10 @@ def plan_migrate(
 
     out_root = domxml.parse(xml)
     _rename_disks(out_root, paths)
+    if seed_path is not None:  # the metadata names the seed where it now is
+        from dataclasses import replace as _replace
+
+        domxml.write_meta(out_root, _replace(domxml.read_meta(out_root), seed=paths[seed_path]))
     if template is not None and target_template is not None and target_template != template:
         meta = domxml.read_meta(out_root)
         if meta.role == "clone":
@@ -633,6 +656,7 @@ def _plan_shared(
     proof: str,
     *,
     keep_source: bool,
+    seed: str | None = None,
 ) -> MigratePlan:
     """Both hosts see the domain's files (shared storage): nothing is copied or deleted; the
     domain is defined on the target as it is, with its snapshots, and undefined here."""
@@ -644,7 +668,7 @@ def _plan_shared(
     snaps = []
     for s_name, parent, current, s_xml in _snapshots(source, name):
         snaps.append(SnapshotMeta(s_name, parent, current, s_xml, s_xml))
-    own = tuple(img.path for _d, links, _b in owned for img in links)
+    own = tuple(img.path for _d, links, _b in owned for img in links) + ((seed,) if seed else ())
     return MigratePlan(
         source_host=source.uri,
         target_host=target.uri,
@@ -760,10 +784,11 @@ def execute_migrate(
             if v.rebase and v.backing:
                 progress(f"rebasing {v.target} onto {v.backing}", None)
                 dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
-            progress(f"qemu-img check {v.target}", None)
-            checker = dst_files.qemu_img
-            assert checker is not None  # the plan required local or SSH
-            checker.check(v.target, v.format)
+            if v.format != "raw":  # (a raw file has nothing to check: its sha256 was)
+                progress(f"qemu-img check {v.target}", None)
+                checker = dst_files.qemu_img
+                assert checker is not None  # the plan required local or SSH
+                checker.check(v.target, v.format)
         progress(f"defining '{plan.domain}' on {target.uri}", None)
         undo.push(f"undefine '{plan.domain}' on {target.uri}", "undefine", uuid=plan.uuid,
                   name=plan.domain, snapshots=True)  # fmt: skip

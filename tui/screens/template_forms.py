@@ -175,7 +175,7 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
             yield Label("SSH public key file for root (optional)")
             yield Input(placeholder="e.g. ~/.ssh/id_ed25519.pub", id="ssh-key")
             yield Checkbox(
-                "As a cloud-init seed (milliseconds; the template's OS runs cloud-init)",
+                "As a cloud-init seed (fast; the guest must run cloud-init)",
                 id="cloud-init",
             )
             yield Input(
