@@ -85,6 +85,30 @@ def register(sub: Any) -> None:
     add_plan_options(cp)
     cp.set_defaults(handler=cmd_copy)
 
+    im = tsub.add_parser(
+        "import",
+        help="make a template from a cloud image (a file or an http(s) URL), checksum checked",
+    )
+    im.add_argument("source", metavar="FILE|URL", help="a qcow2 or raw cloud image")
+    im.add_argument("--name", required=True, help="the template's name")
+    im.add_argument("--dir", metavar="DIR", help="where the image goes (default: the pool's)")
+    im.add_argument(
+        "--checksum", metavar="sha256:HEX", help="refuse the image unless its sha256 is this"
+    )
+    im.add_argument("--memory", type=int, default=1024, metavar="MIB", help="memory (1024)")
+    im.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (1)")
+    im.add_argument(
+        "--network", metavar="NAME", help="a libvirt network (default: user-mode networking)"
+    )
+    im.add_argument(
+        "--virt-type",
+        choices=("kvm", "qemu"),
+        help="kvm or qemu (TCG); default: kvm when the host can accelerate guests",
+    )
+    im.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    add_plan_options(im)
+    im.set_defaults(handler=cmd_import)
+
     ls = tsub.add_parser("ls", help="list templates, their base images and clones")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
@@ -140,8 +164,9 @@ def register(sub: Any) -> None:
     who.add_argument(
         "--identity",
         choices=("virt-customize", "cloud-init"),
-        default="virt-customize",
-        help="how each clone gets its identity (default: virt-customize)",
+        default=None,
+        help="how each clone gets its identity (default: cloud-init for a template imported "
+        "from a cloud image, else virt-customize)",
     )
     who.add_argument(
         "--hostname-template",
@@ -294,6 +319,34 @@ def cmd_copy(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             target.close()
 
 
+def cmd_import(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    from tui.core import cloudimage
+    from tui.core.errors import UsageError
+
+    if len(hypervisors) != 1:
+        raise UsageError("template import makes the template on one host: give one -c URI")
+    hv = hypervisors[0]
+    plan = cloudimage.plan_import(
+        hv,
+        args.source,
+        args.name,
+        directory=args.dir,
+        checksum=args.checksum,
+        memory_mib=args.memory,
+        vcpus=args.vcpus,
+        network=args.network,
+        virt_type=args.virt_type,
+        backup_dir=args.backup_dir,
+    )
+    return carry_out(
+        args,
+        plan,
+        lambda: cloudimage.execute_import(hv, plan, stderr_progress),
+        lambda digest: [f"{plan.name}: template imported from {plan.source} ({digest})"],
+        result_key="sha256",
+    )
+
+
 def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     found = [t for hv in hypervisors for t in templates.list_templates(hv, args.backup_dir)]
     if args.json:
@@ -324,7 +377,7 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     for t in found:
         for problem in t.problems:
             print(f"virtdeck: warning: template {t.name}: {problem}", file=sys.stderr)
-        for shared in t.first_boot.shared if t.sealed else ():
+        for shared in t.shares:
             print(f"virtdeck: warning: template {t.name}: its clones share {shared}",
                   file=sys.stderr)  # fmt: skip
     return 0

@@ -118,6 +118,17 @@ class Template:
     version: int = 1
     # sha256 of each disk's base layers, lowest first (tui.core.baseid); None: not recorded
     base_identity: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    identity: str | None = None  # "cloud-init": its clones get seeds by default (imported)
+    imported: str | None = None  # the sha256 of the cloud image it was imported from
+
+    @property
+    def shares(self) -> tuple[str, ...]:
+        """What its clones share (a warning): nothing when cloud-init gives each its own
+        (a cloud image ships no machine-id and no host keys; cloud-init makes them per
+        instance id), else what sealing left."""
+        if self.identity == "cloud-init" or not self.sealed:
+            return ()
+        return tuple(self.first_boot.shared)
 
     @property
     def first_boot(self) -> FirstBoot:
@@ -316,6 +327,8 @@ def list_templates(
                 family=meta.family,
                 version=meta.version or 1,
                 base_identity=meta.base_identity,
+                identity=meta.identity,
+                imported=meta.imported,
             )
         )
     out.sort(key=lambda t: t.name)

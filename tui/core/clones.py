@@ -36,6 +36,7 @@ from tui.core.errors import (
 )
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.identity import (
+    AUTO,
     CLOUD_INIT,
     DEFAULT_HOSTNAME,
     Customisation,
@@ -315,7 +316,12 @@ def plan_clone(
     tdisks = domxml.disks(troot)
     bases = _check_disks(template, tdisks)
     wanted = identity or Identity()
-    seeded = wanted.method == CLOUD_INIT
+    seeded = wanted.method == CLOUD_INIT or (wanted.method == AUTO and meta.identity == CLOUD_INIT)
+    if not seeded and (wanted.ip or wanted.gateway or wanted.dns or wanted.user_data):
+        raise IdentityError(
+            "--ip, --gateway, --dns and --user-data go in a cloud-init seed: add --identity "
+            f"cloud-init ('{template}' does not give its clones seeds by default)"
+        )
     not_customisable = "" if seeded else _not_customisable(hv, template, tdisks)
     if wanted.explicit and not_customisable:
         raise IdentityError(not_customisable)

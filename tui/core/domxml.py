@@ -176,6 +176,8 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         version=_int(elem.findtext(f"{{{NS}}}version")),
         base_identity=_read_identity(elem),
         seed=elem.findtext(f"{{{NS}}}seed"),
+        identity=elem.findtext(f"{{{NS}}}identity"),
+        imported=elem.findtext(f"{{{NS}}}imported"),
     )
 
 
@@ -214,6 +216,8 @@ def meta_xml(meta: VirtdeckMeta) -> str:
         ("family", meta.family),
         ("version", str(meta.version) if meta.version else None),
         ("seed", meta.seed),
+        ("identity", meta.identity),
+        ("imported", meta.imported),
     ):
         if value:
             ET.SubElement(elem, tag).text = value

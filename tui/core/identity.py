@@ -50,8 +50,8 @@ from tui.core.templates import LineRunner, run_guestfs
 
 DEFAULT_HOSTNAME = "{name}"
 BINARY = "virt-customize"
-VIRT_CUSTOMIZE, CLOUD_INIT = "virt-customize", "cloud-init"
-METHODS = (VIRT_CUSTOMIZE, CLOUD_INIT)
+VIRT_CUSTOMIZE, CLOUD_INIT, AUTO = "virt-customize", "cloud-init", "auto"
+METHODS = (VIRT_CUSTOMIZE, CLOUD_INIT)  # what an operator names; AUTO: the template's own
 
 
 class IdentityError(InvalidInputError):
@@ -203,7 +203,7 @@ class Identity:
         ssh_key_files: Sequence[str | Path] = (),
         ssh_user: str = "root",
         first_boot: Sequence[str] = (),
-        method: str = "virt-customize",
+        method: str | None = "virt-customize",
         ip: str | None = None,
         gateway: str | None = None,
         dns: Sequence[str] = (),
@@ -218,15 +218,17 @@ class Identity:
         keys = tuple(k for f in ssh_key_files for k in read_ssh_keys(f, ssh_user))
         if ssh_user != "root" and not ssh_key_files:
             raise IdentityError("--ssh-user needs --ssh-key (the key to give that user)")
-        if method not in METHODS:
+        if method is None:
+            method = AUTO  # the template says (an imported cloud image: cloud-init)
+        elif method not in METHODS:
             raise IdentityError(f"--identity {method!r}: choose {' or '.join(METHODS)}")
         seed_only = [o for o, v in (("--ip", ip), ("--gateway", gateway), ("--dns", dns),
                                     ("--user-data", user_data)) if v]  # fmt: skip
-        if seed_only and method != CLOUD_INIT:
+        if seed_only and method == VIRT_CUSTOMIZE:
             raise IdentityError(
                 f"{', '.join(seed_only)} go in a cloud-init seed: add --identity cloud-init"
             )
-        if (gateway or dns) and not ip:
+        if (gateway or dns) and not ip:  # (with AUTO, plan_clone checks the template's way)
             raise IdentityError("--gateway and --dns go with a static address: add --ip")
         return cls(
             hostname=None

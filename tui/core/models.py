@@ -147,6 +147,10 @@ class VirtdeckMeta:
     # clone: the cloud-init seed image virtdeck made for it (its CD-ROM; rm --storage
     # deletes it, the one removable medium virtdeck ever deletes)
     seed: str | None = None
+    # template: how its clones get their identity by default ("cloud-init": a seed each;
+    # None: virt-customize), and, when imported, the sha256 of the image it came from
+    identity: str | None = None
+    imported: str | None = None
 
 
 @dataclass(frozen=True)

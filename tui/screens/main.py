@@ -536,9 +536,11 @@ class MainScreen(Screen[None]):
         if self.show_domain(host, name) is not None:
             await self.one_domain(action)
 
-    async def deploy_template(self, host: str, name: str, sealed: bool) -> None:
+    async def deploy_template(
+        self, host: str, name: str, sealed: bool, seeds: bool = False
+    ) -> None:
         self.action_tab("templates")
-        self.query_one(TemplatesPane).deploy(host, name, sealed)
+        self.query_one(TemplatesPane).deploy(host, name, sealed, seeds)
 
     async def copy_template(self, host: str, name: str) -> None:
         self.action_tab("templates")

@@ -93,7 +93,7 @@ def template_entries(screen: MainScreen, multi: bool) -> Iterator[Entry]:
         yield Entry(
             f"Deploy {t.name}{where}",
             f"thin or full clones of template {t.name} ({sealed}) on {t.host}",
-            partial(screen.deploy_template, t.host, t.name, t.sealed),
+            partial(screen.deploy_template, t.host, t.name, t.sealed, t.identity == "cloud-init"),
         )
         if multi:
             yield Entry(

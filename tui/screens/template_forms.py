@@ -150,10 +150,11 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
     DEFAULT_CSS = _FORM_CSS.format(cls="DeployScreen")
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="deploy_form.cancel")]
 
-    def __init__(self, template: str, *, sealed: bool) -> None:
+    def __init__(self, template: str, *, sealed: bool, seeds: bool = False) -> None:
         super().__init__()
         self.template = template
         self.sealed = sealed
+        self.seeds = seeds  # the template gives its clones cloud-init seeds by default
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -176,6 +177,7 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
             yield Input(placeholder="e.g. ~/.ssh/id_ed25519.pub", id="ssh-key")
             yield Checkbox(
                 "As a cloud-init seed (fast; the guest must run cloud-init)",
+                value=self.seeds,
                 id="cloud-init",
             )
             yield Input(

@@ -103,11 +103,15 @@ def details_text(t: Template) -> str:
         + ")",
         f"sealed    {', '.join(t.sealed_operations) or '-'}" if t.sealed else "sealed    no",
     ]
+    if t.imported:
+        lines.append(f"imported  {t.imported} (a cloud image)")
+    if t.identity == "cloud-init":
+        lines.append("identity  cloud-init seed per clone (hostname, keys, address)")
     if t.family is not None:  # tui.core.versions
         lines.append(f"version   {t.version} of {t.family} (sealed {t.created or '?'})")
-    if t.sealed:  # what each clone makes of its own when it first boots, what they share
+    if t.sealed and t.identity != "cloud-init":  # what each clone makes of its own, shares
         lines.extend(f"new       {line}" for line in t.first_boot.lines())
-        lines.extend(f"SHARED    {line}" for line in t.first_boot.shared)
+    lines.extend(f"SHARED    {line}" for line in t.shares)
     for b in t.base_images:
         ro = {True: "read-only", False: "WRITABLE", None: "mode unknown"}[b.read_only]
         lines.append(
@@ -305,18 +309,20 @@ class TemplatesPane(Pane):
 
     def action_deploy(self) -> None:
         info = self.selected
-        target: tuple[str, str, bool] | None = None
+        target: tuple[str, str, bool, bool] | None = None
         if info is not None and info.is_template:
-            target = (info.host, info.name, info.meta.sealed)
+            seeds = info.meta.identity == "cloud-init"
+            target = (info.host, info.name, info.meta.sealed, seeds)
         elif (t := self.highlighted()) is not None:
-            target = (t.host, t.name, t.sealed)
+            target = (t.host, t.name, t.sealed, t.identity == "cloud-init")
         if target is None:
             self.notify("select a template (domain row or this pane's row)", severity="warning")
             return
         self.deploy(*target)
 
-    def deploy(self, host: str, name: str, sealed: bool) -> None:
-        """The deploy form for template `name` of `host`, then its plan."""
+    def deploy(self, host: str, name: str, sealed: bool, seeds: bool = False) -> None:
+        """The deploy form for template `name` of `host`, then its plan (`seeds`: the
+        template gives its clones cloud-init seeds by default)."""
         if not self._begin():
             return
 
@@ -326,7 +332,7 @@ class TemplatesPane(Pane):
             else:
                 self._plan_clone(self.hypervisor(host), name, request)
 
-        self.app.push_screen(DeployScreen(name, sealed=sealed), answered)
+        self.app.push_screen(DeployScreen(name, sealed=sealed, seeds=seeds), answered)
 
     def action_copy(self) -> None:
         """Copy the highlighted template to the next other host (the plan names it)."""
