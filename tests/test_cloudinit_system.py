@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests import guest
-from tests.lab import SystemLab, qemu_img
-from tui.core import templates
+from tests.lab import SystemLab
+from tests.test_cloudimage import _served as served
 from tui.core.hypervisor import Hypervisor
 
 pytestmark = pytest.mark.system
@@ -41,9 +41,10 @@ def _sha256(path: Path) -> str:
 def test_real_cloud_init_takes_the_seed_virtdeck_clone_gives(
     host_hv: Hypervisor, tmp_path: Path
 ) -> None:
-    """`virtdeck clone --identity cloud-init` of a template on the cloud image: the clone
-    boots, cloud-init reads its seed (NoCloud, /dev/sr0) and gives it the hostname, the key,
-    the first-boot command, the static address; new machine-id and host keys."""
+    """`virtdeck template import URL` of the cloud image (served on 127.0.0.1, checksum
+    given), then `virtdeck clone` of it (seeds by default: an imported cloud image): the
+    clone boots, cloud-init reads its seed (NoCloud, /dev/sr0) and gives it the hostname,
+    the key, the first-boot command, the static address; new machine-id and host keys."""
     image = guest.build_cloud()  # ~9 min the first time on a machine, then cached
     before = _sha256(image)
     key = tmp_path / "k.pub"
@@ -53,19 +54,19 @@ def test_real_cloud_init_takes_the_seed_virtdeck_clone_gives(
     lab = SystemLab(host_hv)
     try:
         tpl = lab.name("tpl")
-        root = lab.dir / "tpl-root.qcow2"  # the template's disk: an overlay on the cache
-        qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(root))
-        host_hv.define(guest.cloud_domain_xml(tpl, str(root)))
-        templates.execute_template(
-            host_hv,
-            templates.plan_template(
-                host_hv, tpl, name=tpl, seal=False, backup_dir=tmp_path
-            ),  # fmt: skip
-        )
+        with served(image.parent) as base:
+            proc = subprocess.run(
+                [sys.executable, "-m", "tui", "-c", host_hv.uri, "template", "import",
+                 f"{base}/{image.name}", "--name", tpl, "--dir", str(lab.dir), "--checksum",
+                 f"sha256:{before}", "--virt-type", "qemu", "--memory", "512",
+                 "--backup-dir", str(tmp_path)],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
         name = lab.name("web")
         proc = subprocess.run(
             [sys.executable, "-m", "tui", "-c", host_hv.uri, "clone", tpl, name,
-             "--allow-unsealed", "--identity", "cloud-init", "--ssh-key", str(key),
+             "--ssh-key", str(key),
              "--first-boot", "echo ran > /root/first-boot", "--user-data", str(own),
              "--ip", "10.99.0.10/24", "--gateway", "10.99.0.1", "--dns", "10.99.0.2",
              "--start", "--backup-dir", str(tmp_path)],
