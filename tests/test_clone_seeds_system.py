@@ -115,3 +115,35 @@ def test_seeds_on_a_remote_host_are_uploaded_as_volumes(
     files = cloudinit.read_iso(seed.read_bytes())
     assert json.loads(files["meta-data"])["local-hostname"] == name
     assert key.read_text().split()[1] in files["user-data"]
+
+
+def test_import_to_a_remote_host_uploads_a_checked_copy(
+    host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
+) -> None:
+    """`template import FILE` over qemu+ssh from a private mount namespace: the image lands
+    as a volume of the host's pool (the client's view of that directory is a decoy), the
+    template's clone gets a seed there by default; an image naming a backing file is
+    refused before anything is uploaded."""
+    from tests.lab import qemu_img
+    from tests.test_remote_system import in_namespace, ok
+
+    lab = host_lab
+    src = tmp_path / "cloud.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "64M")
+    tricky = tmp_path / "tricky.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(src), str(tricky))
+    t, bad = lab.name("imp"), lab.name("bad")
+    out = in_namespace(lab, ssh_root_uri, tmp_path, [
+        ["template", "import", str(src), "--name", t, "--dir", str(lab.dir),
+         "--virt-type", "qemu", "--backup-dir", str(tmp_path / "b")],
+        ["clone", t, lab.name("c")],
+        ["template", "import", str(tricky), "--name", bad, "--dir", str(lab.dir)],
+    ])  # fmt: skip
+    ok(out, 0)
+    ok(out, 1)
+    placed = lab.dir / f"{t}.qcow2"
+    assert placed.read_bytes() == src.read_bytes() and not os.stat(placed).st_mode & 0o222
+    assert (lab.dir / f"{lab.name('c')}-seed.iso").exists()
+    code, _out, err = out["results"][2][1:]
+    assert code == 1 and "names a backing file" in err, err
+    assert not (lab.dir / f"{bad}.qcow2").exists() and not lab.hv.exists(bad)

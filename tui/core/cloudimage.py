@@ -6,7 +6,7 @@ the target directory is the host's pool (or `--dir`) with room for the image.
 
 Execute (`execute_import`), journalled: the image is copied (or downloaded) into place as a
 new file, hashed as it passes; on another host it is uploaded as a pool volume through
-libvirt (a download is staged in a temporary file here first). Then, before anything uses
+libvirt (from a private copy staged here, which is what is checked). Then, before anything uses
 it: the checksum must match, and the image must be qcow2 or raw with no backing file and no
 external data file (an image from the internet never makes QEMU open another file). Its
 format is probed once, here, and pinned in the definition. The VM is defined (virtio disk,
@@ -267,36 +267,36 @@ def _int(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
 
 
-def _probe(hv: Hypervisor, path: str) -> str:
-    """The image's format, read once; an image that would make QEMU open another file (a
+def _probe(path: str) -> str:
+    """The format of the image file `path` of this machine, read once (qemu-img, here: the
+    placed file on this host, the staged copy for another host, so the check never depends
+    on what a remote host can report); an image that would make QEMU open another file (a
     backing file, an external data file) or is neither qcow2 nor raw is refused."""
-    files = files_for(hv, "template import")
-    qemu_img = QemuImg() if hv.local else getattr(files, "qemu_img", None)
-    if qemu_img is not None:
-        info = qemu_img.info(path)
-        fmt = str(info.get("format"))
-        backing = info.get("full-backing-filename") or info.get("backing-filename")
-        data_file = ((info.get("format-specific") or {}).get("data") or {}).get("data-file")
-    else:  # no SSH: libvirt's own probe of the volume
-        remote = RemoteFiles(hv, "template import")
-        vol = remote._volume(path)
-        if vol is None:
-            raise OperationError(f"{path} is missing on {hv.uri} after the upload")
-        root = domxml.ET.fromstring(hv.call(vol.XMLDesc, 0))
-        found = root.find("target/format")
-        fmt = (found.get("type") if found is not None else None) or "raw"
-        backing = root.findtext("backingStore/path")
-        data_file = None
+    info = QemuImg().info(path)
+    fmt = str(info.get("format"))
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    data_file = ((info.get("format-specific") or {}).get("data") or {}).get("data-file")
     if backing:
         raise OperationError(
             f"the image names a backing file ({backing}): refused (an imported image must "
             "stand alone); nothing was kept"
         )
     if data_file:
-        raise OperationError(f"the image names an external data file ({data_file}): refused")
+        raise OperationError(
+            f"the image names an external data file ({data_file}): refused; nothing was kept"
+        )
     if fmt not in ("qcow2", "raw"):
-        raise OperationError(f"the image is {fmt}, not qcow2 or raw: refused")
+        raise OperationError(f"the image is {fmt}, not qcow2 or raw: refused; nothing was kept")
     return fmt
+
+
+def _check(plan: ImportPlan, got: str, path: str) -> str:
+    """The checksum, then the image itself: its format."""
+    if plan.checksum and got != plan.checksum:
+        raise OperationError(
+            f"{plan.source}: its sha256 is {got}, not {plan.checksum}; nothing was kept"
+        )
+    return _probe(path)
 
 
 def domain_xml(plan: ImportPlan, fmt: str) -> str:
@@ -338,15 +338,10 @@ def execute_import(hv: Hypervisor, plan: ImportPlan, progress: Progress = no_pro
         with undo.step(f"remove {plan.path}", "delete_file", path=plan.path):
             if hv.local:
                 _write_local(plan, sha, progress)
+                fmt = _check(plan, "sha256:" + sha.hexdigest(), plan.path)
             else:
-                _upload(hv, plan, sha, progress)
+                fmt = _upload(hv, plan, sha, progress)
         got = "sha256:" + sha.hexdigest()
-        if plan.checksum and got != plan.checksum:
-            raise OperationError(
-                f"{plan.source}: its sha256 is {got}, not {plan.checksum}; nothing was kept"
-            )
-        progress(f"checking {plan.path}", None)
-        fmt = _probe(hv, plan.path)
         undo.push(f"undefine '{plan.name}'", "undefine", uuid=plan.uuid, name=plan.name)
         hv.define(domain_xml(plan, fmt), what=f"defining '{plan.name}'")
         tplan = templates.plan_template(
@@ -381,16 +376,16 @@ def _write_local(plan: ImportPlan, sha: Any, progress: Progress) -> None:
         os.fsync(out.fileno())
 
 
-def _upload(hv: Hypervisor, plan: ImportPlan, sha: Any, progress: Progress) -> None:
-    """Another host: staged here (a URL, so its size is known), then uploaded as a volume."""
+def _upload(hv: Hypervisor, plan: ImportPlan, sha: Any, progress: Progress) -> str:
+    """Another host: a private copy is staged here (hashed as it is made), checked, and that
+    very copy is uploaded as a volume: what was checked is what arrives. Its format."""
     remote = RemoteFiles(hv, "template import")
     with tempfile.TemporaryDirectory(prefix="virtdeck-import-", dir="/var/tmp") as tmp:
         staged = os.path.join(tmp, "image")
-        if _is_url(plan.source):
-            with open(staged, "wb") as out:
-                for block in _chunks(plan.source, progress, plan.size):
-                    sha.update(block)
-                    out.write(block)
-            remote.upload(staged, plan.path, progress)
-        else:  # hashed as it is sent: what is checked is what arrived
-            remote.upload(plan.source, plan.path, progress, on_block=sha.update)
+        with open(staged, "wb") as out:
+            for block in _chunks(plan.source, progress, plan.size):
+                sha.update(block)
+                out.write(block)
+        fmt = _check(plan, "sha256:" + sha.hexdigest(), staged)
+        remote.upload(staged, plan.path, progress)
+    return fmt
