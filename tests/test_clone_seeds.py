@@ -84,6 +84,13 @@ def test_each_clone_gets_its_own_seed_on_a_cdrom_and_rm_storage_takes_it(
         assert domxml.read_meta(root).seed == str(path)
         assert domxml.read_meta(root).complete
     assert len(ids) == 3  # cloud-init runs its per-instance modules once per id
+    assert domxml.read_meta(domxml.parse(lab.hv.xml("web-2"))).address == "10.99.0.11/24"
+    with pytest.raises(IdentityError, match="10.99.0.12 is already given to 'web-3'"):
+        plan_clone(lab.hv, "template-base", "more", count=2, identity=Identity.from_options(
+            method="cloud-init", ip="10.99.0.12/24+"))  # fmt: skip
+    with pytest.raises(IdentityError, match="already given"):
+        plan_clone(lab.hv, "template-base", "more", count=1, identity=Identity.from_options(
+            method="cloud-init", ip="10.99.0.10/24"))  # fmt: skip
 
     keep = plan_remove(lab.hv, "web-1")
     assert str(lab.images / "web-1-seed.iso") not in keep.delete_files

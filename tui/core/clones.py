@@ -326,6 +326,8 @@ def plan_clone(
     if wanted.explicit and not_customisable:
         raise IdentityError(not_customisable)
     network = _seed_network(wanted, len(names), clonexml.interface_count(troot))
+    if network:
+        _refuse_taken_addresses(hv, network)
     resolver = Resolver(hv, qemu_img=qemu, ssh=True)
     chains: dict[str, Chain] = {}
     for disk in bases:
@@ -419,6 +421,7 @@ def plan_clone(
                 mode=mode,
                 complete=False,
                 seed=seed_path,
+                address=network[len(items)].address if network else None,
             ),
             old_names=(template, meta.source or ""),
             nvram_present=nvram_bytes is not None,
@@ -509,6 +512,23 @@ def _seed_network(wanted: Identity, count: int, nics: int) -> tuple[cloudinit.Ne
     gateway = cloudinit.check_gateway(wanted.gateway, addrs)
     dns = cloudinit.check_dns(wanted.dns)
     return tuple(cloudinit.Network(a, gateway, dns) for a in addrs)
+
+
+def _refuse_taken_addresses(hv: Hypervisor, network: tuple[cloudinit.Network, ...]) -> None:
+    """An address virtdeck already gave a clone on this host (its metadata) is not given
+    twice (two guests answering for one address)."""
+    import ipaddress
+
+    taken = {}
+    for d in hv.domains():
+        if d.meta.address:
+            taken[ipaddress.ip_interface(d.meta.address).ip] = d.name
+    for net in network:
+        ip = ipaddress.ip_interface(net.address).ip
+        if ip in taken:
+            raise IdentityError(
+                f"--ip: {ip} is already given to '{taken[ip]}' on {hv.uri}; choose other addresses"
+            )
 
 
 def with_seed_cdrom(xml: str, path: str) -> str:

@@ -178,6 +178,7 @@ def read_meta(root: ET.Element) -> VirtdeckMeta:
         seed=elem.findtext(f"{{{NS}}}seed"),
         identity=elem.findtext(f"{{{NS}}}identity"),
         imported=elem.findtext(f"{{{NS}}}imported"),
+        address=elem.findtext(f"{{{NS}}}address"),
     )
 
 
@@ -218,6 +219,7 @@ def meta_xml(meta: VirtdeckMeta) -> str:
         ("seed", meta.seed),
         ("identity", meta.identity),
         ("imported", meta.imported),
+        ("address", meta.address),
     ):
         if value:
             ET.SubElement(elem, tag).text = value

@@ -151,6 +151,7 @@ class VirtdeckMeta:
     # None: virt-customize), and, when imported, the sha256 of the image it came from
     identity: str | None = None
     imported: str | None = None
+    address: str | None = None  # clone: the static address its seed gives (--ip), checked
 
 
 @dataclass(frozen=True)
