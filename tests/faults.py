@@ -124,7 +124,7 @@ class QemuHost:
             if not pool.isActive():
                 pool.create()
             pool.setAutostart(1)
-            pool.refresh()
+            _refresh(pool)
             if self.fresh:
                 self.fresh = False
                 # the user exists for these runs only: what an earlier (killed) run left goes
@@ -220,7 +220,7 @@ class QemuHost:
         domxml.write_meta(root, TEMPLATE)
         conn = self.conn()
         try:
-            conn.storagePoolLookupByName(POOL).refresh()
+            _refresh(conn.storagePoolLookupByName(POOL))
             conn.defineXML(domxml.to_string(root))
         finally:
             conn.close()
@@ -243,7 +243,7 @@ class QemuHost:
         )
         conn = self.conn()
         try:
-            conn.storagePoolLookupByName(POOL).refresh()
+            _refresh(conn.storagePoolLookupByName(POOL))
             conn.defineXML(xml)
         finally:
             conn.close()
@@ -266,6 +266,13 @@ class QemuHost:
             return {d.name() for d in conn.listAllDomains()}, set(pool.listVolumes())
         finally:
             conn.close()
+
+
+def _refresh(pool: libvirt.virStoragePool) -> None:
+    """Re-scan the pool; a full copy an earlier test cut off may still be running in the
+    daemon ('pool has asynchronous jobs running'): its list is then as fresh as it gets."""
+    with contextlib.suppress(libvirt.libvirtError):
+        pool.refresh()
 
 
 def _quiet(argv: list[str]) -> int:

@@ -391,7 +391,7 @@ before = sums()
 results = []
 for argv in commands:
     p = subprocess.run([sys.executable, "-m", "tui", "-c", uri, *argv], cwd=repo,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)  # virt-sysprep, TCG, loaded
     results.append([argv, p.returncode, p.stdout, p.stderr])
 print(json.dumps({"results": results, "unchanged": sums() == before,
                   "listing": sorted(os.listdir(lab)) == sorted(names)}))

@@ -9,6 +9,7 @@ from typing import Any
 
 from tui.cli.output import print_json
 from tui.core import bases, ops, undo_kinds  # noqa: F401  (every undo kind registered)
+from tui.core.cancel import Interrupted, check_cancelled, run_cancellable
 from tui.core.errors import InvalidInputError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 
@@ -114,15 +115,10 @@ def undo_when_back(wait: float) -> int:
     hosts = sorted({item.host for item in items})
     start = time.monotonic()
     deadline = start + wait
-    status = 0
     left = list(items)
-    try:  # (a Ctrl-C right after the line below is a Ctrl-C while waiting too)
-        print(
-            f"virtdeck: waiting up to {wait:g} s for {', '.join(hosts)} to answer again, to undo "
-            "what was left (Ctrl-C leaves it to 'virtdeck recover')",
-            file=sys.stderr,
-            flush=True,
-        )
+
+    def waiting() -> int:
+        status = 0
         for host in hosts:
             hv = Hypervisor.unconnected(host)
             try:
@@ -132,8 +128,21 @@ def undo_when_back(wait: float) -> int:
                     left.remove(item)
             finally:
                 hv.close()
-    except (KeyboardInterrupt, ConnectError) as err:
-        why = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
+        return status
+
+    try:  # (a Ctrl-C right after the line below is a Ctrl-C while waiting too)
+        print(
+            f"virtdeck: waiting up to {wait:g} s for {', '.join(hosts)} to answer again, to undo "
+            "what was left (Ctrl-C leaves it to 'virtdeck recover')",
+            file=sys.stderr,
+            flush=True,
+        )
+        # In a worker, with the signals turned into cancel(): a Ctrl-C is never raised inside
+        # a lock of the threading module (it was: 'release unlocked lock', a traceback).
+        status = run_cancellable(waiting)
+    except (KeyboardInterrupt, Interrupted, ConnectError) as err:
+        stopped = isinstance(err, (KeyboardInterrupt, Interrupted))
+        why = "interrupted" if stopped else str(err)
         for item in left:
             print(
                 f"virtdeck: {why} while waiting: 'virtdeck recover' undoes '{item.title}' on "
@@ -141,7 +150,7 @@ def undo_when_back(wait: float) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        return 130 if isinstance(err, KeyboardInterrupt) else 1
+        return 130 if stopped else 1
     return status
 
 
@@ -163,14 +172,15 @@ def _undo_until(hv: Hypervisor, item: ops.Pending, deadline: float, start: float
                 flush=True,
             )
             return False
+        check_cancelled()
         try:
             if not hv.alive:
-                hv.try_connect(min(left, 10.0))
+                hv.try_connect(min(left, 1.0))  # (the open goes on between tries)
             skipped: list[str] = []
             failed = bases.recover(hv, item, skipped)
         except ConnectError as err:
             failed = [str(err)]
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            _pause(min(1.0, max(0.0, deadline - time.monotonic())))
             continue
         except VirtdeckError as err:
             failed = [str(err)]
@@ -191,4 +201,15 @@ def _undo_until(hv: Hypervisor, item: ops.Pending, deadline: float, start: float
             item = ops.load(item.path)
         except ValueError:
             return False
-        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        _pause(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+def _pause(seconds: float) -> None:
+    """Sleep, stopping at once when the wait is cancelled (Ctrl-C: Interrupted)."""
+    import time
+
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        check_cancelled()
+        time.sleep(min(0.1, left))
+    check_cancelled()
