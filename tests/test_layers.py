@@ -134,19 +134,7 @@ def test_no_import_cycle_among_tui_modules() -> None:
 def _pushed_kinds() -> set[str]:
     """Every undo kind a journal can hold: the literal kinds of every `.push(label, kind, …)`
     and `.step(label, kind, …)` in `tui`."""
-    kinds = set()
-    for path in PKG.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("push", "step")
-                and len(node.args) >= 2
-                and isinstance(node.args[1], ast.Constant)
-                and isinstance(node.args[1].value, str)
-            ):
-                kinds.add(node.args[1].value)
-    return kinds
+    return {kind for kinds in _pushed_by_module().values() for kind in kinds}
 
 
 def _registered_after(code: str) -> set[str]:

@@ -20,9 +20,6 @@ from the file again.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
-
-import libvirt
 
 from tui.core import domxml
 from tui.core.catalog import own_images
@@ -70,18 +67,7 @@ def compute(hv: Hypervisor, xml: str, progress: Progress = no_progress) -> Ident
 
 def record(hv: Hypervisor, name: str, identity: Identity) -> None:
     """Keep `identity` in the defined template `name`'s metadata."""
-    dom = hv.lookup(name)
-    xml = hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, what=name)
-    meta = replace(domxml.read_meta(domxml.parse(xml)), base_identity=identity)
-    hv.call(
-        dom.setMetadata,
-        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-        domxml.meta_xml(meta),
-        domxml.PREFIX,
-        domxml.NS,
-        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
-        what=f"recording the base identity of '{name}'",
-    )
+    hv.update_meta(name, f"recording the base identity of '{name}'", base_identity=identity)
     hv.invalidate()
 
 

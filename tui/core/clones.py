@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from tui.core import bases, clonexml, cloudinit, domxml, ops
 from tui.core.clonexml import FileCopy, Rewrite
 from tui.core.errors import (
@@ -707,18 +705,7 @@ def _execute_clone(
 
 
 def _mark_complete(hv: Hypervisor, name: str) -> None:
-    dom = hv.lookup(name)
-    xml = hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, what=name)
-    meta = domxml.read_meta(domxml.parse(xml))
-    hv.call(
-        dom.setMetadata,
-        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-        domxml.meta_xml(replace(meta, complete=True)),
-        domxml.PREFIX,
-        domxml.NS,
-        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
-        what=f"marking clone '{name}' complete",
-    )
+    hv.update_meta(name, f"marking clone '{name}' complete", complete=True)
 
 
 # `rm` lives in tui.core.removal; its names stay importable from here.

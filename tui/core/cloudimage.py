@@ -29,14 +29,12 @@ import urllib.parse
 import urllib.request
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-import libvirt
-
-from tui.core import domxml, ops, transfer
+from tui.core import ops, transfer
 from tui.core.errors import InvalidInputError, OperationError, UsageError, VirtdeckError
 from tui.core.hypervisor import Hypervisor, validate_name
 from tui.core.progress import Progress, no_progress
@@ -348,18 +346,8 @@ def execute_import(hv: Hypervisor, plan: ImportPlan, progress: Progress = no_pro
             hv, plan.name, name=plan.name, seal=False, backup_dir=plan.backup_dir
         )
         templates.execute_template(hv, tplan, progress)
-        dom = hv.lookup(plan.name)
-        meta = domxml.read_meta(domxml.parse(hv.xml(plan.name, inactive=True)))
-        meta = replace(meta, sealed=True, source=plan.source, identity=CLOUD_INIT, imported=got)
-        hv.call(
-            dom.setMetadata,
-            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-            domxml.meta_xml(meta),
-            domxml.PREFIX,
-            domxml.NS,
-            libvirt.VIR_DOMAIN_AFFECT_CONFIG,
-            what=f"recording where '{plan.name}' came from",
-        )
+        hv.update_meta(plan.name, f"recording where '{plan.name}' came from", sealed=True,
+                       source=plan.source, identity=CLOUD_INIT, imported=got)  # fmt: skip
         undo.commit()
     hv.invalidate()
     progress(f"'{plan.name}' is a template ({got})", 1.0)

@@ -374,21 +374,10 @@ def _detach_live(hv: Hypervisor, plan: DetachPlan, progress: Progress) -> None:
         dom = hv.lookup(plan.domain)
         for i, d in enumerate(plan.disks):
             _pull(hv, dom, plan.domain, d, progress, i, len(plan.disks))
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        if hv.call(dom.isActive):
-            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
         root = domxml.parse(hv.xml(plan.domain, inactive=True))
-        meta = domxml.read_meta(root)
-        if meta.role == "clone":
-            hv.call(
-                dom.setMetadata,
-                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                domxml.meta_xml(replace(meta, mode="full")),
-                domxml.PREFIX,
-                domxml.NS,
-                flags,
-                what=f"marking '{plan.domain}' full",
-            )
+        if domxml.read_meta(root).role == "clone":
+            hv.update_meta(plan.domain, f"marking '{plan.domain}' full", mode="full",
+                           live=bool(hv.call(dom.isActive)))  # fmt: skip
         undo.commit()
     progress(f"'{plan.domain}' detached", 1.0)
 

@@ -217,6 +217,20 @@ class Lifecycle:
             )
         return dom
 
+    def update_meta(self, name: str, what: str, *, live: bool = False, **changes: Any) -> None:
+        """Change fields of virtdeck's metadata (tui.core.models.VirtdeckMeta) of the defined
+        domain `name`: its persistent definition, and with `live` the running one too."""
+        from dataclasses import replace
+
+        dom = self.lookup(name)
+        xml = self.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, what=name)
+        meta = replace(domxml.read_meta(domxml.parse(xml)), **changes)
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if live:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        self.call(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.meta_xml(meta),
+                  domxml.PREFIX, domxml.NS, flags, what=what)  # fmt: skip
+
     def _definition_before(self, xml: str) -> str | None:
         """(debug log) The definition `xml` replaces: same UUID, else same name; None."""
         root = domxml.parse(xml)

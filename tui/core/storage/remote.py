@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -413,29 +413,7 @@ class RemoteFiles:
     def write_new(self, path: str, data: bytes) -> None:
         """A new small volume (a cloud-init seed: it holds keys) with `data`, mode 0600,
         uploaded through the storage pool (no SSH needed); never over an existing file."""
-        p = self._new(path)
-        xml = (
-            f"<volume><name>{_esc(posixpath.basename(path))}</name>"
-            f"<capacity unit='bytes'>{len(data)}</capacity>"
-            "<allocation unit='bytes'>0</allocation>"
-            "<target><format type='raw'/><permissions><mode>0600</mode></permissions>"
-            "</target></volume>"
-        )
-        vol = self.hv.call(p.pool.createXML, xml, 0, what=f"creating {path}")
-        stream = self.hv.call(self.hv.conn.newStream, 0)
-        try:
-            with self.hv.translating(f"uploading {path}"):
-                vol.upload(stream, 0, len(data), 0)
-                view = memoryview(data)
-                while view:
-                    view = view[stream.send(bytes(view[: 1 << 20])) :]
-                stream.finish()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                stream.abort()
-            with contextlib.suppress(Exception):
-                vol.delete(0)
-            raise
+        self._send(path, len(data), iter((data,)), mode="0600")
 
     def upload(
         self,
@@ -446,29 +424,41 @@ class RemoteFiles:
         on_block: Callable[[bytes], None] | None = None,
     ) -> None:
         """A new volume at `path` with the bytes of the file `local` of this machine, sent
-        through libvirt (no SSH needed); never over an existing file. A failure or an
-        interrupt removes the volume."""
+        through libvirt (no SSH needed); never over an existing file."""
         size = os.path.getsize(local)
-        p = self._new(path)
-        xml = (
-            f"<volume><name>{_esc(posixpath.basename(path))}</name>"
-            f"<capacity unit='bytes'>{size}</capacity><allocation unit='bytes'>0</allocation>"
-            "<target><format type='raw'/></target></volume>"
-        )
-        vol = self.hv.call(p.pool.createXML, xml, 0, what=f"creating {path}")
-        stream = self.hv.call(self.hv.conn.newStream, 0)
-        label, sent = f"uploading {posixpath.basename(path)}", 0
-        try:
-            with open(local, "rb") as fh, self.hv.translating(f"uploading {path}"):
-                vol.upload(stream, 0, size, 0)
+        label = f"uploading {posixpath.basename(path)}"
+
+        def blocks() -> Iterator[bytes]:
+            sent = 0
+            with open(local, "rb") as fh:
                 while block := fh.read(1 << 20):
                     if on_block is not None:
                         on_block(block)
+                    yield block
+                    sent += len(block)
+                    progress(label, sent / size if size else None)
+
+        self._send(path, size, blocks())
+
+    def _send(self, path: str, size: int, blocks: Iterator[bytes], mode: str = "") -> None:
+        """Create the volume `path` of `size` bytes and stream `blocks` into it; a failure or
+        an interrupt removes the volume."""
+        p = self._new(path)
+        perms = f"<permissions><mode>{mode}</mode></permissions>" if mode else ""
+        xml = (
+            f"<volume><name>{_esc(posixpath.basename(path))}</name>"
+            f"<capacity unit='bytes'>{size}</capacity><allocation unit='bytes'>0</allocation>"
+            f"<target><format type='raw'/>{perms}</target></volume>"
+        )
+        vol = self.hv.call(p.pool.createXML, xml, 0, what=f"creating {path}")
+        stream = self.hv.call(self.hv.conn.newStream, 0)
+        try:
+            with self.hv.translating(f"uploading {path}"):
+                vol.upload(stream, 0, size, 0)
+                for block in blocks:
                     view = memoryview(block)
                     while view:
                         view = view[stream.send(bytes(view)) :]
-                    sent += len(block)
-                    progress(label, sent / size if size else None)
                 stream.finish()
         except BaseException:
             with contextlib.suppress(Exception):
