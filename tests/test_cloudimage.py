@@ -81,6 +81,10 @@ def test_import_from_a_file_makes_a_sealed_cloud_init_template(lab: Lab, tmp_pat
     assert meta.imported == got and meta.source == str(src)
     assert root.get("type") == "qemu"
     assert root.find("devices/disk/driver").get("type") == "qcow2"  # type: ignore[union-attr]
+    from tui.core.catalog import get_template
+
+    listed = get_template(lab.hv, "cimg")  # what template ls and the pane show
+    assert listed.identity == "cloud-init" and listed.imported == got and listed.shares == ()
     # Its clones get seeds without being asked.
     clone = plan_clone(lab.hv, "cimg", "c", identity=Identity.from_options(method=None))
     assert clone.items[0].seed is not None and clone.items[0].customise is None

@@ -37,14 +37,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_real_cloud_init_takes_the_seed_virtdeck_clone_gives(
     host_hv: Hypervisor, tmp_path: Path
 ) -> None:
     """`virtdeck template import URL` of the cloud image (served on 127.0.0.1, checksum
     given), then `virtdeck clone` of it (seeds by default: an imported cloud image): the
     clone boots, cloud-init reads its seed (NoCloud, /dev/sr0) and gives it the hostname,
-    the key, the first-boot command, the static address; new machine-id and host keys."""
+    the key, the first-boot command, the static address; three clones at once, each with
+    its own machine-id and host keys."""
     image = guest.build_cloud()  # ~9 min the first time on a machine, then cached
     before = _sha256(image)
     key = tmp_path / "k.pub"
@@ -66,27 +67,33 @@ def test_real_cloud_init_takes_the_seed_virtdeck_clone_gives(
         name = lab.name("web")
         proc = subprocess.run(
             [sys.executable, "-m", "tui", "-c", host_hv.uri, "clone", tpl, name,
-             "--ssh-key", str(key),
+             "--count", "3", "--ssh-key", str(key),
              "--first-boot", "echo ran > /root/first-boot", "--user-data", str(own),
-             "--ip", "10.99.0.10/24", "--gateway", "10.99.0.1", "--dns", "10.99.0.2",
+             "--ip", "10.99.0.10/24+", "--gateway", "10.99.0.1", "--dns", "10.99.0.2",
              "--start", "--backup-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
-        dom = host_hv.conn.lookupByName(name)
-        status, out = guest.agent_run(dom, "cloud-init status --wait --long", timeout=420)
-        assert "status: done" in out, out
-        assert "DataSourceNoCloud" in out and "/dev/sr0" in out, out
-        assert guest.agent_run(dom, "hostname")[1].strip() == name
-        keys = guest.agent_run(dom, "cat /root/.ssh/authorized_keys")[1]
-        assert KEY in keys
-        assert guest.agent_run(dom, "cat /root/first-boot")[1].strip() == "ran"
-        addr = guest.agent_run(dom, "ip -4 -o addr show")[1]
-        assert "10.99.0.10/24" in addr, addr
-        machine_id = guest.agent_run(dom, "cat /etc/machine-id")[1].strip()
-        assert len(machine_id) == 32
-        host_keys = guest.agent_run(dom, "ls /etc/ssh/ssh_host_ed25519_key.pub")[0]
-        assert host_keys == 0  # cloud-init made this instance's host keys
+        machine_ids, host_keys = set(), set()
+        for n in (1, 2, 3):  # booting together under TCG
+            clone = f"{name}-{n}"
+            dom = host_hv.conn.lookupByName(clone)
+            status, out = guest.agent_run(dom, "cloud-init status --wait --long", timeout=600)
+            assert "status: done" in out, out
+            assert "DataSourceNoCloud" in out and "/dev/sr0" in out, out
+            assert guest.agent_run(dom, "hostname")[1].strip() == clone
+            keys = guest.agent_run(dom, "cat /root/.ssh/authorized_keys")[1]
+            assert KEY in keys
+            assert guest.agent_run(dom, "cat /root/first-boot")[1].strip() == "ran"
+            addr = guest.agent_run(dom, "ip -4 -o addr show")[1]
+            assert f"10.99.0.{9 + n}/24" in addr, addr
+            machine_id = guest.agent_run(dom, "cat /etc/machine-id")[1].strip()
+            assert len(machine_id) == 32
+            machine_ids.add(machine_id)
+            # cloud-init made this instance's host keys
+            host_keys.add(guest.agent_run(dom, "cat /etc/ssh/ssh_host_ed25519_key.pub")[1])
+            dom.destroy()  # the next ones boot faster
+        assert len(machine_ids) == 3 and len(host_keys) == 3, (machine_ids, host_keys)
     finally:
         lab.cleanup()
     assert _sha256(image) == before

@@ -367,7 +367,9 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                 size(t.virtual_bytes),
                 size(t.actual_bytes),
                 sealed,
-                ",".join(t.first_boot.regenerates) or "-",
+                "cloud-init seed"
+                if t.identity == "cloud-init"
+                else ",".join(t.first_boot.regenerates) or "-",
                 str(len(t.thin_clones)),
                 str(len(t.full_clones)),
                 " ".join(b.path for b in t.base_images),
