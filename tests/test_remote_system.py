@@ -189,6 +189,7 @@ def test_external_snapshots_revert_and_delete_through_qemu_ssh(
 
 
 @pytest.mark.sysprep
+@pytest.mark.timeout(900)  # the appliance probe's deadline, then virt-sysprep under TCG
 def test_template_create_with_virt_sysprep_on_the_host_then_clones(
     host_lab: SystemLab, ssh_root_uri: str, tmp_path: Path
 ) -> None:

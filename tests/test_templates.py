@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tui.cli import main
-from tui.core import domxml
+from tui.core import domxml, templates
 from tui.core.clones import execute_clone, execute_remove, plan_clone, plan_remove
 from tui.core.errors import (
     DependencyError,
@@ -103,6 +103,7 @@ class Lab:
 @pytest.fixture
 def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(templates, "_kvm_boots", {})  # each test probes afresh
     lab = Lab(tmp_path)
     yield lab
     lab.hv.close()
@@ -245,6 +246,8 @@ def test_appliance_launch_failure_is_retried_once_under_tcg(
     def runner(argv: Sequence[str], on_line: object) -> int:
         if "--list-operations" in argv:
             return run_streaming(argv, on_line)  # type: ignore[arg-type]
+        if argv[0] == "timeout":
+            return 0  # the probe's appliance booted under KVM
         calls.append(list(argv))
         if argv[0] == "env":
             return 0  # the TCG run seals
@@ -267,6 +270,43 @@ def test_appliance_launch_failure_is_retried_once_under_tcg(
     assert calls[1][3:] == calls[0]
     assert any("retrying with TCG" in line for line in lines)
     assert lab.hv.domain("template-web").is_template
+
+
+@pytest.mark.parametrize("probe_status", [124, 1])
+def test_an_appliance_that_does_not_boot_under_kvm_in_time_means_tcg_from_the_start(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, probe_status: int
+) -> None:
+    """Under nested KVM the appliance can hang (vCPU spinning) for libguestfs' 20 minute
+    launch timeout: a probe with a deadline decides, once per host, and the tool runs under
+    TCG straight away."""
+    monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)
+    calls: list[list[str]] = []
+
+    def runner(argv: Sequence[str], on_line: object) -> int:
+        if "--list-operations" in argv:
+            return run_streaming(argv, on_line)  # type: ignore[arg-type]
+        calls.append(list(argv))
+        if argv[0] == "timeout":
+            return probe_status  # killed at the deadline, or failed
+        return 0 if argv[0] == "env" else 1
+
+    lines: list[str] = []
+    host = "qemu+ssh://kvm9/system"
+    sysprep = Sysprep(runner, remote=True, host=host)
+    plan = plan_template(lab.hv, "web", backup_dir=lab.backups, sysprep=sysprep)
+    execute_template(lab.hv, plan, lambda m, f: lines.append(m), sysprep=sysprep)
+    assert lab.hv.domain("template-web").is_template
+    status, _ = templates.run_guestfs(
+        runner, ["virt-customize", "-a", "x"], progress=lambda m, f: lines.append(m),
+        label="again", remote=True, where=host,
+    )  # fmt: skip
+    assert status == 0
+    probes = [c for c in calls if c[0] == "timeout"]
+    assert probes == [list(templates._PROBE)]  # once for the host, not once per tool run
+    assert probes[0][-3:] == ["-a", "/dev/null", "run"] and "guestfish" in probes[0]
+    runs = [c for c in calls if c[0] != "timeout"]
+    assert len(runs) == 2 and all(c[:3] == list(templates._TCG_ENV) for c in runs)
+    assert sum("did not start under KVM within" in line for line in lines) == 2
 
 
 def test_appliance_failure_under_forced_tcg_is_not_retried(

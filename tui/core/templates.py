@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,10 +78,12 @@ class Sysprep:
         binary: str = "virt-sysprep",
         *,
         remote: bool = False,
+        host: str = "",
     ) -> None:
         self.runner = runner or run_streaming
         self.binary = binary
         self.remote = remote  # it runs on another host: this process's environment is not its
+        self.host = host  # where it runs, for the appliance probe ("" = here)
         self._operations: dict[str, bool] | None = None
 
     def _run(self, argv: Sequence[str], on_line: Callable[[str], None]) -> int:
@@ -132,7 +135,12 @@ class Sysprep:
             argv += ["--operations", ",".join(sealing.sysprep_operations(operations, additions))]
         argv += sealing.customize_argv(additions)
         status, lines = run_guestfs(
-            self._run, argv, progress=progress, label="sysprep", remote=self.remote
+            self._run,
+            argv,
+            progress=progress,
+            label="sysprep",
+            remote=self.remote,
+            where=self.host,
         )
         if status != 0:
             why = last_line("\n".join(lines))
@@ -146,10 +154,18 @@ def run_guestfs(
     progress: Progress,
     label: str,
     remote: bool = False,
+    where: str = "",
 ) -> tuple[int, list[str]]:
     """Run a libguestfs tool (virt-sysprep, virt-customize), each output line reported as
-    `label: line`; returns its exit status and its lines. When its appliance VM fails to start
-    under KVM it is run once more under TCG."""
+    `label: line`; returns its exit status and its lines.
+
+    libguestfs boots a small appliance VM under KVM. On some hosts (nested virtualisation, as
+    on these CI machines) that VM fails to start, or hangs for libguestfs' 20 minute launch
+    timeout with its vCPU spinning. So unless TCG is already forced (this process's
+    environment, when the tool runs here), whether the appliance boots under KVM `where` the
+    tool runs is probed once per process, with a deadline (appliance_boots_under_kvm), and the
+    tool runs under TCG if it does not. A fast failure under KVM is still retried under TCG.
+    """
     lines: list[str] = []
     held: list[str] = []  # the tool's error block: shown once it is known no retry follows
 
@@ -163,15 +179,19 @@ def run_guestfs(
         else:
             progress(f"{label}: {text}", None)
 
+    tcg = not remote and "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
+    if not tcg and not appliance_boots_under_kvm(run, where or ("remote" if remote else "")):
+        progress(
+            f"{label}: the libguestfs appliance did not start under KVM within "
+            f"{APPLIANCE_DEADLINE} s here; using TCG (slower)",
+            None,
+        )
+        argv = [*_TCG_ENV, *argv]
+        tcg = True
     status = run(argv, on_line)
-    if (
-        status != 0
-        and _appliance_failed(lines)
-        and (remote or "force_tcg" not in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", ""))
-    ):
-        # libguestfs' appliance VM cannot start under KVM on some hosts (nested
-        # virtualisation, as on these CI machines). It failed before touching the image, so
-        # run it again under TCG: slower (about 30 s for a small guest) but it works.
+    if status != 0 and _appliance_failed(lines) and not tcg:
+        # It failed before touching the image, so run it again under TCG: slower (about
+        # 30 s for a small guest) but it works.
         progress(
             f"{label}: the libguestfs appliance did not start under KVM; retrying with TCG "
             "(slower)",
@@ -185,6 +205,29 @@ def run_guestfs(
     return status, lines
 
 
+#: seconds the probe gives libguestfs' appliance to boot under KVM (a few on a healthy host,
+#: building the appliance the first time included)
+APPLIANCE_DEADLINE = 60
+_PROBE = ("timeout", "-k", "5", str(APPLIANCE_DEADLINE), "guestfish", "-a", "/dev/null", "run")
+_kvm_boots: dict[str, bool] = {}
+_kvm_lock = threading.Lock()
+
+
+def appliance_boots_under_kvm(run: LineRunner, where: str) -> bool:
+    """Whether libguestfs' appliance boots (`guestfish -a /dev/null run`, no image involved)
+    within APPLIANCE_DEADLINE seconds where `run` runs; asked once per `where` (a host) per
+    process. A probe that cannot run (no guestfish, no timeout) says yes: the tool then runs
+    as before, with its retry after a fast failure."""
+    with _kvm_lock:  # clones customised in parallel wait for one probe
+        if where not in _kvm_boots:
+            try:
+                status = run(_PROBE, lambda _line: None)
+            except (FileNotFoundError, OperationError):
+                status = 0
+            _kvm_boots[where] = status not in (124, 137) and (status == 0 or status >= 126)
+        return _kvm_boots[where]
+
+
 def sysprep_for(hv: Hypervisor, sysprep: Sysprep | None = None) -> Sysprep:
     """virt-sysprep where the images are: here, or on the hypervisor over the SSH target of
     its qemu+ssh URI (refused with the reason on a transport without SSH)."""
@@ -194,7 +237,7 @@ def sysprep_for(hv: Hypervisor, sysprep: Sysprep | None = None) -> Sysprep:
         return Sysprep()
     from tui.core.storage.remote import run_on_host
 
-    return Sysprep(runner=run_on_host(hv), remote=True)
+    return Sysprep(runner=run_on_host(hv), remote=True, host=hv.uri)
 
 
 _TCG_ENV = ("env", "LIBGUESTFS_BACKEND=direct", "LIBGUESTFS_BACKEND_SETTINGS=force_tcg")
