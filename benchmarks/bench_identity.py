@@ -2,6 +2,12 @@
 virt-customize, measured in the same run.
 
     .venv/bin/python benchmarks/bench_identity.py [--clones 3] [--runs 1]
+    .venv/bin/python benchmarks/bench_identity.py --cloud-init [--clones 10] [--runs 2]
+
+With --cloud-init, the other identity method (benchmarks/bench_seeds.py): N clones with a
+cloud-init seed each against N clones without identity (goal: at most 1.5x), and one
+virt-customize run beside them, all in the same run.
+
 
 Three qcow2 overlays of the test guest's disk (tests/guest.py) per side, then, per run:
 - raw serial: `virt-customize` on each overlay, one after another;
@@ -49,9 +55,16 @@ def raw_argv(path: Path, key: Path) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--clones", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--clones", type=int, default=None)
+    parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--cloud-init", action="store_true", help="the seeds path (bench_seeds)")
     args = parser.parse_args()
+    if args.cloud_init:
+        from benchmarks import bench_seeds
+
+        return bench_seeds.run(args.clones or 10, args.runs or 2)
+    args.clones = args.clones or 3
+    args.runs = args.runs or 1
     os.environ["LIBGUESTFS_BACKEND"] = "direct"
     os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     base = guest.build().disk

@@ -37,6 +37,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--no-virt-customize", action="store_true")
     args = parser.parse_args()
+    return run(args.clones, args.runs, virt_customize=not args.no_virt_customize)
+
+
+def run(clones: int, runs: int, *, virt_customize: bool = True) -> int:
+    """Measure and print; also `benchmarks/bench_identity.py --cloud-init`."""
     hv = Hypervisor.open("qemu:///system")
     lab = SystemLab(hv)
     work = Path(tempfile.mkdtemp(prefix="vdb-seeds-", dir="/var/tmp"))
@@ -48,7 +53,7 @@ def main() -> int:
         plan = templates.plan_template(hv, t, name=t, seal=False, backup_dir=work)
         templates.execute_template(hv, plan)
         times: dict[str, list[float]] = {}
-        for run in range(args.runs):
+        for n in range(runs):
             for label, extra in (
                 ("plain", []),
                 (
@@ -56,9 +61,9 @@ def main() -> int:
                     ["--identity", "cloud-init", "--ssh-key", str(key), "--ip", "10.99.0.10/24+"],
                 ),  # fmt: skip
             ):
-                name = lab.name(f"{label[:2]}{run}")
+                name = lab.name(f"{label[:2]}{n}")
                 argv = [sys.executable, "-m", "tui", "-c", hv.uri, "clone", t, name,
-                        "--count", str(args.clones), "--allow-unsealed", "--backup-dir",
+                        "--count", str(clones), "--allow-unsealed", "--backup-dir",
                         str(work), *extra]  # fmt: skip
                 start = time.perf_counter()
                 proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
@@ -66,8 +71,8 @@ def main() -> int:
                 if proc.returncode != 0:
                     raise SystemExit(proc.stderr)
                 times.setdefault(label, []).append(took)
-                print(f"{args.clones} clones, {label}: {took:.2f} s", flush=True)
-        if not args.no_virt_customize:
+                print(f"{clones} clones, {label}: {took:.2f} s", flush=True)
+        if virt_customize:
             os.environ["LIBGUESTFS_BACKEND"] = "direct"
             os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
             (path,) = overlays(work, "vc", 1, guest.build().disk)
@@ -76,7 +81,7 @@ def main() -> int:
             times["virt-customize, 1 clone"] = [time.perf_counter() - start]
             print(f"virt-customize, 1 clone: {times['virt-customize, 1 clone'][0]:.1f} s")
         plain, seeded = min(times["plain"]), min(times["cloud-init"])
-        print(f"seeded/plain (best of {args.runs}): {seeded / plain:.2f} (goal <= 1.5)")
+        print(f"seeded/plain (best of {runs}): {seeded / plain:.2f} (goal <= 1.5)")
         return 0
     finally:
         lab.cleanup()

@@ -42,10 +42,11 @@ def test_real_cloud_init_takes_the_seed_virtdeck_clone_gives(
     host_hv: Hypervisor, tmp_path: Path
 ) -> None:
     """`virtdeck template import URL` of the cloud image (served on 127.0.0.1, checksum
-    given), then `virtdeck clone` of it (seeds by default: an imported cloud image): the
-    clone boots, cloud-init reads its seed (NoCloud, /dev/sr0) and gives it the hostname,
-    the key, the first-boot command, the static address; three clones at once, each with
-    its own machine-id and host keys."""
+    given; from a file too, and with a wrong checksum nothing is left), then `virtdeck
+    clone` of it (seeds by default: an imported cloud image): the clone boots, cloud-init
+    reads its seed (NoCloud, /dev/sr0) and gives it the hostname, the key, the first-boot
+    command, the static address; three clones at once, each with its own machine-id and
+    host keys."""
     image = guest.build_cloud()  # ~9 min the first time on a machine, then cached
     before = _sha256(image)
     key = tmp_path / "k.pub"
@@ -64,6 +65,22 @@ def test_real_cloud_init_takes_the_seed_virtdeck_clone_gives(
                 capture_output=True, text=True, timeout=300,
             )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
+        # the same image from a file: a template too; with a wrong checksum: nothing at all
+        files = set(lab.dir.iterdir())
+        for tname, checksum in ((lab.name("bad"), "0" * 64), (lab.name("file"), before)):
+            proc = subprocess.run(
+                [sys.executable, "-m", "tui", "-c", host_hv.uri, "template", "import",
+                 str(image), "--name", tname, "--dir", str(lab.dir), "--checksum",
+                 f"sha256:{checksum}", "--virt-type", "qemu", "--backup-dir", str(tmp_path)],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            if checksum != before:
+                assert proc.returncode == 1 and "nothing was kept" in proc.stderr, proc.stderr
+                assert f"its sha256 is sha256:{before}" in proc.stderr
+                assert not host_hv.exists(tname) and set(lab.dir.iterdir()) == files
+            else:
+                assert proc.returncode == 0, proc.stderr
+                assert host_hv.domain(tname).is_template
         name = lab.name("web")
         proc = subprocess.run(
             [sys.executable, "-m", "tui", "-c", host_hv.uri, "clone", tpl, name,

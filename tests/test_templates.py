@@ -27,6 +27,7 @@ from tui.core.errors import (
     StateError,
 )
 from tui.core.hypervisor import Hypervisor
+from tui.core.identity import Identity
 from tui.core.models import DomainState, VirtdeckMeta
 from tui.core.storage.local import LocalFiles
 from tui.core.storage.qemuimg import QemuImg, run_subprocess
@@ -533,6 +534,38 @@ def test_cli_template_create_and_rm(lab: Lab, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert "cannot be removed" in err and "web" in err
     assert (lab.backups / "template-web.xml").exists()
+
+
+def test_create_records_how_clones_get_their_identity(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`template create --identity cloud-init`: the operator says the guest runs cloud-init;
+    the plan says it is recorded, the metadata carries it, and its clones get seeds by
+    default (as for an imported cloud image)."""
+    backups = str(lab.backups)
+    base = ["-c", lab.uri, "template", "create", "web", "--no-seal", "--backup-dir", backups]
+    assert main([*base, "--identity", "cloud-init", "--dry-run"]) == 0
+    assert "clones get their identity from a cloud-init seed each" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--identity", "sysprep"])
+    assert exit_.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(InvalidInputError, match="cloud-init' or 'virt-customize"):
+        plan_template(lab.hv, "web", seal=False, backup_dir=lab.backups, identity="x")
+    plan = plan_template(lab.hv, "web", seal=False, backup_dir=lab.backups, identity="cloud-init")
+    execute_template(lab.hv, plan)
+    assert lab.hv.domain("template-web").meta.identity == "cloud-init"
+    auto = Identity.from_options(method=None)  # what the CLI and the deploy form ask for
+    clone = plan_clone(lab.hv, "template-web", "c1", allow_unsealed=True, identity=auto)
+    assert any("read by cloud-init" in line for line in clone.summary()), clone.summary()
+    # its next version (template update, then seal) keeps it
+    from tui.core import versions
+
+    edit = versions.plan_update(lab.hv, "template-web", backup_dir=lab.backups)
+    execute_clone(lab.hv, edit)
+    nxt = versions.plan_seal(lab.hv, edit.items[0].name, seal=False, backup_dir=lab.backups)
+    assert (nxt.version, nxt.identity) == (2, "cloud-init")
+    assert any("cloud-init seed each" in line for line in nxt.summary())
 
 
 def test_refusals_for_snapshots_running_template_and_remote_host(lab: Lab) -> None:

@@ -67,6 +67,14 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="how long to wait for a graceful shutdown (default 120)",
     )
+    c.add_argument(
+        "--identity",
+        choices=("cloud-init", "virt-customize"),
+        default=None,
+        help="how its clones get their identity by default, recorded in the template: "
+        "cloud-init (a seed each, when the guest runs cloud-init) or virt-customize (the "
+        "default)",
+    )
     add_plan_options(c)
     c.set_defaults(handler=cmd_create)
 
@@ -260,6 +268,7 @@ def cmd_create(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         force=args.force,
         shutdown_timeout=args.timeout,
         sysprep=sysprep,
+        identity=args.identity,
     )
 
     def describe(t: dict[str, Any]) -> list[str]:

@@ -274,6 +274,7 @@ class TemplatePlan(ops.PlanDefaults):
     windows: bool = False  # the domain XML says Windows: nothing is added
     family: str | None = None  # a new version of that template (tui.core.versions)
     version: int | None = None
+    identity: str | None = None  # how its clones get their identity by default (recorded)
 
     @property
     def needs_shutdown(self) -> bool:
@@ -315,6 +316,10 @@ class TemplatePlan(ops.PlanDefaults):
         lines.append(
             "record its base's identity (a sha256 of each layer, read once) for other hosts"
         )
+        if self.identity == "cloud-init":
+            lines.append("record that its clones get their identity from a cloud-init seed each")
+        elif self.identity is not None:
+            lines.append(f"record that its clones get their identity with {self.identity}")
         lines.append(f"back up its XML to {self.backup_path}")
         lines.extend(f"make {path} read-only" for path, _ in self.images)
         if self.undefine:
@@ -345,8 +350,14 @@ def plan_template(
     force: bool = False,
     shutdown_timeout: float = 120.0,
     sysprep: Sysprep | None = None,
+    identity: str | None = None,
 ) -> TemplatePlan:
-    """Check everything before anything changes; the plan says what execute_template() does."""
+    """Check everything before anything changes; the plan says what execute_template() does.
+    `identity` ("cloud-init" or "virt-customize") is how its clones get their identity by
+    default, recorded in the metadata (the operator knows whether the guest runs cloud-init;
+    reading the guest to find out would cost another libguestfs appliance)."""
+    if identity not in (None, "cloud-init", "virt-customize"):
+        raise InvalidInputError(f"identity '{identity}': it is 'cloud-init' or 'virt-customize'")
     info = hv.domain(vm)
     if info.is_template:
         raise StateError(f"'{vm}' is already a template")
@@ -418,6 +429,7 @@ def plan_template(
         backup_path=str(backup_path),
         undefine=undefine,
         shutdown_timeout=shutdown_timeout,
+        identity=identity,
         additions=sealing.additions(ops, windows=windows) if seal else (),
         windows=windows,
     )
@@ -530,6 +542,7 @@ def execute_template(
                 family=plan.family,
                 version=plan.version,
                 base_identity=identity,
+                identity=plan.identity,
             )
             hv.call(
                 dom.setMetadata,

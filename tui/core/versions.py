@@ -143,7 +143,9 @@ def plan_seal(
         shutdown_timeout=shutdown_timeout,
         sysprep=sysprep,
     )
-    return dataclasses.replace(plan, family=family, version=number)
+    # a version's clones get their identity the way the family's did (an imported cloud image)
+    identity = plan.identity if plan.identity is not None else parent.identity
+    return dataclasses.replace(plan, family=family, version=number, identity=identity)
 
 
 # -- a flattened version ---------------------------------------------------------------------
