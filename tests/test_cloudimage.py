@@ -144,3 +144,49 @@ def test_bad_import_input_is_one_line_and_exit_2(
         assert says in err and err.count("\n") == 1, err
     assert main([*base, str(src), "--name", "template-base"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+async def test_the_import_form_plans_and_imports(lab: Lab, tmp_path: Path) -> None:
+    """Key I in the Templates pane: bad input is said in the form; a file with its checksum
+    is planned, confirmed and imported as a template."""
+    from textual.widgets import Input, Static
+
+    from tests.test_templates_tui import start, wait_for
+    from tui.app import VirtdeckApp
+    from tui.screens.confirm import PlanScreen
+    from tui.screens.template_forms import ImportScreen, name_from_source
+
+    assert name_from_source("https://x/debian-12-genericcloud-amd64.qcow2") == (
+        "debian-12-genericcloud-amd64"
+    )
+    src = _image(tmp_path / "noble-server.img")
+    app = VirtdeckApp([lab.hv])
+    async with app.run_test(size=(160, 50)) as pilot:
+        pane = await start(app, pilot)
+        await pilot.press("I")
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, ImportScreen) and app.screen.is_mounted
+        )
+        form = app.screen
+        error = form.query_one("#error", Static)
+        await pilot.press("enter")
+        assert "give the image" in str(error.render())
+        form.query_one("#source", Input).value = str(src)
+        form.query_one("#checksum", Input).value = "md5:abc"
+        await pilot.press("enter")
+        assert "give sha256:<64 hex digits>" in str(error.render())
+        form.query_one("#checksum", Input).value = _sha(src)
+        form.query_one("#dir", Input).value = "relative/dir"
+        await pilot.press("enter")
+        assert "not an absolute path" in str(error.render())
+        form.query_one("#dir", Input).value = str(lab.images)
+        form.query_one("#source", Input).focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen) and app.screen.is_mounted)
+        body = str(app.screen.query_one("#body", Static).render())
+        assert f"copy {src}" in body and "check its sha256 against sha256:" in body, body
+        await pilot.press("y")
+        await wait_for(pilot, lambda: lab.hv.exists("noble-server") and not pane.busy)
+    meta = lab.hv.domain("noble-server").meta
+    assert meta.role == "template" and meta.identity == "cloud-init" and meta.imported == _sha(src)
+    assert (lab.images / "noble-server.qcow2").read_bytes() == src.read_bytes()

@@ -111,6 +111,11 @@ async def test_deploy_a_template_and_a_filter_hiding_the_target_is_cleared(
         hit = await _choose(app, pilot, "deploy template-web")
         assert hit.startswith("Deploy template-web")
         assert type(app.screen).__name__ == "DeployScreen"
+        await pilot.press("escape")
+        await app.workers.wait_for_complete()
+        hit = await _choose(app, pilot, "import cloud image")
+        assert hit.startswith("Import a cloud image as a template")
+        assert type(app.screen).__name__ == "ImportScreen"
 
 
 async def test_commands_fit_the_state_and_every_host_is_named(lab: Hypervisor) -> None:

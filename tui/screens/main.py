@@ -542,6 +542,10 @@ class MainScreen(Screen[None]):
         self.action_tab("templates")
         self.query_one(TemplatesPane).deploy(host, name, sealed, seeds)
 
+    async def import_image(self) -> None:
+        self.action_tab("templates")
+        self.query_one(TemplatesPane).action_import()
+
     async def copy_template(self, host: str, name: str) -> None:
         self.action_tab("templates")
         self.query_one(TemplatesPane).copy(host, name)

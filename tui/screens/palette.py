@@ -87,6 +87,11 @@ def domain_entries(screen: MainScreen, domains: list[DomainInfo], multi: bool) -
 
 
 def template_entries(screen: MainScreen, multi: bool) -> Iterator[Entry]:
+    yield Entry(
+        "Import a cloud image as a template",
+        "a file or an http(s) URL, checked, made a sealed template giving cloud-init seeds · key I",
+        screen.import_image,
+    )
     for t in screen.templates():
         where = f" on {short_host(t.host)}" if multi else ""
         sealed = "sealed" if t.sealed else "not sealed"

@@ -20,11 +20,12 @@ from textual.widgets import (
     Label,
     RadioButton,
     RadioSet,
+    Select,
     SelectionList,
     Static,
 )
 
-from tui.core.errors import InvalidInputError
+from tui.core.errors import InvalidInputError, UsageError
 from tui.core.hypervisor import validate_name
 from tui.core.identity import DEFAULT_HOSTNAME, Identity
 
@@ -248,6 +249,101 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
                 identity=identity,
             )
         )
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    host: str
+    source: str  # a file of this machine or an http(s) URL
+    name: str
+    checksum: str | None  # sha256:<hex>, checked when the image is read
+    directory: str | None = None  # None: the host's image pool
+
+
+def name_from_source(source: str) -> str:
+    """A template name from an image's file name: debian-12-genericcloud-amd64.qcow2 ->
+    debian-12-genericcloud-amd64."""
+    base = source.rstrip("/").rsplit("/", 1)[-1]
+    for ext in (".qcow2", ".img", ".raw"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in base).strip("-.") or "cloud"
+
+
+class ImportScreen(ModalScreen[ImportRequest | None]):
+    """`template import` as a form: the image (file or URL), the template's name, its
+    checksum, and the host it goes to (tui.core.cloudimage plans and does the rest)."""
+
+    DEFAULT_CSS = _FORM_CSS.format(cls="ImportScreen")
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="import_form.cancel")]
+
+    def __init__(self, hosts: list[str], host: str) -> None:
+        super().__init__()
+        self.hosts = hosts
+        self.host = host
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static("Import a cloud image as a template", id="title", markup=False)
+            yield Label("Image: a file of this machine, or an http(s) URL")
+            yield Input(
+                placeholder="https://cloud.debian.org/…/debian-12-genericcloud-amd64.qcow2",
+                id="source",
+            )
+            yield Label("Template name")
+            yield Input(placeholder="default: the image's file name", id="name")
+            yield Label("Checksum")
+            yield Input(placeholder="sha256:… (from the distribution's SHA256SUMS)", id="checksum")
+            yield Label("Host")
+            yield Select(
+                [(uri, uri) for uri in self.hosts], value=self.host, allow_blank=False,
+                id="host", disabled=len(self.hosts) < 2,
+            )  # fmt: skip
+            yield Label("Image directory there")
+            yield Input(placeholder="its image pool (default)", id="dir")
+            yield Static(
+                "The image is copied or downloaded into the host's image directory, checked, "
+                "and defined as a sealed template whose clones get cloud-init seeds. Enter "
+                "shows the plan; nothing is written before you confirm it.",
+                id="hint",
+                markup=False,
+            )
+            yield Static("", id="error", markup=False)
+            with Horizontal(id="buttons"):
+                yield Button("Cancel", id="cancel")
+                yield Button("Plan", id="ok", variant="primary")
+
+    def on_mount(self) -> None:
+        self.query_one("#source", Input).focus()
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        from tui.core.cloudimage import check_checksum
+
+        error = self.query_one("#error", Static)
+        source = self.query_one("#source", Input).value.strip()
+        if not source:
+            error.update("give the image: a file path or an http(s) URL")
+            return
+        name = self.query_one("#name", Input).value.strip() or name_from_source(source)
+        checksum = self.query_one("#checksum", Input).value.strip() or None
+        try:
+            validate_name(name)
+            checksum = check_checksum(checksum)
+        except (InvalidInputError, UsageError) as err:
+            error.update(str(err).replace("--checksum ", "checksum "))
+            return
+        directory = self.query_one("#dir", Input).value.strip() or None
+        if directory is not None and not directory.startswith("/"):
+            error.update(f"'{directory}' is not an absolute path (empty: the host's pool)")
+            return
+        host = str(self.query_one("#host", Select).value)
+        self.dismiss(ImportRequest(host, source, name, checksum, directory))
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:

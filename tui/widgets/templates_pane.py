@@ -38,6 +38,8 @@ from tui.core.units import size
 from tui.screens.template_forms import (
     DeployRequest,
     DeployScreen,
+    ImportRequest,
+    ImportScreen,
     MakeTemplateScreen,
     TemplateRequest,
 )
@@ -142,6 +144,7 @@ class TemplatesPane(Pane):
         Binding("y", "pane('templates', 'copy')", "Copy to host", id="template.copy"),
         Binding("F", "pane('templates', 'detach')", "Detach (full)", id="template.detach"),
         Binding("e", "pane('templates', 'version')", "New version", id="template.version"),
+        Binding("I", "pane('templates', 'import')", "Import image", id="template.import"),
     ]
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -352,6 +355,29 @@ class TemplatesPane(Pane):
         if self._begin():
             self._plan_copy(self.hypervisor(host), self.hypervisor(others[0]), name)
 
+    def action_import(self) -> None:
+        """The import form (a cloud image made a template), on the selected row's host."""
+        uris = [hv.uri for hv in self.vapp.hypervisors]
+        if not uris:
+            self.notify("no host is connected", severity="warning")
+            return
+        t = self.highlighted()
+        host = self.selected.host if self.selected else (t.host if t else uris[0])
+        self.import_image(uris, host if host in uris else uris[0])
+
+    def import_image(self, hosts: list[str], host: str) -> None:
+        """The import form for one of `hosts` (`host` chosen), then its plan."""
+        if not self._begin():
+            return
+
+        def answered(request: ImportRequest | None) -> None:
+            if request is None:
+                self._idle()
+            else:
+                self._plan_import(request)
+
+        self.app.push_screen(ImportScreen(hosts, host), answered)
+
     def action_version(self) -> None:
         """On a template: plan its edit VM (tui.core.versions); on that edit VM (a clone
         named *-edit): plan sealing it into the next version."""
@@ -459,6 +485,16 @@ class TemplatesPane(Pane):
         from tui.core import transfer
 
         plan = transfer.plan_template_copy(source, target, template, backup_dir=self.backup_dir)
+        self.post_message(Planned(plan))
+
+    @work(thread=True, exit_on_error=False, group="templates-op", description="import plan")
+    def _plan_import(self, request: ImportRequest) -> None:
+        from tui.core import cloudimage
+
+        plan = cloudimage.plan_import(
+            self.hypervisor(request.host), request.source, request.name,
+            directory=request.directory, checksum=request.checksum, backup_dir=self.backup_dir,
+        )  # fmt: skip
         self.post_message(Planned(plan))
 
     @work(thread=True, exit_on_error=False, group="templates-op", description="remove plan")
