@@ -5,7 +5,7 @@ virt-customize run, measured in the same run (issue 22).
 
 On qemu:///system, a 1 GiB template (not sealed, no OS: the seeds are only written, never
 booted here), per run: `virtdeck clone T x --count N` and the same with `--identity
-cloud-init --ssh-key K --ip 10.99.0.10/24+` (the whole command, as an operator runs it);
+cloud-init --ssh-key K --ip 10.99.RUN.10/24+` (the whole command, as an operator runs it);
 then `virt-customize` of one overlay of the test guest (tests/guest.py) with a hostname, a
 key and a first-boot command: what one clone's identity costs the other way. Prints the
 seconds and the seeded/plain ratio (goal: at most 1.5).
@@ -58,7 +58,14 @@ def run(clones: int, runs: int, *, virt_customize: bool = True) -> int:
                 ("plain", []),
                 (
                     "cloud-init",
-                    ["--identity", "cloud-init", "--ssh-key", str(key), "--ip", "10.99.0.10/24+"],
+                    [
+                        "--identity",
+                        "cloud-init",
+                        "--ssh-key",
+                        str(key),
+                        "--ip",
+                        f"10.99.{n}.10/24+",
+                    ],
                 ),  # fmt: skip
             ):
                 name = lab.name(f"{label[:2]}{n}")
