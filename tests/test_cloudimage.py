@@ -5,6 +5,7 @@ its clones get cloud-init seeds by default."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import hashlib
@@ -20,6 +21,7 @@ import pytest
 
 from tests.test_templates import Lab
 from tui.cli import main
+from tui.cli.templates import cmd_ls
 from tui.core import cloudimage, domxml
 from tui.core.clones import plan_clone
 from tui.core.errors import OperationError
@@ -63,7 +65,9 @@ def _served(directory: Path) -> Iterator[str]:
         server.server_close()
 
 
-def test_import_from_a_file_makes_a_sealed_cloud_init_template(lab: Lab, tmp_path: Path) -> None:
+def test_import_from_a_file_makes_a_sealed_cloud_init_template(
+    lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src = _image(tmp_path / "cloud.qcow2")
     plan = cloudimage.plan_import(
         lab.hv, str(src), "cimg", directory=str(lab.images), checksum=_sha(src),
@@ -85,6 +89,11 @@ def test_import_from_a_file_makes_a_sealed_cloud_init_template(lab: Lab, tmp_pat
 
     listed = get_template(lab.hv, "cimg")  # what template ls and the pane show
     assert listed.identity == "cloud-init" and listed.imported == got and listed.shares == ()
+    assert cmd_ls(argparse.Namespace(json=False, backup_dir=tmp_path / "backups"), [lab.hv]) == 0
+    out = capsys.readouterr().out
+    assert f"cimg: imported from {src} ({got})" in out, out
+    row = next(x for x in out.splitlines() if x.startswith("cimg "))
+    assert "cloud-init seed" in row, row
     # Its clones get seeds without being asked.
     clone = plan_clone(lab.hv, "cimg", "c", identity=Identity.from_options(method=None))
     assert clone.items[0].seed is not None and clone.items[0].customise is None

@@ -385,6 +385,9 @@ def cmd_ls(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
             ]
         )
     print("\n".join(format_table(rows)))
+    for t in found:  # where an imported cloud image came from, and the sha256 it had
+        if t.imported:
+            print(f"{t.name}: imported from {t.source or '?'} ({t.imported})")
     for t in found:
         for problem in t.problems:
             print(f"virtdeck: warning: template {t.name}: {problem}", file=sys.stderr)
