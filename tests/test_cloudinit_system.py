@@ -84,7 +84,7 @@ def test_real_cloud_init_takes_the_seed_virtdeck_clone_gives(
         name = lab.name("web")
         proc = subprocess.run(
             [sys.executable, "-m", "tui", "-c", host_hv.uri, "clone", tpl, name,
-             "--count", "3", "--ssh-key", str(key),
+             "--count", "3", "--identity", "cloud-init", "--ssh-key", str(key),
              "--first-boot", "echo ran > /root/first-boot", "--user-data", str(own),
              "--ip", "10.99.0.10/24+", "--gateway", "10.99.0.1", "--dns", "10.99.0.2",
              "--start", "--backup-dir", str(tmp_path)],
