@@ -21,7 +21,7 @@ from tui.cli.identity_args import identity_from_args
 from tui.core import clones, templates
 from tui.core.errors import NotFoundError
 from tui.core.hypervisor import Hypervisor
-from tui.core.identity import IdentityError
+from tui.core.identity import METHODS, IdentityError
 from tui.core.paths import template_backup_dir
 from tui.core.units import size
 
@@ -69,7 +69,7 @@ def register(sub: Any) -> None:
     )
     c.add_argument(
         "--identity",
-        choices=("cloud-init", "virt-customize"),
+        choices=METHODS,
         default=None,
         help="how its clones get their identity by default, recorded in the template: "
         "cloud-init (a seed each, when the guest runs cloud-init) or virt-customize (the "
@@ -171,7 +171,7 @@ def register(sub: Any) -> None:
     )
     who.add_argument(
         "--identity",
-        choices=("virt-customize", "cloud-init"),
+        choices=METHODS,
         default=None,
         help="how each clone gets its identity (default: cloud-init for a template imported "
         "from a cloud image, else virt-customize)",

@@ -125,6 +125,12 @@ def _is_url(source: str) -> bool:
     return urllib.parse.urlsplit(source).scheme in ("http", "https")
 
 
+def check_directory(directory: str) -> None:
+    """`--dir` is a path on the host: absolute, since there is no working directory there."""
+    if not directory.startswith("/"):
+        raise UsageError(f"--dir '{directory}' is not an absolute path")
+
+
 def check_checksum(text: str | None) -> str | None:
     if text is None:
         return None
@@ -187,8 +193,7 @@ def plan_import(
             raise InvalidInputError(f"--network {network}: {err}") from None
     files = files_for(hv, "template import")
     if directory is not None:
-        if not directory.startswith("/"):
-            raise UsageError(f"--dir '{directory}' is not an absolute path")
+        check_directory(directory)
         where = os.path.normpath(directory)
         if not files.is_dir(where):
             raise InvalidInputError(f"--dir {where} is not a directory on {hv.uri}")

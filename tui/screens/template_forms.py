@@ -323,7 +323,7 @@ class ImportScreen(ModalScreen[ImportRequest | None]):
     @on(Input.Submitted)
     @on(Button.Pressed, "#ok")
     def _ok(self) -> None:
-        from tui.core.cloudimage import check_checksum
+        from tui.core.cloudimage import check_checksum, check_directory
 
         error = self.query_one("#error", Static)
         source = self.query_one("#source", Input).value.strip()
@@ -332,15 +332,14 @@ class ImportScreen(ModalScreen[ImportRequest | None]):
             return
         name = self.query_one("#name", Input).value.strip() or name_from_source(source)
         checksum = self.query_one("#checksum", Input).value.strip() or None
-        try:
+        directory = self.query_one("#dir", Input).value.strip() or None
+        try:  # the checks `template import` makes of its options
             validate_name(name)
             checksum = check_checksum(checksum)
+            if directory is not None:
+                check_directory(directory)
         except (InvalidInputError, UsageError) as err:
-            error.update(str(err).replace("--checksum ", "checksum "))
-            return
-        directory = self.query_one("#dir", Input).value.strip() or None
-        if directory is not None and not directory.startswith("/"):
-            error.update(f"'{directory}' is not an absolute path (empty: the host's pool)")
+            error.update(str(err).replace("--checksum ", "checksum ").replace("--dir ", ""))
             return
         host = str(self.query_one("#host", Select).value)
         self.dismiss(ImportRequest(host, source, name, checksum, directory))

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.message import Message
+from textual.screen import ModalScreen
 from textual.widgets import DataTable, ProgressBar, Static
 from textual.worker import Worker, WorkerState
 
@@ -46,6 +48,7 @@ from tui.screens.template_forms import (
 from tui.widgets.base import Pane, PlanDone
 
 RELOAD_SECONDS = 15.0
+R = TypeVar("R")  # what a form answers
 COLUMNS = ("Template", "Defined", "Base image(s)", "Virtual", "Real", "Sealed", "Thin", "Full")
 
 
@@ -294,6 +297,18 @@ class TemplatesPane(Pane):
         self.busy = True
         return True
 
+    def _ask(self, form: ModalScreen[R | None], then: Callable[[R], object]) -> None:
+        """Show a form (this pane is busy already); its answer goes to `then`, which plans in
+        a worker; cancelled, the pane is idle again."""
+
+        def answered(request: R | None) -> None:
+            if request is None:
+                self._idle()
+            else:
+                then(request)
+
+        self.app.push_screen(form, answered)
+
     def _idle(self) -> None:
         self.busy = False
         self.remove_class("busy")
@@ -326,16 +341,11 @@ class TemplatesPane(Pane):
     def deploy(self, host: str, name: str, sealed: bool, seeds: bool = False) -> None:
         """The deploy form for template `name` of `host`, then its plan (`seeds`: the
         template gives its clones cloud-init seeds by default)."""
-        if not self._begin():
-            return
-
-        def answered(request: DeployRequest | None) -> None:
-            if request is None:
-                self._idle()
-            else:
-                self._plan_clone(self.hypervisor(host), name, request)
-
-        self.app.push_screen(DeployScreen(name, sealed=sealed, seeds=seeds), answered)
+        if self._begin():
+            self._ask(
+                DeployScreen(name, sealed=sealed, seeds=seeds),
+                lambda request: self._plan_clone(self.hypervisor(host), name, request),
+            )
 
     def action_copy(self) -> None:
         """Copy the highlighted template to the next other host (the plan names it)."""
@@ -367,16 +377,8 @@ class TemplatesPane(Pane):
 
     def import_image(self, hosts: list[str], host: str) -> None:
         """The import form for one of `hosts` (`host` chosen), then its plan."""
-        if not self._begin():
-            return
-
-        def answered(request: ImportRequest | None) -> None:
-            if request is None:
-                self._idle()
-            else:
-                self._plan_import(request)
-
-        self.app.push_screen(ImportScreen(hosts, host), answered)
+        if self._begin():
+            self._ask(ImportScreen(hosts, host), self._plan_import)
 
     def action_version(self) -> None:
         """On a template: plan its edit VM (tui.core.versions); on that edit VM (a clone
@@ -437,18 +439,14 @@ class TemplatesPane(Pane):
         self.post_message(OperationsLoaded(host, vm, running, ops, note))
 
     def on_operations_loaded(self, message: OperationsLoaded) -> None:
-        def answered(request: TemplateRequest | None) -> None:
-            if request is None:
-                self._idle()
-            else:
-                self._plan_template(self.hypervisor(message.host), message.vm, request)
-
-        self.app.push_screen(
+        self._ask(
             MakeTemplateScreen(
                 message.vm, running=message.running, operations=message.operations,
                 note=message.note,
             ),
-            answered,
+            lambda request: self._plan_template(
+                self.hypervisor(message.host), message.vm, request
+            ),
         )  # fmt: skip
 
     @work(thread=True, exit_on_error=False, group="templates-op", description="template plan")
