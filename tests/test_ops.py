@@ -75,6 +75,37 @@ def test_cancel_stops_at_the_next_progress_report() -> None:
     assert seen == ["one"]
 
 
+def test_cancel_ends_a_child_with_what_it_started_in_its_group() -> None:
+    """`timeout CMD` puts CMD in a process group of its own (the appliance probe of
+    tui.core.templates runs that way): cancel() ends CMD too, so the reader of the pipe CMD
+    holds returns, and nothing goes on alone."""
+    import threading
+
+    from tui.core import procs
+
+    lines: list[str] = []
+    statuses: list[int] = []
+    argv = ["timeout", "60", "sh", "-c", "echo started; echo $$; exec sleep 60"]
+    reader = threading.Thread(target=lambda: statuses.append(procs.stream(argv, lines.append)))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lines[:1] == ["started"], lines
+        grandchild = int(lines[1])  # the sh that became `sleep 60`, timeout's child
+        ops.cancel("interrupted by SIGTERM", 15)
+        reader.join(30)
+        assert not reader.is_alive()  # the pipe closed: the grandchild is gone too
+        assert statuses and statuses[0] != 0
+    finally:
+        ops.reset_cancel()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{grandchild}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{grandchild}")
+
+
 def test_recover_lists_and_rolls_back(test_uri: str, test_hv: Hypervisor, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     path, disk = stale_journal(test_hv, tmp_path)

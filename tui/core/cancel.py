@@ -11,6 +11,7 @@ asynchronously inside the operation or inside a libvirt object's destructor.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -46,6 +47,21 @@ _children: set[Any] = set()
 _children_lock = threading.Lock()
 
 
+def kill_child(proc: Any) -> None:
+    """Kill a child that has not ended, with everything it started in its own session
+    (tui.core.procs starts each child in one): a grandchild left behind would go on working
+    alone and, holding the child's output pipe, keep its reader waiting (`timeout CMD` puts
+    CMD in a group of its own; killing `timeout` alone left CMD running)."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(OSError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+    with contextlib.suppress(OSError):
+        proc.kill()
+
+
 def cancel(why: str = "interrupted", signum: int | None = None) -> None:
     """Stop every running operation at its next progress report, and end its children."""
     _cancel_reason[0] = why
@@ -54,8 +70,7 @@ def cancel(why: str = "interrupted", signum: int | None = None) -> None:
     with _children_lock:
         children = list(_children)
     for proc in children:
-        with contextlib.suppress(OSError):
-            proc.kill()
+        kill_child(proc)
 
 
 def cancelled() -> bool:
@@ -76,8 +91,7 @@ def watch_child(proc: Any) -> Callable[[], None]:
     with _children_lock:
         _children.add(proc)
     if _cancelled.is_set():
-        with contextlib.suppress(OSError):
-            proc.kill()
+        kill_child(proc)
 
     def forget() -> None:
         with _children_lock:

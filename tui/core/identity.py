@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tui.core import private, procs
+from tui.core import cancel, private, procs
 from tui.core.cancel import Interrupted, cancelled, check_cancelled
 from tui.core.errors import InvalidInputError, OperationError
 from tui.core.progress import Progress
@@ -350,14 +350,13 @@ class _Children:
         with self.lock:
             self.procs.append(proc)
             if self.stopped.is_set():
-                proc.kill()
+                cancel.kill_child(proc)
 
     def stop(self) -> None:
         with self.lock:
             self.stopped.set()
             for proc in self.procs:
-                if proc.poll() is None:
-                    proc.kill()
+                cancel.kill_child(proc)
 
 
 class Customiser:

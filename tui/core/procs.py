@@ -38,7 +38,7 @@ def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
 def finish(proc: subprocess.Popen[str]) -> None:
     """Forget a child that has ended (or kill it first when the caller gives up on it)."""
     if proc.poll() is None:
-        proc.kill()
+        cancel.kill_child(proc)
         proc.wait()
     debuglog.exited(proc.pid, proc.returncode)
     forget = getattr(proc, "_virtdeck_forget", None)
