@@ -4,8 +4,9 @@
   the test user, StrictModes off; URIs carry `keyfile=` and `no_verify=1`, so the real
   user's ~/.ssh is never read or written.
 - `SessionRig`: an unprivileged user (`vdtest`, created when missing) whose `qemu:///session`
-  daemon serves a second, independent hypervisor with a dir pool, reached over that sshd as
-  `qemu+ssh://vdtest@127.0.0.1:PORT/session`.
+  daemon serves a second, independent hypervisor with a dir pool and a host identity of its
+  own (`host_uuid`: a live-migration peer of the host's daemon, over loopback), reached over
+  that sshd as `qemu+ssh://vdtest@127.0.0.1:PORT/session`.
 - `PrivateDaemon`: an unprivileged libvirtd on its own socket serving the test driver; `stop()`
   it with SIGSTOP (by PID) and it is a hung host.
 
@@ -205,7 +206,25 @@ class SessionRig:
             timeout=60,
         )
 
+    def _own_host_uuid(self) -> None:
+        """A host identity of its own in the daemon's libvirtd.conf (read at its start): with
+        the machine's (SMBIOS) identity libvirt refuses a live migration between the two
+        daemons as one "to the same host"."""
+        conf = self.home / ".config" / "libvirt" / "libvirtd.conf"
+        text = conf.read_text() if conf.exists() else ""
+        if "host_uuid" in text:
+            return
+        import uuid
+
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(
+            text + f'\n# virtdeck test rig: a host of its own\nhost_uuid = "{uuid.uuid4()}"\n'
+        )
+        for path in (self.home / ".config", conf.parent, conf):
+            shutil.chown(path, TEST_USER, TEST_USER)
+
     def start(self) -> None:
+        self._own_host_uuid()
         if self._virsh("version").returncode != 0:
             # a session daemon of an earlier run may still answer; else start our own
             self.proc = subprocess.Popen(

@@ -123,3 +123,50 @@ async def test_key_m_asks_for_the_target_host_and_directory(tmp_path: Path) -> N
     finally:
         hv.close()
         other.close()
+
+
+def test_live_migration_goes_to_the_target_uri_host_and_keeps_loopback_private() -> None:
+    import libvirt
+
+    from tui.core import livemigrate
+
+    assert livemigrate.migration_host("qemu+ssh://root@kvm2.example:2222/system") == (
+        "kvm2.example",
+        False,
+    )
+    assert livemigrate.migration_host("qemu+ssh://vdtest@127.0.0.1:41/session") == (
+        "127.0.0.1",
+        True,
+    )
+    assert livemigrate.migration_host("qemu:///system") == ("127.0.0.1", True)
+    assert livemigrate.migration_host("qemu+ssh://[fd00::2]/system")[0] == "[fd00::2]"
+    params, flags = livemigrate.parameters("qemu+ssh://kvm2/system", "<d/>", "<p/>", ["vda"], 40)
+    assert params[libvirt.VIR_MIGRATE_PARAM_URI] == "tcp://kvm2"
+    assert params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] == "tcp://kvm2"
+    assert params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] == ["vda"]
+    assert params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] == 40
+    assert libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS not in params  # a remote target: its own
+    assert flags & libvirt.VIR_MIGRATE_NON_SHARED_INC and flags & libvirt.VIR_MIGRATE_LIVE
+    # Loopback: the target listens on loopback only; shared storage: no storage copy.
+    params, flags = livemigrate.parameters("qemu:///system", "<d/>", "<p/>", [], None)
+    assert params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] == "127.0.0.1"
+    assert not flags & libvirt.VIR_MIGRATE_NON_SHARED_INC
+    assert libvirt.VIR_MIGRATE_PARAM_BANDWIDTH not in params
+
+
+def test_migrate_live_options_refuse_bad_values_with_one_line() -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tui", "-c", "test:///default", "migrate",
+                               *args], capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    for args, says in (
+        (["test", "--to", "test:///default", "--max-downtime", "50"], "apply to a live"),
+        (["test", "--to", "test:///default", "--live", "--bandwidth", "0"], "positive"),
+        (["test", "--to", "test:///default", "--live", "--max-downtime", "x"], "whole number"),
+    ):
+        proc = run(*args)
+        assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr

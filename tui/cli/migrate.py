@@ -11,7 +11,7 @@ from tui.cli.groups import add_group_options, members, need_selection
 from tui.core.errors import InvalidInputError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 
-HELP = "move shut-off domains to another hypervisor (a thin clone stays thin)"
+HELP = "move domains to another hypervisor, offline or live (a thin clone stays thin)"
 
 
 def register(sub: Any) -> None:
@@ -19,12 +19,16 @@ def register(sub: Any) -> None:
         "migrate",
         help=HELP,
         description=(
-            "Move shut-off domains to another hypervisor. A thin clone sends only its own "
+            "Move domains to another hypervisor. A thin clone sends only its own "
             "layers when the target has its template (recognised by the sha256 of its base, "
-            "never by name); else the template is copied there first. Each layer is streamed "
-            "sparse through libvirt, checked (size, sha256, qemu-img check) and rebased onto "
-            "the target's base; the domain is defined there with its snapshots; only then is "
-            "the source undefined and its own files deleted."
+            "never by name); else the template is copied there first. Offline (shut-off "
+            "domains): each layer is streamed sparse through libvirt, checked (size, sha256, "
+            "qemu-img check) and rebased onto the target's base; the domain is defined there "
+            "with its snapshots; only then is the source undefined and its own files deleted. "
+            "Live (--live, running domains): an overlay is made on the target over its copy of "
+            "the base and libvirt's live migration fills it with the domain's own layer and "
+            "moves its memory (no copy at all on shared storage); an interrupt before the "
+            "switchover leaves it running on the source."
         ),
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="domains to move")
@@ -35,14 +39,33 @@ def register(sub: Any) -> None:
         action="store_true",
         help="keep the source stopped, renamed NAME-migrated, with its files",
     )
-    p.add_argument("--live", action="store_true", help="live migration (not available yet)")
+    p.add_argument("--live", action="store_true", help="move running domains, live")
+    p.add_argument(
+        "--max-downtime",
+        type=_positive,
+        metavar="MS",
+        help="live: how long the domain may be paused for the switchover (milliseconds)",
+    )
+    p.add_argument(
+        "--bandwidth", type=_positive, metavar="MIB/S", help="live: cap the transfer's rate"
+    )
     p.add_argument(
         "--all-from",
         metavar="URI|HOST",
-        help="every domain of that host (a drain); running ones are refused until live exists",
+        help="every domain of that host (a drain): running ones live, shut-off ones offline",
     )
     add_group_options(p)
     p.set_defaults(handler=cmd_migrate, parser_error=p.error)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: give a positive number")
+    return value
 
 
 def _uri(args: argparse.Namespace, value: str) -> str:
@@ -54,15 +77,20 @@ def _uri(args: argparse.Namespace, value: str) -> str:
     return str(settings.host(value).uri)
 
 
+def _live(args: argparse.Namespace, live: bool | None) -> dict[str, Any]:
+    return {"live": live, "max_downtime": args.max_downtime, "bandwidth": args.bandwidth}
+
+
 def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     from tui.core import migrate
     from tui.core.groups import Member
 
     target_uri = _uri(args, args.to)
-    if args.live:
-        raise InvalidInputError("--live: live migration is not available yet; migrate shut-off "
-                                "domains offline (without --live)")  # fmt: skip
+    live: bool | None = bool(args.live)
+    if (args.max_downtime or args.bandwidth) and not args.live and args.all_from is None:
+        args.parser_error("--max-downtime and --bandwidth apply to a live migration (--live)")
     if args.all_from is not None:
+        live = None  # a drain: each domain as its state asks
         from_uri = _uri(args, args.all_from)
         hv = next((h for h in hypervisors if h.uri == from_uri), None)
         if hv is None:
@@ -91,7 +119,7 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                     migrate.plan_migrate(
                         by_uri[m.host], target, m.name, directory=args.dir,
                         keep_source=args.keep_source, progress=stderr_progress,
-                        record=not args.dry_run,
+                        record=not args.dry_run, **_live(args, live),
                     )
                 )  # fmt: skip
             except VirtdeckError as err:
@@ -110,13 +138,17 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                         plan = migrate.plan_migrate(
                             by_uri[plan.source_host], target, plan.domain, directory=args.dir,
                             keep_source=args.keep_source, progress=stderr_progress,
-                            record=not args.dry_run,
+                            record=not args.dry_run, **_live(args, live),
                         )  # fmt: skip
-                    migrate.execute_migrate(by_uri[plan.source_host], target, plan,
-                                            stderr_progress)  # fmt: skip
-                    results.append({"domain": plan.domain, "ok": True})
+                    done = migrate.execute_migrate(by_uri[plan.source_host], target, plan,
+                                                   stderr_progress)  # fmt: skip
+                    result = {"domain": plan.domain, "ok": True, "live": plan.live}
+                    if plan.live:
+                        result["result"] = done
+                    results.append(result)
                     if not args.json:
-                        print(f"{plan.domain}: migrated to {plan.target_host}")
+                        how = f" live ({done})" if plan.live else ""
+                        print(f"{plan.domain}: migrated to {plan.target_host}{how}")
                 except VirtdeckError as err:
                     results.append({"domain": plan.domain, "ok": False, "error": str(err)})
                     print(f"virtdeck: {plan.domain}: {err}", file=sys.stderr)

@@ -1,4 +1,11 @@
-"""Move a shut-off domain to another hypervisor, keeping a thin clone thin (offline migrate).
+"""Move a domain to another hypervisor, keeping a thin clone thin: offline (shut off) or live.
+
+Live (a running domain, `live=True`): planned as below, except that the top layer of each
+disk, which the running domain writes, is not streamed: an empty overlay is made for it on
+the target over the layer below (the target's base), and libvirt's live migration fills it
+(tui.core.livemigrate: incremental storage copy, then memory, then the switchover); on
+shared storage only the memory moves. Snapshots are refused (libvirt does not migrate a
+running domain with snapshot metadata; internal ones would not be copied).
 
 Plan (`plan_migrate`, nothing written except a missing template identity, which is a recorded
 fact about a base and is said in the plan):
@@ -42,12 +49,13 @@ import os
 import posixpath
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import libvirt
 
-from tui.core import baseid, domxml, ops, transfer
+from tui.core import baseid, domxml, livemigrate, ops, transfer
+from tui.core.cancel import Interrupted
 from tui.core.catalog import backup_templates, own_images, template_xml
 from tui.core.errors import (
     InvalidInputError,
@@ -64,9 +72,7 @@ from tui.core.storage import Resolver, files_for
 from tui.core.storage.digest import StreamDigest, file_digest
 from tui.core.storage.remote import RemoteFiles
 
-LIVE_REFUSAL = (
-    "live migration is not available yet: shut '{name}' down first and migrate it offline"
-)
+LIVE_HINT = "migrate it running with --live, or shut it down first"
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,24 @@ class Layer:
     backing: str | None  # its backing path on the target
     backing_format: str | None
     rebase: bool  # the backing path changes: qemu-img rebase -u on the target
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class LiveTop:
+    """The layer a running domain writes: created empty on the target (over the layer below
+    it there) and filled by libvirt's incremental storage copy (QEMU's shallow mirror)."""
+
+    disk: str
+    source: str
+    target: str
+    format: str
+    capacity: int
+    allocated_bytes: int
+    backing: str | None
+    backing_format: str | None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -119,6 +143,11 @@ class MigratePlan(ops.PlanDefaults):
     disks: tuple[tuple[str, str, str], ...] = field(default=())  # (target, top on target, fmt)
     shared: str | None = None  # how it is proved that both hosts see the same files
     shared_files: tuple[str, ...] = ()  # the domain's own files there (kept, not copied)
+    live: bool = False  # a running domain, moved by libvirt's live migration
+    tops: tuple[LiveTop, ...] = ()  # live: the layers the running domain writes
+    paths: tuple[tuple[str, str], ...] = ()  # live: source path -> target path of its files
+    max_downtime: int | None = None  # live: milliseconds the domain may be paused at the end
+    bandwidth: int | None = None  # live: MiB/s
 
     @property
     def host(self) -> str:
@@ -134,18 +163,25 @@ class MigratePlan(ops.PlanDefaults):
 
     @property
     def bytes_sent(self) -> int:
-        """Data that crosses for the domain's own layers (holes do not)."""
-        return sum(v.allocated_bytes for v in self.layers)
+        """Data that crosses for the domain's own layers (holes do not; live: the storage
+        copy's estimate, without the memory, which the domain keeps changing)."""
+        return sum(v.allocated_bytes for v in self.layers) + sum(
+            t.allocated_bytes for t in self.tops
+        )
 
     def run(self, hv: Hypervisor, progress: Progress) -> str:
         source = Hypervisor.open(self.source_host)
         try:
-            execute_migrate(source, hv, self, progress)
+            done = execute_migrate(source, hv, self, progress)
         finally:
             source.close()
-        return f"migrated '{self.domain}' to {self.target_host}"
+        return f"migrated '{self.domain}' to {self.target_host}" + (
+            f" live ({done})" if self.live else ""
+        )
 
     def summary(self) -> list[str]:
+        if self.live:
+            return self._live_summary()
         lines = [
             f"migrate '{self.domain}' (shut off) from {self.source_host} to {self.target_host}"
         ]
@@ -160,17 +196,7 @@ class MigratePlan(ops.PlanDefaults):
                 "reads them)",
                 *self.notes,
             ]
-        if self.template_copy is not None:
-            lines.append(
-                f"{self.target_host} has no template with the identity of '{self.template}': "
-                f"copy the template there first ({_mib(self.template_copy.bytes_needed)} of base)"
-            )
-            lines.extend("  " + line for line in self.template_copy.summary())
-        elif self.target_template is not None:
-            lines.append(
-                f"its base is already on {self.target_host}: template '{self.target_template}' "
-                "has the same identity (sha256 of each layer); the base is not sent"
-            )
+        lines.extend(self._template_lines())
         for v in self.layers:
             lines.append(
                 f"  stream {v.source} -> {v.target} ({v.format}, {_mib(v.allocated_bytes)} of "
@@ -217,8 +243,85 @@ class MigratePlan(ops.PlanDefaults):
         lines.extend(self.notes)
         return lines
 
+    def _template_lines(self) -> list[str]:
+        if self.template_copy is not None:
+            return [
+                f"{self.target_host} has no template with the identity of '{self.template}': "
+                f"copy the template there first ({_mib(self.template_copy.bytes_needed)} of base)",
+                *("  " + line for line in self.template_copy.summary()),
+            ]
+        if self.target_template is not None:
+            return [
+                f"its base is already on {self.target_host}: template '{self.target_template}' "
+                "has the same identity (sha256 of each layer); the base is not sent"
+            ]
+        return []
+
+    def _live_summary(self) -> list[str]:
+        limits = [f"at most {self.max_downtime} ms paused"] if self.max_downtime else []
+        limits += [f"at most {self.bandwidth} MiB/s"] if self.bandwidth else []
+        lines = [
+            f"migrate '{self.domain}' live from {self.source_host} to {self.target_host}: it "
+            "keeps running and pauses only for the switchover at the end"
+            + (f" ({', '.join(limits)})" if limits else "")
+        ]
+        if self.shared:
+            lines.append(
+                f"both hosts see the same image files (shared storage: {self.shared}): only "
+                "its memory moves; no file is copied or deleted"
+            )
+        lines.extend(self._template_lines())
+        for v in self.layers:
+            lines.append(
+                f"  stream {v.source} -> {v.target} ({_mib(v.allocated_bytes)}; it is not "
+                "written while the domain runs; sha256 checked on both sides)"
+            )
+        for t in self.tops:
+            lines.append(
+                f"  create {t.target} there over {t.backing or 'nothing (a standalone disk)'}; "
+                f"libvirt copies into it the {_mib(t.allocated_bytes)} the domain wrote in "
+                f"{t.source}, and what it writes meanwhile"
+            )
+        lines.append(
+            f"then its memory; the domain runs on {self.target_host}, defined there (same "
+            f"UUID {self.uuid}, same MAC addresses); the downtime is reported"
+        )
+        if self.keep_source:
+            lines.append(f"the source is kept, stopped, as '{self.keep_source}', with its files")
+        elif not self.shared:
+            lines.append(
+                "then it is undefined on the source and its own files deleted there: "
+                + ", ".join([v.source for v in self.layers] + [t.source for t in self.tops])
+            )
+        else:
+            lines.append(f"then it is undefined on {self.source_host} (its files stay)")
+        lines.append(
+            "an interrupt or a failure before the switchover leaves it running on the source "
+            "and nothing on the target"
+        )
+        if not self.shared:
+            lines.append(
+                f"data sent: {_mib(self.bytes_sent)} of disk (and what it writes meanwhile) "
+                "+ its memory"
+                + (
+                    f" + {_mib(self.template_copy.bytes_needed)} for the template"
+                    if self.template_copy
+                    else ""
+                )  # fmt: skip
+            )
+            lines.append(
+                f"space needed in {self.directory}: {_mib(self.bytes_needed)}"
+                + (f" of {_mib(self.bytes_free)} free" if self.bytes_free is not None else "")
+            )
+        lines.extend(self.notes)
+        return lines
+
     def to_json(self) -> dict[str, Any]:
         return {
+            "live": self.live,
+            "tops": [t.to_json() for t in self.tops],
+            "max_downtime": self.max_downtime,
+            "bandwidth": self.bandwidth,
             "source_host": self.source_host,
             "target_host": self.target_host,
             "domain": self.domain,
@@ -324,12 +427,17 @@ def plan_migrate(
     *,
     directory: str | None = None,
     keep_source: bool = False,
-    live: bool = False,
+    live: bool | None = False,
+    max_downtime: int | None = None,
+    bandwidth: int | None = None,
     progress: Progress = no_progress,
     record: bool = True,
 ) -> MigratePlan:
     """Check everything on both hosts. The only write: a template identity computed now is
-    recorded in its metadata (with `record`; a dry run computes it again next time)."""
+    recorded in its metadata (with `record`; a dry run computes it again next time).
+
+    `live`: True moves a running domain (libvirt's live migration), False a shut-off one,
+    None whichever the domain's state asks for (the dashboard, a drain)."""
     if source.uri == target.uri:
         raise InvalidInputError(f"'{name}' is already on {target.uri}: choose another --to")
     if directory is not None and not directory.startswith("/"):
@@ -339,14 +447,17 @@ def plan_migrate(
         raise InvalidInputError(
             f"'{name}' is a template: copy it with 'virtdeck template copy {name} --to ...'"
         )
-    if live:
-        raise InvalidInputError(LIVE_REFUSAL.format(name=name))
-    if info.state != DomainState.SHUTOFF:
-        raise StateError(
-            f"'{name}' is {info.state.value} on {source.uri}: " + LIVE_REFUSAL.format(name=name)
-        )
+    live = _live_wanted(source, info, live, max_downtime, bandwidth)
     dom = source.lookup(name)
-    if source.call(dom.hasManagedSaveImage, 0, what=name):
+    if live:
+        count = source.call(dom.snapshotNum, 0, what=f"counting the snapshots of '{name}'")
+        if count:
+            raise InvalidInputError(
+                f"'{name}' has {count} snapshot(s): a running domain moves without them "
+                "(libvirt refuses it, and the storage copy does not carry internal snapshots): "
+                "shut it down and migrate it offline"
+            )
+    elif source.call(dom.hasManagedSaveImage, 0, what=name):
         raise StateError(
             f"'{name}' has a saved state on {source.uri}: start it or discard the save first"
         )
@@ -439,8 +550,11 @@ def plan_migrate(
         source, target, src_check, dst_check, every_file + ([seed_path] if seed_path else [])
     )
     if proof is not None:
-        return _plan_shared(source, target, info.uuid, name, xml, owned, proof,
-                            keep_source=keep_source, seed=seed_path)  # fmt: skip
+        shared = _plan_shared(source, target, info.uuid, name, xml, owned, proof,
+                              keep_source=keep_source, seed=seed_path)  # fmt: skip
+        if not live:
+            return shared
+        return replace(shared, live=True, max_downtime=max_downtime, bandwidth=bandwidth)
     where, pool = transfer._pool_dir(dst_files, directory)
 
     # The template on the target, by identity.
@@ -508,8 +622,10 @@ def plan_migrate(
                 v = by_source[base]
                 target_bases[base] = (v.target, v.format)
 
-    # The layers, lowest first, and their places on the target.
+    # The layers, lowest first, and their places on the target (live: the top of each disk,
+    # which the running domain writes, is created there and filled by the storage copy).
     layers: list[Layer] = []
+    tops: list[LiveTop] = []
     paths: dict[str, str] = {}
     disks_out: list[tuple[str, str, str]] = []
     taken = {v.target for v in copy_plan.volumes} if copy_plan else set()
@@ -528,20 +644,16 @@ def plan_migrate(
                 )
             taken.add(dest)
             vol = src_files._volume(img.path) or transfer._source_volume(src_files, img.path)
-            _cap, length, allocation = transfer._physical(source, vol)
-            layers.append(
-                Layer(
-                    disk=disk_t,
-                    source=img.path,
-                    target=dest,
-                    format=img.format or "raw",
-                    file_bytes=length,
-                    allocated_bytes=allocation,
-                    backing=below,
-                    backing_format=below_fmt,
-                    rebase=below is not None and img.backing != below,
-                )
-            )
+            cap, length, allocation = transfer._physical(source, vol)
+            if live and img is links[0]:
+                tops.append(LiveTop(disk_t, img.path, dest, img.format or "raw", cap,
+                                    allocation, below, below_fmt))  # fmt: skip
+            else:
+                layers.append(Layer(
+                    disk=disk_t, source=img.path, target=dest, format=img.format or "raw",
+                    file_bytes=length, allocated_bytes=allocation, backing=below,
+                    backing_format=below_fmt, rebase=below is not None and img.backing != below,
+                ))  # fmt: skip
             paths[img.path] = dest
             below, below_fmt = dest, img.format or "raw"
         disks_out.append((disk_t, paths[links[0].path], links[0].format or "raw"))
@@ -572,17 +684,17 @@ def plan_migrate(
     out_root = domxml.parse(xml)
     _rename_disks(out_root, paths)
     if seed_path is not None:  # the metadata names the seed where it now is
-        from dataclasses import replace as _replace
-
-        domxml.write_meta(out_root, _replace(domxml.read_meta(out_root), seed=paths[seed_path]))
+        domxml.write_meta(out_root, replace(domxml.read_meta(out_root), seed=paths[seed_path]))
     if template is not None and target_template is not None and target_template != template:
         meta = domxml.read_meta(out_root)
         if meta.role == "clone":
-            from dataclasses import replace
-
             domxml.write_meta(out_root, replace(meta, source=target_template))
 
-    needed = sum(v.allocated_bytes for v in layers) + (copy_plan.bytes_needed if copy_plan else 0)
+    needed = (
+        sum(v.allocated_bytes for v in layers)
+        + sum(t.allocated_bytes for t in tops)
+        + (copy_plan.bytes_needed if copy_plan else 0)
+    )
     free = dst_files.free_bytes(where) if pool is not None or dst_files.ssh else None
     if free is not None and needed > free:
         raise InvalidInputError(
@@ -618,7 +730,40 @@ def plan_migrate(
         bytes_free=free,
         notes=tuple(notes),
         disks=tuple(disks_out),
+        live=live,
+        tops=tuple(tops),
+        paths=tuple(paths.items()),
+        max_downtime=max_downtime if live else None,
+        bandwidth=bandwidth if live else None,
     )
+
+
+def _live_wanted(
+    source: Hypervisor,
+    info: Any,
+    live: bool | None,
+    max_downtime: int | None,
+    bandwidth: int | None,
+) -> bool:
+    """Whether the domain moves live (running) or offline (shut off); refusals say why."""
+    name = info.name
+    running = info.state in (DomainState.RUNNING, DomainState.PAUSED, DomainState.BLOCKED)
+    auto = live is None
+    if live is None:
+        live = running
+    if live and not running:
+        raise StateError(
+            f"'{name}' is {info.state.value} on {source.uri}: --live moves a running domain; "
+            "migrate it without --live"
+        )
+    if not live and info.state != DomainState.SHUTOFF:
+        raise StateError(f"'{name}' is {info.state.value} on {source.uri}: {LIVE_HINT}")
+    if not live and not auto and (max_downtime is not None or bandwidth is not None):
+        raise InvalidInputError("--max-downtime and --bandwidth apply to a live migration (--live)")
+    for value, what in ((max_downtime, "--max-downtime"), (bandwidth, "--bandwidth")):
+        if value is not None and value <= 0:
+            raise InvalidInputError(f"{what} {value}: give a positive number")
+    return live
 
 
 def _shared_proof(
@@ -698,13 +843,19 @@ def _plan_shared(
 def _source_unchanged(
     source: Hypervisor, plan: MigratePlan, files: Any, ids: dict[str, Any]
 ) -> None:
-    """The source is still what was planned: shut off, same definition, same files."""
+    """The source is still what was planned: shut off (live: running), same definition, same
+    files."""
     try:
         dom = source.call(source.conn.lookupByUUIDString, plan.uuid)
     except NotFoundError:
         raise StateError(f"'{plan.domain}' is gone from {plan.source_host}; plan again") from None
-    if source.call(dom.isActive):
+    active = bool(source.call(dom.isActive))
+    if active and not plan.live:
         raise StateError(f"'{plan.domain}' was started on {plan.source_host}; nothing was kept")
+    if plan.live and not active:
+        raise StateError(
+            f"'{plan.domain}' stopped on {plan.source_host} meanwhile; migrate it offline"
+        )
     if ops.domain_digest(source, plan.uuid) != plan.source_digest:
         raise StateError(
             f"the definition of '{plan.domain}' changed on {plan.source_host}; plan again"
@@ -712,6 +863,69 @@ def _source_unchanged(
     for path, was in ids.items():
         if files.identity(path) != was:
             raise StateError(f"{path} changed on {plan.source_host} meanwhile; nothing was kept")
+
+
+def _send_layers(
+    source: Hypervisor,
+    target: Hypervisor,
+    plan: MigratePlan,
+    undo: ops.Undo,
+    progress: Progress,
+    pool: Any,
+) -> None:
+    """Stream each layer of the plan (lowest first), check its size, sha256 and qemu-img
+    check there, rebase it onto its new backing path; each file an undo step."""
+    src_pools = RemoteFiles(source, "migrate")
+    dst_pools = RemoteFiles(target, "migrate")
+    dst_files = files_for(target, "migrate")
+    total = sum(v.file_bytes for v in plan.layers) or 1
+    done = 0
+    for v in plan.layers:
+        assert pool is not None
+        if dst_files.lexists(v.target) or dst_pools.lexists(v.target):
+            raise InvalidInputError(f"{v.target} appeared on {target.uri}; nothing was kept")
+        src_vol = transfer._source_volume(src_pools, v.source)
+        label = f"sending {os.path.basename(v.source)}"
+        digest = StreamDigest()
+        with undo.step(f"remove {v.target} on {target.uri}", "delete_file", path=v.target):
+            vol_xml = (
+                f"<volume><name>{transfer._esc(posixpath.basename(v.target))}</name>"
+                f"<capacity unit='bytes'>{v.file_bytes}</capacity>"
+                "<allocation unit='bytes'>0</allocation>"
+                "<target><format type='raw'/></target></volume>"
+            )
+            dst_vol = target.call(pool.pool.createXML, vol_xml, 0, what=f"creating {v.target}")
+            start = done
+
+            def report(n: int, start: int = start, label: str = label) -> None:
+                progress(label, (start + n) / total)
+
+            transfer._stream(source, target, src_vol, dst_vol, v.file_bytes, report, digest)
+        done += v.file_bytes
+        dst_pools._refresh(pool, force=True)
+        got = dst_pools._volume(v.target)
+        if got is None:
+            raise OperationError(f"{v.target} is missing on {target.uri} after the upload")
+        length = transfer._physical(target, got)[1]
+        if length != v.file_bytes:
+            raise OperationError(
+                f"{v.target} on {target.uri} has {length} bytes, the source {v.file_bytes}: "
+                "the copy is incomplete"
+            )
+        progress(f"checksumming {v.target} on {target.uri}", None)
+        if file_digest(target, v.target) != digest.hexdigest():
+            raise OperationError(
+                f"{v.target} on {target.uri} does not have the bytes that were sent "
+                "(sha256 differs): nothing was kept"
+            )
+        if v.rebase and v.backing:
+            progress(f"rebasing {v.target} onto {v.backing}", None)
+            dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
+        if v.format != "raw":  # (a raw file has nothing to check: its sha256 was)
+            progress(f"qemu-img check {v.target}", None)
+            checker = dst_files.qemu_img
+            assert checker is not None  # the plan required local or SSH
+            checker.check(v.target, v.format)
 
 
 def execute_migrate(
@@ -728,67 +942,20 @@ def execute_migrate(
                 f"'{plan.template_copy.template}' appeared on {target.uri} meanwhile; plan again"
             )
         transfer.execute_template_copy(source, target, plan.template_copy, progress)
-    src_pools = RemoteFiles(source, "migrate")
     src_files = files_for(source, "migrate")
     dst_pools = RemoteFiles(target, "migrate")
-    dst_files = files_for(target, "migrate")
     ids = {
         p: src_files.identity(p) for p in [v.source for v in plan.layers] + list(plan.shared_files)
     }
     _source_unchanged(source, plan, src_files, ids)
     if target.exists(plan.domain):
         raise InvalidInputError(f"'{plan.domain}' exists on {target.uri} now; plan again")
-    total = sum(v.file_bytes for v in plan.layers) or 1
-    done = 0
+    if plan.live:
+        return _execute_live(source, target, plan, progress, src_files, ids)
     title = f"migrating '{plan.domain}' from {plan.source_host}"
     with ops.running(target, title, domains=[plan.domain], dirs={plan.directory}) as undo:
         pool = dst_pools.ensure_pool(plan.directory) if plan.layers else None
-        for v in plan.layers:
-            assert pool is not None
-            if dst_files.lexists(v.target) or dst_pools.lexists(v.target):
-                raise InvalidInputError(f"{v.target} appeared on {target.uri}; nothing was kept")
-            src_vol = transfer._source_volume(src_pools, v.source)
-            label = f"sending {os.path.basename(v.source)}"
-            digest = StreamDigest()
-            with undo.step(f"remove {v.target} on {target.uri}", "delete_file", path=v.target):
-                vol_xml = (
-                    f"<volume><name>{transfer._esc(posixpath.basename(v.target))}</name>"
-                    f"<capacity unit='bytes'>{v.file_bytes}</capacity>"
-                    "<allocation unit='bytes'>0</allocation>"
-                    "<target><format type='raw'/></target></volume>"
-                )
-                dst_vol = target.call(pool.pool.createXML, vol_xml, 0, what=f"creating {v.target}")
-                start = done
-
-                def report(n: int, start: int = start, label: str = label) -> None:
-                    progress(label, (start + n) / total)
-
-                transfer._stream(source, target, src_vol, dst_vol, v.file_bytes, report, digest)
-            done += v.file_bytes
-            dst_pools._refresh(pool, force=True)
-            got = dst_pools._volume(v.target)
-            if got is None:
-                raise OperationError(f"{v.target} is missing on {target.uri} after the upload")
-            length = transfer._physical(target, got)[1]
-            if length != v.file_bytes:
-                raise OperationError(
-                    f"{v.target} on {target.uri} has {length} bytes, the source {v.file_bytes}: "
-                    "the copy is incomplete"
-                )
-            progress(f"checksumming {v.target} on {target.uri}", None)
-            if file_digest(target, v.target) != digest.hexdigest():
-                raise OperationError(
-                    f"{v.target} on {target.uri} does not have the bytes that were sent "
-                    "(sha256 differs): nothing was kept"
-                )
-            if v.rebase and v.backing:
-                progress(f"rebasing {v.target} onto {v.backing}", None)
-                dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
-            if v.format != "raw":  # (a raw file has nothing to check: its sha256 was)
-                progress(f"qemu-img check {v.target}", None)
-                checker = dst_files.qemu_img
-                assert checker is not None  # the plan required local or SSH
-                checker.check(v.target, v.format)
+        _send_layers(source, target, plan, undo, progress, pool)
         progress(f"defining '{plan.domain}' on {target.uri}", None)
         undo.push(f"undefine '{plan.domain}' on {target.uri}", "undefine", uuid=plan.uuid,
                   name=plan.domain, snapshots=True)  # fmt: skip
@@ -844,6 +1011,119 @@ def execute_migrate(
     return plan.domain
 
 
+def _execute_live(
+    source: Hypervisor,
+    target: Hypervisor,
+    plan: MigratePlan,
+    progress: Progress,
+    src_files: Any,
+    ids: dict[str, Any],
+) -> str:
+    """The layers below the running one streamed; an overlay made there for each disk the
+    domain writes; then libvirt's live migration fills it and moves the memory. Until the
+    switchover an interrupt or a failure leaves the domain running on the source and removes
+    what was made on the target (journalled on both hosts: `recover`); after it, the domain
+    runs on the target and the source's definition and own files are removed."""
+    title = f"migrating '{plan.domain}' live from {plan.source_host}"
+    with ops.running(target, title, domains=[plan.domain], dirs={plan.directory}) as undo:
+        pool = (
+            RemoteFiles(target, "migrate").ensure_pool(plan.directory) if not plan.shared else None
+        )
+        _send_layers(source, target, plan, undo, progress, pool)
+        _create_tops(target, plan, undo, progress, pool)
+        undo.push(f"stop the incoming '{plan.domain}' on {target.uri}", "live_incoming",
+                  uuid=plan.uuid, name=plan.domain)  # fmt: skip
+        _source_unchanged(source, plan, src_files, ids)
+        side = f"migrating '{plan.domain}' live to {plan.target_host}: the source"
+        with ops.running(source, side, domains=[plan.domain]) as src_undo:
+            src_undo.push(f"resume '{plan.domain}' if the migration left it paused",
+                          "resume_migrated", uuid=plan.uuid, name=plan.domain)  # fmt: skip
+            dom = source.call(source.conn.lookupByUUIDString, plan.uuid, what=plan.domain)
+            root = domxml.parse(source.call(
+                dom.XMLDesc, libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE,
+                what=plan.domain))  # fmt: skip
+            _rename_disks(root, dict(plan.paths))
+            params, flags = livemigrate.parameters(
+                plan.target_host, domxml.to_string(root), plan.xml,
+                [t.disk for t in plan.tops], plan.bandwidth,
+            )  # fmt: skip
+            result = livemigrate.migrate(source, target, plan.uuid, plan.domain, params, flags,
+                                         progress, max_downtime=plan.max_downtime)  # fmt: skip
+            # The switchover happened: the domain runs on the target, which keeps it.
+            undo.commit()
+            src_undo.commit()
+    source.invalidate()
+    target.invalidate()
+    _leave_source_live(source, plan, src_files, progress)
+    done = result.describe()
+    if result.cancelled_too_late:
+        raise Interrupted(
+            f"the migration of '{plan.domain}' had finished when the cancel came: it runs on "
+            f"{plan.target_host} ({done})"
+        )
+    progress(f"'{plan.domain}' runs on {plan.target_host} ({done})", 1.0)
+    return done
+
+
+def _create_tops(
+    target: Hypervisor, plan: MigratePlan, undo: ops.Undo, progress: Progress, pool: Any
+) -> None:
+    """An empty overlay on the target for each disk the running domain writes, over the
+    layer below it there (the template's base or a streamed layer)."""
+    dst_pools = RemoteFiles(target, "migrate")
+    for t in plan.tops:
+        if dst_pools.lexists(t.target):
+            raise InvalidInputError(f"{t.target} appeared on {target.uri}; nothing was kept")
+        backing = (
+            f"<backingStore><path>{transfer._esc(t.backing)}</path>"
+            f"<format type='{transfer._esc(t.backing_format or 'raw')}'/></backingStore>"
+            if t.backing
+            else ""
+        )
+        xml = (
+            f"<volume><name>{transfer._esc(posixpath.basename(t.target))}</name>"
+            f"<capacity unit='bytes'>{t.capacity}</capacity>"
+            f"<target><format type='{transfer._esc(t.format)}'/></target>{backing}</volume>"
+        )
+        progress(f"creating {t.target} on {target.uri}", None)
+        with undo.step(f"remove {t.target} on {target.uri}", "delete_file", path=t.target):
+            target.call(pool.pool.createXML, xml, 0, what=f"creating {t.target}")
+
+
+def _leave_source_live(
+    source: Hypervisor, plan: MigratePlan, src_files: Any, progress: Progress
+) -> None:
+    """After the switchover: the source's definition (shut off now) undefined, or renamed
+    with --keep-source, and its own files deleted; what cannot be is named as left over."""
+    left = []
+    try:
+        dom = source.call(source.conn.lookupByUUIDString, plan.uuid)
+        if source.call(dom.isActive):
+            raise StateError(f"'{plan.domain}' is active on {plan.source_host} again")
+        if plan.keep_source:
+            source.rename(dom, plan.domain, plan.keep_source)
+        else:
+            progress(f"undefining '{plan.domain}' on {plan.source_host}", None)
+            source.undefine_all(dom, what=f"undefining '{plan.domain}' on the source")
+    except NotFoundError:
+        pass  # a transient domain: gone with the migration
+    except VirtdeckError as err:
+        left.append(f"its definition ({err})")
+    source.invalidate()
+    if not plan.keep_source and not plan.shared and not left:
+        for path in [v.source for v in plan.layers] + [t.source for t in plan.tops]:
+            progress(f"deleting {path} on {plan.source_host}", None)
+            try:
+                src_files.delete(path)
+            except VirtdeckError as err:
+                left.append(f"{path} ({err})")
+    if left:
+        raise OperationError(
+            f"'{plan.domain}' runs on {plan.target_host}; left on {plan.source_host}: "
+            + ", ".join(left)
+        )
+
+
 def _redefine(hv: Hypervisor, domain: str, xml: str, *, current: bool) -> None:
     dom = hv.lookup(domain)
     flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
@@ -894,9 +1174,10 @@ class MigrateGroup(ops.PlanDefaults):
                     plan = plan_migrate(
                         source, hv, plan.domain, directory=plan.directory,
                         keep_source=plan.keep_source is not None, progress=progress,
+                        live=plan.live, max_downtime=plan.max_downtime, bandwidth=plan.bandwidth,
                     )  # fmt: skip
-                execute_migrate(source, hv, plan, progress)
-                done.append(plan.domain)
+                result = execute_migrate(source, hv, plan, progress)
+                done.append(f"{plan.domain} (live: {result})" if plan.live else plan.domain)
             except VirtdeckError as err:
                 failed.append(f"{plan.domain}: {err}")
             finally:
@@ -915,13 +1196,15 @@ def plan_group(
     *,
     directory: str | None = None,
 ) -> MigrateGroup:
-    """One plan per (host, name); a member refused is named, the others go on. Refused all:
-    the first refusal is raised."""
+    """One plan per (host, name), live for a running domain, offline for a shut-off one; a
+    member refused is named, the others go on. Refused all: the first refusal is raised."""
     plans, refused = [], []
     first: VirtdeckError | None = None
     for host, name in members:
         try:
-            plans.append(plan_migrate(source_of(host), target, name, directory=directory))
+            plans.append(
+                plan_migrate(source_of(host), target, name, directory=directory, live=None)
+            )
         except VirtdeckError as err:
             first = first or err
             refused.append(f"{name}: {err}")

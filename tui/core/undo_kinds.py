@@ -6,7 +6,7 @@ recovery notice) imports this module first, so every kind has its handler; a tes
 that every kind pushed anywhere in `tui` is registered once this is imported.
 """
 
-from tui.core import groups, ops
+from tui.core import groups, livemigrate, ops
 from tui.core.snapshots import common, delete
 
-__all__ = ["groups", "ops", "common", "delete"]
+__all__ = ["groups", "livemigrate", "ops", "common", "delete"]

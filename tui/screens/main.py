@@ -109,6 +109,16 @@ class MigratePlanned(Message):
     plan: Any  # tui.core.migrate.MigrateGroup
 
 
+@dataclass
+class MigrateProgress(Message):
+    """How a running migration goes (shown in the header's second line)."""
+
+    text: str
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, MigrateProgress)
+
+
 def binding_ids() -> set[str]:
     """Every binding id a config file's [keys] table may rebind."""
     ids = {b.id for b in MainScreen.BINDINGS if isinstance(b, Binding) and b.id}
@@ -398,12 +408,20 @@ class MainScreen(Screen[None]):
 
     @work(thread=True, exit_on_error=False, group="plan", description="migrating")
     def _run_migrate(self, plan: Any) -> None:
-        progress: Progress = lambda _text, _fraction: None  # noqa: E731
+        def progress(text: str, fraction: float | None) -> None:
+            share = f" ({fraction:.0%})" if fraction is not None else ""
+            self.post_message(MigrateProgress(text + share))
+
         try:
             text = plan.run(self.vapp.hypervisor(plan.host), progress)
         finally:
+            self.post_message(MigrateProgress(""))
             self.app.call_from_thread(self.vapp.refresh_inventory)
         self.post_message(GroupDone(text))
+
+    @on(MigrateProgress)
+    def _migrate_progress(self, message: MigrateProgress) -> None:
+        self.sub_title = message.text
 
     def action_details(self) -> None:
         info = self._need_selection()
