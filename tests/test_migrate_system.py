@@ -132,7 +132,10 @@ def test_migrate_a_thin_clone_sends_only_its_own_layers(
         result = json.loads(ok(out, 1))
         plan = result["plans"][0]
         # c3's plan also said "copy the template first"; it is planned again on c1's copy.
-        assert result["results"] == [{"domain": c1, "ok": True}, {"domain": c3, "ok": True}]
+        assert result["results"] == [
+            {"domain": c1, "ok": True, "live": False},
+            {"domain": c3, "ok": True, "live": False},
+        ]
         assert target.has(c3) and not o3.exists()
         assert plan["template_copy"] is not None
         # Bytes sent for the clone: its own allocation, not the base's.

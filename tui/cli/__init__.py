@@ -77,7 +77,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "reclaim",
         "delete overlays in virtdeck's image directories that nothing reads (plan first)",
     ),
-    "migrate": ("migrate", "move shut-off domains to another hypervisor (a thin clone stays thin)"),
+    "migrate": (
+        "migrate",
+        "move domains to another hypervisor, offline or live (a thin clone stays thin)",
+    ),
     "recover": (
         "recover",
         "list, and with --yes roll back, operations a crash or kill left half-done",

@@ -1,4 +1,4 @@
-"""`virtdeck migrate`: move shut-off domains to another hypervisor (tui.core.migrate)."""
+"""`virtdeck migrate`: move domains to another hypervisor, offline or live (tui.core.migrate)."""
 
 from __future__ import annotations
 
