@@ -124,7 +124,7 @@ start_event_loop()
 s, t = Hypervisor.open(src), Hypervisor.open(dst)
 plan = migrate.plan_migrate(s, t, name, live=True, bandwidth=8)
 def progress(message, fraction):
-    if message.startswith(moment):
+    if message.startswith(moment) and (moment != "migrating" or "sent" in message):
         os.kill(os.getpid(), signal.SIGKILL)
 migrate.execute_migrate(s, t, plan, progress)
 print("finished")
@@ -193,6 +193,25 @@ def test_an_interrupted_live_migration_leaves_it_running_on_the_source(
                                  capture_output=True, text=True, timeout=300)  # fmt: skip
             assert rec.returncode == 0, rec.stderr
             whole()
+        # Killed after the switchover, while the source's copy is removed: `recover`
+        # finishes it (the finished result), and never touches what runs on B.
+        proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, ssh_root_uri, session_uri, c,
+                               "undefining"], capture_output=True, text=True, env=env,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == -9, proc.stderr
+        assert ops.pending()
+        rec = subprocess.run([sys.executable, "-m", "tui", "recover", "--yes"], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert rec.returncode == 0, rec.stderr
+        assert not ops.pending()
+        assert state_on(target.conn, c) == (libvirt.VIR_DOMAIN_RUNNING, True)
+        assert reads(str(target.dir / overlay.name), 0x42, "48M")
+        lab.hv.invalidate()
+        assert not lab.hv.exists(c) and not overlay.exists()
+        # ... and back, live, for the signals to the command.
+        back = migrate.plan_migrate(dest, source, c, live=True, directory=str(lab.dir))
+        migrate.execute_migrate(dest, source, back)
+        assert overlay.exists() and not target.has(c)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             cmd = subprocess.Popen(
                 [sys.executable, "-m", "tui", "-c", ssh_root_uri, "migrate", c, "--to",

@@ -15,8 +15,10 @@ Undo kinds, for what an interrupt, a crash or a kill leaves:
   persistent, or paused by the migration) is destroyed. One that runs there defined is the
   migration's finished result: never touched (its files are then in use, so the journal's
   file deletions skip them too).
-- `resume_migrated` (source): the source left paused by the migration (the client died
-  between the end of the transfer and the switchover) runs again.
+- `live_source` (source): before the switchover, the domain left paused by the migration
+  (the client died between the end of the transfer and the switchover) runs again; after
+  it (the domain runs on the target, defined), the source's shut-off copy is removed as the
+  plan said (definition undefined or renamed, own files deleted): the finished result.
 """
 
 from __future__ import annotations
@@ -248,15 +250,50 @@ def _stop_incoming(hv: Hypervisor, uuid: str, name: str) -> None:
         hv.invalidate()
 
 
-@ops.undo_kind("resume_migrated")
-def _resume_migrated(hv: Hypervisor, uuid: str, name: str) -> None:
+@ops.undo_kind("live_source")
+def _live_source(
+    hv: Hypervisor, uuid: str, name: str, target: str, files: list[str], keep: str | None = None
+) -> None:
+    """The source side of an interrupted live migration, whichever side of the switchover
+    the interrupt fell on: before it, the domain runs here (resumed if the migration left it
+    paused); after it, the domain runs on `target`, and the source's copy (its shut-off
+    definition, its own `files`) is removed as the plan said, or renamed to `keep`."""
     try:
         dom = hv.call(hv.conn.lookupByUUIDString, uuid)
     except NotFoundError:
+        dom = None
+    if dom is not None and hv.call(dom.isActive):
+        state, reason = hv.call(dom.state, 0)
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
+            hv.call(dom.resume, what=f"resuming '{name}'")
+            hv.invalidate()
         return
-    if not hv.call(dom.isActive):
-        return  # shut off: the migration finished (it runs on the target) or it never ran
-    state, reason = hv.call(dom.state, 0)
-    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
-        hv.call(dom.resume, what=f"resuming '{name}'")
-        hv.invalidate()
+    if not _runs_on(target, uuid):
+        return  # it never left (or was stopped here since): nothing of the migration to finish
+    if dom is not None and hv.call(dom.name) == name:
+        if keep:
+            hv.rename(dom, name, keep)
+        else:
+            hv.undefine_all(dom, what=f"undefining '{name}' (it runs on {target})")
+    hv.invalidate()
+    if keep:
+        return
+    from tui.core.storage import files_for
+
+    store = files_for(hv, "migrate", define_pools=False)
+    for path in files:
+        if store.lexists(path) and not ops.users_of(hv, path, frozenset()):
+            store.delete(path)
+
+
+def _runs_on(uri: str, uuid: str) -> bool:
+    """Whether the domain with `uuid` runs on `uri`, defined there (the migration's finished
+    result). A host that does not answer raises (recover tries again later)."""
+    other = Hypervisor.open(uri)
+    try:
+        dom = other.call(other.conn.lookupByUUIDString, uuid)
+        return bool(other.call(dom.isActive)) and _receiving(other, uuid) is None
+    except NotFoundError:
+        return False
+    finally:
+        other.close()

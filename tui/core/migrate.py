@@ -1036,8 +1036,12 @@ def _execute_live(
         _source_unchanged(source, plan, src_files, ids)
         side = f"migrating '{plan.domain}' live to {plan.target_host}: the source"
         with ops.running(source, side, domains=[plan.domain]) as src_undo:
-            src_undo.push(f"resume '{plan.domain}' if the migration left it paused",
-                          "resume_migrated", uuid=plan.uuid, name=plan.domain)  # fmt: skip
+            src_undo.push(
+                f"resume '{plan.domain}' if the migration left it paused, or remove its copy "
+                f"here once it runs on {plan.target_host}", "live_source", uuid=plan.uuid,
+                name=plan.domain, target=plan.target_host, files=_own_files(plan),
+                keep=plan.keep_source,
+            )  # fmt: skip
             dom = source.call(source.conn.lookupByUUIDString, plan.uuid, what=plan.domain)
             root = domxml.parse(source.call(
                 dom.XMLDesc, libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE,
@@ -1049,12 +1053,13 @@ def _execute_live(
             )  # fmt: skip
             result = livemigrate.migrate(source, target, plan.uuid, plan.domain, params, flags,
                                          progress, max_downtime=plan.max_downtime)  # fmt: skip
-            # The switchover happened: the domain runs on the target, which keeps it.
+            # The switchover happened: the domain runs on the target, which keeps it; the
+            # source's copy goes (an interrupt now: the journal's live_source finishes it).
             undo.commit()
+            _leave_source_live(source, plan, src_files, progress)
             src_undo.commit()
     source.invalidate()
     target.invalidate()
-    _leave_source_live(source, plan, src_files, progress)
     done = result.describe()
     if result.cancelled_too_late:
         raise Interrupted(
@@ -1090,6 +1095,13 @@ def _create_tops(
             target.call(pool.pool.createXML, xml, 0, what=f"creating {t.target}")
 
 
+def _own_files(plan: MigratePlan) -> list[str]:
+    """The source's files that go once the domain runs on the target."""
+    if plan.keep_source or plan.shared:
+        return []
+    return [v.source for v in plan.layers] + [t.source for t in plan.tops]
+
+
 def _leave_source_live(
     source: Hypervisor, plan: MigratePlan, src_files: Any, progress: Progress
 ) -> None:
@@ -1110,8 +1122,8 @@ def _leave_source_live(
     except VirtdeckError as err:
         left.append(f"its definition ({err})")
     source.invalidate()
-    if not plan.keep_source and not plan.shared and not left:
-        for path in [v.source for v in plan.layers] + [t.source for t in plan.tops]:
+    if not left:
+        for path in _own_files(plan):
             progress(f"deleting {path} on {plan.source_host}", None)
             try:
                 src_files.delete(path)

@@ -658,7 +658,7 @@ def _check_file(hv: Hypervisor, action: UndoAction, live: bool, owned: frozenset
         if isinstance(ctime, int) and ctime / 1e9 < action.at - 2:
             return f"{path} is older than the step that would have made it"
     if was is None or now != was:
-        users = _users_of(hv, path, owned)
+        users = users_of(hv, path, owned)
         if users:
             return f"{path} is in use by {', '.join(users)} (not this operation's)"
         if now is None and was is not None and not live:
@@ -671,7 +671,7 @@ def _replaced(was: dict[str, Any], now: dict[str, Any]) -> bool:
     return bool(keys) and any(was[k] != now[k] for k in keys)
 
 
-def _users_of(hv: Hypervisor, path: str, owned: frozenset[str]) -> list[str]:
+def users_of(hv: Hypervisor, path: str, owned: frozenset[str]) -> list[str]:
     """Domains (other than those in `owned`) whose definition names `path` as a disk."""
     from tui.core import domxml
 
