@@ -65,7 +65,7 @@ async def render(outdir: Path) -> list[Path]:
 
 async def render_group(app: VirtdeckApp, pilot: Any, outdir: Path) -> Path:
     """A group plan: the clones of template-web marked (t), one snapshot for all (n)."""
-    from tui.screens.confirm import PlanScreen
+    from tui.modals.confirm import PlanScreen
 
     await pilot.pause(0.3)
     await pilot.press("1")

@@ -10,7 +10,7 @@ from tui.app import VirtdeckApp
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
 from tui.core.testdriver import DomainSpec, node_xml
-from tui.screens.confirm import ConfirmScreen
+from tui.modals.confirm import ConfirmScreen
 from tui.widgets.domains import DomainsTable
 
 

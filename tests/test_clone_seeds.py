@@ -162,8 +162,8 @@ async def test_the_deploy_form_offers_seeds_with_a_static_address(lab: Lab, key:
 
     from tests.test_templates_tui import select, start, wait_for
     from tui.app import VirtdeckApp
-    from tui.screens.confirm import PlanScreen
-    from tui.screens.template_forms import DeployScreen
+    from tui.modals.confirm import PlanScreen
+    from tui.modals.template_forms import DeployScreen
 
     app = VirtdeckApp([lab.hv])
     async with app.run_test(size=(160, 50)) as pilot:

@@ -162,8 +162,8 @@ async def test_the_import_form_plans_and_imports(lab: Lab, tmp_path: Path) -> No
 
     from tests.test_templates_tui import start, wait_for
     from tui.app import VirtdeckApp
-    from tui.screens.confirm import PlanScreen
-    from tui.screens.template_forms import ImportScreen, name_from_source
+    from tui.modals.confirm import PlanScreen
+    from tui.modals.template_forms import ImportScreen, name_from_source
 
     assert name_from_source("https://x/debian-12-genericcloud-amd64.qcow2") == (
         "debian-12-genericcloud-amd64"

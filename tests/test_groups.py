@@ -20,9 +20,9 @@ from tui.core.errors import InvalidInputError, NotFoundError, OperationError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState, VirtdeckMeta
 from tui.core.testdriver import DiskSpec, DomainSpec, node_xml
-from tui.screens.confirm import PlanScreen
-from tui.screens.group_forms import MatchScreen
-from tui.screens.snapshot_forms import NewSnapshotScreen
+from tui.modals.confirm import PlanScreen
+from tui.modals.group_forms import MatchScreen
+from tui.modals.snapshot_forms import NewSnapshotScreen
 from tui.widgets.domains import DomainsTable
 
 

@@ -230,8 +230,8 @@ async def test_deploy_form_checks_the_key_and_the_plan_shows_each_identity(
 
     from tests.test_templates_tui import select, start, wait_for
     from tui.app import VirtdeckApp
-    from tui.screens.confirm import PlanScreen
-    from tui.screens.template_forms import DeployScreen
+    from tui.modals.confirm import PlanScreen
+    from tui.modals.template_forms import DeployScreen
 
     (tmp_path / "bad.pub").write_text("not a key\n")
     app = VirtdeckApp([lab.hv])

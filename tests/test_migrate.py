@@ -82,8 +82,8 @@ async def test_key_m_asks_for_the_target_host_and_directory(tmp_path: Path) -> N
     from tui.app import VirtdeckApp
     from tui.core import demo
     from tui.core.hypervisor import Hypervisor
-    from tui.screens.confirm import PlanScreen
-    from tui.screens.migrate_form import MigrateScreen
+    from tui.modals.confirm import PlanScreen
+    from tui.modals.migrate_form import MigrateScreen
     from tui.widgets.domains import DomainsTable
 
     with pytest.MonkeyPatch.context() as mp:

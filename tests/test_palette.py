@@ -11,7 +11,7 @@ from textual.command import CommandList, CommandPalette
 from tui.app import VirtdeckApp
 from tui.core import demo
 from tui.core.hypervisor import Hypervisor
-from tui.screens.confirm import PlanScreen
+from tui.modals.confirm import PlanScreen
 from tui.screens.palette import EverythingCommands
 from tui.widgets.domains import DomainsTable
 

@@ -9,8 +9,8 @@ from textual.app import App
 from textual.widgets import Button
 
 from tests.waiting import wait_for
-from tui.screens.confirm import PlanScreen
-from tui.screens.template_forms import DeployScreen
+from tui.modals.confirm import PlanScreen
+from tui.modals.template_forms import DeployScreen
 
 
 @dataclass(frozen=True)

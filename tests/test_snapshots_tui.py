@@ -13,8 +13,8 @@ from tui.app import VirtdeckApp
 from tui.core import snapshots as S
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
-from tui.screens.confirm import PlanScreen
-from tui.screens.snapshot_forms import NewSnapshotScreen
+from tui.modals.confirm import PlanScreen
+from tui.modals.snapshot_forms import NewSnapshotScreen
 from tui.widgets.domains import DomainsTable
 from tui.widgets.snapshots_pane import SnapshotsPane
 

@@ -15,7 +15,7 @@ from tests.lab import SystemLab
 from tui.app import VirtdeckApp
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
-from tui.screens.confirm import ConfirmScreen
+from tui.modals.confirm import ConfirmScreen
 from tui.widgets.domains import DomainsTable
 
 pytestmark = pytest.mark.system

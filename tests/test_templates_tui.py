@@ -20,8 +20,8 @@ from tests.test_templates import Lab, uefi_template
 from tests.waiting import wait_for
 from tui.app import VirtdeckApp
 from tui.core.models import DomainState
-from tui.screens.confirm import PlanScreen
-from tui.screens.template_forms import (
+from tui.modals.confirm import PlanScreen
+from tui.modals.template_forms import (
     DeployScreen,
     MakeTemplateScreen,
 )

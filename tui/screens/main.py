@@ -36,11 +36,11 @@ from tui.core.catalog import Template
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo, DomainState, HostInfo
 from tui.core.progress import Progress
-from tui.screens.confirm import ConfirmScreen, PlanScreen
+from tui.modals.confirm import ConfirmScreen, PlanScreen
+from tui.modals.group_forms import MatchScreen
+from tui.modals.migrate_form import MigrateScreen
+from tui.modals.snapshot_forms import NewSnapshotScreen, SnapshotRequest
 from tui.screens.details import DetailsScreen
-from tui.screens.group_forms import MatchScreen
-from tui.screens.migrate_form import MigrateScreen
-from tui.screens.snapshot_forms import NewSnapshotScreen, SnapshotRequest
 from tui.screens.terminal import AttachReady, hand_over, prepare
 from tui.widgets.base import Pane
 from tui.widgets.domains import DomainsTable

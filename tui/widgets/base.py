@@ -29,7 +29,7 @@ from textual.worker import Worker, WorkerState
 from tui.core.models import DomainInfo
 from tui.core.ops import Plan
 from tui.core.progress import Progress
-from tui.screens.confirm import PlanScreen
+from tui.modals.confirm import PlanScreen
 
 if TYPE_CHECKING:
     from tui.app import VirtdeckApp

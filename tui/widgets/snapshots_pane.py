@@ -33,7 +33,7 @@ from tui.core.ops import Plan
 from tui.core.progress import Progress
 from tui.core.snapshots import SnapshotNode, SnapshotTree
 from tui.core.units import size
-from tui.screens.snapshot_forms import NewSnapshotScreen, SnapshotRequest
+from tui.modals.snapshot_forms import NewSnapshotScreen, SnapshotRequest
 from tui.widgets.base import Pane, PlanDone
 
 

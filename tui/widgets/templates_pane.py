@@ -37,7 +37,7 @@ from tui.core.ops import Plan
 from tui.core.progress import Progress
 from tui.core.templates import Template
 from tui.core.units import size
-from tui.screens.template_forms import (
+from tui.modals.template_forms import (
     DeployRequest,
     DeployScreen,
     ImportRequest,
