@@ -8,6 +8,7 @@ from typing import Any
 
 from tui.cli import print_json, stderr_progress
 from tui.cli.groups import add_group_options, members, need_selection
+from tui.core.cancel import cancelled
 from tui.core.errors import InvalidInputError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 
@@ -150,6 +151,8 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                         how = f" live ({done})" if plan.live else ""
                         print(f"{plan.domain}: migrated to {plan.target_host}{how}")
                 except VirtdeckError as err:
+                    if cancelled():  # a signal ended its child: the interrupt, not a failure
+                        raise
                     results.append({"domain": plan.domain, "ok": False, "error": str(err)})
                     print(f"virtdeck: {plan.domain}: {err}", file=sys.stderr)
                     status = 1

@@ -1191,6 +1191,10 @@ class MigrateGroup(ops.PlanDefaults):
                 result = execute_migrate(source, hv, plan, progress)
                 done.append(f"{plan.domain} (live: {result})" if plan.live else plan.domain)
             except VirtdeckError as err:
+                if ops.cancelled():  # stopped: the rest are not started
+                    raise ops.Interrupted(
+                        f"{err}; migrated before it: {', '.join(done) or 'none'}"
+                    ) from None
                 failed.append(f"{plan.domain}: {err}")
             finally:
                 source.close()
