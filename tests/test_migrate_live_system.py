@@ -241,3 +241,65 @@ def test_an_interrupted_live_migration_leaves_it_running_on_the_source(
         source.close()
         dest.close()
         target.cleanup([c, tname], files)
+
+
+def test_uefi_variables_move_with_the_domain_offline_and_live(
+    host_lab: SystemLab, ssh_root_uri: str, session_uri: str, peers: Target
+) -> None:
+    """A UEFI domain (OVMF, its NVRAM holding a marker): offline to B, its variables beside
+    its disk there, the source's file gone; started there, then live back to A."""
+    import hashlib
+
+    from tests.test_clones_system import MARKER, NVRAM_DIR, OVMF_CODE, OVMF_VARS
+    from tui.core import migrate
+    from tui.core.hypervisor import Hypervisor
+
+    lab, target = host_lab, peers
+    name = lab.name("efi")
+    disk = lab.disk("efi.qcow2", "64M")
+    write(disk, 0x61, "4M")
+    nvram = NVRAM_DIR / f"{name}_VARS.fd"
+    vars_ = bytearray(Path(OVMF_VARS).read_bytes())
+    vars_[-len(MARKER) :] = MARKER
+    nvram.write_bytes(bytes(vars_))
+    os.chmod(nvram, 0o600)
+    digest = hashlib.sha256(bytes(vars_)).hexdigest()
+    lab.hv.conn.defineXML(f"""
+    <domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+      <os><type arch='x86_64' machine='q35'>hvm</type>
+        <loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>
+        <nvram template='{OVMF_VARS}'>{nvram}</nvram></os>
+      <features><acpi/></features>
+      <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+        <source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices>
+    </domain>""")
+    source, dest = Hypervisor.open(ssh_root_uri), Hypervisor.open(session_uri)
+    there = target.dir / f"{name}_VARS.fd"
+    back = lab.dir / f"{name}_VARS.fd"
+    try:
+        plan = migrate.plan_migrate(source, dest, name)
+        assert plan.nvram == (str(nvram), str(there), len(vars_))
+        assert any("UEFI variables" in line for line in plan.summary())
+        migrate.execute_migrate(source, dest, plan)
+        root = ET.fromstring(target.conn.lookupByName(name).XMLDesc(0))
+        assert root.findtext("os/nvram") == str(there)
+        assert hashlib.sha256(there.read_bytes()).hexdigest() == digest
+        assert not nvram.exists() and not Path(disk).exists()
+        target.conn.lookupByName(name).create()  # OVMF starts on B with its variables
+
+        # Live back to A (into the lab's directory): the variables come along.
+        dest.invalidate()
+        plan = migrate.plan_migrate(dest, source, name, live=True, directory=str(lab.dir))
+        assert plan.live and plan.nvram is not None and plan.nvram[1] == str(back)
+        migrate.execute_migrate(dest, source, plan)
+        assert state_on(lab.hv.conn, name) == (libvirt.VIR_DOMAIN_RUNNING, True)
+        root = ET.fromstring(lab.hv.conn.lookupByName(name).XMLDesc(0))
+        assert root.findtext("os/nvram") == str(back)
+        assert MARKER in back.read_bytes()
+        assert reads(disk, 0x61, "4M")
+        assert not target.has(name) and not there.exists()
+    finally:
+        source.close()
+        dest.close()
+        target.cleanup([name], [there.name, Path(disk).name])
+        nvram.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -276,6 +277,27 @@ def test_interrupted_or_killed_migration_leaves_the_vm_whole_on_the_source(
             assert not ops.pending()
             lab.hv.invalidate()
             whole()
+        # SIGTERM and SIGHUP (a dropped SSH session) to the command itself, while it streams
+        # and once the target has the bytes: one line, the signal's exit status, as before.
+        for sig, moment in ((signal.SIGTERM, "sending"), (signal.SIGHUP, "checksumming")):
+            cmd = subprocess.Popen(
+                [sys.executable, "-m", "tui", "-c", ssh_root_uri, "migrate", c, "--to",
+                 session_uri], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env=env,
+            )  # fmt: skip
+            assert cmd.stderr is not None
+            seen = []
+            for line in cmd.stderr:
+                seen.append(line)
+                if line.startswith(f"virtdeck: {moment}"):
+                    cmd.send_signal(sig)
+                    break
+            _out, rest = cmd.communicate(timeout=120)
+            err = "".join(seen) + rest
+            assert cmd.returncode == 128 + sig and "Traceback" not in err, err
+            lab.hv.invalidate()
+            whole()
+            assert not ops.pending()
         # And then it goes through (as the dashboard's `M` runs it: tui.core.migrate.MigrateGroup).
         group = migrate.plan_group(lambda _uri: source, dest, [(ssh_root_uri, c)])
         assert "migrated" in group.run(dest, lambda _t, _f: None)

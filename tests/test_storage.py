@@ -158,3 +158,24 @@ def _dom(name: str, path: str) -> str:
         f"<driver name='qemu' type='qcow2'/><source file='{path}'/><target dev='vda'/></disk>"
         "</devices></domain>"
     )
+
+
+def test_small_files_are_read_whole_and_written_new_never_over_another(
+    test_hv: Hypervisor, tmp_path: Path
+) -> None:
+    """NVRAM variables move as small files (tui.core.migrate): read whole, written new (0600);
+    an existing file is never overwritten, a file over the limit never read."""
+    from tui.core.storage.local import AlreadyExists
+
+    files = LocalFiles(test_hv, "migrate")
+    path = str(tmp_path / "vm_VARS.fd")
+    files.write_small(path, b"\x00efi\xff" * 1000)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert files.read_small(path) == b"\x00efi\xff" * 1000
+    with pytest.raises(AlreadyExists):
+        files.write_small(path, b"other")
+    assert files.read_small(path) == b"\x00efi\xff" * 1000
+    with pytest.raises(OperationError, match="larger than"):
+        files.read_small(path, limit=100)
+    with pytest.raises(OperationError, match="does not exist"):
+        files.read_small(str(tmp_path / "missing"))

@@ -148,6 +148,7 @@ class MigratePlan(ops.PlanDefaults):
     paths: tuple[tuple[str, str], ...] = ()  # live: source path -> target path of its files
     max_downtime: int | None = None  # live: milliseconds the domain may be paused at the end
     bandwidth: int | None = None  # live: MiB/s
+    nvram: tuple[str, str, int] | None = None  # UEFI variables: source, target path, bytes
 
     @property
     def host(self) -> str:
@@ -204,6 +205,7 @@ class MigratePlan(ops.PlanDefaults):
             )
             if v.rebase:
                 lines.append(f"  rebase {v.target} onto {v.backing} (same data, new path)")
+        lines.extend(self._nvram_lines())
         lines.append("check each layer there with qemu-img check")
         lines.append(
             f"define '{self.domain}' there (same UUID {self.uuid}, same MAC addresses)"
@@ -257,6 +259,12 @@ class MigratePlan(ops.PlanDefaults):
             ]
         return []
 
+    def _nvram_lines(self) -> list[str]:
+        if self.nvram is None:
+            return []
+        src, dest, size = self.nvram
+        return [f"  copy its UEFI variables {src} -> {dest} ({size} bytes)"]
+
     def _live_summary(self) -> list[str]:
         limits = [f"at most {self.max_downtime} ms paused"] if self.max_downtime else []
         limits += [f"at most {self.bandwidth} MiB/s"] if self.bandwidth else []
@@ -282,6 +290,7 @@ class MigratePlan(ops.PlanDefaults):
                 f"libvirt copies into it the {_mib(t.allocated_bytes)} the domain wrote in "
                 f"{t.source}, and what it writes meanwhile"
             )
+        lines.extend(self._nvram_lines())
         lines.append(
             f"then its memory; the domain runs on {self.target_host}, defined there (same "
             f"UUID {self.uuid}, same MAC addresses); the downtime is reported"
@@ -434,14 +443,117 @@ def plan_migrate(
     record: bool = True,
 ) -> MigratePlan:
     """Check everything on both hosts. The only write: a template identity computed now is
-    recorded in its metadata (with `record`; a dry run computes it again next time).
-
-    `live`: True moves a running domain (libvirt's live migration), False a shut-off one,
-    None whichever the domain's state asks for (the dashboard, a drain)."""
+    recorded in its metadata (with `record`; a dry run computes it again next time). `live`:
+    True moves a running domain, False a shut-off one, None as its state asks (a drain)."""
     if source.uri == target.uri:
         raise InvalidInputError(f"'{name}' is already on {target.uri}: choose another --to")
     if directory is not None and not directory.startswith("/"):
         raise InvalidInputError(f"--dir '{directory}' is not an absolute path on {target.uri}")
+    info, live, xml, root, seed = _check_domain(source, target, name, live, max_downtime, bandwidth)
+    nvram_src = (root.findtext("os/nvram") or "").strip() or None
+    dst_files = RemoteFiles(target, "migrate")
+    notes: list[str] = []
+    owned, every_file, template = _owned_layers(source, root, name)
+    # Existence on the target is asked where it can be answered (this machine, or SSH): a
+    # directory in no storage pool is not "empty" to virtdeck.
+    dst_check = files_for(target, "migrate", define_pools=False)
+    src_check = files_for(source, "migrate", define_pools=False)
+    seed_path = seed.path if seed is not None else None
+    proof = _shared_proof(
+        source, target, src_check, dst_check, every_file + ([seed_path] if seed_path else [])
+    )
+    if proof is not None:
+        if nvram_src:
+            raise InvalidInputError(
+                f"'{name}' keeps UEFI variables in {nvram_src}: carrying them between hosts on "
+                "shared storage is not built yet; nothing was changed"
+            )
+        shared = _plan_shared(source, target, info.uuid, name, xml, owned, proof,
+                              keep_source=keep_source, seed=seed_path)  # fmt: skip
+        return replace(shared, live=live, max_downtime=max_downtime if live else None,
+                       bandwidth=bandwidth if live else None)  # fmt: skip
+    where, pool = transfer._pool_dir(dst_files, directory)
+    nvram = _plan_nvram(source, src_check, dst_check, name, nvram_src, where)
+    target_template, copy_plan, target_bases = _match_template(
+        source, target, name, template, owned, where, notes, progress, record
+    )
+    layers, tops, paths, disks_out = _place_layers(
+        source, target, owned, target_bases, copy_plan, where, live, seed, dst_check
+    )
+    snaps = _snapshot_metas(source, name, paths)
+    target_xml = _target_xml(xml, paths, nvram, seed_path, template, target_template)
+    needed = sum(v.allocated_bytes for v in layers) + sum(t.allocated_bytes for t in tops)
+    needed += (nvram[2] if nvram else 0) + (copy_plan.bytes_needed if copy_plan else 0)
+    free = _space(target, dst_files, where, pool, needed, copy_plan is None, notes)
+    kept = _kept_name(source, name) if keep_source else None
+    return MigratePlan(
+        source_host=source.uri,
+        target_host=target.uri,
+        domain=name,
+        uuid=info.uuid,
+        directory=where,
+        pool=pool,
+        template=template,
+        target_template=target_template,
+        template_copy=copy_plan,
+        layers=tuple(layers),
+        xml=target_xml,
+        source_xml=xml,
+        source_digest=ops.xml_digest(xml),
+        snapshots=tuple(snaps),
+        keep_source=kept,
+        bytes_needed=needed,
+        bytes_free=free,
+        notes=tuple(notes), disks=tuple(disks_out), live=live,
+        tops=tuple(tops),
+        paths=tuple(paths.items()),
+        max_downtime=max_downtime if live else None,
+        bandwidth=bandwidth if live else None,
+        nvram=nvram,
+    )  # fmt: skip
+
+
+def _kept_name(source: Hypervisor, name: str) -> str:
+    kept = f"{name}-migrated"
+    if source.exists(kept):
+        raise InvalidInputError(f"'{kept}' already exists on {source.uri}: cannot keep a copy")
+    return kept
+
+
+def _space(
+    target: Hypervisor,
+    dst_files: RemoteFiles,
+    where: str,
+    pool: str | None,
+    needed: int,
+    no_copy: bool,
+    notes: list[str],
+) -> int | None:
+    """The target's free space where the files land (None: not known), refused when it is
+    short; what the pool notes say is added to `notes`."""
+    free = dst_files.free_bytes(where) if pool is not None or dst_files.ssh else None
+    if free is not None and needed > free:
+        raise InvalidInputError(
+            f"not enough space in {where} on {target.uri}: {_mib(needed)} needed, {_mib(free)} free"
+        )
+    if pool is None and no_copy:
+        notes.extend(dst_files.pool_notes([where + "/x"]))
+    estimate = dst_files.free_note(where) if free is not None else None
+    if estimate:
+        notes.append(estimate)
+    return free
+
+
+def _check_domain(
+    source: Hypervisor,
+    target: Hypervisor,
+    name: str,
+    live: bool | None,
+    max_downtime: int | None,
+    bandwidth: int | None,
+) -> tuple[Any, bool, str, ET.Element, Any]:
+    """The domain can move (state, disks, saved state, snapshots when live, no collision on
+    the target): (its info, live or not, its inactive XML, parsed, its cloud-init seed)."""
     info = source.domain(name)
     if info.is_template:
         raise InvalidInputError(
@@ -465,11 +577,6 @@ def plan_migrate(
         dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE, what=name
     )
     root = domxml.parse(xml)
-    if root.find("os/nvram") is not None or root.find("os/loader[@type='pflash']") is not None:
-        raise InvalidInputError(
-            f"'{name}' boots with UEFI variables (NVRAM): carrying them is not built yet; "
-            "nothing was changed"
-        )
     if root.find("devices/tpm/backend[@type='emulator']") is not None:
         raise InvalidInputError(
             f"'{name}' has an emulated TPM: carrying its state is not built yet; "
@@ -496,17 +603,21 @@ def plan_migrate(
         )
     except NotFoundError:
         pass
-
-    src_files = RemoteFiles(source, "migrate")
-    dst_files = RemoteFiles(target, "migrate")
-    if not (target.local or dst_files.ssh is not None):
+    if not (target.local or RemoteFiles(target, "migrate").ssh is not None):
         raise InvalidInputError(
             f"migrate checks each layer on {target.uri} with qemu-img and rebases it there: "
             "that needs the target to be this machine or a qemu+ssh:// URI"
         )
+    return info, live, xml, root, seed
+
+
+def _owned_layers(
+    source: Hypervisor, root: ET.Element, name: str
+) -> tuple[list[tuple[str, list[Any], str | None]], list[str], str | None]:
+    """Each disk's layers the domain owns (top first) and the template base below them;
+    every file of every chain (for the shared-storage proof); the template."""
     resolver = Resolver(source, ssh=True)
     bases = _template_bases(source)
-    notes: list[str] = []
 
     # Each disk: the layers it owns (top first) and the template base below them.
     owned: list[tuple[str, list[Any], str | None]] = []  # (disk, links top first, base path)
@@ -540,24 +651,22 @@ def plan_migrate(
         if base is not None and not links:
             raise InvalidInputError(f"disk {disk.target} of '{name}' is a template's base itself")
         owned.append((disk.target, links, base))
+    return owned, every_file, template
 
-    # Existence on the target is asked where it can be answered (this machine, or SSH): a
-    # directory in no storage pool is not "empty" to virtdeck.
-    dst_check = files_for(target, "migrate", define_pools=False)
-    src_check = files_for(source, "migrate", define_pools=False)
-    seed_path = seed.path if seed is not None else None
-    proof = _shared_proof(
-        source, target, src_check, dst_check, every_file + ([seed_path] if seed_path else [])
-    )
-    if proof is not None:
-        shared = _plan_shared(source, target, info.uuid, name, xml, owned, proof,
-                              keep_source=keep_source, seed=seed_path)  # fmt: skip
-        if not live:
-            return shared
-        return replace(shared, live=True, max_downtime=max_downtime, bandwidth=bandwidth)
-    where, pool = transfer._pool_dir(dst_files, directory)
 
-    # The template on the target, by identity.
+def _match_template(
+    source: Hypervisor,
+    target: Hypervisor,
+    name: str,
+    template: str | None,
+    owned: list[tuple[str, list[Any], str | None]],
+    where: str,
+    notes: list[str],
+    progress: Progress,
+    record: bool,
+) -> tuple[str | None, transfer.TemplateCopyPlan | None, dict[str, tuple[str, str]]]:
+    """The template on the target with the same identity (never by name or path), else the
+    plan to copy it there first; the target's base for each source base."""
     target_template: str | None = None
     copy_plan: transfer.TemplateCopyPlan | None = None
     target_bases: dict[str, tuple[str, str]] = {}  # source base path -> (target path, format)
@@ -621,9 +730,25 @@ def plan_migrate(
             for base in wanted:
                 v = by_source[base]
                 target_bases[base] = (v.target, v.format)
+    return target_template, copy_plan, target_bases
 
-    # The layers, lowest first, and their places on the target (live: the top of each disk,
-    # which the running domain writes, is created there and filled by the storage copy).
+
+def _place_layers(
+    source: Hypervisor,
+    target: Hypervisor,
+    owned: list[tuple[str, list[Any], str | None]],
+    target_bases: dict[str, tuple[str, str]],
+    copy_plan: transfer.TemplateCopyPlan | None,
+    where: str,
+    live: bool,
+    seed: Any,
+    dst_check: Any,
+) -> tuple[list[Layer], list[LiveTop], dict[str, str], list[tuple[str, str, str]]]:
+    """The layers, lowest first, and their places on the target (live: the top of each disk,
+    which the running domain writes, is created there and filled by the storage copy)."""
+    src_files = RemoteFiles(source, "migrate")
+    dst_files = RemoteFiles(target, "migrate")
+    seed_path = seed.path if seed is not None else None
     layers: list[Layer] = []
     tops: list[LiveTop] = []
     paths: dict[str, str] = {}
@@ -670,7 +795,11 @@ def plan_migrate(
                             file_bytes=length, allocated_bytes=allocation, backing=None,
                             backing_format=None, rebase=False))  # fmt: skip
         paths[seed_path] = dest
+    return layers, tops, paths, disks_out
 
+
+def _snapshot_metas(source: Hypervisor, name: str, paths: dict[str, str]) -> list[SnapshotMeta]:
+    """Each snapshot, parents first, its files renamed to the target's."""
     snaps = []
     for s_name, parent, current, s_xml in _snapshots(source, name):
         t_xml_s, foreign = _rename_snapshot_disks(s_xml, paths)
@@ -680,62 +809,64 @@ def plan_migrate(
                 "chains migrate moves: not migrated (delete that snapshot first)"
             )
         snaps.append(SnapshotMeta(s_name, parent, current, s_xml, t_xml_s))
+    return snaps
 
+
+def _target_xml(
+    xml: str,
+    paths: dict[str, str],
+    nvram: tuple[str, str, int] | None,
+    seed_path: str | None,
+    template: str | None,
+    target_template: str | None,
+) -> str:
+    """The definition on the target: its files where they land, its metadata naming the
+    seed and the target's template."""
     out_root = domxml.parse(xml)
     _rename_disks(out_root, paths)
+    _rename_nvram(out_root, nvram)
     if seed_path is not None:  # the metadata names the seed where it now is
         domxml.write_meta(out_root, replace(domxml.read_meta(out_root), seed=paths[seed_path]))
     if template is not None and target_template is not None and target_template != template:
         meta = domxml.read_meta(out_root)
         if meta.role == "clone":
             domxml.write_meta(out_root, replace(meta, source=target_template))
+    return domxml.to_string(out_root)
 
-    needed = (
-        sum(v.allocated_bytes for v in layers)
-        + sum(t.allocated_bytes for t in tops)
-        + (copy_plan.bytes_needed if copy_plan else 0)
-    )
-    free = dst_files.free_bytes(where) if pool is not None or dst_files.ssh else None
-    if free is not None and needed > free:
+
+def _plan_nvram(
+    source: Hypervisor, src_check: Any, dst_check: Any, name: str, path: str | None, where: str
+) -> tuple[str, str, int] | None:
+    """(source path, target path, bytes) of the domain's UEFI variables, carried as a small
+    file next to its disks on the target (read and written where virtdeck can: this machine
+    or over SSH); None without NVRAM."""
+    if path is None:
+        return None
+    if not (source.local or getattr(src_check, "ssh", None) is not None):
         raise InvalidInputError(
-            f"not enough space in {where} on {target.uri}: {_mib(needed)} needed, {_mib(free)} free"
+            f"'{name}' keeps UEFI variables in {path} on {source.uri}: reading them needs that "
+            "host to be this machine or a qemu+ssh:// URI; nothing was changed"
         )
-    kept = None
-    if keep_source:
-        kept = f"{name}-migrated"
-        if source.exists(kept):
-            raise InvalidInputError(f"'{kept}' already exists on {source.uri}: cannot keep a copy")
-    if pool is None and copy_plan is None:
-        notes.extend(dst_files.pool_notes([where + "/x"]))
-    estimate = dst_files.free_note(where) if free is not None else None
-    if estimate:
-        notes.append(estimate)
-    return MigratePlan(
-        source_host=source.uri,
-        target_host=target.uri,
-        domain=name,
-        uuid=info.uuid,
-        directory=where,
-        pool=pool,
-        template=template,
-        target_template=target_template,
-        template_copy=copy_plan,
-        layers=tuple(layers),
-        xml=domxml.to_string(out_root),
-        source_xml=xml,
-        source_digest=ops.xml_digest(xml),
-        snapshots=tuple(snaps),
-        keep_source=kept,
-        bytes_needed=needed,
-        bytes_free=free,
-        notes=tuple(notes),
-        disks=tuple(disks_out),
-        live=live,
-        tops=tuple(tops),
-        paths=tuple(paths.items()),
-        max_downtime=max_downtime if live else None,
-        bandwidth=bandwidth if live else None,
-    )
+    size = src_check.file_size(path)
+    if size is None:
+        raise InvalidInputError(
+            f"the UEFI variables of '{name}' ({path}) cannot be read on {source.uri}: "
+            "not migrated (start it once, or check the file)"
+        )
+    dest = posixpath.join(where, f"{name}_VARS.fd")
+    if dst_check.lexists(dest):
+        raise InvalidInputError(
+            f"{dest} already exists on the target; virtdeck never overwrites a file "
+            "(choose another --dir)"
+        )
+    return path, dest, size
+
+
+def _rename_nvram(root: ET.Element, nvram: tuple[str, str, int] | None) -> None:
+    if nvram is not None:
+        element = root.find("os/nvram")
+        if element is not None:
+            element.text = nvram[1]
 
 
 def _live_wanted(
@@ -944,9 +1075,9 @@ def execute_migrate(
         transfer.execute_template_copy(source, target, plan.template_copy, progress)
     src_files = files_for(source, "migrate")
     dst_pools = RemoteFiles(target, "migrate")
-    ids = {
-        p: src_files.identity(p) for p in [v.source for v in plan.layers] + list(plan.shared_files)
-    }
+    # (live: the files the running domain writes change all the time; they are not compared)
+    kept_files = [v.source for v in plan.layers] + ([] if plan.live else list(plan.shared_files))
+    ids = {p: src_files.identity(p) for p in kept_files}
     _source_unchanged(source, plan, src_files, ids)
     if target.exists(plan.domain):
         raise InvalidInputError(f"'{plan.domain}' exists on {target.uri} now; plan again")
@@ -956,6 +1087,7 @@ def execute_migrate(
     with ops.running(target, title, domains=[plan.domain], dirs={plan.directory}) as undo:
         pool = dst_pools.ensure_pool(plan.directory) if plan.layers else None
         _send_layers(source, target, plan, undo, progress, pool)
+        _send_nvram(source, target, plan, undo, progress)
         progress(f"defining '{plan.domain}' on {target.uri}", None)
         undo.push(f"undefine '{plan.domain}' on {target.uri}", "undefine", uuid=plan.uuid,
                   name=plan.domain, snapshots=True)  # fmt: skip
@@ -972,36 +1104,17 @@ def execute_migrate(
                 "nothing was kept"
             )
         _source_unchanged(source, plan, src_files, ids)
-        side = f"migrating '{plan.domain}' to {plan.target_host}: the source"
-        with ops.running(source, side, domains=[plan.domain]) as src_undo:
-            dom = source.call(source.conn.lookupByUUIDString, plan.uuid)
-            if plan.keep_source:
-                progress(f"renaming the source to '{plan.keep_source}'", None)
-                src_undo.push(f"rename back to '{plan.domain}'", "rename", uuid=plan.uuid,
-                              name=plan.domain)  # fmt: skip
-                source.rename(dom, plan.domain, plan.keep_source)
-            else:
-                progress(f"undefining '{plan.domain}' on {plan.source_host}", None)
-                # Unwound last pushed first: the definition, then its snapshots, parents first.
-                for s in reversed(plan.snapshots):
-                    src_undo.push(f"redefine snapshot '{s.name}'", "redefine_snapshot",
-                                  domain=plan.domain, xml=s.xml, current=s.current)  # fmt: skip
-                src_undo.push(f"define '{plan.domain}' again on {plan.source_host}", "define",
-                              xml=plan.source_xml)  # fmt: skip
-                source.undefine_all(dom, what=f"undefining '{plan.domain}' on the source")
-            progress(f"'{plan.domain}' left {plan.source_host}; committing", None)
-            undo.commit()
-            src_undo.commit()
+        _leave_source_offline(source, plan, undo, progress)
     source.invalidate()
     target.invalidate()
     if not plan.keep_source:
         left = []
-        for v in plan.layers:
-            progress(f"deleting {v.source} on {plan.source_host}", None)
+        for path in [v.source for v in plan.layers] + ([plan.nvram[0]] if plan.nvram else []):
+            progress(f"deleting {path} on {plan.source_host}", None)
             try:
-                src_files.delete(v.source)
+                src_files.delete(path)
             except VirtdeckError as err:
-                left.append(f"{v.source} ({err})")
+                left.append(f"{path} ({err})")
         if left:
             raise OperationError(
                 f"'{plan.domain}' is on {plan.target_host}; left on {plan.source_host}: "
@@ -1009,6 +1122,36 @@ def execute_migrate(
             )
     progress(f"'{plan.domain}' is on {plan.target_host}", 1.0)
     return plan.domain
+
+
+def _leave_source_offline(
+    source: Hypervisor, plan: MigratePlan, undo: ops.Undo, progress: Progress
+) -> None:
+    """The source renamed (--keep-source) or undefined, journalled (an undo defines it again
+    with its snapshots); then both journals commit."""
+    side = f"migrating '{plan.domain}' to {plan.target_host}: the source"
+    with ops.running(source, side, domains=[plan.domain]) as src_undo:
+        dom = source.call(source.conn.lookupByUUIDString, plan.uuid)
+        if plan.keep_source:
+            progress(f"renaming the source to '{plan.keep_source}'", None)
+            src_undo.push(f"rename back to '{plan.domain}'", "rename", uuid=plan.uuid,
+                          name=plan.domain)  # fmt: skip
+            source.rename(dom, plan.domain, plan.keep_source)
+        else:
+            progress(f"undefining '{plan.domain}' on {plan.source_host}", None)
+            # Unwound last pushed first: the definition, then its snapshots, parents first.
+            for s in reversed(plan.snapshots):
+                src_undo.push(f"redefine snapshot '{s.name}'", "redefine_snapshot",
+                              domain=plan.domain, xml=s.xml, current=s.current)  # fmt: skip
+            src_undo.push(f"define '{plan.domain}' again on {plan.source_host}", "define",
+                          xml=plan.source_xml)  # fmt: skip
+            # Its UEFI variables stay until both journals commit (an undo defines it again).
+            source.call(dom.undefineFlags, libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                        | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM,
+                        what=f"undefining '{plan.domain}' on the source")  # fmt: skip
+        progress(f"'{plan.domain}' left {plan.source_host}; committing", None)
+        undo.commit()
+        src_undo.commit()
 
 
 def _execute_live(
@@ -1031,6 +1174,7 @@ def _execute_live(
         )
         _send_layers(source, target, plan, undo, progress, pool)
         _create_tops(target, plan, undo, progress, pool)
+        _send_nvram(source, target, plan, undo, progress)
         undo.push(f"stop the incoming '{plan.domain}' on {target.uri}", "live_incoming",
                   uuid=plan.uuid, name=plan.domain)  # fmt: skip
         _source_unchanged(source, plan, src_files, ids)
@@ -1047,6 +1191,7 @@ def _execute_live(
                 dom.XMLDesc, libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE,
                 what=plan.domain))  # fmt: skip
             _rename_disks(root, dict(plan.paths))
+            _rename_nvram(root, plan.nvram)
             params, flags = livemigrate.parameters(
                 plan.target_host, domxml.to_string(root), plan.xml,
                 [t.disk for t in plan.tops], plan.bandwidth,
@@ -1068,6 +1213,20 @@ def _execute_live(
         )
     progress(f"'{plan.domain}' runs on {plan.target_host} ({done})", 1.0)
     return done
+
+
+def _send_nvram(
+    source: Hypervisor, target: Hypervisor, plan: MigratePlan, undo: ops.Undo, progress: Progress
+) -> None:
+    """The domain's UEFI variables, a small file, read on the source and written new (0600)
+    next to its disks on the target."""
+    if plan.nvram is None:
+        return
+    src, dest, _size = plan.nvram
+    progress(f"copying the UEFI variables to {dest}", None)
+    data = files_for(source, "migrate").read_small(src)
+    with undo.step(f"remove {dest} on {target.uri}", "delete_file", path=dest):
+        files_for(target, "migrate").write_small(dest, data)
 
 
 def _create_tops(

@@ -25,11 +25,12 @@ def argv_with_deathsig(argv: Sequence[str]) -> list[str]:
     return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
-def popen(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
-    """Start a child in its own session that cancel() and virtdeck's death both end."""
+def popen(argv: Sequence[str], *, text: bool = True, **kwargs: Any) -> subprocess.Popen[str]:
+    """Start a child in its own session that cancel() and virtdeck's death both end (`text`
+    False: its pipes carry bytes)."""
     if shutil.which(argv[0]) is None and "/" not in argv[0]:
         raise FileNotFoundError(argv[0])
-    proc = subprocess.Popen(argv_with_deathsig(argv), start_new_session=True, text=True, **kwargs)
+    proc = subprocess.Popen(argv_with_deathsig(argv), start_new_session=True, text=text, **kwargs)
     debuglog.started(argv, proc.pid)
     proc._virtdeck_forget = cancel.watch_child(proc)  # type: ignore[attr-defined]
     return proc
@@ -71,6 +72,17 @@ def stream(
         return proc.wait()
     finally:
         finish(proc)
+
+
+def run_bytes(argv: Sequence[str], data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Like run(), with bytes: `data` on its standard input, its output as it is."""
+    proc: Any = popen(argv, text=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      stdin=subprocess.DEVNULL if data is None else subprocess.PIPE)  # fmt: skip
+    try:
+        out, err = proc.communicate(data)
+    finally:
+        finish(proc)
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
 
 def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:

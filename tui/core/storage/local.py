@@ -42,6 +42,10 @@ def require_local(hv: Hypervisor, operation: str) -> None:
         )
 
 
+#: The largest "small file" read whole into memory (NVRAM variables are 128 KiB to 4 MiB).
+SMALL_FILE_LIMIT = 64 << 20
+
+
 def refuse_control(path: str, operation: str) -> None:
     """A path with a control character in it is never changed (see DiskKind.UNSAFE)."""
     if has_control(path):
@@ -201,6 +205,30 @@ class LocalFiles:
             raise AlreadyExists(f"{dst} appeared meanwhile; nothing was kept") from None
         except OSError as err:
             raise OperationError(f"copying {src} to {dst}: {err.strerror}") from None
+
+    def read_small(self, path: str, limit: int = SMALL_FILE_LIMIT) -> bytes:
+        """The bytes of a small regular file (NVRAM variables)."""
+        st = _regular(path, self.operation)
+        if st.st_size > limit:
+            raise OperationError(f"{self.operation}: {path} is larger than {limit} bytes")
+        try:
+            with open(path, "rb") as fh:
+                return fh.read(limit + 1)
+        except OSError as err:
+            raise OperationError(f"reading {path}: {err.strerror}") from None
+
+    def write_small(self, path: str, data: bytes) -> None:
+        """A new small file `path` holding `data` (write_new, with its errors said as one
+        line)."""
+        refuse_control(path, self.operation)
+        try:
+            self.write_new(path, data)
+        except FileExistsError:
+            raise AlreadyExists(
+                f"{path} already exists; virtdeck never overwrites a file"
+            ) from None
+        except OSError as err:
+            raise OperationError(f"writing {path}: {err.strerror}") from None
 
     def commit(self, path: str, fmt: str = "qcow2") -> None:
         """Write the overlay `path` into its backing file (a shut-off domain's disk)."""

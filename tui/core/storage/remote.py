@@ -40,7 +40,12 @@ from tui.core import procs
 from tui.core.errors import NotFoundError, OperationError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
-from tui.core.storage.local import AlreadyExists, RemoteHostError, refuse_control
+from tui.core.storage.local import (
+    SMALL_FILE_LIMIT,
+    AlreadyExists,
+    RemoteHostError,
+    refuse_control,
+)
 from tui.core.storage.qemuimg import QemuImg, last_line
 
 READ_ONLY = 0o444
@@ -119,6 +124,16 @@ class Ssh:
                 f"ssh to {self.target.destination} failed: {last_line(proc.stderr)}"
             )
         return subprocess.CompletedProcess(list(argv), proc.returncode, proc.stdout, proc.stderr)
+
+    def run_bytes(
+        self, argv: Sequence[str], data: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """run() with bytes: `data` on the command's standard input, its output as it is."""
+        proc = procs.run_bytes(self.target.argv(argv), data)
+        err = proc.stderr.decode(errors="replace")
+        if proc.returncode == 255:
+            raise OperationError(f"ssh to {self.target.destination} failed: {last_line(err)}")
+        return proc
 
     def check(self, argv: Sequence[str], what: str) -> str:
         proc = self.run(argv)
@@ -549,6 +564,40 @@ class RemoteFiles:
             raise OperationError(f"{self.operation}: {src} does not exist on the host")
         if proc.returncode != 0:
             raise OperationError(f"copying {src} to {dst} on the host: {last_line(proc.stderr)}")
+
+    def read_small(self, path: str, limit: int = SMALL_FILE_LIMIT) -> bytes:
+        """The bytes of a small regular file on the host (NVRAM variables), over SSH."""
+        script = (
+            'test -f "$1" && ! test -L "$1" || exit 3; '
+            'test "$(stat -c %s -- "$1")" -le "$2" || exit 4; cat -- "$1"'
+        )
+        ssh = self._need_ssh(f"reading {path}")
+        proc = ssh.run_bytes(["sh", "-c", script, "sh", path, str(limit)])
+        if proc.returncode == 3:
+            raise OperationError(f"{self.operation}: {path} is not a regular file on the host")
+        if proc.returncode == 4:
+            raise OperationError(f"{self.operation}: {path} is larger than {limit} bytes")
+        if proc.returncode != 0:
+            raise OperationError(
+                f"reading {path} on the host: {last_line(proc.stderr.decode(errors='replace'))}"
+            )
+        return bytes(proc.stdout)
+
+    def write_small(self, path: str, data: bytes) -> None:
+        """A new small file `path` on the host holding `data`, mode 0600, over SSH; never over
+        an existing file (a partial one is removed)."""
+        refuse_control(path, self.operation)
+        script = (
+            'if test -e "$1" || test -L "$1"; then exit 17; fi; '
+            'umask 077; set -C; cat > "$1" || { rm -f -- "$1"; exit 1; }'
+        )
+        proc = self._need_ssh(f"writing {path}").run_bytes(["sh", "-c", script, "sh", path], data)
+        if proc.returncode == 17:
+            raise AlreadyExists(f"{path} already exists; virtdeck never overwrites a file")
+        if proc.returncode != 0:
+            raise OperationError(
+                f"writing {path} on the host: {last_line(proc.stderr.decode(errors='replace'))}"
+            )
 
     def commit(self, path: str, fmt: str = "qcow2") -> None:
         self._need_ssh("qemu-img commit (no libvirt API before 9.9)")
