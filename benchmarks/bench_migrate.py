@@ -14,9 +14,14 @@ default). Measured in the same run:
 - `virtdeck migrate` of the clone (plan + execute: stream, sha256 on both sides, rebase,
   qemu-img check, define, undefine and delete on A).
 Goal: bytes sent <= 1.1x the clone's own allocation; time <= 1.2x streaming those bytes.
-`virsh migrate --copy-storage-all` is not measured: it copies storage only in a live
-migration (a running domain; QEMU to QEMU), which this machine's guests (TCG) and the
-session daemon do not offer here.
+Live (`--live` part, on by default): two more clones with the same change, running (no OS:
+BIOS waits; TCG), moved to B while they run, QEMU to QEMU over loopback (the session daemon
+has a host identity of its own):
+- `virsh migrate --live --persistent --copy-storage-all` (the disk path renamed into B's pool
+  with --xml; libvirt creates the file there): the whole chain, flattened, crosses;
+- `virtdeck migrate --live` (B already has the template): only the clone's own layer.
+Bytes sent: the disk data that landed on B (the new file's allocation) plus the memory
+libvirt's completed job statistics count; time: the command's wall time.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -83,10 +89,95 @@ def rigs_pool_dir(files: RemoteFiles) -> str:
     raise SystemExit("the session rig's pool is missing")
 
 
+def running_clone(source: Hypervisor, base: Path, tname: str, name: str, mib: int) -> Path:
+    overlay = IMAGES / f"{name}.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay))
+    run("qemu-io", "-c", f"write -P 0x22 100M {mib}M", str(overlay))
+    root = domxml.parse(domain_xml(name, [(str(overlay), "qcow2")], virt_type="qemu"))
+    domxml.write_meta(root, VirtdeckMeta(role="clone", source=tname, mode="thin"))
+    source.define(domxml.to_string(root))
+    source.call(source.lookup(name).create)
+    source.invalidate()
+    return overlay
+
+
+def landed(target: Hypervisor, name: str) -> tuple[int, int]:
+    """(disk bytes allocated on B, memory bytes libvirt sent) for a migrated domain."""
+    import libvirt
+
+    dom = target.lookup(name)
+    stats = target.call(dom.jobStats, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    path = domxml.disks(domxml.parse(target.call(dom.XMLDesc, 0)))[0].path or ""
+    return Path(path).stat().st_blocks * 512, int(stats.get("memory_processed") or 0)
+
+
+def live_part(
+    source: Hypervisor,
+    target: Hypervisor,
+    session_uri: str,
+    base: Path,
+    tname: str,
+    prefix: str,
+    args: argparse.Namespace,
+) -> list[str]:
+    """virsh migrate --live --copy-storage-all against virtdeck migrate --live."""
+    import libvirt
+
+    pool_dir = rigs_pool_dir(RemoteFiles(target, "bench"))
+    made: list[str] = []
+    v_name, w_name = f"{prefix}-v", f"{prefix}-w"
+    v_overlay = running_clone(source, base, tname, v_name, args.changed_mib)
+    own = v_overlay.stat().st_blocks * 512
+    dom = source.lookup(v_name)
+    root = domxml.parse(source.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    src = root.find("devices/disk/source")
+    assert src is not None
+    src.set("file", f"{pool_dir}/{v_overlay.name}")
+    for backing in root.findall("devices/disk/backingStore"):
+        root.find("devices/disk").remove(backing)  # type: ignore[union-attr]
+    xml_file = Path(f"/tmp/{prefix}-dest.xml")
+    xml_file.write_text(domxml.to_string(root))
+    made.append(v_overlay.name)
+    start = time.perf_counter()
+    run("virsh", "-c", "qemu:///system", "migrate", "--live", "--persistent",
+        "--copy-storage-all", "--xml", str(xml_file), "--migrateuri", "tcp://127.0.0.1",
+        "--listen-address", "127.0.0.1", "--disks-uri", "tcp://127.0.0.1",
+        "--migrate-disks", "vda", v_name, session_uri)  # fmt: skip
+    t_virsh = time.perf_counter() - start
+    xml_file.unlink()
+    target.invalidate()
+    v_disk, v_mem = landed(target, v_name)
+
+    w_overlay = running_clone(source, base, tname, w_name, args.changed_mib)
+    made.append(w_overlay.name)
+    start = time.perf_counter()
+    plan = migrate.plan_migrate(source, target, w_name, live=True)
+    assert plan.template_copy is None
+    result = migrate.execute_migrate(source, target, plan)
+    t_vd = time.perf_counter() - start
+    target.invalidate()
+    w_disk, w_mem = landed(target, w_name)
+    if not w_mem:  # (virtdeck read the completed job's statistics: libvirt keeps them once)
+        said = re.search(r"([0-9.]+) MiB of memory", result)
+        w_mem = int(float(said.group(1)) * MIB) if said else 0
+    print(f"live, a running clone with {own / MIB:.1f} MiB of its own (same run):")
+    print(f"  virsh migrate --live --copy-storage-all: {(v_disk + v_mem) / MIB:.1f} MiB sent "
+          f"({v_disk / MIB:.1f} disk + {v_mem / MIB:.1f} memory), {t_virsh:.2f} s")  # fmt: skip
+    print(f"  virtdeck migrate --live: {(w_disk + w_mem) / MIB:.1f} MiB sent ({w_disk / MIB:.1f} "
+          f"disk + {w_mem / MIB:.1f} memory), {t_vd:.2f} s ({result})")  # fmt: skip
+    print(f"  disk bytes / clone allocation: virtdeck {w_disk / own:.3f} (goal <= 1.1), "
+          f"virsh {v_disk / own:.3f}; time virtdeck/virsh {t_vd / t_virsh:.2f}")  # fmt: skip
+    for name in (v_name, w_name):
+        with contextlib.suppress(Exception):
+            target.call(target.lookup(name).destroy)
+    return made
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-data-mib", type=int, default=512)
     ap.add_argument("--changed-mib", type=int, default=205)
+    ap.add_argument("--no-live", dest="live", action="store_false", help="offline only")
     args = ap.parse_args()
     start_event_loop()
     prefix = f"vdbench-mig-{secrets.token_hex(3)}"
@@ -150,11 +241,15 @@ def main() -> int:
                   "(goal <= 1.1)")  # fmt: skip
             print(f"migrate time / streaming its bytes: {t_mig / t_own:.2f} (goal <= 1.2); "
                   f"/ streaming the whole chain: {t_mig / t_chain:.2f}")  # fmt: skip
+            if args.live:
+                scratch += live_part(source, target, session.uri, base, tname, prefix, args)
         finally:
             import libvirt
 
             conn = libvirt.open(session.uri)
-            for name in (cname, tname):
+            for name in (cname, tname, f"{prefix}-v", f"{prefix}-w"):
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.lookupByName(name).destroy()
                 with contextlib.suppress(libvirt.libvirtError):
                     conn.lookupByName(name).undefineFlags(
                         libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
@@ -168,10 +263,12 @@ def main() -> int:
                         os.chmod(pdir / vol.name(), 0o644)
                     vol.delete(0)
             conn.close()
-            for name in (cname, tname):
+            for name in (cname, tname, f"{prefix}-v", f"{prefix}-w"):
+                with contextlib.suppress(Exception):
+                    source.conn.lookupByName(name).destroy()
                 with contextlib.suppress(Exception):
                     source.conn.lookupByName(name).undefine()
-            for f in (base, overlay):
+            for f in (base, overlay, IMAGES / f"{prefix}-v.qcow2", IMAGES / f"{prefix}-w.qcow2"):
                 with contextlib.suppress(FileNotFoundError):
                     os.chmod(f, 0o644)
                     f.unlink()

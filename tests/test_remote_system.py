@@ -344,3 +344,50 @@ def test_template_copy_interrupted_leaves_nothing_on_the_target(
         conn.close()
         source.close()
         target.close()
+
+
+def test_ssh_commands_share_one_connection_that_ends_by_itself(
+    ssh_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """virtdeck's own SSH commands to a host share one connection (a migration runs half a
+    dozen): in a directory only this user can enter, one per set of ssh options, gone by
+    itself once idle; with the directory open to others or VIRTDECK_SSH_SHARED=0, each
+    command connects on its own."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from tests.waiting import wait_until
+    from tui.core.storage import remote
+
+    runtime = Path(tempfile.mkdtemp(prefix="vd-", dir="/tmp"))  # (a socket path is short)
+    try:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+        monkeypatch.setattr(remote, "SSH_SHARED_IDLE", 2)
+        target = remote.ssh_target(ssh_rig.uri("root", "/system"))
+        assert target is not None
+
+        def client_ports(t: remote.SshTarget, n: int = 3) -> set[str]:
+            ssh = remote.Ssh(t)
+            return {ssh.check(["sh", "-c", "echo $SSH_CONNECTION"], "asking").split()[1]
+                    for _ in range(n)}  # fmt: skip
+
+        assert len(client_ports(target)) == 1
+        sockets = runtime / f"virtdeck-ssh-{os.getuid()}"
+        assert sockets.stat().st_mode & 0o777 == 0o700
+        assert len(list(sockets.iterdir())) == 1
+        # Other options (here another key file), another connection: never shared across them.
+        key = runtime / "key"
+        shutil.copy(target.keyfile or "", key)
+        assert len(client_ports(dataclasses.replace(target, keyfile=str(key)))) == 1
+        assert len(list(sockets.iterdir())) == 2
+        # Idle, each ends by itself (SSH_SHARED_IDLE): nothing outlives virtdeck for long.
+        wait_until(lambda: not list(sockets.iterdir()), 60, "the shared connections end")
+        # Open to others: not used. Turned off: not used.
+        sockets.chmod(0o755)
+        assert len(client_ports(target)) == 3 and not list(sockets.iterdir())
+        sockets.chmod(0o700)
+        monkeypatch.setenv("VIRTDECK_SSH_SHARED", "0")
+        assert len(client_ports(target)) == 3 and not list(sockets.iterdir())
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -446,8 +446,9 @@ def _stream(
                 else:
                     if digest is not None:
                         digest.data(got)
-                    view = memoryview(got)
-                    while view:
+                    sent = up.send(got)
+                    view = memoryview(got)[sent:]
+                    while view:  # (libvirt takes a whole chunk at a time; this is the rest)
                         sent = up.send(bytes(view))
                         view = view[sent:]
                     moved += len(got)

@@ -26,7 +26,10 @@ import os
 import posixpath
 import re
 import shlex
+import socket
+import stat
 import subprocess
+import tempfile
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +53,8 @@ from tui.core.storage.qemuimg import QemuImg, last_line
 
 READ_ONLY = 0o444
 SSH_CONNECT_TIMEOUT = 10
+SSH_SHARED_IDLE = 10  # s: a shared connection ends this long after its last command
+SSH_SHARED_SESSIONS = 8  # commands at once over one shared connection (sshd: MaxSessions 10)
 _SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
 _POLL_INTERVAL = 0.5
 
@@ -69,9 +74,8 @@ class SshTarget:
     def destination(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host
 
-    def argv(self, command: Sequence[str]) -> list[str]:
-        """ssh argv running `command` on the host (one shell-quoted string, no injection)."""
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
+    def options(self) -> list[str]:
+        argv = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
                 "-o", "LogLevel=ERROR"]  # fmt: skip
         if self.port:
             argv += ["-p", str(self.port)]
@@ -81,7 +85,116 @@ class SshTarget:
             argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
         elif self.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
-        return [*argv, self.destination, shlex.join(command)]
+        return argv
+
+    def argv(self, command: Sequence[str], *, control: str | None = None) -> list[str]:
+        """ssh argv running `command` on the host (one shell-quoted string, no injection);
+        `control`: over the shared connection whose socket that is (a new connection of
+        its own when that connection has gone)."""
+        shared = ["-o", "ControlMaster=no", "-o", f"ControlPath={control}"] if control else []
+        return ["ssh", *self.options(), *shared, self.destination, shlex.join(command)]
+
+    def master_argv(self, control: str) -> list[str]:
+        """ssh argv of a shared connection (in the background once authenticated) that ends
+        SSH_SHARED_IDLE seconds after its last command."""
+        return ["ssh", *self.options(), "-o", "ControlMaster=yes", "-o", f"ControlPath={control}",
+                "-o", f"ControlPersist={SSH_SHARED_IDLE}", "-o", "ServerAliveInterval=5",
+                "-o", "ServerAliveCountMax=3", "-N", "-f", self.destination]  # fmt: skip
+
+
+class _Shared:
+    """One SSH connection per host shared by virtdeck's commands (OpenSSH's ControlMaster):
+    a migration runs half a dozen short commands on the target, and a new connection costs
+    ~0.2 s each on loopback (more across a network) where a shared one costs milliseconds.
+
+    The sockets live in a directory only this user can enter; a connection is made for
+    exactly one set of ssh options (so one made without host key checks never serves a
+    command that asked for them), started in the background after authenticating, and ends
+    by itself SSH_SHARED_IDLE seconds after its last command (it outlives virtdeck by at most
+    that). A command that cannot use it (no private directory, the connection failed or
+    went, SSH_SHARED_SESSIONS commands already on it: sshd allows 10 by default) connects on
+    its own, as before. VIRTDECK_SSH_SHARED=0 turns it off."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._host_locks: dict[str, threading.Lock] = {}
+        self._busy: dict[str, int] = {}
+
+    @staticmethod
+    def _directory() -> str | None:
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        path = os.path.join(base, f"virtdeck-ssh-{os.getuid()}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        private = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+        return path if private and not st.st_mode & 0o077 else None
+
+    @staticmethod
+    def _alive(control: str) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(control)
+            except OSError:
+                return False
+        return True
+
+    def _start(self, target: SshTarget, control: str) -> bool:
+        if self._alive(control):
+            return True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control)  # a connection that was killed left its socket (ours: private)
+        with tempfile.TemporaryFile() as err:
+            # Its stderr is a file, not a pipe: the connection in the background keeps it.
+            proc = procs.popen(target.master_argv(control), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+            try:
+                proc.wait()
+            finally:
+                procs.finish(proc)
+            if proc.returncode == 255:  # (a host that does not answer: once, not twice)
+                err.seek(0)
+                why = last_line(err.read().decode(errors="replace"))
+                raise OperationError(f"ssh to {target.destination} failed: {why}")
+        return proc.returncode == 0 and self._alive(control)
+
+    @contextlib.contextmanager
+    def use(self, target: SshTarget) -> Iterator[str | None]:
+        """The control socket for one command (None: the command connects on its own)."""
+        if os.environ.get("VIRTDECK_SSH_SHARED", "1") == "0":
+            yield None
+            return
+        directory = self._directory()
+        if directory is None:
+            yield None
+            return
+        key = hashlib.sha256("\0".join([*target.options(), target.destination]).encode())
+        control = os.path.join(directory, key.hexdigest()[:24])
+        with self._lock:
+            host_lock = self._host_locks.setdefault(control, threading.Lock())
+            full = self._busy.get(control, 0) >= SSH_SHARED_SESSIONS
+            if not full:
+                self._busy[control] = self._busy.get(control, 0) + 1
+        if full:
+            yield None
+            return
+        try:
+            with host_lock:
+                ok = self._start(target, control)
+            yield control if ok else None
+        finally:
+            with self._lock:
+                self._busy[control] -= 1
+
+
+_SHARED = _Shared()
 
 
 def ssh_target(uri: str) -> SshTarget | None:
@@ -118,7 +231,8 @@ class Ssh:
         self.target = target
 
     def run(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        proc = procs.run(self.target.argv(argv))
+        with _SHARED.use(self.target) as control:
+            proc = procs.run(self.target.argv(argv, control=control))
         if proc.returncode == 255:
             raise OperationError(
                 f"ssh to {self.target.destination} failed: {last_line(proc.stderr)}"
@@ -129,7 +243,8 @@ class Ssh:
         self, argv: Sequence[str], data: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         """run() with bytes: `data` on the command's standard input, its output as it is."""
-        proc = procs.run_bytes(self.target.argv(argv), data)
+        with _SHARED.use(self.target) as control:
+            proc = procs.run_bytes(self.target.argv(argv, control=control), data)
         err = proc.stderr.decode(errors="replace")
         if proc.returncode == 255:
             raise OperationError(f"ssh to {self.target.destination} failed: {last_line(err)}")
@@ -143,7 +258,8 @@ class Ssh:
 
     def stream(self, argv: Sequence[str], on_line: Callable[[str], None]) -> int:
         """Run `argv` on the host, handing each output line to `on_line` (virt-sysprep)."""
-        return procs.stream(self.target.argv(argv), on_line)
+        with _SHARED.use(self.target) as control:
+            return procs.stream(self.target.argv(argv, control=control), on_line)
 
 
 @dataclass(frozen=True)
