@@ -38,8 +38,17 @@ from tui.core import bases, ops, undo_kinds  # noqa: F401  (every undo kind regi
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor, start_event_loop
 from tui.core.models import DomainEvent, DomainInfo, DomainState, EventKind, HostInfo
+from tui.core.session import Session
 from tui.core.settings import Settings
-from tui.messages import HostLoaded, LibvirtEvent, ShutdownTimedOut
+from tui.messages import (
+    ErrorReported,
+    HostLoaded,
+    HostsViewChanged,
+    LibvirtEvent,
+    LifecycleRequested,
+    RefreshRequested,
+    ShutdownTimedOut,
+)
 from tui.screens.main import MainScreen
 from tui.screens.palette import EverythingCommands
 
@@ -98,8 +107,14 @@ class VirtdeckApp(App[None]):
         bases.ask_too(hypervisors)  # asked before a base is deleted or written (issue 17)
         self.poll_interval = settings.poll_interval
         self.shutdown_timeout = settings.shutdown_timeout
-        self.domains: list[DomainInfo] = []  # the last inventory, for panes mounted after it
         self.hosts: dict[str, HostState] = {hv.uri: HostState() for hv in hypervisors}
+        # What the screens and panes read (they get it passed in; they never import the App).
+        self.session = Session(
+            hypervisors,
+            settings,
+            not_answering=lambda: self.lost,
+            has_answered=lambda: any(st.reads for st in self.hosts.values()),
+        )
         self.polls = 0  # host refreshes finished (tests and the benchmark read it)
         self.interrupted: list[ops.Pending] = []  # operations a crash left half-done
         for uri, why in (unreachable or {}).items():
@@ -112,12 +127,17 @@ class VirtdeckApp(App[None]):
             self.set_keymap(settings.keymap)
 
     @property
+    def domains(self) -> list[DomainInfo]:
+        """The last inventory, for panes mounted after it."""
+        return self.session.domains
+
+    @property
     def lost(self) -> set[str]:
         """Hosts not answering now: lost, unreachable, or silent past their deadline."""
         return {uri for uri, st in self.hosts.items() if st.error is not None or st.silent}
 
     def get_default_screen(self) -> Screen[None]:
-        return MainScreen()
+        return MainScreen(self.session)
 
     @property
     def main(self) -> MainScreen:
@@ -126,10 +146,21 @@ class VirtdeckApp(App[None]):
         return screen
 
     def hypervisor(self, host: str) -> Hypervisor:
-        for hv in self.hypervisors:
-            if hv.uri == host:
-                return hv
-        raise VirtdeckError(f"not connected to {host}")
+        return self.session.hypervisor(host)
+
+    # -- what the screens and panes ask for (tui.messages) ----------------------------------
+
+    def on_refresh_requested(self, message: RefreshRequested) -> None:
+        self.refresh_inventory(message.host)
+
+    def on_lifecycle_requested(self, message: LifecycleRequested) -> None:
+        self.run_lifecycle(message.host, message.name, message.action)
+
+    def on_error_reported(self, message: ErrorReported) -> None:
+        self.report_error(message.error)
+
+    def on_hosts_view_changed(self, _message: HostsViewChanged) -> None:
+        self._show_hosts()
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -358,7 +389,7 @@ class VirtdeckApp(App[None]):
     def _show_inventory(self, host: str | None = None, *, tell_panes: bool = True) -> None:
         """The table gets `host`'s domains (None: every host's); the panes hear of the whole
         inventory when `tell_panes`."""
-        self.domains = [d for hv in self.hypervisors for d in self._by_host.get(hv.uri, [])]
+        self.session.domains = [d for hv in self.hypervisors for d in self._by_host.get(hv.uri, [])]
         self._show_hosts()
         if host is None:
             self.main.show_domains(self.domains, self.host_status(), tell_panes=tell_panes)

@@ -33,3 +33,31 @@ class ShutdownTimedOut(Message):
     host: str
     name: str
     timeout: float
+
+
+@dataclass
+class RefreshRequested(Message):
+    """A screen or pane changed something: refresh every host's inventory (or `host`'s).
+    Safe to post from a worker thread."""
+
+    host: str | None = None
+
+
+@dataclass
+class LifecycleRequested(Message):
+    """Start, shut down, reboot, pause, resume or destroy a domain (the App runs it)."""
+
+    host: str
+    name: str
+    action: str
+
+
+@dataclass
+class ErrorReported(Message):
+    """A worker of a screen or pane failed: the App's one error funnel shows it."""
+
+    error: BaseException
+
+
+class HostsViewChanged(Message):
+    """The header's host list was folded or unfolded: draw it again."""

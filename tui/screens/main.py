@@ -36,6 +36,12 @@ from tui.core.catalog import Template
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo, DomainState, HostInfo
 from tui.core.progress import Progress
+from tui.messages import (
+    ErrorReported,
+    HostsViewChanged,
+    LifecycleRequested,
+    RefreshRequested,
+)
 from tui.modals.confirm import ConfirmScreen, PlanScreen
 from tui.modals.group_forms import MatchScreen
 from tui.modals.migrate_form import MigrateScreen
@@ -50,7 +56,7 @@ from tui.widgets.templates_pane import TemplatesPane
 from tui.widgets.usage_pane import UsagePane
 
 if TYPE_CHECKING:
-    from tui.app import VirtdeckApp
+    from tui.core.session import Session
 
 PANES: tuple[tuple[str, str, type[Pane]], ...] = (
     ("snapshots", "Snapshots", SnapshotsPane),
@@ -150,12 +156,9 @@ class MainScreen(Screen[None]):
         + [b for b in DOMAIN_BINDINGS if not _of_domain(b)]
     )
 
-    @property
-    def vapp(self) -> VirtdeckApp:
-        from tui.app import VirtdeckApp
-
-        assert isinstance(self.app, VirtdeckApp)
-        return self.app
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
 
     show_host_list = False  # `h`: the header lists every host (more than FLEET_LINES)
     _hosts_text = ""
@@ -170,7 +173,7 @@ class MainScreen(Screen[None]):
         with TabbedContent(id="panes"):
             for pane_id, title, pane_cls in PANES:
                 with TabPane(title, id=f"tab-{pane_id}"):
-                    yield pane_cls(id=pane_id)
+                    yield pane_cls(self.session, id=pane_id)
         # The filter takes the footer's line while it is open (as `/` in less or vim): the
         # table keeps its place, so opening and clearing it repaints one line, not the screen.
         yield Input(placeholder="filter: name, state or host (Esc clears)", id="filter")
@@ -230,7 +233,7 @@ class MainScreen(Screen[None]):
             self.notify("every host is in the header already", timeout=2)
             return
         self.show_host_list = not self.show_host_list
-        self.vapp._show_hosts()
+        self.post_message(HostsViewChanged())
 
     def shows_running(self, host: str, *, measured: bool = True) -> bool:
         """Does the table show a running domain of `host` (with `measured`: whose CPU % is
@@ -274,7 +277,7 @@ class MainScreen(Screen[None]):
         table.update_domains(domains, status or {}, hosts=None if host is None else [host])
         after = table.selected()
         if tell_panes:
-            everything = self.vapp.domains
+            everything = self.session.domains
             for pane in self.query(Pane):
                 pane.inventory_changed(everything)
         if before != after:
@@ -314,7 +317,7 @@ class MainScreen(Screen[None]):
             return
         info = self._need_selection()
         if info is not None:
-            self.vapp.run_lifecycle(info.host, info.name, action)
+            self.post_message(LifecycleRequested(info.host, info.name, action))
 
     def action_shutdown(self) -> None:
         self.action_lifecycle("shutdown")
@@ -327,7 +330,7 @@ class MainScreen(Screen[None]):
         info = self._need_selection()
         if info is not None:
             action = "resume" if info.state is DomainState.PAUSED else "suspend"
-            self.vapp.run_lifecycle(info.host, info.name, action)
+            self.post_message(LifecycleRequested(info.host, info.name, action))
 
     def action_force_off(self) -> None:
         if self.marked:
@@ -355,7 +358,7 @@ class MainScreen(Screen[None]):
     def _confirm_force_off(self, host: str, name: str, title: str, body: str) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
-                self.vapp.run_lifecycle(host, name, "destroy")
+                self.post_message(LifecycleRequested(host, name, "destroy"))
 
         self.app.push_screen(ConfirmScreen(title, body, yes_label="Force off"), answered)
 
@@ -366,7 +369,7 @@ class MainScreen(Screen[None]):
         if not chosen:
             self.notify("select a domain first", severity="warning")
             return
-        uris = [hv.uri for hv in self.vapp.hypervisors]
+        uris = self.session.uris
         host = chosen[0].host
         start = uris.index(host) + 1 if host in uris else 0
         others = [u for u in uris[start:] + uris if u != host]
@@ -393,7 +396,10 @@ class MainScreen(Screen[None]):
         from tui.core import migrate
 
         plan = migrate.plan_group(
-            self.vapp.hypervisor, self.vapp.hypervisor(target), members, directory=directory
+            self.session.hypervisor,
+            self.session.hypervisor(target),
+            members,
+            directory=directory,
         )
         self.post_message(MigratePlanned(plan))
 
@@ -413,10 +419,10 @@ class MainScreen(Screen[None]):
             self.post_message(MigrateProgress(text + share))
 
         try:
-            text = plan.run(self.vapp.hypervisor(plan.host), progress)
+            text = plan.run(self.session.hypervisor(plan.host), progress)
         finally:
             self.post_message(MigrateProgress(""))
-            self.app.call_from_thread(self.vapp.refresh_inventory)
+            self.post_message(RefreshRequested())
         self.post_message(GroupDone(text))
 
     @on(MigrateProgress)
@@ -426,14 +432,14 @@ class MainScreen(Screen[None]):
     def action_details(self) -> None:
         info = self._need_selection()
         if info is not None:
-            self.app.push_screen(DetailsScreen(self.vapp.hypervisor(info.host), info.name))
+            self.app.push_screen(DetailsScreen(self.session.hypervisor(info.host), info.name))
 
     def action_attach(self, what: str) -> None:
         """`C` console, `S` ssh: the worker checks and builds the command, then the terminal
         is handed over on this (the main) thread."""
         info = self._need_selection()
         if info is not None:
-            self._prepare_attach(self.vapp.hypervisor(info.host), info.name, what)
+            self._prepare_attach(self.session.hypervisor(info.host), info.name, what)
 
     @work(thread=True, group="attach", exclusive=True, exit_on_error=False)
     def _prepare_attach(self, hv: Hypervisor, name: str, what: str) -> None:
@@ -442,11 +448,11 @@ class MainScreen(Screen[None]):
     @on(AttachReady)
     def _attach_ready(self, message: AttachReady) -> None:
         hand_over(self.app, message)
-        self.vapp.refresh_inventory()
+        self.post_message(RefreshRequested())
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state is WorkerState.ERROR and event.worker.error is not None:
-            self.vapp.report_error(event.worker.error)
+            self.post_message(ErrorReported(event.worker.error))
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
@@ -522,14 +528,13 @@ class MainScreen(Screen[None]):
     # -- command palette: any domain, template or snapshot (tui.screens.palette) -------------
 
     def all_domains(self) -> list[DomainInfo]:
-        return list(self.vapp.domains)
+        return list(self.session.domains)
 
     def hosts(self) -> list[str]:
-        return [hv.uri for hv in self.vapp.hypervisors]
+        return self.session.uris
 
     def answering_hypervisors(self) -> list[Hypervisor]:
-        lost = self.vapp.lost
-        return [hv for hv in self.vapp.hypervisors if hv.uri not in lost]
+        return self.session.answering
 
     def templates(self) -> list[Template]:
         return list(self.query_one(TemplatesPane).templates)
@@ -711,10 +716,10 @@ class MainScreen(Screen[None]):
     @work(thread=True, exit_on_error=False, group="group-plan", description="group plan")
     def _plan_group(self, verb: str, members: list[groups.Member], opts: dict[str, Any]) -> None:
         if verb == "rm":  # planned with storage so the modal lists the files; its box decides
-            opts = {"storage": True, "backup_dir": self.vapp.settings.backup_dir}
+            opts = {"storage": True, "backup_dir": self.session.settings.backup_dir}
         if verb == "shutdown":
-            opts = {"timeout": self.vapp.shutdown_timeout}
-        plan = groups.plan_group(self.vapp.hypervisor, verb, members, **opts)
+            opts = {"timeout": self.session.settings.shutdown_timeout}
+        plan = groups.plan_group(self.session.hypervisor, verb, members, **opts)
         if verb == "rm":
             plan = replace(plan, members=tuple(replace(m, ask=True) for m in plan.members))
         self.post_message(GroupPlanned(plan))
@@ -732,9 +737,9 @@ class MainScreen(Screen[None]):
     def _run_group(self, plan: groups.GroupPlan) -> None:
         progress: Progress = lambda _text, _fraction: None  # noqa: E731
         try:
-            text = plan.run(self.vapp.hypervisor(plan.host), progress)
+            text = plan.run(self.session.hypervisor(plan.host), progress)
         finally:
-            self.app.call_from_thread(self.vapp.refresh_inventory)
+            self.post_message(RefreshRequested())
         self.post_message(GroupDone(text))
 
     @on(GroupDone)

@@ -9,6 +9,9 @@ Contract between the main screen and a pane (Templates, Snapshots, Disk usage):
 - a pane's keys are in `SCREEN_BINDINGS`, with actions written `pane('<pane id>', '<verb>')`:
   the screen merges them into its own bindings (footer, command palette) and calls the pane's
   `action_<verb>()`, so they work while the domains table has the focus;
+- a pane is given the Session (tui.core.session: the hosts, settings, last inventory, hosts
+  not answering) and only reads it; it asks the App for a refresh or reports an error with a
+  message (tui.messages: RefreshRequested, ErrorReported); it never imports the App;
 - a pane does its libvirt/qemu-img work in `@work(thread=True, exit_on_error=False, group=...)`
   workers; a failed worker reaches the app's one error funnel through `on_worker_state_changed`.
   Textual calls the handler of every class in the MRO, so a subclass's own
@@ -18,7 +21,7 @@ Contract between the main screen and a pane (Templates, Snapshots, Disk usage):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import work
 from textual.binding import Binding, BindingType
@@ -29,25 +32,23 @@ from textual.worker import Worker, WorkerState
 from tui.core.models import DomainInfo
 from tui.core.ops import Plan
 from tui.core.progress import Progress
+from tui.messages import ErrorReported
 from tui.modals.confirm import PlanScreen
 
 if TYPE_CHECKING:
-    from tui.app import VirtdeckApp
     from tui.core.hypervisor import Hypervisor
+    from tui.core.session import Session
 
 
 class Pane(Widget):
     SCREEN_BINDINGS: ClassVar[list[BindingType]] = []
 
-    @property
-    def vapp(self) -> VirtdeckApp:
-        from tui.app import VirtdeckApp
-
-        assert isinstance(self.app, VirtdeckApp)
-        return self.app
+    def __init__(self, session: Session, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.session = session  # what the pane reads of the fleet (tui.core.session)
 
     def hypervisor(self, host: str) -> Hypervisor:
-        return self.vapp.hypervisor(host)
+        return self.session.hypervisor(host)
 
     def domain_selected(self, info: DomainInfo | None) -> None:
         """The highlighted domain changed."""
@@ -98,7 +99,7 @@ class Pane(Widget):
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state is WorkerState.ERROR and event.worker.error is not None:
-            self.vapp.report_error(event.worker.error)
+            self.post_message(ErrorReported(event.worker.error))
 
 
 @dataclass

@@ -31,8 +31,10 @@ from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 from tui.core.ops import Plan
 from tui.core.progress import Progress
+from tui.core.session import Session
 from tui.core.snapshots import SnapshotNode, SnapshotTree
 from tui.core.units import size
+from tui.messages import RefreshRequested
 from tui.modals.snapshot_forms import NewSnapshotScreen, SnapshotRequest
 from tui.widgets.base import Pane, PlanDone
 
@@ -119,8 +121,10 @@ class SnapshotsPane(Pane):
         Binding("D", "pane('snapshots', 'delete')", "Del snapshot", id="snapshot.delete"),
     ]
 
-    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
-        super().__init__(id=id, classes=classes)
+    def __init__(
+        self, session: Session, *, id: str | None = None, classes: str | None = None
+    ) -> None:
+        super().__init__(session, id=id, classes=classes)
         self.selected: DomainInfo | None = None
         self.snap_tree: SnapshotTree | None = None
         self.loads = 0  # finished loads (tests wait on it)
@@ -143,7 +147,7 @@ class SnapshotsPane(Pane):
     def on_mount(self) -> None:
         # The first inventory may have arrived before this pane was mounted (an empty one
         # is said only once a host answered: before, it is just not read yet).
-        if not self.vapp.domains and any(st.reads for st in self.vapp.hosts.values()):
+        if not self.session.domains and self.session.has_answered():
             self.inventory_changed([])
 
     # -- the Pane contract ------------------------------------------------------------------
@@ -426,4 +430,4 @@ class SnapshotsPane(Pane):
         self._status("")
         self.notify(message.text, title="snapshots")
         self.load()
-        self.vapp.refresh_inventory()
+        self.post_message(RefreshRequested())

@@ -35,8 +35,10 @@ from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
 from tui.core.ops import Plan
 from tui.core.progress import Progress
+from tui.core.session import Session
 from tui.core.templates import Template
 from tui.core.units import size
+from tui.messages import RefreshRequested
 from tui.modals.template_forms import (
     DeployRequest,
     DeployScreen,
@@ -150,8 +152,10 @@ class TemplatesPane(Pane):
         Binding("I", "pane('templates', 'import')", "Import image", id="template.import"),
     ]
 
-    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
-        super().__init__(id=id, classes=classes)
+    def __init__(
+        self, session: Session, *, id: str | None = None, classes: str | None = None
+    ) -> None:
+        super().__init__(session, id=id, classes=classes)
         self.selected: DomainInfo | None = None
         self.templates: list[Template] = []
         self.loads = 0  # finished loads (tests wait on it)
@@ -172,8 +176,8 @@ class TemplatesPane(Pane):
 
     def on_mount(self) -> None:
         table = self.query_one("#tpl-table", DataTable)
-        self.multi_host = len(self.vapp.hypervisors) > 1
-        self.backup_dir = self.vapp.settings.backup_dir  # None: the default (tui.core.paths)
+        self.multi_host = len(self.session.hypervisors) > 1
+        self.backup_dir = self.session.settings.backup_dir  # None: the default (tui.core.paths)
         for col in (("Host",) if self.multi_host else ()) + COLUMNS:
             table.add_column(col, key=col)
         # The first inventory may arrive before this pane is mounted: do not wait for the next.
@@ -208,8 +212,8 @@ class TemplatesPane(Pane):
             return
         self._loading = True
         self._stale = False
-        lost = self.vapp.lost  # a host not answering would hold the load up to its deadline
-        self._load([hv for hv in self.vapp.hypervisors if hv.uri not in lost])
+        # (a host not answering would hold the load up to its deadline)
+        self._load(self.session.answering)
 
     # Hypervisors are resolved on the UI thread and handed to the workers: a thread never
     # reaches into the app.
@@ -357,7 +361,7 @@ class TemplatesPane(Pane):
 
     def copy(self, host: str, name: str) -> None:
         """Plan copying template `name` of `host` to the next other host."""
-        uris = [hv.uri for hv in self.vapp.hypervisors]
+        uris = self.session.uris
         others = [u for u in uris[uris.index(host) + 1 :] + uris if u != host]
         if not others:
             self.notify("only one host is connected: nowhere to copy to", severity="warning")
@@ -367,7 +371,7 @@ class TemplatesPane(Pane):
 
     def action_import(self) -> None:
         """The import form (a cloud image made a template), on the selected row's host."""
-        uris = [hv.uri for hv in self.vapp.hypervisors]
+        uris = self.session.uris
         if not uris:
             self.notify("no host is connected", severity="warning")
             return
@@ -499,7 +503,7 @@ class TemplatesPane(Pane):
     def _plan_remove(self, hv: Hypervisor, name: str) -> None:
         # Planned with storage so the modal can list the files; the box decides.
         plan = clones.plan_remove(
-            hv, name, storage=True, backup_dir=self.backup_dir, others=self.vapp.hypervisors
+            hv, name, storage=True, backup_dir=self.backup_dir, others=self.session.hypervisors
         )
         self.post_message(Planned(replace(plan, ask=True)))
 
@@ -531,4 +535,4 @@ class TemplatesPane(Pane):
         self._idle()
         self.notify(message.text, title="templates")
         self.load()
-        self.vapp.refresh_inventory()
+        self.post_message(RefreshRequested())

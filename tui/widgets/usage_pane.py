@@ -26,6 +26,7 @@ from textual.worker import Worker, WorkerState
 from tui.core.errors import VirtdeckError
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo
+from tui.core.session import Session
 from tui.core.units import size, total
 from tui.core.usage import TemplateUsage, UsageCollector, UsageReport
 from tui.widgets.base import Pane
@@ -120,8 +121,10 @@ class UsagePane(Pane):
         Binding("u", "pane('usage', 'refresh')", "Refresh usage", id="usage.refresh"),
     ]
 
-    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
-        super().__init__(id=id, classes=classes)
+    def __init__(
+        self, session: Session, *, id: str | None = None, classes: str | None = None
+    ) -> None:
+        super().__init__(session, id=id, classes=classes)
         self.reports: dict[str, UsageReport] = {}
         self.failures: dict[str, str] = {}
         self.selected: DomainInfo | None = None
@@ -141,8 +144,8 @@ class UsagePane(Pane):
 
     def on_mount(self) -> None:
         # The first inventory may have arrived before this pane was mounted.
-        if self.vapp.domains and not self._domains:
-            self.inventory_changed(list(self.vapp.domains))
+        if self.session.domains and not self._domains:
+            self.inventory_changed(list(self.session.domains))
 
     # -- the Pane contract ------------------------------------------------------------------
 
@@ -171,7 +174,7 @@ class UsagePane(Pane):
         if self._measuring:
             self._stale = True
             return
-        lost = self.vapp.lost
+        lost = self.session.lost
         jobs = [
             (self._collector(hv), [d for d in self._domains if d.host == hv.uri])
             for hv in self._hypervisors()
@@ -183,7 +186,7 @@ class UsagePane(Pane):
         self._measure(jobs)
 
     def _hypervisors(self) -> Iterable[Hypervisor]:
-        return list(self.vapp.hypervisors)
+        return list(self.session.hypervisors)
 
     def _collector(self, hv: Hypervisor) -> UsageCollector:
         collector = self._collectors.get(hv.uri)
