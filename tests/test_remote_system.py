@@ -355,6 +355,7 @@ def test_ssh_commands_share_one_connection_that_ends_by_itself(
     command connects on its own."""
     import dataclasses
     import shutil
+    import stat
     import tempfile
 
     from tests.waiting import wait_until
@@ -374,20 +375,34 @@ def test_ssh_commands_share_one_connection_that_ends_by_itself(
 
         assert len(client_ports(target)) == 1
         sockets = runtime / f"virtdeck-ssh-{os.getuid()}"
+
+        def live() -> list[Path]:  # the connections' sockets (beside them: their lock files)
+            return [p for p in sockets.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)]
+
         assert sockets.stat().st_mode & 0o777 == 0o700
-        assert len(list(sockets.iterdir())) == 1
+        assert len(live()) == 1
         # Other options (here another key file), another connection: never shared across them.
         key = runtime / "key"
         shutil.copy(target.keyfile or "", key)
         assert len(client_ports(dataclasses.replace(target, keyfile=str(key)))) == 1
-        assert len(list(sockets.iterdir())) == 2
+        assert len(live()) == 2
         # Idle, each ends by itself (SSH_SHARED_IDLE): nothing outlives virtdeck for long.
-        wait_until(lambda: not list(sockets.iterdir()), 60, "the shared connections end")
+        wait_until(lambda: not live(), 60, "the shared connections end")
         # Open to others: not used. Turned off: not used.
         sockets.chmod(0o755)
-        assert len(client_ports(target)) == 3 and not list(sockets.iterdir())
+        assert len(client_ports(target)) == 3 and not live()
         sockets.chmod(0o700)
         monkeypatch.setenv("VIRTDECK_SSH_SHARED", "0")
-        assert len(client_ports(target)) == 3 and not list(sockets.iterdir())
+        assert len(client_ports(target)) == 3 and not live()
+        # Commands at once from several threads (and processes: the lock is a file lock)
+        # make one connection, and no second background ssh that would never end.
+        monkeypatch.delenv("VIRTDECK_SSH_SHARED")
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(6) as pool:
+            ports = set().union(*pool.map(lambda _i: client_ports(target, 1), range(6)))
+        masters = subprocess.run(["pgrep", "-f", f"ControlPath={sockets}/.* -N -f"],
+                                 capture_output=True, text=True).stdout.split()  # fmt: skip
+        assert len(ports) == 1 and len(live()) == 1 and len(masters) == 1, (ports, masters)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)

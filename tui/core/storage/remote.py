@@ -21,6 +21,7 @@ SSH children run through tui.core.procs, so cancelling an operation ends them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import posixpath
@@ -31,6 +32,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,6 +121,7 @@ class _Shared:
         self._lock = threading.Lock()
         self._host_locks: dict[str, threading.Lock] = {}
         self._busy: dict[str, int] = {}
+        self._failed: dict[str, tuple[float, OperationError]] = {}  # when and why, per socket
 
     @staticmethod
     def _directory() -> str | None:
@@ -149,6 +152,16 @@ class _Shared:
     def _start(self, target: SshTarget, control: str) -> bool:
         if self._alive(control):
             return True
+        # Another virtdeck may be starting the same connection: one at a time (a second
+        # master that finds the socket taken would go on as a plain connection, for ever).
+        fd = os.open(control + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return self._alive(control) or self._start_master(target, control)
+        finally:
+            os.close(fd)
+
+    def _start_master(self, target: SshTarget, control: str) -> bool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(control)  # a connection that was killed left its socket (ours: private)
         with tempfile.TemporaryFile() as err:
@@ -186,8 +199,16 @@ class _Shared:
             yield None
             return
         try:
+            asked = time.monotonic()
             with host_lock:
-                ok = self._start(target, control)
+                failed = self._failed.get(control)
+                if failed is not None and failed[0] >= asked:
+                    raise failed[1]  # it failed while this one waited: not 10 s more each
+                try:
+                    ok = self._start(target, control)
+                except OperationError as err:
+                    self._failed[control] = (time.monotonic(), err)
+                    raise
             yield control if ok else None
         finally:
             with self._lock:
