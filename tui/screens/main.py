@@ -35,7 +35,6 @@ from tui.core import groups
 from tui.core.catalog import Template
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo, DomainState, HostInfo
-from tui.core.progress import Progress
 from tui.messages import (
     ErrorReported,
     HostsViewChanged,
@@ -102,7 +101,9 @@ GROUP_PANE_VERBS = {
 
 @dataclass
 class GroupPlanned(Message):
-    plan: groups.GroupPlan
+    """A plan over the marked domains (a group verb, a migration) is ready to confirm."""
+
+    plan: Any  # tui.core.groups.GroupPlan or tui.core.migrate.MigrateGroup (ops.Plan)
 
 
 @dataclass
@@ -111,18 +112,13 @@ class GroupDone(Message):
 
 
 @dataclass
-class MigratePlanned(Message):
-    plan: Any  # tui.core.migrate.MigrateGroup
-
-
-@dataclass
-class MigrateProgress(Message):
-    """How a running migration goes (shown in the header's second line)."""
+class GroupProgress(Message):
+    """How a running group plan goes (shown in the header's second line)."""
 
     text: str
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, MigrateProgress)
+        return isinstance(message, GroupProgress)
 
 
 def binding_ids() -> set[str]:
@@ -401,33 +397,7 @@ class MainScreen(Screen[None]):
             members,
             directory=directory,
         )
-        self.post_message(MigratePlanned(plan))
-
-    @on(MigratePlanned)
-    def _migrate_planned(self, message: MigratePlanned) -> None:
-        def answered(chosen: Any) -> None:
-            if chosen is not None:
-                self.notify(f"{chosen.title.rstrip('?')}…", timeout=3)
-                self._run_migrate(chosen)
-
-        self.app.push_screen(PlanScreen(message.plan), answered)
-
-    @work(thread=True, exit_on_error=False, group="plan", description="migrating")
-    def _run_migrate(self, plan: Any) -> None:
-        def progress(text: str, fraction: float | None) -> None:
-            share = f" ({fraction:.0%})" if fraction is not None else ""
-            self.post_message(MigrateProgress(text + share))
-
-        try:
-            text = plan.run(self.session.hypervisor(plan.host), progress)
-        finally:
-            self.post_message(MigrateProgress(""))
-            self.post_message(RefreshRequested())
-        self.post_message(GroupDone(text))
-
-    @on(MigrateProgress)
-    def _migrate_progress(self, message: MigrateProgress) -> None:
-        self.sub_title = message.text
+        self.post_message(GroupPlanned(plan))
 
     def action_details(self) -> None:
         info = self._need_selection()
@@ -724,6 +694,8 @@ class MainScreen(Screen[None]):
             plan = replace(plan, members=tuple(replace(m, ask=True) for m in plan.members))
         self.post_message(GroupPlanned(plan))
 
+    # -- the one path every group plan takes: confirm, run in a worker, report -------------
+
     @on(GroupPlanned)
     def _group_planned(self, message: GroupPlanned) -> None:
         def answered(chosen: Any) -> None:
@@ -734,13 +706,21 @@ class MainScreen(Screen[None]):
         self.app.push_screen(PlanScreen(message.plan), answered)
 
     @work(thread=True, exit_on_error=False, group="plan", description="running a group plan")
-    def _run_group(self, plan: groups.GroupPlan) -> None:
-        progress: Progress = lambda _text, _fraction: None  # noqa: E731
+    def _run_group(self, plan: Any) -> None:
+        def progress(text: str, fraction: float | None) -> None:
+            share = f" ({fraction:.0%})" if fraction is not None else ""
+            self.post_message(GroupProgress(text + share))
+
         try:
             text = plan.run(self.session.hypervisor(plan.host), progress)
         finally:
+            self.post_message(GroupProgress(""))
             self.post_message(RefreshRequested())
         self.post_message(GroupDone(text))
+
+    @on(GroupProgress)
+    def _group_progress(self, message: GroupProgress) -> None:
+        self.sub_title = message.text
 
     @on(GroupDone)
     def _group_done(self, message: GroupDone) -> None:
