@@ -1,7 +1,11 @@
 """qemu-img as a subprocess with an argument list (never a shell).
 
-The runner is injectable so a test can force a failure at a chosen step; the default runs the
-real binary. Errors become OperationError with qemu-img's own last line.
+Two runners, both injectable: `runner` runs a command to its end (its output captured),
+`streamer` runs one handing each output line over as it comes (a copy's progress). The
+defaults run the real binary here; RemoteFiles gives both over SSH; a test gives a runner that
+fails at a chosen step, and without a streamer of its own the copy goes through that runner
+(its output handed over at the end): one code path whichever runs it. Errors become
+OperationError with qemu-img's own last line.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from tui.core.errors import OperationError
 from tui.core.progress import Progress, no_progress
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+#: Runs a command handing each output line (stdout and stderr) to the callback; its status.
+Streamer = Callable[[Sequence[str], Callable[[str], None]], int]
 
 
 def run_subprocess(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
@@ -31,9 +37,18 @@ def last_line(text: str) -> str:
 
 
 class QemuImg:
-    def __init__(self, runner: Runner | None = None, binary: str = "qemu-img") -> None:
+    def __init__(
+        self,
+        runner: Runner | None = None,
+        binary: str = "qemu-img",
+        *,
+        streamer: Streamer | None = None,
+    ) -> None:
         self.runner = runner or run_subprocess
         self.binary = binary
+        if streamer is None:
+            streamer = procs.stream if runner is None else _streaming(self.runner)
+        self.streamer = streamer
 
     def run(self, *args: str) -> str:
         argv = [self.binary, *args]
@@ -87,34 +102,23 @@ class QemuImg:
     ) -> None:
         """A full, independent copy (sparse stays sparse), reporting qemu-img's -p percentage."""
         argv = [self.binary, "convert", "-p", "-f", src_fmt, "-O", dst_fmt, src, dst]
-        if self.runner is not run_subprocess:
-            self.run(*argv[1:])
-            progress(label, 1.0)
-            return
+        said: list[str] = []
+
+        def on_line(line: str) -> None:  # -p writes "(12.34/100%)" lines ended by \r
+            found = re.findall(r"\((\d+(?:\.\d+)?)/100%\)", line)
+            if found:
+                progress(label, float(found[-1]) / 100)  # (an interrupt here kills the copy)
+            elif line.strip():
+                said.append(line)
+
         try:
-            proc = procs.popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                bufsize=1,
-            )  # fmt: skip
+            status = self.streamer(argv, on_line)
         except FileNotFoundError:
             raise OperationError(
                 f"{self.binary} is not installed (apt-get install qemu-utils)"
             ) from None
-        assert proc.stdout is not None and proc.stderr is not None
-        try:
-            buf = ""
-            while chunk := proc.stdout.read(64):
-                buf += chunk
-                found = re.findall(r"\((\d+(?:\.\d+)?)/100%\)", buf)
-                if found:
-                    progress(label, float(found[-1]) / 100)
-                    buf = buf[-32:]
-            err = proc.stderr.read()
-            status = proc.wait()
-        finally:
-            procs.finish(proc)  # an interrupt (progress raised) kills the copy
         if status != 0:
-            raise OperationError(f"qemu-img convert failed: {last_line(err)}")
+            raise OperationError(f"qemu-img convert failed: {last_line(chr(10).join(said))}")
         progress(label, 1.0)
 
     def export_snapshot(self, path: str, snapshot: str, dst: str) -> None:
@@ -151,3 +155,15 @@ def read_head(path: str, fmt: str, length: int = 4096, runner: Runner | None = N
         if m := _HEX_ROW.match(line):
             data += bytes.fromhex(m.group(1))
     return bytes(data)
+
+
+def _streaming(runner: Runner) -> Streamer:
+    """A streamer over a runner that captures: the lines are handed over at the end."""
+
+    def stream(argv: Sequence[str], on_line: Callable[[str], None]) -> int:
+        proc = runner(argv)
+        for line in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines():
+            on_line(line)
+        return proc.returncode
+
+    return stream
