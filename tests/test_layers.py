@@ -175,3 +175,15 @@ def test_a_module_that_pushes_an_undo_kind_registers_it_when_imported_alone() ->
     for module, kinds in sorted(by_module.items()):
         missing = kinds - _registered_after(f"import {module}")
         assert not missing, f"'import {module}' leaves no handler for {sorted(missing)}"
+
+
+def test_no_function_in_tui_is_longer_than_80_lines() -> None:
+    """Long planners hide their checks: each one gets a helper (issue 23)."""
+    long = []
+    for path in sorted((ROOT / "tui").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []

@@ -82,27 +82,29 @@ def _live(args: argparse.Namespace, live: bool | None) -> dict[str, Any]:
     return {"live": live, "max_downtime": args.max_downtime, "bandwidth": args.bandwidth}
 
 
-def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
-    from tui.core import migrate
+def _selected(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> list[Any]:
+    """The domains named or matched, or with --all-from every domain of that host."""
     from tui.core.groups import Member
 
+    if args.all_from is None:
+        need_selection(args.parser_error, args, args.names)
+        return list(members(args, hypervisors, args.names))
+    from_uri = _uri(args, args.all_from)
+    hv = next((h for h in hypervisors if h.uri == from_uri), None)
+    if hv is None:
+        raise InvalidInputError(f"--all-from {args.all_from}: not connected (add -c {from_uri})")
+    return [Member(hv.uri, d.name) for d in hv.domains() if not d.is_template]
+
+
+def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
+    from tui.core import migrate
+
     target_uri = _uri(args, args.to)
-    live: bool | None = bool(args.live)
     if (args.max_downtime or args.bandwidth) and not args.live and args.all_from is None:
         args.parser_error("--max-downtime and --bandwidth apply to a live migration (--live)")
-    if args.all_from is not None:
-        live = None  # a drain: each domain as its state asks
-        from_uri = _uri(args, args.all_from)
-        hv = next((h for h in hypervisors if h.uri == from_uri), None)
-        if hv is None:
-            raise InvalidInputError(
-                f"--all-from {args.all_from}: not connected (add -c {from_uri})"
-            )
-        found = [Member(hv.uri, d.name) for d in hv.domains() if not d.is_template]
-    else:
-        need_selection(args.parser_error, args, args.names)
-        found = members(args, hypervisors, args.names)
-    found = [m for m in found if m.host != target_uri]
+    # (a drain: each domain as its state asks)
+    live: bool | None = None if args.all_from is not None else bool(args.live)
+    found = [m for m in _selected(args, hypervisors) if m.host != target_uri]
     if not found:
         raise InvalidInputError("nothing to migrate: no domain selected outside the target")
     by_uri = {hv.uri: hv for hv in hypervisors}

@@ -30,7 +30,22 @@ def register(sub: Any) -> None:
     """Add this module's subcommands to the parser."""
     p = sub.add_parser("template", help="make and list templates")
     tsub = p.add_subparsers(dest="template_command", metavar="SUBCOMMAND", required=True)
+    _register_create(tsub)
+    _register_copy(tsub)
+    _register_import(tsub)
+    ls = tsub.add_parser("ls", help="list templates, their base images and clones")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    ls.set_defaults(handler=cmd_ls)
 
+    from tui.cli import versions
+
+    versions.register(tsub)
+    _register_clone(sub)
+    _register_rm(sub)
+
+
+def _register_create(tsub: Any) -> None:
     c = tsub.add_parser(
         "create",
         help="seal a VM into a template (shut down, virt-sysprep, rename, back up, read-only)",
@@ -78,6 +93,8 @@ def register(sub: Any) -> None:
     add_plan_options(c)
     c.set_defaults(handler=cmd_create)
 
+
+def _register_copy(tsub: Any) -> None:
     cp = tsub.add_parser(
         "copy",
         help="copy a template (base images and definition) to another hypervisor",
@@ -93,6 +110,8 @@ def register(sub: Any) -> None:
     add_plan_options(cp)
     cp.set_defaults(handler=cmd_copy)
 
+
+def _register_import(tsub: Any) -> None:
     im = tsub.add_parser(
         "import",
         help="make a template from a cloud image (a file or an http(s) URL), checksum checked",
@@ -117,15 +136,8 @@ def register(sub: Any) -> None:
     add_plan_options(im)
     im.set_defaults(handler=cmd_import)
 
-    ls = tsub.add_parser("ls", help="list templates, their base images and clones")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
-    ls.set_defaults(handler=cmd_ls)
 
-    from tui.cli import versions
-
-    versions.register(tsub)
-
+def _register_clone(sub: Any) -> None:
     p = sub.add_parser(
         "clone",
         help="deploy thin (default) or full clones of a template",
@@ -160,6 +172,12 @@ def register(sub: Any) -> None:
         "--allow-unsealed", action="store_true", help="clone a template that was not sealed"
     )
     p.add_argument("--backup-dir", metavar="DIR", type=Path, help="XML backup directory")
+    _identity_options(p)
+    add_plan_options(p)
+    p.set_defaults(handler=cmd_clone, parser_error=p.error)
+
+
+def _identity_options(p: Any) -> None:
     who = p.add_argument_group(
         "identity",
         "written into each clone's own disk with virt-customize (this machine, image files; "
@@ -217,9 +235,9 @@ def register(sub: Any) -> None:
         metavar="FILE",
         help="cloud-init: your own #cloud-config or script, added to virtdeck's",
     )
-    add_plan_options(p)
-    p.set_defaults(handler=cmd_clone, parser_error=p.error)
 
+
+def _register_rm(sub: Any) -> None:
     p = sub.add_parser(
         "rm", help="remove a domain or template (refused while thin clones depend on it)"
     )

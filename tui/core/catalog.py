@@ -297,18 +297,7 @@ def list_templates(
             for u in graph.users([b.path for b in images])
             if u.how == "backing" and nearest.get(u.name, set()) & mine
         }
-        thin, full, incomplete = [], [], []
-        for d in domains:
-            if d.is_template:
-                continue
-            if d.meta.role == "clone" and d.meta.source == name and not d.meta.complete:
-                incomplete.append(d.name)
-            elif d.name in users or (
-                d.meta.role == "clone" and d.meta.source == name and d.meta.mode == "thin"
-            ):
-                thin.append(d.name)
-            elif d.meta.role == "clone" and d.meta.source == name:
-                full.append(d.name)
+        thin, full, incomplete = _clones_of(name, domains, users)
         out.append(
             Template(
                 host=hv.uri,
@@ -333,6 +322,25 @@ def list_templates(
         )
     out.sort(key=lambda t: t.name)
     return out
+
+
+def _clones_of(
+    name: str, domains: list[DomainInfo], users: set[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """A template's thin clones (its metadata says so, or `users`: their chains reach its
+    base), full clones and clones not finished yet."""
+    thin, full, incomplete = [], [], []
+    for d in domains:
+        if d.is_template:
+            continue
+        ours = d.meta.role == "clone" and d.meta.source == name
+        if ours and not d.meta.complete:
+            incomplete.append(d.name)
+        elif d.name in users or (ours and d.meta.mode == "thin"):
+            thin.append(d.name)
+        elif ours:
+            full.append(d.name)
+    return thin, full, incomplete
 
 
 def get_template(hv: Hypervisor, name: str, backup_dir: Path | None = None) -> Template:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 import uuid as uuidlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -293,19 +293,7 @@ def plan_clone(
     files = files_for(hv, "clone", qemu_img=qemu)
     rng = rng or random.SystemRandom()
     names = clone_names(name, count)
-    xml, defined = template_xml(hv, template, backup_dir)
-    if defined and hv.domain(template).state.active:
-        raise StateError(
-            f"template '{template}' is running (started outside virtdeck?): it is writing to "
-            f"the base its clones would read; shut it down first"
-        )
-    troot = domxml.parse(xml)
-    meta = domxml.read_meta(troot)
-    if not meta.sealed and not allow_unsealed:
-        raise StateError(
-            f"template '{template}' is not sealed (no virt-sysprep): its clones would share "
-            "its SSH host keys and machine-id; allow it with --allow-unsealed"
-        )
+    troot, meta, defined = _clonable(hv, template, backup_dir, allow_unsealed)
     for n in names:
         if hv.exists(n):
             raise InvalidInputError(f"a domain named '{n}' already exists; choose another name")
@@ -326,158 +314,28 @@ def plan_clone(
     network = _seed_network(wanted, len(names), clonexml.interface_count(troot))
     if network:
         _refuse_taken_addresses(hv, network)
-    resolver = Resolver(hv, qemu_img=qemu, ssh=True)
-    chains: dict[str, Chain] = {}
-    for disk in bases:
-        assert disk.path is not None
-        chain = resolver.chain(disk.path, disk.format)
-        if not chain.complete:
-            raise NotFoundError(f"disk {disk.target} of template '{template}': {chain.problem}")
-        chains[disk.path] = chain
-    measured: dict[str, int] = {}
-    if full:
-        # The chain's real allocation bounds the copy's size; only where that bound does not
-        # clearly fit is `qemu-img measure` (exact, but a subprocess per disk) worth running.
-        for disk in bases:
-            assert disk.path is not None
-            measured[disk.path] = _chain_allocation(chains[disk.path])
-        bound_by_dev: dict[int, tuple[str, int]] = {}
-        for disk in bases:
-            assert disk.path is not None
-            where = _target_dir(os.path.abspath(disk.path), directory)
-            dev = files.device(where)
-            total = bound_by_dev.get(dev, (where, 0))[1] + measured[disk.path] * len(names)
-            bound_by_dev[dev] = (where, total)
-        if any(total > files.free_bytes(where) for where, total in bound_by_dev.values()):
-            for disk in bases:
-                assert disk.path is not None
-                measured[disk.path] = files.measure(disk.path, disk.format or "qcow2")
-    mode = "full" if full else "thin"
-    hostname, hostname_why = wanted.hostname, ""
-    kept: tuple[str, ...] = ()
-    if seeded:
-        if hostname is None and not wanted.hostname_by_default:
-            raise IdentityError(
-                "--keep-hostname: a cloud-init seed always names the clone's host (cloud-init "
-                "would take the instance id otherwise); give --hostname-template instead"
-            )
-        hostname = hostname or DEFAULT_HOSTNAME
-    elif hostname is None and wanted.hostname_by_default:
-        first = bases[0]
-        assert first.path is not None
-        applies, why = hostname_default(
-            meta.sealed, (first.path, first.format or "qcow2"), not not_customisable
-        )
-        hostname, hostname_why = (DEFAULT_HOSTNAME, why) if applies else (None, "")
-        kept = () if applies or not why else (why,)
+    chains = _base_chains(Resolver(hv, qemu_img=qemu, ssh=True), template, bases)
+    measured = _full_sizes(files, bases, chains, directory, len(names)) if full else {}
+    hostname, hostname_why, kept = _hostname_choice(wanted, seeded, meta, bases, not_customisable)
     if not seeded and (hostname is not None or wanted.explicit):
         require_tool()
     nvram = clonexml.nvram_path(troot)
-    nvram_bytes = files.file_size(nvram) if nvram else None
+    shared = _Shared(
+        template=template, troot=troot, meta=meta, bases=bases, full=full, measured=measured,
+        directory=directory, seeded=seeded, wanted=wanted, hostname=hostname,
+        hostname_why=hostname_why, network=network,
+        nvram_bytes=files.file_size(nvram) if nvram else None,
+    )  # fmt: skip
+    claims = _Claims(files)
     taken_macs = _all_macs(hv)
-    taken_files: set[str] = set()
     items: list[CloneItem] = []
-    needed_by_dev: dict[int, int] = {}
-    dirs_by_dev: dict[int, str] = {}
     for n in names:
-        disks = []
-        for i, disk in enumerate(bases):
-            assert disk.path is not None
-            base = os.path.abspath(disk.path)
-            base_fmt = disk.format or "qcow2"
-            fmt = base_fmt if full else "qcow2"
-            where = _target_dir(base, directory)
-            stem = n if i == 0 else f"{n}-{disk.target}"
-            path = os.path.join(os.path.abspath(where), stem + _EXT.get(fmt, "." + fmt))
-            if files.lexists(path) or path in taken_files:
-                raise InvalidInputError(f"{path} already exists; choose another name or --dir")
-            taken_files.add(path)
-            need = measured[disk.path] if full else OVERLAY_BYTES
-            dev = files.device(os.path.dirname(path))
-            needed_by_dev[dev] = needed_by_dev.get(dev, 0) + need
-            dirs_by_dev[dev] = os.path.dirname(path)
-            disks.append(CloneDisk(disk.target, base, base_fmt, path, fmt, need))
-        uuid = str(uuidlib.uuid4())
-        macs = tuple(_new_mac(taken_macs, rng) for _ in range(clonexml.interface_count(troot)))
-        seed_path = None
-        if seeded:
-            seed_path = os.path.join(os.path.dirname(disks[0].path), f"{n}-seed.iso")
-            if files.lexists(seed_path) or seed_path in taken_files:
-                raise InvalidInputError(f"{seed_path} already exists; choose another name")
-            taken_files.add(seed_path)
-            dev = files.device(os.path.dirname(seed_path))
-            needed_by_dev[dev] = needed_by_dev.get(dev, 0) + SEED_BYTES
-        ident = clonexml.CloneIdentity(
-            name=n,
-            uuid=uuid,
-            macs=macs,
-            disks=tuple((d.target, d.path, d.format) for d in disks),
-            meta=VirtdeckMeta(
-                role="clone",
-                created=now_iso(),
-                source=template,
-                mode=mode,
-                complete=False,
-                seed=seed_path,
-                address=network[len(items)].address if network else None,
-            ),
-            old_names=(template, meta.source or ""),
-            nvram_present=nvram_bytes is not None,
-        )
-        out = clonexml.clone_xml(troot, ident)
-        seed = None
-        if seed_path is not None:
-            assert hostname is not None
-            seed = cloudinit.Seed(
-                check_hostname(hostname.format(name=n, n=len(items) + 1), n),
-                ssh_keys=wanted.ssh_keys,
-                first_boot=wanted.first_boot,
-                user_data=wanted.user_data,
-                network=network[len(items)] if network else None,
-                mac=macs[0] if macs else None,
-            )
-            out = replace(out, xml=with_seed_cdrom(out.xml, seed_path))
-        copies = []
-        for c in out.copies:
-            if files.lexists(c.destination) or c.destination in taken_files:
-                raise InvalidInputError(
-                    f"{c.destination} ({c.what} of '{n}') already exists; choose another name"
-                )
-            taken_files.add(c.destination)
-            copies.append(replace(c, bytes=nvram_bytes or 0))
-            dev = files.device(os.path.dirname(c.destination))
-            needed_by_dev[dev] = needed_by_dev.get(dev, 0) + (nvram_bytes or 0)
-            dirs_by_dev.setdefault(dev, os.path.dirname(c.destination))
-        custom = None
-        if not seeded and (hostname is not None or wanted.ssh_keys or wanted.first_boot):
-            custom = Customisation(
-                images=tuple((d.path, d.format) for d in disks),
-                hostname=None
-                if hostname is None
-                else check_hostname(hostname.format(name=n, n=len(items) + 1), n),
-                ssh_keys=wanted.ssh_keys,
-                first_boot=wanted.first_boot,
-                hostname_why=hostname_why,
-            )
-        items.append(
-            CloneItem(
-                n,
-                uuid,
-                macs,
-                tuple(disks),
-                out.xml,
-                out.rewrites,
-                tuple(copies),
-                custom,
-                seed,
-                seed_path,
-            )  # fmt: skip
-        )
-    free = {dev: files.free_bytes(d) for dev, d in dirs_by_dev.items()}
-    for dev, need in needed_by_dev.items():
+        items.append(_plan_item(shared, claims, n, len(items), taken_macs, rng))
+    free = {dev: files.free_bytes(d) for dev, d in claims.dirs.items()}
+    for dev, need in claims.needed.items():
         if need > free[dev]:
             raise InvalidInputError(
-                f"not enough space in {dirs_by_dev[dev]}: the clones need {_size(need)}, "
+                f"not enough space in {claims.dirs[dev]}: the clones need {_size(need)}, "
                 f"{_size(free[dev])} is free (choose --dir elsewhere, or thin clones)"
             )
     return ClonePlan(
@@ -485,15 +343,222 @@ def plan_clone(
         template=template,
         template_defined=defined,
         sealed=meta.sealed,
-        mode=mode,
+        mode="full" if full else "thin",
         start=start,
         items=tuple(items),
-        bytes_needed=sum(needed_by_dev.values()),
+        bytes_needed=sum(claims.needed.values()),
         bytes_free=min(free.values()) if free else None,
         notes=tuple(files.pool_notes([d.path for i in items for d in i.disks]))
         + kept
-        + tuple(n for n in (files.free_note(d) for d in dirs_by_dev.values()) if n),
+        + tuple(n for n in (files.free_note(d) for d in claims.dirs.values()) if n),
     )
+
+
+def _clonable(
+    hv: Hypervisor, template: str, backup_dir: Path | None, allow_unsealed: bool
+) -> tuple[Any, VirtdeckMeta, bool]:
+    """The template's parsed XML, its metadata and whether it is defined; refused while it
+    runs, or unsealed unless allowed."""
+    xml, defined = template_xml(hv, template, backup_dir)
+    if defined and hv.domain(template).state.active:
+        raise StateError(
+            f"template '{template}' is running (started outside virtdeck?): it is writing to "
+            f"the base its clones would read; shut it down first"
+        )
+    troot = domxml.parse(xml)
+    meta = domxml.read_meta(troot)
+    if not meta.sealed and not allow_unsealed:
+        raise StateError(
+            f"template '{template}' is not sealed (no virt-sysprep): its clones would share "
+            "its SSH host keys and machine-id; allow it with --allow-unsealed"
+        )
+    return troot, meta, defined
+
+
+def _base_chains(resolver: Resolver, template: str, bases: list[DiskInfo]) -> dict[str, Chain]:
+    chains: dict[str, Chain] = {}
+    for disk in bases:
+        assert disk.path is not None
+        chain = resolver.chain(disk.path, disk.format)
+        if not chain.complete:
+            raise NotFoundError(f"disk {disk.target} of template '{template}': {chain.problem}")
+        chains[disk.path] = chain
+    return chains
+
+
+def _full_sizes(
+    files: Any,
+    bases: list[DiskInfo],
+    chains: dict[str, Chain],
+    directory: str | Path | None,
+    count: int,
+) -> dict[str, int]:
+    """What a full copy of each base takes. The chain's real allocation bounds the copy's
+    size; only where that bound does not clearly fit is `qemu-img measure` (exact, but a
+    subprocess per disk) worth running."""
+    measured: dict[str, int] = {}
+    for disk in bases:
+        assert disk.path is not None
+        measured[disk.path] = _chain_allocation(chains[disk.path])
+    bound_by_dev: dict[int, tuple[str, int]] = {}
+    for disk in bases:
+        assert disk.path is not None
+        where = _target_dir(os.path.abspath(disk.path), directory)
+        dev = files.device(where)
+        total = bound_by_dev.get(dev, (where, 0))[1] + measured[disk.path] * count
+        bound_by_dev[dev] = (where, total)
+    if any(total > files.free_bytes(where) for where, total in bound_by_dev.values()):
+        for disk in bases:
+            assert disk.path is not None
+            measured[disk.path] = files.measure(disk.path, disk.format or "qcow2")
+    return measured
+
+
+def _hostname_choice(
+    wanted: Identity,
+    seeded: bool,
+    meta: VirtdeckMeta,
+    bases: list[DiskInfo],
+    not_customisable: str,
+) -> tuple[str | None, str, tuple[str, ...]]:
+    """The clones' hostname pattern (None: left alone), why it is set by default, and the
+    note that says why it is not."""
+    hostname = wanted.hostname
+    if seeded:
+        if hostname is None and not wanted.hostname_by_default:
+            raise IdentityError(
+                "--keep-hostname: a cloud-init seed always names the clone's host (cloud-init "
+                "would take the instance id otherwise); give --hostname-template instead"
+            )
+        return hostname or DEFAULT_HOSTNAME, "", ()
+    if hostname is None and wanted.hostname_by_default:
+        first = bases[0]
+        assert first.path is not None
+        applies, why = hostname_default(
+            meta.sealed, (first.path, first.format or "qcow2"), not not_customisable
+        )
+        if applies:
+            return DEFAULT_HOSTNAME, why, ()
+        return None, "", (why,) if why else ()
+    return hostname, "", ()
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every clone of one plan is made from (plan_clone's findings)."""
+
+    template: str
+    troot: Any
+    meta: VirtdeckMeta
+    bases: list[DiskInfo]
+    full: bool
+    measured: dict[str, int]
+    directory: str | Path | None
+    seeded: bool
+    wanted: Identity
+    hostname: str | None
+    hostname_why: str
+    network: tuple[Any, ...] | None
+    nvram_bytes: int | None
+
+
+@dataclass
+class _Claims:
+    """The files the clones of one plan will make, and the bytes they need per device (with
+    a directory on each device to read its free space from)."""
+
+    files: Any
+    taken: set[str] = field(default_factory=set)
+    needed: dict[int, int] = field(default_factory=dict)
+    dirs: dict[int, str] = field(default_factory=dict)
+
+    def take(self, path: str, taken: str, need: int, *, names_dir: bool | None = True) -> None:
+        """Claim `path` (`taken`: the error when it exists or another clone has it) and the
+        bytes it needs; `names_dir`: this directory is the device's to read free space from
+        (None: only if the device has none yet; False: never)."""
+        if self.files.lexists(path) or path in self.taken:
+            raise InvalidInputError(taken)
+        self.taken.add(path)
+        dev = self.files.device(os.path.dirname(path))
+        self.needed[dev] = self.needed.get(dev, 0) + need
+        if names_dir:
+            self.dirs[dev] = os.path.dirname(path)
+        elif names_dir is None:
+            self.dirs.setdefault(dev, os.path.dirname(path))
+
+
+def _plan_item(
+    s: _Shared, claims: _Claims, n: str, index: int, taken_macs: set[str], rng: random.Random
+) -> CloneItem:
+    """One clone: its disks, UUID, MACs, XML, file copies, seed or customisation."""
+    disks = []
+    for i, disk in enumerate(s.bases):
+        assert disk.path is not None
+        base = os.path.abspath(disk.path)
+        base_fmt = disk.format or "qcow2"
+        fmt = base_fmt if s.full else "qcow2"
+        where = _target_dir(base, s.directory)
+        stem = n if i == 0 else f"{n}-{disk.target}"
+        path = os.path.join(os.path.abspath(where), stem + _EXT.get(fmt, "." + fmt))
+        need = s.measured[disk.path] if s.full else OVERLAY_BYTES
+        claims.take(path, f"{path} already exists; choose another name or --dir", need)
+        disks.append(CloneDisk(disk.target, base, base_fmt, path, fmt, need))
+    uuid = str(uuidlib.uuid4())
+    macs = tuple(_new_mac(taken_macs, rng) for _ in range(clonexml.interface_count(s.troot)))
+    seed_path = None
+    if s.seeded:
+        seed_path = os.path.join(os.path.dirname(disks[0].path), f"{n}-seed.iso")
+        claims.take(seed_path, f"{seed_path} already exists; choose another name", SEED_BYTES,
+                    names_dir=False)  # fmt: skip
+    ident = clonexml.CloneIdentity(
+        name=n,
+        uuid=uuid,
+        macs=macs,
+        disks=tuple((d.target, d.path, d.format) for d in disks),
+        meta=VirtdeckMeta(
+            role="clone",
+            created=now_iso(),
+            source=s.template,
+            mode="full" if s.full else "thin",
+            complete=False,
+            seed=seed_path,
+            address=s.network[index].address if s.network else None,
+        ),
+        old_names=(s.template, s.meta.source or ""),
+        nvram_present=s.nvram_bytes is not None,
+    )
+    out = clonexml.clone_xml(s.troot, ident)
+    hostname = (
+        None if s.hostname is None else check_hostname(s.hostname.format(name=n, n=index + 1), n)
+    )
+    seed = None
+    if seed_path is not None:
+        assert hostname is not None
+        seed = cloudinit.Seed(
+            hostname,
+            ssh_keys=s.wanted.ssh_keys,
+            first_boot=s.wanted.first_boot,
+            user_data=s.wanted.user_data,
+            network=s.network[index] if s.network else None,
+            mac=macs[0] if macs else None,
+        )
+        out = replace(out, xml=with_seed_cdrom(out.xml, seed_path))
+    copies = []
+    for c in out.copies:
+        taken = f"{c.destination} ({c.what} of '{n}') already exists; choose another name"
+        claims.take(c.destination, taken, s.nvram_bytes or 0, names_dir=None)
+        copies.append(replace(c, bytes=s.nvram_bytes or 0))
+    custom = None
+    if not s.seeded and (hostname is not None or s.wanted.ssh_keys or s.wanted.first_boot):
+        custom = Customisation(
+            images=tuple((d.path, d.format) for d in disks),
+            hostname=hostname,
+            ssh_keys=s.wanted.ssh_keys,
+            first_boot=s.wanted.first_boot,
+            hostname_why=s.hostname_why,
+        )
+    return CloneItem(n, uuid, macs, tuple(disks), out.xml, out.rewrites, tuple(copies), custom,
+                     seed, seed_path)  # fmt: skip
 
 
 #: What a seed image takes (a few files in a small ISO 9660 image: about 360 KiB), rounded up.
@@ -614,13 +679,7 @@ def _execute_clone(
     customiser: Customiser | None,
 ) -> list[str]:
     files = files_for(hv, "clone", qemu_img=qemu)
-    for item in plan.items:
-        if hv.exists(item.name):
-            raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
-        own = [d.path for d in item.disks] + [c.destination for c in item.copies]
-        for path in own + ([item.seed_path] if item.seed_path else []):
-            if files.lexists(path):
-                raise InvalidInputError(f"{path} already exists; plan again")
+    _still_free(hv, files, plan)
     total = sum(d.bytes_needed for i in plan.items for d in i.disks) or 1
     done, progress = 0, ops.cancellable(progress)
     title = f"deploying {len(plan.items)} {plan.mode} clone(s) of '{plan.template}'"
@@ -649,25 +708,7 @@ def _execute_clone(
                     if files.lexists(d.path):
                         raise InvalidInputError(f"{d.path} appeared meanwhile; nothing was kept")
                     with undo.step(f"remove {d.path}", "delete_file", path=d.path):
-                        if plan.mode == "thin":
-                            progress(f"{item.name}: overlay {d.path} on {d.base}", done / total)
-                            files.create_overlay(d.path, d.base, d.base_format)
-                        else:
-                            start, share = done / total, d.bytes_needed / total
-
-                            def scaled(
-                                msg: str, frac: float | None, s: float = start, w: float = share
-                            ) -> None:
-                                progress(msg, None if frac is None else s + frac * w)
-
-                            files.copy(
-                                d.base,
-                                d.path,
-                                src_fmt=d.base_format,
-                                dst_fmt=d.format,
-                                progress=scaled,
-                                label=f"{item.name}: copying {os.path.basename(d.base)}",
-                            )
+                        _make_disk(files, plan.mode, item.name, d, progress, done, total)
                     done += d.bytes_needed
                 if item.seed is not None and item.seed_path is not None:
                     progress(f"{item.name}: cloud-init seed {item.seed_path}", None)
@@ -702,6 +743,34 @@ def _execute_clone(
             f"clone '{not_started[0]}' was made but did not start: {not_started[1]}"
         )
     return list(plan.names)
+
+
+def _still_free(hv: Hypervisor, files: Any, plan: ClonePlan) -> None:
+    """The names and files the plan makes are still nobody's (checked again when acting)."""
+    for item in plan.items:
+        if hv.exists(item.name):
+            raise InvalidInputError(f"a domain named '{item.name}' already exists; plan again")
+        own = [d.path for d in item.disks] + [c.destination for c in item.copies]
+        for path in own + ([item.seed_path] if item.seed_path else []):
+            if files.lexists(path):
+                raise InvalidInputError(f"{path} already exists; plan again")
+
+
+def _make_disk(
+    files: Any, mode: str, name: str, d: CloneDisk, progress: Progress, done: int, total: int
+) -> None:
+    """A clone's disk: an overlay on its base (thin) or a copy of it (full)."""
+    if mode == "thin":
+        progress(f"{name}: overlay {d.path} on {d.base}", done / total)
+        files.create_overlay(d.path, d.base, d.base_format)
+        return
+    start, share = done / total, d.bytes_needed / total
+
+    def scaled(msg: str, frac: float | None) -> None:
+        progress(msg, None if frac is None else start + frac * share)
+
+    files.copy(d.base, d.path, src_fmt=d.base_format, dst_fmt=d.format, progress=scaled,
+               label=f"{name}: copying {os.path.basename(d.base)}")  # fmt: skip
 
 
 def _mark_complete(hv: Hypervisor, name: str) -> None:

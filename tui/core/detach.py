@@ -164,6 +164,27 @@ def _ident(identity: dict[str, Any] | None) -> tuple[int, int] | None:
     return int(identity["dev"]), int(identity["ino"])
 
 
+def _refuse_snapshots(hv: Hypervisor, name: str) -> None:
+    snaps = _snapshot_names(hv, name)
+    if snaps:
+        raise DependencyError(
+            f"'{name}' has snapshots ({', '.join(snaps)}): they read the base for what they "
+            "never wrote (an internal one inside the overlay, an external one's older layers), "
+            "so flattening the top would leave them on a base its template may delete; delete "
+            f"them first ('virtdeck snapshot delete {name} SNAP'); nothing was changed"
+        )
+
+
+def _overlay_format(name: str, disk: Any, chain: Any) -> str:
+    fmt = str(chain.top.format or disk.format or "qcow2")
+    if fmt != "qcow2":
+        raise InvalidInputError(
+            f"disk {disk.target} of '{name}' is {fmt} with a backing file: only qcow2 "
+            "overlays are detached"
+        )
+    return fmt
+
+
 def plan_detach(hv: Hypervisor, name: str, *, qemu: QemuImg | None = None) -> DetachPlan:
     """Validate and describe the detach of `name`; nothing is written."""
     files = files_for(hv, "detach", qemu_img=qemu)
@@ -179,14 +200,7 @@ def plan_detach(hv: Hypervisor, name: str, *, qemu: QemuImg | None = None) -> De
             f"'{name}' is {info.state.value}: detach works on a shut-off or a running domain"
         )
     live = info.state.active
-    snaps = _snapshot_names(hv, name)
-    if snaps:
-        raise DependencyError(
-            f"'{name}' has snapshots ({', '.join(snaps)}): they read the base for what they "
-            "never wrote (an internal one inside the overlay, an external one's older layers), "
-            "so flattening the top would leave them on a base its template may delete; delete "
-            f"them first ('virtdeck snapshot delete {name} SNAP'); nothing was changed"
-        )
+    _refuse_snapshots(hv, name)
     resolver = Resolver(hv, qemu_img=qemu, ssh=True)
     taken: set[str] = set()
     disks: list[DetachDisk] = []
@@ -208,13 +222,7 @@ def plan_detach(hv: Hypervisor, name: str, *, qemu: QemuImg | None = None) -> De
             raise NotFoundError(f"disk {disk.target} of '{name}': {chain.problem}")
         if len(chain.links) < 2:
             continue  # already standalone
-        top = chain.top
-        fmt = top.format or disk.format or "qcow2"
-        if fmt != "qcow2":
-            raise InvalidInputError(
-                f"disk {disk.target} of '{name}' is {fmt} with a backing file: only qcow2 "
-                "overlays are detached"
-            )
+        fmt = _overlay_format(name, disk, chain)
         if live:
             need = sum(i.actual_bytes or 0 for i in chain.links[1:]) + METADATA_MARGIN
             path = disk.path

@@ -69,7 +69,7 @@ from tui.core.models import DiskKind, DomainState
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import common as _snapshot_kinds  # noqa: F401  (registers its kind)
 from tui.core.storage import Resolver, files_for
-from tui.core.storage.digest import StreamDigest, file_digest
+from tui.core.storage.digest import file_digest
 from tui.core.storage.remote import RemoteFiles
 
 LIVE_HINT = "migrate it running with --live, or shut it down first"
@@ -445,10 +445,7 @@ def plan_migrate(
     """Check everything on both hosts. The only write: a template identity computed now is
     recorded in its metadata (with `record`; a dry run computes it again next time). `live`:
     True moves a running domain, False a shut-off one, None as its state asks (a drain)."""
-    if source.uri == target.uri:
-        raise InvalidInputError(f"'{name}' is already on {target.uri}: choose another --to")
-    if directory is not None and not directory.startswith("/"):
-        raise InvalidInputError(f"--dir '{directory}' is not an absolute path on {target.uri}")
+    _check_request(source, target, name, directory)
     info, live, xml, root, seed = _check_domain(source, target, name, live, max_downtime, bandwidth)
     nvram_src = (root.findtext("os/nvram") or "").strip() or None
     dst_files = RemoteFiles(target, "migrate")
@@ -487,30 +484,24 @@ def plan_migrate(
     free = _space(target, dst_files, where, pool, needed, copy_plan is None, notes)
     kept = _kept_name(source, name) if keep_source else None
     return MigratePlan(
-        source_host=source.uri,
-        target_host=target.uri,
-        domain=name,
-        uuid=info.uuid,
-        directory=where,
-        pool=pool,
-        template=template,
-        target_template=target_template,
-        template_copy=copy_plan,
-        layers=tuple(layers),
-        xml=target_xml,
-        source_xml=xml,
-        source_digest=ops.xml_digest(xml),
-        snapshots=tuple(snaps),
-        keep_source=kept,
-        bytes_needed=needed,
-        bytes_free=free,
-        notes=tuple(notes), disks=tuple(disks_out), live=live,
-        tops=tuple(tops),
-        paths=tuple(paths.items()),
-        max_downtime=max_downtime if live else None,
-        bandwidth=bandwidth if live else None,
+        source_host=source.uri, target_host=target.uri, domain=name, uuid=info.uuid,
+        directory=where, pool=pool, template=template, target_template=target_template,
+        template_copy=copy_plan, layers=tuple(layers), xml=target_xml, source_xml=xml,
+        source_digest=ops.xml_digest(xml), snapshots=tuple(snaps), keep_source=kept,
+        bytes_needed=needed, bytes_free=free, notes=tuple(notes), disks=tuple(disks_out),
+        live=live, tops=tuple(tops), paths=tuple(paths.items()),
+        max_downtime=max_downtime if live else None, bandwidth=bandwidth if live else None,
         nvram=nvram,
     )  # fmt: skip
+
+
+def _check_request(
+    source: Hypervisor, target: Hypervisor, name: str, directory: str | None
+) -> None:
+    if source.uri == target.uri:
+        raise InvalidInputError(f"'{name}' is already on {target.uri}: choose another --to")
+    if directory is not None and not directory.startswith("/"):
+        raise InvalidInputError(f"--dir '{directory}' is not an absolute path on {target.uri}")
 
 
 def _kept_name(source: Hypervisor, name: str) -> str:
@@ -1015,36 +1006,18 @@ def _send_layers(
         assert pool is not None
         if dst_files.lexists(v.target) or dst_pools.lexists(v.target):
             raise InvalidInputError(f"{v.target} appeared on {target.uri}; nothing was kept")
-        src_vol = transfer._source_volume(src_pools, v.source)
-        label = f"sending {os.path.basename(v.source)}"
-        digest = StreamDigest()
-        with undo.step(f"remove {v.target} on {target.uri}", "delete_file", path=v.target):
-            vol_xml = (
-                f"<volume><name>{transfer._esc(posixpath.basename(v.target))}</name>"
-                f"<capacity unit='bytes'>{v.file_bytes}</capacity>"
-                "<allocation unit='bytes'>0</allocation>"
-                "<target><format type='raw'/></target></volume>"
-            )
-            dst_vol = target.call(pool.pool.createXML, vol_xml, 0, what=f"creating {v.target}")
-            start = done
+        label, start = f"sending {os.path.basename(v.source)}", done
 
-            def report(n: int, start: int = start, label: str = label) -> None:
-                progress(label, (start + n) / total)
+        def report(n: int, start: int = start, label: str = label) -> None:
+            progress(label, (start + n) / total)
 
-            transfer._stream(source, target, src_vol, dst_vol, v.file_bytes, report, digest)
+        sent = transfer.upload(
+            source, target, transfer._source_volume(src_pools, v.source), (dst_pools, pool),
+            undo, v.target, v.file_bytes, report,
+        )  # fmt: skip
         done += v.file_bytes
-        dst_pools._refresh(pool, force=True)
-        got = dst_pools._volume(v.target)
-        if got is None:
-            raise OperationError(f"{v.target} is missing on {target.uri} after the upload")
-        length = transfer._physical(target, got)[1]
-        if length != v.file_bytes:
-            raise OperationError(
-                f"{v.target} on {target.uri} has {length} bytes, the source {v.file_bytes}: "
-                "the copy is incomplete"
-            )
         progress(f"checksumming {v.target} on {target.uri}", None)
-        if file_digest(target, v.target) != digest.hexdigest():
+        if file_digest(target, v.target) != sent:
             raise OperationError(
                 f"{v.target} on {target.uri} does not have the bytes that were sent "
                 "(sha256 differs): nothing was kept"

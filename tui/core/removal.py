@@ -27,7 +27,7 @@ from tui.core.errors import (
     StateError,
 )
 from tui.core.hypervisor import Hypervisor
-from tui.core.models import DiskKind
+from tui.core.models import DiskInfo, DiskKind
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import snapshot_tree
 from tui.core.snapshots.common import snapshot_xml
@@ -129,27 +129,7 @@ def plan_remove(
     bases under its own disks.
     """
     files = files_for(hv, "rm --storage") if storage else None
-    backup: str | None = None
-    seed: str | None = None  # the cloud-init seed virtdeck made for it (tui.core.clones)
-    if hv.exists(name):
-        info = hv.domain(name)
-        if info.state.active:
-            raise StateError(
-                f"'{name}' is {info.state.value}; shut it down first "
-                f"('virtdeck shutdown {name}' or 'virtdeck destroy {name}')"
-            )
-        disks = info.disks
-        is_template = info.is_template
-        defined = True
-        seed = info.meta.seed
-        if is_template and info.meta.xml_backup and os.path.isfile(info.meta.xml_backup):
-            backup = info.meta.xml_backup
-    else:
-        found = [b for b in backup_templates(backup_dir, hv) if b.name == name]
-        if not found:
-            raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
-        disks = domxml.disks(found[0].root)
-        is_template, defined, backup = True, False, str(found[0].path)
+    disks, is_template, defined, backup, seed = _what_is_removed(hv, name, backup_dir)
     for d in disks:
         if storage and d.kind == DiskKind.UNSAFE:
             raise InvalidInputError(
@@ -168,37 +148,13 @@ def plan_remove(
     )
     images = [d.path for d in own if d.path]
     graph = storage_graph(hv, backup_dir)
-    if not graph.resolver.reads_host and graph.problems:
-        raise OperationError(
-            f"cannot tell which domains on {hv.uri} depend on the images of '{name}' "
-            f"({graph.problems[0]}); nothing was changed"
-        )
-    # Undefining a plain domain harms nobody; deleting its files, or a template others were
-    # deployed from, would.
-    users = graph.users(images, exclude=name) if storage or is_template else []
-    if users:
-        names = sorted({str(u) for u in users})
-        what = "template" if is_template else "domain"
-        raise DependencyError(
-            f"{what} '{name}' cannot be removed: {len(names)} domain(s) depend on its "
-            f"image(s): {', '.join(names)} (remove them first)"
-        )
+    _refuse_dependents(hv, graph, name, images, storage, is_template)
     snapshots, roots, memory = _snapshot_files(hv, name) if defined else ((), [], [])
     freed = graph.freed(images + roots, exclude=name, own_tops=images, read_only_is_shared=True)
     delete = list(freed.delete)
     kept_why = list(freed.kept)
     if files is not None:
-        delete += [m for m in memory if m not in delete and files.lexists(m)]
-        if seed and seed not in delete and files.lexists(seed):
-            delete.append(seed)
-        # A disk that is a symbolic link: the link goes, never what it points to (which may
-        # be anywhere, outside every image directory).
-        for p in images:
-            target = files.link_target(p)
-            if target is not None and graph.canonical(p) in delete:
-                delete[delete.index(graph.canonical(p))] = p
-                kept_why.append((target, f"what the symbolic link {p} points to: only the "
-                                         "link is deleted"))  # fmt: skip
+        _add_own_files(files, graph, images, memory, seed, delete, kept_why)
     kept = [p for p, _ in kept_why]
     if not storage:
         kept = delete + kept
@@ -224,6 +180,78 @@ def plan_remove(
         + tuple(shared.notes(force)),
         force=force,
     )
+
+
+def _refuse_dependents(
+    hv: Hypervisor, graph: Any, name: str, images: list[str], storage: bool, is_template: bool
+) -> None:
+    """Undefining a plain domain harms nobody; deleting its files, or a template others were
+    deployed from, would: refused while any domain reads them, or when that is unknown."""
+    if not graph.resolver.reads_host and graph.problems:
+        raise OperationError(
+            f"cannot tell which domains on {hv.uri} depend on the images of '{name}' "
+            f"({graph.problems[0]}); nothing was changed"
+        )
+    users = graph.users(images, exclude=name) if storage or is_template else []
+    if users:
+        names = sorted({str(u) for u in users})
+        what = "template" if is_template else "domain"
+        raise DependencyError(
+            f"{what} '{name}' cannot be removed: {len(names)} domain(s) depend on its "
+            f"image(s): {', '.join(names)} (remove them first)"
+        )
+
+
+def _what_is_removed(
+    hv: Hypervisor, name: str, backup_dir: Path | None
+) -> tuple[tuple[DiskInfo, ...], bool, bool, str | None, str | None]:
+    """Its disks, whether it is a template, whether it is defined, its XML backup and the
+    cloud-init seed virtdeck made for it (tui.core.clones); refused while it runs."""
+    backup: str | None = None
+    seed: str | None = None
+    if hv.exists(name):
+        info = hv.domain(name)
+        if info.state.active:
+            raise StateError(
+                f"'{name}' is {info.state.value}; shut it down first "
+                f"('virtdeck shutdown {name}' or 'virtdeck destroy {name}')"
+            )
+        disks = info.disks
+        is_template = info.is_template
+        defined = True
+        seed = info.meta.seed
+        if is_template and info.meta.xml_backup and os.path.isfile(info.meta.xml_backup):
+            backup = info.meta.xml_backup
+    else:
+        found = [b for b in backup_templates(backup_dir, hv) if b.name == name]
+        if not found:
+            raise NotFoundError(f"no domain or template named '{name}' on {hv.uri}")
+        disks = domxml.disks(found[0].root)
+        is_template, defined, backup = True, False, str(found[0].path)
+    return tuple(disks), is_template, defined, backup, seed
+
+
+def _add_own_files(
+    files: Any,
+    graph: Any,
+    images: list[str],
+    memory: list[str],
+    seed: str | None,
+    delete: list[str],
+    kept_why: list[tuple[str, str]],
+) -> None:
+    """What else goes with it: its snapshots' memory files and its seed; a disk that is a
+    symbolic link: the link goes, never what it points to (which may be anywhere, outside
+    every image directory)."""
+    delete += [m for m in memory if m not in delete and files.lexists(m)]
+    if seed and seed not in delete and files.lexists(seed):
+        delete.append(seed)
+    for p in images:
+        target = files.link_target(p)
+        if target is not None and graph.canonical(p) in delete:
+            delete[delete.index(graph.canonical(p))] = p
+            kept_why.append((target, f"what the symbolic link {p} points to: only the "
+                                     "link is deleted"))  # fmt: skip
 
 
 def _journal_definition(hv: Hypervisor, undo: ops.Undo, name: str, dom: Any) -> None:

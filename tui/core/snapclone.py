@@ -163,11 +163,70 @@ def plan_snapshot_clone(
     troot = root.find("domain")
     if troot is None:
         raise InvalidInputError(f"snapshot '{snapshot}' of '{vm}' keeps no definition to clone")
+    taken: set[str] = set()
+    disks, exports = _snapshot_disks(hv, files, vm, snapshot, node, troot, names, name, full,
+                                     taken)  # fmt: skip
+    if not disks:
+        raise InvalidInputError(f"snapshot '{snapshot}' of '{vm}' holds no disk image to clone")
+    who = identity or Identity()
+    if who.explicit:
+        if not hv.local:
+            raise IdentityError(
+                f"cannot give clones on {hv.uri} their own identity: virt-customize writes "
+                "the clone's disk on this machine; drop --hostname-template/--ssh-key/--first-boot"
+            )
+        require_tool()
+    taken_macs = _all_macs(hv)
+    items: list[SnapItem] = []
+    meta = VirtdeckMeta(
+        role="clone",
+        created=now_iso(),
+        source=f"{vm}@{snapshot}",
+        mode="full" if full else "thin",
+        complete=False,
+    )
+    for n in names:
+        items.append(_snap_item(files, n, len(items), disks, troot, meta, vm, who, taken,
+                                taken_macs, rng))  # fmt: skip
+    per_clone = sum(sd.bytes_needed if full else OVERLAY_BYTES for sd in disks)
+    needed = per_clone * len(items) + sum(sd.bytes_needed for sd in disks if sd.base in exports)
+    where = os.path.dirname(disks[0].image)
+    if needed > files.free_bytes(where):
+        raise InvalidInputError(
+            f"not enough space in {where}: the clones need up to {size(needed)}, "
+            f"{size(files.free_bytes(where))} is free"
+        )
+    return SnapClonePlan(
+        host=hv.uri,
+        vm=vm,
+        snapshot=snapshot,
+        created=node.created.isoformat(),
+        mode="full" if full else "thin",
+        disks=tuple(disks),
+        exports=tuple(exports),
+        items=tuple(items),
+        bytes_needed=needed,
+    )
+
+
+def _snapshot_disks(
+    hv: Hypervisor,
+    files: Files,
+    vm: str,
+    snapshot: str,
+    node: Any,
+    troot: Any,
+    names: list[str],
+    name: str,
+    full: bool,
+    taken: set[str],
+) -> tuple[list[SnapDisk], list[str]]:
+    """Each disk's image at the snapshot, and where an internal snapshot is exported to
+    (a thin clone needs a file to build on); the files named go into `taken`."""
     wanted = {d.target for d in domxml.disks(troot) if d.is_image}
     resolver = Resolver(hv, ssh=True)
     disks: list[SnapDisk] = []
     exports: list[str] = []
-    taken: set[str] = set()
     active = hv.domain(vm).state.active
     for d in node.disks:
         if d.target not in wanted:
@@ -191,7 +250,7 @@ def plan_snapshot_clone(
                     "no QEMU writes; shut it down first (or take an --external snapshot)"
                 )
             if not full:
-                stem = names[0] if count == 1 else name
+                stem = names[0] if len(names) == 1 else name
                 suffix = "" if not disks else f"-{d.target}"
                 base = os.path.join(os.path.dirname(d.image), f"{stem}-base{suffix}.qcow2")
                 if files.lexists(base) or base in taken:
@@ -199,78 +258,56 @@ def plan_snapshot_clone(
                 taken.add(base)
                 exports.append(base)
         disks.append(SnapDisk(d.target, d.snapshot, d.image, fmt, base, need))
-    if not disks:
-        raise InvalidInputError(f"snapshot '{snapshot}' of '{vm}' holds no disk image to clone")
-    who = identity or Identity()
+    return disks, exports
+
+
+def _snap_item(
+    files: Files,
+    n: str,
+    index: int,
+    disks: list[SnapDisk],
+    troot: Any,
+    meta: VirtdeckMeta,
+    vm: str,
+    who: Identity,
+    taken: set[str],
+    taken_macs: set[str],
+    rng: random.Random,
+) -> SnapItem:
+    """One clone: its disk files, UUID, MACs, XML and customisation."""
+    paths = []
+    for i, sd in enumerate(disks):
+        stem = n if i == 0 else f"{n}-{sd.target}"
+        path = os.path.join(os.path.dirname(sd.image), stem + ".qcow2")
+        if files.lexists(path) or path in taken:
+            raise InvalidInputError(f"{path} already exists; choose another name")
+        taken.add(path)
+        paths.append((sd.target, path))
+    uuid = str(uuidlib.uuid4())
+    macs = tuple(_new_mac(taken_macs, rng) for _ in range(clonexml.interface_count(troot)))
+    out = clonexml.clone_xml(
+        troot,
+        clonexml.CloneIdentity(
+            name=n,
+            uuid=uuid,
+            macs=macs,
+            disks=tuple((t, p, "qcow2") for t, p in paths),
+            meta=meta,
+            old_names=(vm,),
+            nvram_present=False,
+        ),
+    )
+    custom = None
     if who.explicit:
-        if not hv.local:
-            raise IdentityError(
-                f"cannot give clones on {hv.uri} their own identity: virt-customize writes "
-                "the clone's disk on this machine; drop --hostname-template/--ssh-key/--first-boot"
-            )
-        require_tool()
-    taken_macs = _all_macs(hv)
-    items: list[SnapItem] = []
-    meta = VirtdeckMeta(
-        role="clone",
-        created=now_iso(),
-        source=f"{vm}@{snapshot}",
-        mode="full" if full else "thin",
-        complete=False,
-    )
-    for n in names:
-        paths = []
-        for i, sd in enumerate(disks):
-            stem = n if i == 0 else f"{n}-{sd.target}"
-            path = os.path.join(os.path.dirname(sd.image), stem + ".qcow2")
-            if files.lexists(path) or path in taken:
-                raise InvalidInputError(f"{path} already exists; choose another name")
-            taken.add(path)
-            paths.append((sd.target, path))
-        uuid = str(uuidlib.uuid4())
-        macs = tuple(_new_mac(taken_macs, rng) for _ in range(clonexml.interface_count(troot)))
-        out = clonexml.clone_xml(
-            troot,
-            clonexml.CloneIdentity(
-                name=n,
-                uuid=uuid,
-                macs=macs,
-                disks=tuple((t, p, "qcow2") for t, p in paths),
-                meta=meta,
-                old_names=(vm,),
-                nvram_present=False,
-            ),
+        custom = Customisation(
+            images=tuple((p, "qcow2") for _, p in paths),
+            hostname=None
+            if who.hostname is None
+            else check_hostname(who.hostname.format(name=n, n=index + 1), n),
+            ssh_keys=who.ssh_keys,
+            first_boot=who.first_boot,
         )
-        custom = None
-        if who.explicit:
-            custom = Customisation(
-                images=tuple((p, "qcow2") for _, p in paths),
-                hostname=None
-                if who.hostname is None
-                else check_hostname(who.hostname.format(name=n, n=len(items) + 1), n),
-                ssh_keys=who.ssh_keys,
-                first_boot=who.first_boot,
-            )
-        items.append(SnapItem(n, uuid, tuple(paths), out.xml, custom))
-    per_clone = sum(sd.bytes_needed if full else OVERLAY_BYTES for sd in disks)
-    needed = per_clone * len(items) + sum(sd.bytes_needed for sd in disks if sd.base in exports)
-    where = os.path.dirname(disks[0].image)
-    if needed > files.free_bytes(where):
-        raise InvalidInputError(
-            f"not enough space in {where}: the clones need up to {size(needed)}, "
-            f"{size(files.free_bytes(where))} is free"
-        )
-    return SnapClonePlan(
-        host=hv.uri,
-        vm=vm,
-        snapshot=snapshot,
-        created=node.created.isoformat(),
-        mode="full" if full else "thin",
-        disks=tuple(disks),
-        exports=tuple(exports),
-        items=tuple(items),
-        bytes_needed=needed,
-    )
+    return SnapItem(n, uuid, tuple(paths), out.xml, custom)
 
 
 def _local(files: Files) -> LocalFiles:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -50,7 +51,7 @@ from tui.core.errors import (
     StateError,
 )
 from tui.core.hypervisor import Hypervisor, validate_name
-from tui.core.models import DomainState, VirtdeckMeta
+from tui.core.models import DiskInfo, DomainState, VirtdeckMeta
 from tui.core.paths import template_backup_dir
 from tui.core.progress import Progress, no_progress
 from tui.core.storage import (
@@ -377,14 +378,7 @@ def plan_template(
             "image files only (it would seal, share and make read-only what is not its own); "
             "detach it or make the template by hand"
         )
-    images = []
-    resolver = Resolver(hv, ssh=True)
-    for disk in own_images(info.disks):
-        assert disk.path is not None
-        chain = resolver.chain(disk.path, disk.format)
-        if not chain.complete:
-            raise NotFoundError(f"disk {disk.target} of '{vm}': {chain.problem}")
-        images.append((disk.path, disk.format))
+    images = _whole_images(hv, vm, info.disks)
     if not images:
         raise InvalidInputError(f"'{vm}' has no disk image to make a template from")
     bases.refuse_shared_template(hv, vm, [p for p, _ in images])
@@ -396,23 +390,9 @@ def plan_template(
             "choose another --name or --backup-dir"
         )
     _check_writable_dir(directory)
-    ops: tuple[str, ...] = ()
     if operations is not None and not seal:
         raise InvalidInputError("--operations only makes sense when sealing (drop --no-seal)")
-    if seal:
-        known = sysprep_for(hv, sysprep).operations()
-        if operations is not None:
-            ops = tuple(o.strip() for o in operations if o.strip())
-            if not ops:
-                raise InvalidInputError("--operations is empty; name at least one operation")
-            unknown = [o for o in ops if o not in known]
-            if unknown:
-                raise InvalidInputError(
-                    f"unknown virt-sysprep operation(s): {', '.join(unknown)} "
-                    "('virt-sysprep --list-operations' lists them)"
-                )
-        else:
-            ops = tuple(o for o, default in known.items() if default)
+    ops = _sysprep_operations(hv, sysprep, operations) if seal else ()
     windows = seal and sealing.is_windows(domxml.parse(hv.xml(vm, inactive=True)))
     return TemplatePlan(
         host=hv.uri,
@@ -432,6 +412,73 @@ def plan_template(
         identity=identity,
         additions=sealing.additions(ops, windows=windows) if seal else (),
         windows=windows,
+    )
+
+
+def _whole_images(
+    hv: Hypervisor, vm: str, disks: Sequence[DiskInfo]
+) -> list[tuple[str, str | None]]:
+    """(path, format) of each image the VM owns, each chain read whole."""
+    images = []
+    resolver = Resolver(hv, ssh=True)
+    for disk in own_images(disks):
+        assert disk.path is not None
+        chain = resolver.chain(disk.path, disk.format)
+        if not chain.complete:
+            raise NotFoundError(f"disk {disk.target} of '{vm}': {chain.problem}")
+        images.append((disk.path, disk.format))
+    return images
+
+
+def _sysprep_operations(
+    hv: Hypervisor, sysprep: Sysprep | None, operations: Sequence[str] | None
+) -> tuple[str, ...]:
+    """The virt-sysprep operations asked for (each one it knows), else its defaults."""
+    known = sysprep_for(hv, sysprep).operations()
+    if operations is None:
+        return tuple(o for o, default in known.items() if default)
+    ops = tuple(o.strip() for o in operations if o.strip())
+    if not ops:
+        raise InvalidInputError("--operations is empty; name at least one operation")
+    unknown = [o for o in ops if o not in known]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown virt-sysprep operation(s): {', '.join(unknown)} "
+            "('virt-sysprep --list-operations' lists them)"
+        )
+    return ops
+
+
+def _mark_template(hv: Hypervisor, dom: Any, plan: TemplatePlan, progress: Progress) -> None:
+    """Its metadata says it is a template, with its base's identity (digested once, here:
+    the base is final)."""
+    from tui.core import baseid
+
+    identity = baseid.compute(
+        hv, hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, what=plan.name), progress
+    )
+    meta = VirtdeckMeta(
+        role="template",
+        created=now_iso(),
+        source=plan.vm,
+        operations=plan.operations if plan.seal else (),
+        sealed=plan.seal,
+        xml_backup=plan.backup_path,
+        host=host_key(hv),
+        sealing=plan.additions if plan.seal else None,
+        family=plan.family,
+        version=plan.version,
+        base_identity=identity,
+        identity=plan.identity,
+    )
+    hv.call(
+        dom.setMetadata,
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        domxml.meta_xml(meta),
+        domxml.PREFIX,
+        domxml.NS,
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+        what=f"recording template metadata on '{plan.name}'",
     )
 
 
@@ -524,35 +571,7 @@ def execute_template(
                 undo.push(f"rename back to '{plan.vm}'", "rename", uuid=plan.uuid, name=plan.vm)
                 dom = hv.rename(dom, plan.vm, plan.name)
                 undo.domain_left(plan.uuid)
-            from tui.core import baseid  # the base is final: digest it once, here
-
-            identity = baseid.compute(
-                hv, hv.call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, what=plan.name),
-                progress,
-            )  # fmt: skip
-            meta = VirtdeckMeta(
-                role="template",
-                created=now_iso(),
-                source=plan.vm,
-                operations=plan.operations if plan.seal else (),
-                sealed=plan.seal,
-                xml_backup=plan.backup_path,
-                host=host_key(hv),
-                sealing=plan.additions if plan.seal else None,
-                family=plan.family,
-                version=plan.version,
-                base_identity=identity,
-                identity=plan.identity,
-            )
-            hv.call(
-                dom.setMetadata,
-                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                domxml.meta_xml(meta),
-                domxml.PREFIX,
-                domxml.NS,
-                libvirt.VIR_DOMAIN_AFFECT_CONFIG,
-                what=f"recording template metadata on '{plan.name}'",
-            )
+            _mark_template(hv, dom, plan, progress)
             undo.domain_left(plan.uuid)
             progress(f"backing up the XML to {plan.backup_path}", None)
             xml = hv.call(dom.XMLDesc, secure, what=plan.name)

@@ -26,6 +26,7 @@ import os
 import posixpath
 import random
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,75 @@ def plan_template_copy(
     src_files = RemoteFiles(source, "template copy")
     dst_files = RemoteFiles(target, "template copy")
     where, pool = _pool_dir(dst_files, directory)
+    volumes, disk_paths, disk_layers = _copy_volumes(
+        source, target, template, root, src_files, dst_files, where
+    )
+    if not volumes:
+        raise InvalidInputError(f"template '{template}' has no disk image to copy")
+    if any(v.rebase for v in volumes) and not (target.local or dst_files.ssh is not None):
+        raise InvalidInputError(
+            f"the base of '{template}' has backing layers whose paths change on {target.uri}, "
+            "and rebasing them needs SSH to that host (or --dir with the same directory)"
+        )
+    needed = sum(v.allocated_bytes for v in volumes)
+    free = dst_files.free_bytes(where) if pool is not None or dst_files.ssh else None
+    if free is not None and needed > free:
+        raise InvalidInputError(
+            f"not enough space in {where} on {target.uri}: {_mib(needed)} needed, {_mib(free)} free"
+        )
+    rng = rng or random.SystemRandom()
+    from tui.core.clones import _all_macs, _new_mac  # per-domain rules of clones
+
+    taken = _all_macs(target)
+    new_uuid = str(uuidlib.uuid4())
+    macs = tuple(_new_mac(taken, rng) for _ in range(clonexml.interface_count(root)))
+    ident = clonexml.CloneIdentity(
+        name=template,
+        uuid=new_uuid,
+        macs=macs,
+        disks=tuple(disk_paths),
+        meta=replace(meta, xml_backup=None),
+        old_names=(template,),
+        nvram_present=False,
+    )
+    out = clonexml.clone_xml(root, ident)
+    notes = list(dst_files.pool_notes([where + "/x"])) if pool is None else []
+    if out.copies:
+        notes.append(
+            "its UEFI variables are not copied: the target starts fresh ones from the "
+            "firmware's template"
+        )
+    notes += [f"{r.line()}: {r.why}" for r in out.rewrites if r.kind == "shared-warning"]
+    notes += [n for n in [dst_files.free_note(where) if free is not None else None] if n]
+    return TemplateCopyPlan(
+        source_host=source.uri,
+        target_host=target.uri,
+        template=template,
+        uuid=new_uuid,
+        directory=where,
+        pool=pool,
+        volumes=tuple(volumes),
+        xml=out.xml,
+        bytes_needed=needed,
+        bytes_free=free,
+        notes=tuple(notes),
+        layers=tuple(disk_layers),
+        identity=meta.base_identity,
+    )
+
+
+def _copy_volumes(
+    source: Hypervisor,
+    target: Hypervisor,
+    template: str,
+    root: Any,
+    src_files: RemoteFiles,
+    dst_files: RemoteFiles,
+    where: str,
+) -> tuple[list[CopyVolume], list[tuple[str, str, str]], list[tuple[str, tuple[str, ...]]]]:
+    """Every layer of the template's chains, lowest first, each once (a layer two disks share
+    is sent once), with where it goes on the target; and each disk's new top path and its
+    layers' source paths."""
     resolver = Resolver(source, ssh=True)
     volumes: list[CopyVolume] = []
     disk_paths: list[tuple[str, str, str]] = []
@@ -254,60 +324,7 @@ def plan_template_copy(
             below, below_fmt = dest, img.format or "raw"
         disk_paths.append((disk.target, seen[chain.links[0].path], chain.links[0].format or "raw"))
         disk_layers.append((disk.target, tuple(img.path for img in reversed(chain.links))))
-    if not volumes:
-        raise InvalidInputError(f"template '{template}' has no disk image to copy")
-    if any(v.rebase for v in volumes) and not (target.local or dst_files.ssh is not None):
-        raise InvalidInputError(
-            f"the base of '{template}' has backing layers whose paths change on {target.uri}, "
-            "and rebasing them needs SSH to that host (or --dir with the same directory)"
-        )
-    needed = sum(v.allocated_bytes for v in volumes)
-    free = dst_files.free_bytes(where) if pool is not None or dst_files.ssh else None
-    if free is not None and needed > free:
-        raise InvalidInputError(
-            f"not enough space in {where} on {target.uri}: {_mib(needed)} needed, {_mib(free)} free"
-        )
-    rng = rng or random.SystemRandom()
-    from tui.core.clones import _all_macs, _new_mac  # per-domain rules of clones
-
-    taken = _all_macs(target)
-    new_uuid = str(uuidlib.uuid4())
-    macs = tuple(_new_mac(taken, rng) for _ in range(clonexml.interface_count(root)))
-    ident = clonexml.CloneIdentity(
-        name=template,
-        uuid=new_uuid,
-        macs=macs,
-        disks=tuple(disk_paths),
-        meta=replace(meta, xml_backup=None),
-        old_names=(template,),
-        nvram_present=False,
-    )
-    out = clonexml.clone_xml(root, ident)
-    notes = list(dst_files.pool_notes([where + "/x"])) if pool is None else []
-    if out.copies:
-        notes.append(
-            "its UEFI variables are not copied: the target starts fresh ones from the "
-            "firmware's template"
-        )
-    notes += [f"{r.line()}: {r.why}" for r in out.rewrites if r.kind == "shared-warning"]
-    estimate = dst_files.free_note(where) if free is not None else None
-    if estimate:
-        notes.append(estimate)
-    return TemplateCopyPlan(
-        source_host=source.uri,
-        target_host=target.uri,
-        template=template,
-        uuid=new_uuid,
-        directory=where,
-        pool=pool,
-        volumes=tuple(volumes),
-        xml=out.xml,
-        bytes_needed=needed,
-        bytes_free=free,
-        notes=tuple(notes),
-        layers=tuple(disk_layers),
-        identity=meta.base_identity,
-    )
+    return volumes, disk_paths, disk_layers
 
 
 def _source_volume(files: RemoteFiles, path: str) -> Any:
@@ -341,35 +358,16 @@ def execute_template_copy(
         for v in plan.volumes:
             if dst_pools.lexists(v.target):
                 raise InvalidInputError(f"{v.target} appeared on {target.uri}; nothing was kept")
-            src_vol = _source_volume(src_files, v.source)
-            label = f"uploading {os.path.basename(v.source)}"
-            with undo.step(f"remove {v.target} on {target.uri}", "delete_file", path=v.target):
-                xml = (
-                    f"<volume><name>{_esc(posixpath.basename(v.target))}</name>"
-                    f"<capacity unit='bytes'>{v.file_bytes}</capacity>"
-                    "<allocation unit='bytes'>0</allocation>"
-                    "<target><format type='raw'/></target></volume>"
-                )
-                dst_vol = target.call(pool.pool.createXML, xml, 0, what=f"creating {v.target}")
-                start = done
+            label, start = f"uploading {os.path.basename(v.source)}", done
 
-                def report(n: int, start: int = start, label: str = label) -> None:
-                    progress(label, (start + n) / total)
+            def report(n: int, start: int = start, label: str = label) -> None:
+                progress(label, (start + n) / total)
 
-                digest = StreamDigest()
-                _stream(source, target, src_vol, dst_vol, v.file_bytes, report, digest)
-            digests[v.source] = digest.hexdigest()
+            digests[v.source] = upload(
+                source, target, _source_volume(src_files, v.source), (dst_pools, pool), undo,
+                v.target, v.file_bytes, report,
+            )  # fmt: skip
             done += v.file_bytes
-            dst_pools._refresh(pool, force=True)
-            got = dst_pools._volume(v.target)
-            if got is None:
-                raise OperationError(f"{v.target} is missing on {target.uri} after the upload")
-            _cap, length, _alloc = _physical(target, got)
-            if length != v.file_bytes:
-                raise OperationError(
-                    f"{v.target} on {target.uri} has {length} bytes after the upload, the "
-                    f"source {v.file_bytes}: the copy is incomplete"
-                )
             if target.local or dst_pools.ssh is not None:
                 progress(f"checksumming {v.target} on {target.uri}", None)
                 if file_digest(target, v.target) != digests[v.source]:
@@ -408,6 +406,43 @@ def execute_template_copy(
     target.invalidate()
     progress(f"'{plan.template}' copied to {target.uri}", 1.0)
     return plan.template
+
+
+def upload(
+    source: Hypervisor,
+    target: Hypervisor,
+    src_vol: Any,
+    into: tuple[RemoteFiles, Any],
+    undo: ops.Undo,
+    path: str,
+    length: int,
+    report: Callable[[int], None],
+) -> str:
+    """A new raw volume at `path` in the target's pool (`into`: its RemoteFiles and the pool),
+    journalled in `undo` as a file to remove, filled from `src_vol` with a sparse stream and
+    checked to have `length` bytes; returns the digest of what was sent."""
+    dst_pools, pool = into
+    with undo.step(f"remove {path} on {target.uri}", "delete_file", path=path):
+        xml = (
+            f"<volume><name>{_esc(posixpath.basename(path))}</name>"
+            f"<capacity unit='bytes'>{length}</capacity>"
+            "<allocation unit='bytes'>0</allocation>"
+            "<target><format type='raw'/></target></volume>"
+        )
+        dst_vol = target.call(pool.pool.createXML, xml, 0, what=f"creating {path}")
+        digest = StreamDigest()
+        _stream(source, target, src_vol, dst_vol, length, report, digest)
+    dst_pools._refresh(pool, force=True)
+    got = dst_pools._volume(path)
+    if got is None:
+        raise OperationError(f"{path} is missing on {target.uri} after the upload")
+    _cap, got_length, _alloc = _physical(target, got)
+    if got_length != length:
+        raise OperationError(
+            f"{path} on {target.uri} has {got_length} bytes after the upload, the source "
+            f"{length}: the copy is incomplete"
+        )
+    return digest.hexdigest()
 
 
 def _stream(

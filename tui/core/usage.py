@@ -365,47 +365,60 @@ class _Refresh:
                     full[src].extend(chains[dom.name])
                     full_names[src].extend(dom.name for _ in chains[dom.name])
 
-        out = []
-        for name in sorted(bases):
-            base_paths = bases[name]
-            thin_disks = []
-            thin_paths: set[str] = set()
-            equivalent: int | None = 0
-            for d, dom_name in thin[name]:
-                cut = next((i for i, p in enumerate(d.chain) if p in base_paths), None)
-                if cut is None:  # an unreadable chain (see above): nothing is known of it
-                    thin_paths.add(d.path)
-                    thin_disks.append(CloneDisk(dom_name, d.path, None))
-                    equivalent = None
-                    continue
-                above = d.chain[:cut]
-                thin_paths.update(above)
-                thin_disks.append(CloneDisk(dom_name, d.path, self._sum(above)))
-                whole = self._sum(d.chain)
-                virtual = self.images[d.path].virtual_bytes
-                if equivalent is not None and whole is not None:
-                    equivalent += min(whole, virtual or whole)
-                else:
-                    equivalent = None
-            full_disks = []
-            full_paths: set[str] = set()
-            for fd, dom_name in zip(full[name], full_names[name], strict=True):
-                full_paths.update(fd.chain)
-                full_disks.append(CloneDisk(dom_name, fd.path, self._sum(fd.chain)))
-            out.append(
-                TemplateUsage(
-                    name=name,
-                    base=first_base.get(name),
-                    base_bytes=self._sum(base_paths),
-                    thin=tuple(thin_disks),
-                    full=tuple(full_disks),
-                    thin_bytes=self._sum(thin_paths),
-                    full_bytes=self._sum(full_paths),
-                    full_equivalent_bytes=equivalent,
-                    defined=name in defined,
-                )
+        return tuple(
+            self._usage_of(
+                name, bases[name], first_base.get(name), thin[name],
+                list(zip(full[name], full_names[name], strict=True)), name in defined,
             )
-        return tuple(out)
+            for name in sorted(bases)
+        )  # fmt: skip
+
+    def _usage_of(
+        self,
+        name: str,
+        base_paths: set[str],
+        base: str | None,
+        thin: list[tuple[DiskChain, str]],
+        full: list[tuple[DiskChain, str]],
+        defined: bool,
+    ) -> TemplateUsage:
+        """One template's figures: its base counted once, each thin clone's own layers, each
+        full clone's whole chain, what the thin ones would take as full copies."""
+        thin_disks = []
+        thin_paths: set[str] = set()
+        equivalent: int | None = 0
+        for d, dom_name in thin:
+            cut = next((i for i, p in enumerate(d.chain) if p in base_paths), None)
+            if cut is None:  # an unreadable chain (see above): nothing is known of it
+                thin_paths.add(d.path)
+                thin_disks.append(CloneDisk(dom_name, d.path, None))
+                equivalent = None
+                continue
+            above = d.chain[:cut]
+            thin_paths.update(above)
+            thin_disks.append(CloneDisk(dom_name, d.path, self._sum(above)))
+            whole = self._sum(d.chain)
+            virtual = self.images[d.path].virtual_bytes
+            if equivalent is not None and whole is not None:
+                equivalent += min(whole, virtual or whole)
+            else:
+                equivalent = None
+        full_disks = []
+        full_paths: set[str] = set()
+        for fd, dom_name in full:
+            full_paths.update(fd.chain)
+            full_disks.append(CloneDisk(dom_name, fd.path, self._sum(fd.chain)))
+        return TemplateUsage(
+            name=name,
+            base=base,
+            base_bytes=self._sum(base_paths),
+            thin=tuple(thin_disks),
+            full=tuple(full_disks),
+            thin_bytes=self._sum(thin_paths),
+            full_bytes=self._sum(full_paths),
+            full_equivalent_bytes=equivalent,
+            defined=defined,
+        )
 
     def _sum(self, paths: Iterable[str]) -> int | None:
         return total(self.images[p].actual_bytes if p in self.images else None

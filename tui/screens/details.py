@@ -104,7 +104,13 @@ def render(d: DomainDetails) -> RenderableType:
         Text.assemble((d.name, "bold"), "  ", (d.state.value, "bold"), f"  on {d.host}"),
         Text(""),
     ]
+    parts += _network(d)
+    parts += _graphics_and_console(d)
+    parts += _disks_and_operations(d)
+    return Group(*parts)
 
+
+def _network(d: DomainDetails) -> list[RenderableType]:
     nics = Table(title="Interfaces", title_justify="left", expand=True, box=None)
     for col in ("MAC", "Type", "Network / bridge", "Model", "Host dev", "Guest", "Addresses"):
         nics.add_column(col, no_wrap=col != "Addresses")
@@ -124,7 +130,6 @@ def render(d: DomainDetails) -> RenderableType:
             i.guest_name or "-",
             addrs if addrs else Text("-", style="dim"),
         )
-    parts.append(nics if d.interfaces else Text("Interfaces: none", style="bold"))
     sources = Text("Address sources: ", style="bold")
     for s in d.sources:
         sources.append(f"\n  {s.source}: ")
@@ -135,8 +140,11 @@ def render(d: DomainDetails) -> RenderableType:
         if first
         else Text(f"ssh (S): {d.ssh_refusal()}", style="dim")
     )
-    parts += [sources, ssh, Text("")]
+    nic_part = nics if d.interfaces else Text("Interfaces: none", style="bold")
+    return [nic_part, sources, ssh, Text("")]
 
+
+def _graphics_and_console(d: DomainDetails) -> list[RenderableType]:
     gfx = Table(title="Graphics", title_justify="left", expand=True, box=None)
     for col in ("Type", "Listen", "Port", "Reach it from your machine"):
         gfx.add_column(col)
@@ -148,8 +156,6 @@ def render(d: DomainDetails) -> RenderableType:
             port + (" auto" if g.autoport else ""),
             Text(g.tunnel, style="bold") if g.tunnel else Text(g.reason, style="dim"),
         )
-    parts += [gfx if d.graphics else Text("Graphics: none", style="bold"), Text("")]
-
     con = Text("Console", style="bold")
     for c in d.consoles:
         con.append(f"\n  {c.kind}  {c.type}  {c.target or ''}  {c.path or ''}", style="")
@@ -159,8 +165,11 @@ def render(d: DomainDetails) -> RenderableType:
         con.append(why, style="dim")
     else:
         con.append("C attaches here (Ctrl-] returns)", style="green")
-    parts += [con, Text("")]
+    gfx_part = gfx if d.graphics else Text("Graphics: none", style="bold")
+    return [gfx_part, Text(""), con, Text("")]
 
+
+def _disks_and_operations(d: DomainDetails) -> list[RenderableType]:
     disks = Table(title="Disks", title_justify="left", expand=True, box=None)
     for col in ("Target", "Device", "Kind", "Format", "Source"):
         disks.add_column(col)
@@ -172,9 +181,6 @@ def render(d: DomainDetails) -> RenderableType:
             disk.format or "-",
             disk.source or "-",
         )
-    parts.append(disks if d.disks else Text("Disks: none", style="bold"))
-    parts.append(Text(""))
-
     ops = Table(title="Recent operations", title_justify="left", expand=True, box=None)
     for col in ("Time", "User", "Operation", "Result", "Took"):
         ops.add_column(col, no_wrap=col not in ("Operation", "Result"))
@@ -185,5 +191,8 @@ def render(d: DomainDetails) -> RenderableType:
         ops.add_row(
             r.time.replace("T", " ")[:19], r.user, r.operation, result, f"{r.duration:.1f}s"
         )
-    parts.append(ops if d.operations else Text("Recent operations: none", style="bold"))
-    return Group(*parts)
+    return [
+        disks if d.disks else Text("Disks: none", style="bold"),
+        Text(""),
+        ops if d.operations else Text("Recent operations: none", style="bold"),
+    ]

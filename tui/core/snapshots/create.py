@@ -11,6 +11,7 @@ import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import libvirt
 
@@ -87,34 +88,8 @@ def plan_create(
             f"'{domain}' already has a snapshot named '{name}': pick another name"
         )
     state = common.state(hv, domain)
-    running = state.active
-    if disk_only and not external:
-        raise InvalidInputError(
-            "--disk-only goes with --external (an internal snapshot of a running guest "
-            "always saves its memory)"
-        )
-    if quiesce and not external:
-        raise InvalidInputError("--quiesce goes with --external --disk-only")
-    if quiesce and not disk_only:
-        raise InvalidInputError(
-            "--quiesce goes with --disk-only (libvirt freezes the guest file systems for "
-            "disk-only snapshots)"
-        )
-    if quiesce and state != DomainState.RUNNING:
-        raise StateError(
-            f"--quiesce needs '{domain}' running with the QEMU guest agent; it is {state.value}"
-        )
-    kinds = tree.kinds()
-    if external and INTERNAL in kinds:
-        raise InvalidInputError(
-            f"'{domain}' has internal snapshots; an external one on top would leave them "
-            "impossible to revert: take an internal snapshot, or delete the internal ones first"
-        )
-    if not external and EXTERNAL in kinds:
-        raise InvalidInputError(
-            f"'{domain}' has external snapshots, so its disks are overlays an internal snapshot "
-            "cannot mix with: add --external"
-        )
+    _check_options(domain, state, external, disk_only, quiesce)
+    _check_kinds(domain, tree.kinds(), external)
     disks = common.disks_of(hv, domain)
     targets = [d for d in disks if common.snapshottable(d)]
     if not targets:
@@ -131,67 +106,27 @@ def plan_create(
     memory_file = None
     flags = 0
     if not external:
-        raw = [d for d in targets if d.format != "qcow2"]
-        if raw:
-            d = raw[0]
-            raise InvalidInputError(
-                f"internal snapshots need qcow2 disks; {d.target} of '{domain}' is "
-                f"{d.format or 'of unknown format'} ({d.path}): use --external"
-            )
         kind = INTERNAL
-        if running:
-            notes.append(f"'{domain}' pauses while its memory and disks are saved")
-        disks_el = ET.SubElement(root, "disks")
-        for d in disks:
-            ET.SubElement(
-                disks_el,
-                "disk",
-                name=d.target,
-                snapshot=INTERNAL if common.snapshottable(d) else "no",
-            )
+        _internal_xml(root, domain, disks, targets, state.active, notes)
     else:
         # libvirt takes external snapshots of a shut-off domain as disk-only ones (state
         # "disk-snapshot"): there is no memory to save.
-        disk_only = disk_only or not running
+        disk_only = disk_only or not state.active
         kind = DISK_ONLY if disk_only else EXTERNAL
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         if disk_only:
             flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
         if quiesce:
             flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
-        first_dir = os.path.dirname(str(targets[0].path))
-        if running and not disk_only:
-            memory_file = os.path.join(first_dir, f"{domain}.{name}.mem")
-            ET.SubElement(root, "memory", snapshot="external", file=memory_file)
-            notes.append(f"'{domain}' pauses while its memory is saved")
-        else:
-            ET.SubElement(root, "memory", snapshot="no")
-        disks_el = ET.SubElement(root, "disks")
-        for d in disks:
-            if not common.snapshottable(d):
-                ET.SubElement(disks_el, "disk", name=d.target, snapshot="no")
-                continue
-            overlay = os.path.join(
-                os.path.dirname(str(d.path)), f"{domain}.{name}.{d.target}.qcow2"
-            )
-            overlays.append((d.target, str(d.path), overlay))
-            el = ET.SubElement(disks_el, "disk", name=d.target, snapshot=EXTERNAL)
-            ET.SubElement(el, "driver", type="qcow2")
-            ET.SubElement(el, "source", file=overlay)
-        # On another host libvirt itself refuses to write over an existing file.
-        for path in [o for _, _, o in overlays] + ([memory_file] if memory_file else []):
-            if hv.local and LocalFiles.lexists(path):
-                raise InvalidInputError(
-                    f"{path} already exists; virtdeck never overwrites a file: pick another "
-                    "snapshot name"
-                )
+        memory_file = _external_xml(root, hv, domain, name, disks, targets, disk_only,
+                                    state.active, notes, overlays)  # fmt: skip
     return CreatePlan(
         host=hv.uri,
         domain=domain,
         name=name,
         kind=kind,
         description=description,
-        running=running,
+        running=state.active,
         quiesce=quiesce,
         overlays=tuple(overlays),
         memory_file=memory_file,
@@ -199,6 +134,101 @@ def plan_create(
         flags=flags,
         notes=tuple(notes),
     )
+
+
+def _check_options(
+    domain: str, state: DomainState, external: bool, disk_only: bool, quiesce: bool
+) -> None:
+    if disk_only and not external:
+        raise InvalidInputError(
+            "--disk-only goes with --external (an internal snapshot of a running guest "
+            "always saves its memory)"
+        )
+    if quiesce and not external:
+        raise InvalidInputError("--quiesce goes with --external --disk-only")
+    if quiesce and not disk_only:
+        raise InvalidInputError(
+            "--quiesce goes with --disk-only (libvirt freezes the guest file systems for "
+            "disk-only snapshots)"
+        )
+    if quiesce and state != DomainState.RUNNING:
+        raise StateError(
+            f"--quiesce needs '{domain}' running with the QEMU guest agent; it is {state.value}"
+        )
+
+
+def _check_kinds(domain: str, kinds: Any, external: bool) -> None:
+    """Internal and external snapshots never mix in one tree."""
+    if external and INTERNAL in kinds:
+        raise InvalidInputError(
+            f"'{domain}' has internal snapshots; an external one on top would leave them "
+            "impossible to revert: take an internal snapshot, or delete the internal ones first"
+        )
+    if not external and EXTERNAL in kinds:
+        raise InvalidInputError(
+            f"'{domain}' has external snapshots, so its disks are overlays an internal snapshot "
+            "cannot mix with: add --external"
+        )
+
+
+def _internal_xml(
+    root: ET.Element, domain: str, disks: Any, targets: Any, running: bool, notes: list[str]
+) -> None:
+    raw = [d for d in targets if d.format != "qcow2"]
+    if raw:
+        d = raw[0]
+        raise InvalidInputError(
+            f"internal snapshots need qcow2 disks; {d.target} of '{domain}' is "
+            f"{d.format or 'of unknown format'} ({d.path}): use --external"
+        )
+    if running:
+        notes.append(f"'{domain}' pauses while its memory and disks are saved")
+    disks_el = ET.SubElement(root, "disks")
+    for d in disks:
+        snapshot = INTERNAL if common.snapshottable(d) else "no"
+        ET.SubElement(disks_el, "disk", name=d.target, snapshot=snapshot)
+
+
+def _external_xml(
+    root: ET.Element,
+    hv: Hypervisor,
+    domain: str,
+    name: str,
+    disks: Any,
+    targets: Any,
+    disk_only: bool,
+    running: bool,
+    notes: list[str],
+    overlays: list[tuple[str, str, str]],
+) -> str | None:
+    """The memory file and an overlay per disk (filled into `overlays`); the memory file's
+    path (None: no memory saved)."""
+    memory_file = None
+    first_dir = os.path.dirname(str(targets[0].path))
+    if running and not disk_only:
+        memory_file = os.path.join(first_dir, f"{domain}.{name}.mem")
+        ET.SubElement(root, "memory", snapshot="external", file=memory_file)
+        notes.append(f"'{domain}' pauses while its memory is saved")
+    else:
+        ET.SubElement(root, "memory", snapshot="no")
+    disks_el = ET.SubElement(root, "disks")
+    for d in disks:
+        if not common.snapshottable(d):
+            ET.SubElement(disks_el, "disk", name=d.target, snapshot="no")
+            continue
+        overlay = os.path.join(os.path.dirname(str(d.path)), f"{domain}.{name}.{d.target}.qcow2")
+        overlays.append((d.target, str(d.path), overlay))
+        el = ET.SubElement(disks_el, "disk", name=d.target, snapshot=EXTERNAL)
+        ET.SubElement(el, "driver", type="qcow2")
+        ET.SubElement(el, "source", file=overlay)
+    # On another host libvirt itself refuses to write over an existing file.
+    for path in [o for _, _, o in overlays] + ([memory_file] if memory_file else []):
+        if hv.local and LocalFiles.lexists(path):
+            raise InvalidInputError(
+                f"{path} already exists; virtdeck never overwrites a file: pick another "
+                "snapshot name"
+            )
+    return memory_file
 
 
 def create(

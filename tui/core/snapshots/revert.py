@@ -192,6 +192,33 @@ def _revert_discards(tree: SnapshotTree, disks: dict[str, DiskInfo]) -> list[str
     return out
 
 
+def _free_overlay_name(files: Files, image: str, stem: str) -> str:
+    """STEM.rN.qcow2 beside `image`, N the first number no file has."""
+    n = 1
+    while files.lexists(path := os.path.join(os.path.dirname(image), f"{stem}.r{n}.qcow2")):
+        n += 1
+    return path
+
+
+def _after_revert(
+    files: Files, node: SnapshotNode, state: DomainState
+) -> tuple[str | None, bool, str]:
+    """The memory state to restore (None: none is usable), whether to start it afresh, and
+    the state it is left in."""
+    memory = node.memory_file if node.memory_file and files.lexists(node.memory_file) else None
+    if node.state not in ("running", "paused"):
+        memory = None
+    start_after = memory is None and state.active
+    result = (
+        "running"
+        if memory and node.state == "running"
+        else "paused"
+        if memory
+        else ("running (booted afresh from the snapshot's disks)" if start_after else "shut off")
+    )
+    return memory, start_after, result
+
+
 def _plan_revert_external(
     hv: Hypervisor,
     files: Files,
@@ -227,14 +254,7 @@ def _plan_revert_external(
                 "this snapshot cannot be reverted"
             )
         assert d.image is not None
-        n = 1
-        while True:
-            overlay = os.path.join(
-                os.path.dirname(d.image), f"{domain}.{node.name}.{d.target}.r{n}.qcow2"
-            )
-            if not files.lexists(overlay):
-                break
-            n += 1
+        overlay = _free_overlay_name(files, d.image, f"{domain}.{node.name}.{d.target}")
         switches.append(DiskSwitch(d.target, d.image, d.image_format or "raw", overlay))
     if not switches:
         raise InvalidInputError(f"snapshot '{node.name}' of '{domain}' covers no disk")
@@ -251,17 +271,7 @@ def _plan_revert_external(
     common.switch_disks(new_dom, {s.target: (s.overlay, "qcow2") for s in switches})
     for src in new_dom.iter("source"):
         src.attrib.pop("index", None)
-    memory = node.memory_file if node.memory_file and files.lexists(node.memory_file) else None
-    if node.state not in ("running", "paused"):
-        memory = None
-    start_after = memory is None and state.active
-    result = (
-        "running"
-        if memory and node.state == "running"
-        else "paused"
-        if memory
-        else ("running (booted afresh from the snapshot's disks)" if start_after else "shut off")
-    )
+    memory, start_after, result = _after_revert(files, node, state)
     return RevertPlan(
         host=hv.uri,
         domain=domain,
