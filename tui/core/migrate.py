@@ -69,7 +69,6 @@ from tui.core.models import DiskKind, DomainState
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import common as _snapshot_kinds  # noqa: F401  (registers its kind)
 from tui.core.storage import Resolver, files_for
-from tui.core.storage.digest import file_digest
 from tui.core.storage.remote import RemoteFiles
 
 LIVE_HINT = "migrate it running with --live, or shut it down first"
@@ -1016,15 +1015,7 @@ def _send_layers(
             undo, v.target, v.file_bytes, report,
         )  # fmt: skip
         done += v.file_bytes
-        progress(f"checksumming {v.target} on {target.uri}", None)
-        if file_digest(target, v.target) != sent:
-            raise OperationError(
-                f"{v.target} on {target.uri} does not have the bytes that were sent "
-                "(sha256 differs): nothing was kept"
-            )
-        if v.rebase and v.backing:
-            progress(f"rebasing {v.target} onto {v.backing}", None)
-            dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
+        transfer.settle(target, dst_files, v, sent, progress, "nothing was kept")
         if v.format != "raw":  # (a raw file has nothing to check: its sha256 was)
             progress(f"qemu-img check {v.target}", None)
             checker = dst_files.qemu_img
@@ -1081,13 +1072,8 @@ def execute_migrate(
     source.invalidate()
     target.invalidate()
     if not plan.keep_source:
-        left = []
-        for path in [v.source for v in plan.layers] + ([plan.nvram[0]] if plan.nvram else []):
-            progress(f"deleting {path} on {plan.source_host}", None)
-            try:
-                src_files.delete(path)
-            except VirtdeckError as err:
-                left.append(f"{path} ({err})")
+        paths = [v.source for v in plan.layers] + ([plan.nvram[0]] if plan.nvram else [])
+        left = _delete_own(src_files, paths, plan, progress)
         if left:
             raise OperationError(
                 f"'{plan.domain}' is on {plan.target_host}; left on {plan.source_host}: "
@@ -1227,6 +1213,20 @@ def _create_tops(
             target.call(pool.pool.createXML, xml, 0, what=f"creating {t.target}")
 
 
+def _delete_own(
+    src_files: Any, paths: list[str], plan: MigratePlan, progress: Progress
+) -> list[str]:
+    """Delete the source's own files once the move is committed; what could not be, named."""
+    left = []
+    for path in paths:
+        progress(f"deleting {path} on {plan.source_host}", None)
+        try:
+            src_files.delete(path)
+        except VirtdeckError as err:
+            left.append(f"{path} ({err})")
+    return left
+
+
 def _own_files(plan: MigratePlan) -> list[str]:
     """The source's files that go once the domain runs on the target."""
     if plan.keep_source or plan.shared:
@@ -1255,12 +1255,7 @@ def _leave_source_live(
         left.append(f"its definition ({err})")
     source.invalidate()
     if not left:
-        for path in _own_files(plan):
-            progress(f"deleting {path} on {plan.source_host}", None)
-            try:
-                src_files.delete(path)
-            except VirtdeckError as err:
-                left.append(f"{path} ({err})")
+        left = _delete_own(src_files, _own_files(plan), plan, progress)
     if left:
         raise OperationError(
             f"'{plan.domain}' runs on {plan.target_host}; left on {plan.source_host}: "

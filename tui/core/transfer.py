@@ -368,16 +368,9 @@ def execute_template_copy(
                 v.target, v.file_bytes, report,
             )  # fmt: skip
             done += v.file_bytes
-            if target.local or dst_pools.ssh is not None:
-                progress(f"checksumming {v.target} on {target.uri}", None)
-                if file_digest(target, v.target) != digests[v.source]:
-                    raise OperationError(
-                        f"{v.target} on {target.uri} does not have the bytes that were sent "
-                        "(sha256 differs): the copy is not kept"
-                    )
-            if v.rebase and v.backing:
-                progress(f"rebasing {v.target} onto {v.backing}", None)
-                dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
+            readable = target.local or dst_pools.ssh is not None
+            settle(target, dst_files, v, digests[v.source] if readable else None, progress,
+                   "the copy is not kept")  # fmt: skip
             dst_files.make_read_only(v.target)
             undo.steps.append(f"made {v.target} read-only")
         identity = tuple((t, tuple(digests[p] for p in paths)) for t, paths in plan.layers)
@@ -443,6 +436,24 @@ def upload(
             f"{length}: the copy is incomplete"
         )
     return digest.hexdigest()
+
+
+def settle(
+    target: Hypervisor, dst_files: Any, v: Any, sent: str | None, progress: Progress, kept: str
+) -> None:
+    """An uploaded layer `v` (its target path, and backing to rebase onto): its sha256 on the
+    target read back and compared with what was `sent` (None: it cannot be read there), then
+    pointed at its new backing file. `kept`: what the refusal says happens to the copy."""
+    if sent is not None:
+        progress(f"checksumming {v.target} on {target.uri}", None)
+        if file_digest(target, v.target) != sent:
+            raise OperationError(
+                f"{v.target} on {target.uri} does not have the bytes that were sent "
+                f"(sha256 differs): {kept}"
+            )
+    if v.rebase and v.backing:
+        progress(f"rebasing {v.target} onto {v.backing}", None)
+        dst_files.rebase_unsafe(v.target, v.backing, v.backing_format or "raw")
 
 
 def _stream(
