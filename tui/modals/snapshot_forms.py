@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, RadioButton, RadioSet, Static
 
 from tui.core.errors import InvalidInputError
 from tui.core.snapshots import validate_snapshot_name
+from tui.modals.form import error_and_buttons
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,7 @@ class NewSnapshotScreen(ModalScreen[SnapshotRequest | None]):
             yield Label("Description")
             yield Input(placeholder="what is about to change", id="description")
             yield Static(self._hint(), id="hint")
-            yield Static("", id="error", markup=False)
-            with Horizontal(id="buttons"):
-                yield Button("Cancel", id="cancel")
-                yield Button("Create", id="create", variant="primary")
+            yield from error_and_buttons("Create", "create")
 
     def _hint(self) -> str:
         if not self.running:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import (
     Button,
@@ -28,6 +28,7 @@ from textual.widgets import (
 from tui.core.errors import InvalidInputError, UsageError
 from tui.core.hypervisor import validate_name
 from tui.core.identity import DEFAULT_HOSTNAME, Identity
+from tui.modals.form import error_and_buttons
 
 _FORM_CSS = """
 {cls} {{ align: center middle; }}
@@ -91,10 +92,7 @@ class MakeTemplateScreen(ModalScreen[TemplateRequest | None]):
                 "The VM is shut down, sealed, renamed, backed up, and its disks made read-only."
             )
             yield Static(hint, id="hint", markup=False)
-            yield Static("", id="error", markup=False)
-            with Horizontal(id="buttons"):
-                yield Button("Cancel", id="cancel")
-                yield Button("Plan", id="ok", variant="primary")
+            yield from error_and_buttons()
 
     def on_mount(self) -> None:
         self.query_one("#name", Input).focus()
@@ -190,10 +188,7 @@ class DeployScreen(ModalScreen[DeployRequest | None]):
                     "Deploy although the template is not sealed (clones share its identity)",
                     id="unsealed",
                 )
-            yield Static("", id="error", markup=False)
-            with Horizontal(id="buttons"):
-                yield Button("Cancel", id="cancel")
-                yield Button("Plan", id="ok", variant="primary")
+            yield from error_and_buttons()
 
     def on_mount(self) -> None:
         self.query_one("#name", Input).focus()
@@ -312,10 +307,7 @@ class ImportScreen(ModalScreen[ImportRequest | None]):
                 id="hint",
                 markup=False,
             )
-            yield Static("", id="error", markup=False)
-            with Horizontal(id="buttons"):
-                yield Button("Cancel", id="cancel")
-                yield Button("Plan", id="ok", variant="primary")
+            yield from error_and_buttons()
 
     def on_mount(self) -> None:
         self.query_one("#source", Input).focus()
