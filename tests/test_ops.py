@@ -75,6 +75,27 @@ def test_cancel_stops_at_the_next_progress_report() -> None:
     assert seen == ["one"]
 
 
+def test_a_command_a_signal_stopped_ends_as_interrupted_even_when_it_reports_a_failure() -> None:
+    """A command that catches its member's failure (its child killed by the signal) and
+    returns 1 ends with the signal's status; one that finished (0) stays finished."""
+    from tui.core.cancel import run_cancellable
+
+    def failed_member() -> int:
+        ops.cancel("interrupted by SIGHUP", 1)  # as the handler does when the signal comes
+        return 1
+
+    try:
+        with pytest.raises(ops.Interrupted, match="SIGHUP") as caught:
+            run_cancellable(failed_member)
+        assert caught.value.exit_status == 129
+    finally:
+        ops.reset_cancel()
+    try:
+        assert run_cancellable(lambda: (ops.cancel("interrupted by SIGTERM", 15), 0)[1]) == 0
+    finally:
+        ops.reset_cancel()
+
+
 def test_cancel_ends_a_child_with_what_it_started_in_its_group() -> None:
     """`timeout CMD` puts CMD in a process group of its own (the appliance probe of
     tui.core.templates runs that way): cancel() ends CMD too, so the reader of the pipe CMD

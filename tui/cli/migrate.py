@@ -8,7 +8,7 @@ from typing import Any
 
 from tui.cli import print_json, stderr_progress
 from tui.cli.groups import add_group_options, members, need_selection
-from tui.core.cancel import cancelled
+from tui.core.cancel import check_cancelled
 from tui.core.errors import InvalidInputError, VirtdeckError
 from tui.core.hypervisor import Hypervisor
 
@@ -135,6 +135,7 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
         results: list[dict[str, Any]] = []
         if not args.dry_run:
             for plan in plans:
+                check_cancelled()  # Ctrl-C, SIGTERM, SIGHUP: the rest are not started
                 try:
                     if plan.template_copy is not None and target.exists(plan.template or ""):
                         # An earlier member copied the template: plan this one on it.
@@ -153,8 +154,6 @@ def cmd_migrate(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
                         how = f" live ({done})" if plan.live else ""
                         print(f"{plan.domain}: migrated to {plan.target_host}{how}")
                 except VirtdeckError as err:
-                    if cancelled():  # a signal ended its child: the interrupt, not a failure
-                        raise
                     results.append({"domain": plan.domain, "ok": False, "error": str(err)})
                     print(f"virtdeck: {plan.domain}: {err}", file=sys.stderr)
                     status = 1

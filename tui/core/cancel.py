@@ -168,7 +168,12 @@ def run_cancellable(fn: Callable[[], Any]) -> Any:
             # A child killed by cancel() fails with its own error: say what stopped it.
             raise Interrupted(f"{_cancel_reason[0]}: {err}") from None
         raise err
-    return result[0]  # finished: a signal that came too late changes nothing
+    status = result[0]
+    if cancelled() and isinstance(status, int) and not isinstance(status, bool) and status:
+        # It caught its member's failure and went on to report it, but a signal killed that
+        # member's child: the command ends as interrupted, with the signal's exit status.
+        raise Interrupted(_cancel_reason[0])
+    return status  # finished: a signal that came too late changes nothing
 
 
 @contextlib.contextmanager
