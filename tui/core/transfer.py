@@ -246,7 +246,9 @@ def plan_template_copy(
             "firmware's template"
         )
     notes += [f"{r.line()}: {r.why}" for r in out.rewrites if r.kind == "shared-warning"]
-    notes += [n for n in [dst_files.free_note(where) if free is not None else None] if n]
+    estimate = dst_files.free_note(where) if free is not None else None
+    if estimate:
+        notes.append(estimate)
     return TemplateCopyPlan(
         source_host=source.uri,
         target_host=target.uri,

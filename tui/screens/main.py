@@ -35,6 +35,7 @@ from tui.core import groups
 from tui.core.catalog import Template
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainInfo, DomainState, HostInfo
+from tui.core.ops import Plan
 from tui.messages import (
     ErrorReported,
     HostsViewChanged,
@@ -103,7 +104,7 @@ GROUP_PANE_VERBS = {
 class GroupPlanned(Message):
     """A plan over the marked domains (a group verb, a migration) is ready to confirm."""
 
-    plan: Any  # tui.core.groups.GroupPlan or tui.core.migrate.MigrateGroup (ops.Plan)
+    plan: Plan  # tui.core.groups.GroupPlan or tui.core.migrate.MigrateGroup
 
 
 @dataclass
@@ -706,7 +707,7 @@ class MainScreen(Screen[None]):
         self.app.push_screen(PlanScreen(message.plan), answered)
 
     @work(thread=True, exit_on_error=False, group="plan", description="running a group plan")
-    def _run_group(self, plan: Any) -> None:
+    def _run_group(self, plan: Plan) -> None:
         def progress(text: str, fraction: float | None) -> None:
             share = f" ({fraction:.0%})" if fraction is not None else ""
             self.post_message(GroupProgress(text + share))

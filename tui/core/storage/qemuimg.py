@@ -118,7 +118,8 @@ class QemuImg:
                 f"{self.binary} is not installed (apt-get install qemu-utils)"
             ) from None
         if status != 0:
-            raise OperationError(f"qemu-img convert failed: {last_line(chr(10).join(said))}")
+            said_text = "\n".join(said)
+            raise OperationError(f"qemu-img convert failed: {last_line(said_text)}")
         progress(label, 1.0)
 
     def export_snapshot(self, path: str, snapshot: str, dst: str) -> None:
