@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from tui.core import baseid, domxml
 from tui.core.models import VirtdeckMeta
 from tui.core.storage.digest import StreamDigest, _local
@@ -170,3 +172,28 @@ def test_migrate_live_options_refuse_bad_values_with_one_line() -> None:
         proc = run(*args)
         assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_uefi_variables_that_are_no_file_are_refused_not_dropped(tmp_path: Path) -> None:
+    """An <nvram> with a network source names no path to copy: refused in one line (before,
+    the plan would have gone on and left the variables behind)."""
+    from tui.core import migrate
+    from tui.core.errors import InvalidInputError
+    from tui.core.hypervisor import Hypervisor
+    from tui.core.testdriver import node_xml
+
+    node = tmp_path / "node.xml"
+    node.write_text(node_xml([]))
+    source, target = Hypervisor.open(f"test://{node}"), Hypervisor.open("test:///default")
+    try:
+        source.define(
+            "<domain type='test'><name>uefi-net</name><memory>65536</memory><os>"
+            "<type>hvm</type><loader readonly='yes' type='pflash'>/x/OVMF_CODE.fd</loader>"
+            "<nvram type='network'><source protocol='nbd' name='vars'>"
+            "<host name='127.0.0.1' port='10809'/></source></nvram></os></domain>"
+        )
+        with pytest.raises(InvalidInputError, match="UEFI variables that are not a file"):
+            migrate.plan_migrate(source, target, "uefi-net")
+    finally:
+        source.close()
+        target.close()

@@ -447,6 +447,11 @@ def plan_migrate(
     _check_request(source, target, name, directory)
     info, live, xml, root, seed = _check_domain(source, target, name, live, max_downtime, bandwidth)
     nvram_src = (root.findtext("os/nvram") or "").strip() or None
+    if nvram_src is None and root.find("os/nvram") is not None:
+        raise InvalidInputError(
+            f"'{name}' keeps UEFI variables that are not a file virtdeck can copy (its <nvram> "
+            "names no path: a network or volume source): not migrated; nothing was changed"
+        )
     dst_files = RemoteFiles(target, "migrate")
     notes: list[str] = []
     owned, every_file, template = _owned_layers(source, root, name)
@@ -832,7 +837,7 @@ def _plan_nvram(
     or over SSH); None without NVRAM."""
     if path is None:
         return None
-    if not (source.local or getattr(src_check, "ssh", None) is not None):
+    if isinstance(src_check, RemoteFiles) and src_check.ssh is None:
         raise InvalidInputError(
             f"'{name}' keeps UEFI variables in {path} on {source.uri}: reading them needs that "
             "host to be this machine or a qemu+ssh:// URI; nothing was changed"
