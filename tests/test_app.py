@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from textual import events
+from textual.message import Message
 from textual.widgets import Input
 
 from tui.app import VirtdeckApp
 from tui.core.hypervisor import Hypervisor
 from tui.core.models import DomainState
 from tui.core.testdriver import DomainSpec, node_xml
+from tui.messages import HostLoaded, ShutdownTimedOut
 from tui.modals.confirm import ConfirmScreen
 from tui.widgets.domains import DomainsTable
 
@@ -219,3 +222,22 @@ async def test_n_on_a_template_says_why_before_any_form(test_hv: Hypervisor) -> 
         assert any("'template-web' is a template" in n.message for n in app._notifications)
         label = str(app.screen.query_one("#snap-tree").root.label)
         assert "a template never has any" in label and "n takes one" not in label
+
+
+async def test_results_arriving_while_the_app_closes_are_dropped(test_hv: Hypervisor) -> None:
+    """A host's answer (or an event) handled while Textual takes the screens apart found no
+    table and crashed the closing app: seen with a host that came back just before the end.
+    Here the answer arrives as the table is unmounted."""
+    app = VirtdeckApp([test_hv])
+    sent: list[str] = []
+
+    def hook(message: Message) -> None:
+        if isinstance(message, events.Unmount) and isinstance(message._sender, DomainsTable):
+            sent.append("answer")
+            app.post_message(HostLoaded(test_hv.uri, list(app.domains), None))
+            app.post_message(ShutdownTimedOut(test_hv.uri, "alpha", 1.0))
+
+    async with app.run_test(size=(140, 45), message_hook=hook) as pilot:
+        await _settle(app, pilot)
+    assert sent
+    assert app.return_code in (None, 0)

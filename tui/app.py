@@ -145,6 +145,11 @@ class VirtdeckApp(App[None]):
         assert isinstance(screen, MainScreen)
         return screen
 
+    def _shutting_down(self) -> bool:
+        """Is the app shutting down? A worker's result or a timer can still arrive while its
+        screens are being taken apart (the table already gone): such a message is dropped."""
+        return not self.is_running or not self.screen_stack
+
     def hypervisor(self, host: str) -> Hypervisor:
         return self.session.hypervisor(host)
 
@@ -299,8 +304,8 @@ class VirtdeckApp(App[None]):
 
     def on_host_loaded(self, message: HostLoaded) -> None:
         st = self.hosts.get(message.host)
-        if st is None or not self.screen_stack:
-            return  # a worker's result arriving while the app closes: the screens are gone
+        if st is None or self._shutting_down():
+            return
         st.refreshing = False
         self.polls += 1
         if message.info is not None:
@@ -350,6 +355,8 @@ class VirtdeckApp(App[None]):
 
     def _watch_deadlines(self) -> None:
         """Once a second: a refresh older than the deadline makes its host "no answer"."""
+        if self._shutting_down():
+            return
         now = time.monotonic()
         changed = False
         for uri, st in self.hosts.items():
@@ -405,7 +412,7 @@ class VirtdeckApp(App[None]):
     def on_libvirt_event(self, message: LibvirtEvent) -> None:
         event = message.event
         st = self.hosts.get(event.host)
-        if st is None:
+        if st is None or self._shutting_down():
             return
         if event.kind is EventKind.CONNECTION_LOST and st.error is None:
             st.error = f"connection to {event.host} lost; reconnecting"
@@ -443,6 +450,8 @@ class VirtdeckApp(App[None]):
         self.call_from_thread(self.notify, f"{name}: {_DONE[action]}")
 
     def on_shutdown_timed_out(self, message: ShutdownTimedOut) -> None:
+        if self._shutting_down():
+            return
         self.main.offer_force_off(message.host, message.name, message.timeout)
 
     # -- command palette --------------------------------------------------------------------
