@@ -10,7 +10,7 @@ import pytest
 
 from tui.core import baseid, domxml
 from tui.core.models import VirtdeckMeta
-from tui.core.storage.digest import StreamDigest, _local
+from tui.core.storage.digest import BackgroundDigest, StreamDigest, _local
 
 
 def test_base_identity_round_trips_through_the_metadata() -> None:
@@ -41,6 +41,22 @@ def test_a_stream_of_data_and_holes_hashes_as_the_file_does(tmp_path: Path) -> N
     expected = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest.hexdigest() == expected == _local(str(path), None)
     assert digest.length == os.path.getsize(path)
+    with BackgroundDigest() as background:  # hashed on its own thread, in the same order
+        for _ in range(40):  # more than its queue holds
+            background.data(b"x" * 4096)
+            background.hole(5000)
+    serial = StreamDigest()
+    for _ in range(40):
+        serial.data(b"x" * 4096)
+        serial.hole(5000)
+    assert background.hexdigest() == serial.hexdigest()
+
+
+def test_a_failing_stream_ends_the_hashing_thread() -> None:
+    with pytest.raises(OSError), BackgroundDigest() as digest:
+        digest.data(b"y" * 100)
+        raise OSError("the stream broke")
+    assert not digest._thread.is_alive()
 
 
 async def test_key_m_and_the_palette_offer_migrate(tmp_path: Path) -> None:

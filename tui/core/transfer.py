@@ -44,7 +44,7 @@ from tui.core.errors import (
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
 from tui.core.storage import Resolver, files_for
-from tui.core.storage.digest import StreamDigest, file_digest
+from tui.core.storage.digest import BackgroundDigest, StreamDigest, file_digest
 from tui.core.storage.remote import RemoteFiles
 from tui.core.templates import own_images, template_xml
 
@@ -425,8 +425,8 @@ def upload(
             "<target><format type='raw'/></target></volume>"
         )
         dst_vol = target.call(pool.pool.createXML, xml, 0, what=f"creating {path}")
-        digest = StreamDigest()
-        _stream(source, target, src_vol, dst_vol, length, report, digest)
+        with BackgroundDigest() as digest:
+            _stream(source, target, src_vol, dst_vol, length, report, digest)
     dst_pools._refresh(pool, force=True)
     got = dst_pools._volume(path)
     if got is None:
@@ -465,7 +465,7 @@ def _stream(
     dst_vol: Any,
     length: int,
     report: Any,
-    digest: StreamDigest | None = None,
+    digest: StreamDigest | BackgroundDigest | None = None,
 ) -> None:
     """Download -> upload with sparse streams: data is sent, holes are sent as holes (and
     hashed into `digest` as they pass: tui.core.storage.digest)."""

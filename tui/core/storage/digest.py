@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +49,47 @@ class StreamDigest:
 
     def hexdigest(self) -> str:
         return PREFIX + self._h.hexdigest()
+
+
+class BackgroundDigest:
+    """A StreamDigest fed from the stream's thread and computed on another: the next chunk
+    travels while this one is hashed (hashlib lets go of the GIL on large buffers), so hashing
+    what is sent adds no time to the copy. A context manager: its thread ends on the way out,
+    whatever happened to the stream."""
+
+    def __init__(self) -> None:
+        self._digest = StreamDigest()
+        self._queue: queue.Queue[bytes | int | None] = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._run, name="stream-digest", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, int):
+                self._digest.hole(item)
+            else:
+                self._digest.data(item)
+
+    def data(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def hole(self, n: int) -> None:
+        self._queue.put(n)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._digest.hexdigest()
+
+    def __enter__(self) -> BackgroundDigest:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def file_digest(hv: Hypervisor, path: str, report: Callable[[int], None] | None = None) -> str:
