@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tui.core import baseid, domxml
+from tui.core.errors import OperationError
 from tui.core.models import VirtdeckMeta
-from tui.core.storage.digest import BackgroundDigest, StreamDigest, _local
+from tui.core.storage.digest import (
+    READBACK_SCRIPT,
+    SEGMENT,
+    BackgroundDigest,
+    SegmentDigest,
+    SegmentReadback,
+    StreamDigest,
+    _local,
+    combine,
+    parse_readback,
+    readback,
+)
 
 
 def test_base_identity_round_trips_through_the_metadata() -> None:
@@ -57,6 +71,99 @@ def test_a_failing_stream_ends_the_hashing_thread() -> None:
         digest.data(b"y" * 100)
         raise OSError("the stream broke")
     assert not digest._thread.is_alive()
+
+
+class _Here:
+    """A hypervisor that is this machine, as SegmentReadback sees one."""
+
+    local = True
+    uri = "qemu:///system"
+
+
+HERE: Any = _Here()
+
+
+def _segments_of(data: bytes) -> str:
+    return combine([hashlib.sha256(data[i : i + SEGMENT]).digest()
+                    for i in range(0, len(data), SEGMENT)])  # fmt: skip
+
+
+def _sparse(path: Path, size: int) -> bytes:
+    """A file of `size` bytes, data across segment edges and holes between; its bytes."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        for at in (0, SEGMENT - 3000, 2 * SEGMENT + 5, size - 10):
+            if 0 <= at < size:
+                fh.seek(at)
+                fh.write(os.urandom(min(6000, size - at)))
+    return path.read_bytes()
+
+
+def test_the_segmented_figure_is_the_same_fed_as_a_stream_read_here_or_by_the_script(
+    tmp_path: Path,
+) -> None:
+    """migrate proves a layer with the SEGMENTED figure: the source hashes it as it streams
+    (data and holes, chunks across segment edges), the target reads it back on this machine
+    (threads) or over SSH (READBACK_SCRIPT, run here by sh as the host would run it). The
+    three agree, for a file of segments and a bit, of exactly one, and empty; the script also
+    hashes ranges, flushes, and gives the whole-file figure (template copy)."""
+    script = ["sh", "-c", READBACK_SCRIPT, "sh"]
+    for name, size in (("bit", 2 * SEGMENT + 4321), ("one", SEGMENT), ("empty", 0)):
+        path = tmp_path / name
+        data = _sparse(path, size)
+        expected = _segments_of(data)
+        fed = SegmentDigest()
+        at = 0
+        for step in (1, 70000, SEGMENT, 3 * SEGMENT):  # chunks that straddle the edges
+            fed.data(data[at : at + step])
+            at = min(size, at + step)
+        assert at == size
+        holes = SegmentDigest()  # the same bytes, the zeros fed as holes
+        for offset in range(0, size, 1 << 20):
+            chunk = data[offset : offset + (1 << 20)]
+            holes.hole(len(chunk)) if not chunk.strip(b"\0") else holes.data(chunk)
+        assert fed.hexdigest() == holes.hexdigest() == expected, name
+        assert fed.length == size
+        assert readback(HERE, str(path), expected) == expected
+        assert readback(HERE, str(path), "sha256:") == _local(str(path), None)
+        for args in (["segments", "0", "-", "flush"], ["segments", "0", "-", ""]):
+            proc = subprocess.run([*script, str(path), *args], capture_output=True, text=True)
+            got_size, got = parse_readback(proc.stdout, str(path), "here")
+            assert proc.returncode == 0 and got_size == size, proc.stderr
+            assert combine([got[i] for i in range(len(got))]) == expected, name
+        proc = subprocess.run([*script, str(path), "whole", "0", "-", "flush"],
+                              capture_output=True, text=True)  # fmt: skip
+        assert parse_readback(proc.stdout, str(path), "here")[1][-1].hex() == (
+            hashlib.sha256(data).hexdigest()
+        )
+    path = tmp_path / "bit"
+    proc = subprocess.run([*script, str(path), "segments", "1", "2", ""], capture_output=True,
+                          text=True)  # fmt: skip
+    assert sorted(parse_readback(proc.stdout, str(path), "here")[1]) == [1]
+    os.symlink(path, tmp_path / "link")
+    proc = subprocess.run([*script, str(tmp_path / "link"), "segments", "0", "-", "flush"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 3 and "not a regular file" in proc.stderr
+    with pytest.raises(OperationError, match="checksumming /x on here"):
+        parse_readback("", "/x", "here")
+
+
+def test_a_readback_reads_what_landed_early_and_finds_a_changed_byte(tmp_path: Path) -> None:
+    path = tmp_path / "layer"
+    data = _sparse(path, 3 * SEGMENT + 99)
+    expected = _segments_of(data)
+    with SegmentReadback(HERE, str(path)) as reading:
+        reading.landed(SEGMENT // 2)  # no whole segment yet: nothing asked
+        assert reading._reads == []
+        reading.landed(2 * SEGMENT + 1)  # two whole segments: read now, on a worker
+        assert len(reading._reads) == 1 and reading._next == 2
+        assert reading.hexdigest() == expected
+    with open(path, "r+b") as fh:  # a byte of the first segment changes after it was read
+        fh.seek(SEGMENT - 3000)
+        fh.write(bytes([data[SEGMENT - 3000] ^ 1]))
+    with SegmentReadback(HERE, str(path)) as reading:
+        reading.landed(3 * SEGMENT)
+        assert reading.hexdigest() != expected
 
 
 async def test_key_m_and_the_palette_offer_migrate(tmp_path: Path) -> None:

@@ -376,3 +376,68 @@ def test_keep_source_leaves_a_stopped_renamed_copy(
         source.close()
         dest.close()
         target.cleanup([name], ["kvm.qcow2"])
+
+
+class _RollBack(Exception):
+    """Ends the test's operation so that its undo removes what it uploaded."""
+
+
+def test_a_layer_travels_in_windows_and_is_read_back_as_it_lands(
+    host_lab: SystemLab, session_uri: str, target: Target
+) -> None:
+    """migrate's upload (tui.core.transfer.upload with a SegmentReadback): a sparse file of
+    five and a bit segments, data across each window's edge and holes spanning windows,
+    arrives byte for byte; the figure read back as the windows land is the figure of what was
+    sent and of the file; a byte changed on the target after it landed is found; and the
+    operation's undo removes the copy."""
+    from tui.core import ops, transfer
+    from tui.core.hypervisor import Hypervisor
+    from tui.core.storage.digest import SEGMENT, SegmentReadback, readback
+    from tui.core.storage.remote import RemoteFiles
+
+    lab = host_lab
+    src = lab.dir / "windows.raw"
+    size = 5 * SEGMENT + 12345
+    with open(src, "wb") as fh:
+        fh.truncate(size)
+        for at, n in ((0, 4096), (SEGMENT - MIB, 2 * MIB), (3 * SEGMENT + 7, 3 * MIB),
+                      (size - 100, 100)):  # fmt: skip
+            fh.seek(at)
+            fh.write(os.urandom(n))
+    assert transfer._window(size) == SEGMENT  # (so the windows are the segments here)
+    source, dest = lab.hv, Hypervisor.open(session_uri)
+    copy = target.dir / src.name
+    try:
+        src_files, dst_files = RemoteFiles(source, "test"), RemoteFiles(dest, "test")
+        pool = dst_files.ensure_pool(str(target.dir))
+        landed: list[int] = []
+        title, named = "test upload", [lab.name("windows")]
+        with pytest.raises(_RollBack), ops.running(dest, title, domains=named,
+                                                   dirs=[str(target.dir)]) as undo:  # fmt: skip
+            with SegmentReadback(dest, str(copy)) as reading:
+                real_landed = reading.landed
+
+                def noted(end: int) -> None:
+                    landed.append(end)
+                    real_landed(end)
+
+                reading.landed = noted  # type: ignore[method-assign]
+                sent = transfer.upload(
+                    source, dest, transfer._source_volume(src_files, str(src)),
+                    (dst_files, pool), undo, str(copy), size, lambda _n: None,
+                    reading=reading,
+                )  # fmt: skip
+                assert subprocess.run(["cmp", str(src), str(copy)]).returncode == 0
+                assert reading.hexdigest() == sent == readback(source, str(src), sent)
+            assert landed == [SEGMENT * k for k in range(1, 6)] + [size], landed
+            with open(copy, "r+b") as fh:  # a byte of the last window changes there
+                fh.seek(size - 50)
+                fh.write(b"\0" if fh.read(1) != b"\0" else b"\1")
+            with SegmentReadback(dest, str(copy)) as again:
+                again.landed(5 * SEGMENT)  # (the first five read early, the rest at the end)
+                assert again.hexdigest() != sent
+            raise _RollBack
+        assert not copy.exists()  # the undo removed the upload
+    finally:
+        dest.close()
+        target.cleanup([], [src.name])

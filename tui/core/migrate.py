@@ -27,8 +27,10 @@ the source too):
 1. the template copy, if planned (its own journalled operation: it stays if the migration
    fails later; it is a template like any other);
 2. each own layer, lowest first, streamed sparse through libvirt's storage volumes (download
-   from the source, upload to the target; holes stay holes), hashed as it passes; the target
-   file's size and sha256 are checked against what was sent; then rebased (`qemu-img rebase
+   from the source, upload to the target; holes stay holes), hashed as it passes, in windows
+   of whole segments that the target reads back while the next travels
+   (tui.core.storage.digest.SegmentReadback); the target file's size and sha256 are checked
+   against what was sent, the file flushed to its disk; then rebased (`qemu-img rebase
    -u`, same data, only the backing path changes) onto the target's base (after an identity
    match only) or the layer below, and `qemu-img check`ed;
 3. the domain defined on the target (same name, UUID and MACs), its snapshot metadata
@@ -69,6 +71,7 @@ from tui.core.models import DiskKind, DomainState
 from tui.core.progress import Progress, no_progress
 from tui.core.snapshots import common as _snapshot_kinds  # noqa: F401  (registers its kind)
 from tui.core.storage import Resolver, files_for
+from tui.core.storage.digest import SegmentReadback
 from tui.core.storage.remote import RemoteFiles
 
 LIVE_HINT = "migrate it running with --live, or shut it down first"
@@ -1015,12 +1018,13 @@ def _send_layers(
         def report(n: int, start: int = start, label: str = label) -> None:
             progress(label, (start + n) / total)
 
-        sent = transfer.upload(
-            source, target, transfer._source_volume(src_pools, v.source), (dst_pools, pool),
-            undo, v.target, v.file_bytes, report,
-        )  # fmt: skip
-        done += v.file_bytes
-        transfer.settle(target, dst_files, v, sent, progress, "nothing was kept")
+        with SegmentReadback(target, v.target) as reading:  # (read back as it lands)
+            sent = transfer.upload(
+                source, target, transfer._source_volume(src_pools, v.source),
+                (dst_pools, pool), undo, v.target, v.file_bytes, report, reading=reading,
+            )  # fmt: skip
+            done += v.file_bytes
+            transfer.settle(target, dst_files, v, sent, progress, "nothing was kept", reading)
         if v.format != "raw":  # (a raw file has nothing to check: its sha256 was)
             progress(f"qemu-img check {v.target}", None)
             checker = dst_files.qemu_img

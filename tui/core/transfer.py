@@ -44,7 +44,14 @@ from tui.core.errors import (
 from tui.core.hypervisor import Hypervisor
 from tui.core.progress import Progress, no_progress
 from tui.core.storage import Resolver, files_for
-from tui.core.storage.digest import BackgroundDigest, StreamDigest, file_digest
+from tui.core.storage.digest import (
+    SEGMENT,
+    BackgroundDigest,
+    SegmentDigest,
+    SegmentReadback,
+    StreamDigest,
+    readback,
+)
 from tui.core.storage.remote import RemoteFiles
 from tui.core.templates import own_images, template_xml
 
@@ -412,10 +419,14 @@ def upload(
     path: str,
     length: int,
     report: Callable[[int], None],
+    *,
+    reading: SegmentReadback | None = None,
 ) -> str:
     """A new raw volume at `path` in the target's pool (`into`: its RemoteFiles and the pool),
     journalled in `undo` as a file to remove, filled from `src_vol` with a sparse stream and
-    checked to have `length` bytes; returns the digest of what was sent."""
+    checked to have `length` bytes; returns the digest of what was sent. With `reading`, the
+    SEGMENTED figure: the stream goes in windows of whole segments, each read back on the
+    target (`reading.landed`) while the next one travels."""
     dst_pools, pool = into
     with undo.step(f"remove {path} on {target.uri}", "delete_file", path=path):
         xml = (
@@ -425,8 +436,17 @@ def upload(
             "<target><format type='raw'/></target></volume>"
         )
         dst_vol = target.call(pool.pool.createXML, xml, 0, what=f"creating {path}")
-        with BackgroundDigest() as digest:
-            _stream(source, target, src_vol, dst_vol, length, report, digest)
+        with BackgroundDigest(SegmentDigest() if reading else None) as digest:
+            step = _window(length) if reading is not None and length else length
+            for at in range(0, length, step) if length else [0]:
+                n = min(step, length - at)
+
+                def moved(k: int, at: int = at) -> None:
+                    report(at + k)
+
+                _stream(source, target, src_vol, dst_vol, n, moved, digest, offset=at)
+                if reading is not None:
+                    reading.landed(at + n)
     dst_pools._refresh(pool, force=True)
     got = dst_pools._volume(path)
     if got is None:
@@ -440,15 +460,30 @@ def upload(
     return digest.hexdigest()
 
 
+def _window(length: int) -> int:
+    """Bytes per stream of a copy read back as it lands (upload): whole segments, eight
+    windows or fewer up to 8 GiB, 1 GiB each above (what is left to read at the end)."""
+    segments = -(-length // SEGMENT)
+    return SEGMENT * max(1, min(16, -(-segments // 8)))
+
+
 def settle(
-    target: Hypervisor, dst_files: Any, v: Any, sent: str | None, progress: Progress, kept: str
+    target: Hypervisor,
+    dst_files: Any,
+    v: Any,
+    sent: str | None,
+    progress: Progress,
+    kept: str,
+    reading: SegmentReadback | None = None,
 ) -> None:
     """An uploaded layer `v` (its target path, and backing to rebase onto): its sha256 on the
-    target read back and compared with what was `sent` (None: it cannot be read there), then
+    target read back (`reading`: what upload has read of it so far; the file flushed to disk
+    meanwhile) and compared with what was `sent` (None: it cannot be read there), then
     pointed at its new backing file. `kept`: what the refusal says happens to the copy."""
     if sent is not None:
         progress(f"checksumming {v.target} on {target.uri}", None)
-        if file_digest(target, v.target) != sent:
+        got = reading.hexdigest() if reading is not None else readback(target, v.target, sent)
+        if got != sent:
             raise OperationError(
                 f"{v.target} on {target.uri} does not have the bytes that were sent "
                 f"(sha256 differs): {kept}"
@@ -466,17 +501,20 @@ def _stream(
     length: int,
     report: Any,
     digest: StreamDigest | BackgroundDigest | None = None,
+    *,
+    offset: int = 0,
 ) -> None:
-    """Download -> upload with sparse streams: data is sent, holes are sent as holes (and
-    hashed into `digest` as they pass: tui.core.storage.digest)."""
+    """Download -> upload with sparse streams of `length` bytes from `offset`: data is sent,
+    holes are sent as holes (and hashed into `digest` as they pass:
+    tui.core.storage.digest)."""
     down = source.call(source.conn.newStream, 0)
     up = target.call(target.conn.newStream, 0)
     moved = 0
     try:
         with source.translating("downloading the image"):
-            src_vol.download(down, 0, length, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+            src_vol.download(down, offset, length, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
         with target.translating("uploading the image"):
-            dst_vol.upload(up, 0, length, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+            dst_vol.upload(up, offset, length, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
         while True:
             with source.translating("downloading the image"):
                 got = down.recvFlags(_CHUNK, libvirt.VIR_STREAM_RECV_STOP_AT_HOLE)
