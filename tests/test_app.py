@@ -210,6 +210,31 @@ async def test_the_footer_shows_the_active_tab_keys_at_140_columns(test_hv: Hype
             assert keys <= set(shown) and not cut, (tab, cut)
 
 
+async def test_question_mark_lists_every_key_and_closes_again(test_hv: Hypervisor) -> None:
+    """Half the keys are not in the footer (M, C, S, t, U, 1-3 and the other tabs' keys): `?`
+    shows them all beside the dashboard, `?` again puts it away."""
+    import io
+
+    from rich.console import Console
+    from textual.widgets import HelpPanel
+    from textual.widgets._key_panel import BindingsTable
+
+    app = VirtdeckApp([test_hv])
+    async with app.run_test(size=(140, 45)) as pilot:
+        await _settle(app, pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        table = app.screen.query_one(HelpPanel).query_one(BindingsTable)
+        console = Console(width=60, record=True, file=io.StringIO())
+        console.print(table.render_bindings_table())
+        text = console.export_text()
+        for hidden in ("Migrate", "Console", "Mark clones", "Make template", "Refresh usage"):
+            assert hidden in text, hidden
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert not app.screen.query(HelpPanel)
+
+
 async def test_n_on_a_template_says_why_before_any_form(test_hv: Hypervisor) -> None:
     """The form was filled in first, and only its answer refused (the planner refuses)."""
     app = VirtdeckApp([test_hv])

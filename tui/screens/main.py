@@ -28,7 +28,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Header, Input, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Header, HelpPanel, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from tui.core import groups
@@ -86,6 +86,7 @@ DOMAIN_BINDINGS: list[BindingType] = [
     Binding("1", "tab('snapshots')", "Snapshots", show=False, id="tab.snapshots"),
     Binding("2", "tab('templates')", "Templates", show=False, id="tab.templates"),
     Binding("3", "tab('usage')", "Usage", show=False, id="tab.usage"),
+    Binding("question_mark", "toggle_keys", "Keys", id="app.keys"),
     Binding("q", "app.quit", "Quit", id="app.quit"),
 ]
 
@@ -224,6 +225,14 @@ class MainScreen(Screen[None]):
                 if binding.id == binding_id:
                     return binding
         return next(b for b in DOMAIN_BINDINGS if isinstance(b, Binding) and b.id == binding_id)
+
+    def action_toggle_keys(self) -> None:
+        """`?`: every key of the dashboard (the hidden ones too) in Textual's keys panel, or
+        close it (the palette's "Keys" opens the same panel)."""
+        if self.query(HelpPanel):
+            self.app.action_hide_help_panel()
+        else:
+            self.app.action_show_help_panel()
 
     def action_toggle_hosts(self) -> None:
         if len(self._host_rows) <= FLEET_LINES:
