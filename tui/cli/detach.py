@@ -28,15 +28,33 @@ def register(sub: Any) -> None:
         "are detached one after another.",
     )
     p.add_argument("names", metavar="NAME", nargs="*", help="one or more clones")
+    p.add_argument(
+        "--bandwidth",
+        metavar="MIB",
+        type=_mib_per_s,
+        default=0,
+        help="at most MIB MiB/s for a running clone's block pull, so the other guests on the "
+        "host keep their disk (default: no limit; a shut-off clone's copy is not limited)",
+    )
     add_group_options(p)
     p.set_defaults(handler=cmd_detach, parser_error=p.error)
+
+
+def _mib_per_s(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of MiB/s, 1 or more")
+    return value
 
 
 def cmd_detach(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:
     need_selection(args.parser_error, args, args.names)
     by_uri = {hv.uri: hv for hv in hypervisors}
     found = [(by_uri[m.host], m.name) for m in members(args, hypervisors, args.names)]
-    plan = detach.plan_group_detach(found)
+    plan = detach.plan_group_detach(found, bandwidth=args.bandwidth)
     hv_of = {id(p): by_uri[p.host] for p in plan.plans}
     failed: list[str] = []
 

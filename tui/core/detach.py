@@ -92,6 +92,7 @@ class DetachPlan(ops.PlanDefaults):
     bytes_needed: int
     bytes_free: int | None
     overlay_ids: tuple[tuple[str, tuple[int, int] | None], ...] = ()  # (path, (dev, ino))
+    bandwidth: int = 0  # MiB/s a running clone's pull may take (libvirt's limit); 0: none
 
     @property
     def title(self) -> str:
@@ -100,6 +101,10 @@ class DetachPlan(ops.PlanDefaults):
     @property
     def confirm_label(self) -> str:
         return "Detach"
+
+    @property
+    def _rate(self) -> str:
+        return f", at most {self.bandwidth} MiB/s" if self.bandwidth else ""
 
     def run(self, hv: Hypervisor, progress: Progress) -> str:
         execute_detach(hv, self, progress)
@@ -116,9 +121,11 @@ class DetachPlan(ops.PlanDefaults):
         for d in self.disks:
             below = " <- ".join(d.backing)
             if self.live:
-                lines.append(f"  {d.target}: {d.overlay} (pull in {below})")
+                lines.append(f"  {d.target}: {d.overlay} (pull in {below}{self._rate})")
             else:
                 lines.append(f"  {d.target}: {d.path} (copy of {d.overlay} on {below})")
+        if self.bandwidth and not self.live:
+            lines.append(f"  not limited to {self.bandwidth} MiB/s: only a running clone's pull is")
         free = f" of {size(self.bytes_free)} free" if self.bytes_free is not None else ""
         lines.append(f"space needed: at most {size(self.bytes_needed)}{free}")
         if self.template:
@@ -185,8 +192,13 @@ def _overlay_format(name: str, disk: Any, chain: Any) -> str:
     return fmt
 
 
-def plan_detach(hv: Hypervisor, name: str, *, qemu: QemuImg | None = None) -> DetachPlan:
-    """Validate and describe the detach of `name`; nothing is written."""
+def plan_detach(
+    hv: Hypervisor, name: str, *, qemu: QemuImg | None = None, bandwidth: int = 0
+) -> DetachPlan:
+    """Validate and describe the detach of `name`; nothing is written. `bandwidth`: the MiB/s
+    a running clone's block pull may take (0: as fast as the disks go)."""
+    if bandwidth < 0:
+        raise InvalidInputError(f"bandwidth {bandwidth}: give MiB/s, 0 or more")
     files = files_for(hv, "detach", qemu_img=qemu)
     info = hv.domain(name)
     root = domxml.parse(hv.xml(name, inactive=True))
@@ -262,6 +274,7 @@ def plan_detach(hv: Hypervisor, name: str, *, qemu: QemuImg | None = None) -> De
         bytes_needed=sum(needed_by_dev.values()),
         bytes_free=min(free.values()) if free else None,
         overlay_ids=tuple((p, _ident(files.identity(p))) for p in overlays),
+        bandwidth=bandwidth,
     )
 
 
@@ -381,7 +394,7 @@ def _detach_live(hv: Hypervisor, plan: DetachPlan, progress: Progress) -> None:
     with ops.running(hv, title, domains=[plan.domain]) as undo:
         dom = hv.lookup(plan.domain)
         for i, d in enumerate(plan.disks):
-            _pull(hv, dom, plan.domain, d, progress, i, len(plan.disks))
+            _pull(hv, dom, plan.domain, d, progress, (i, len(plan.disks)), plan.bandwidth)
         root = domxml.parse(hv.xml(plan.domain, inactive=True))
         if domxml.read_meta(root).role == "clone":
             hv.update_meta(plan.domain, f"marking '{plan.domain}' full", mode="full",
@@ -391,14 +404,22 @@ def _detach_live(hv: Hypervisor, plan: DetachPlan, progress: Progress) -> None:
 
 
 def _pull(
-    hv: Hypervisor, dom: Any, name: str, d: DetachDisk, progress: Progress, i: int, n: int
+    hv: Hypervisor,
+    dom: Any,
+    name: str,
+    d: DetachDisk,
+    progress: Progress,
+    nth: tuple[int, int],
+    bandwidth: int,
 ) -> None:
-    """One block pull, waited for; on any interrupt or error the job is aborted (the overlay
-    keeps its backing file) before the error goes on."""
+    """One block pull (disk `nth` = (i, of n)) at most `bandwidth` MiB/s (0: no limit), waited
+    for; on any interrupt or error the job is aborted (the overlay keeps its backing file)
+    before the error goes on."""
+    i, n = nth
     what = f"block pull of {d.target} of '{name}'"
     if hv.call(dom.blockJobInfo, d.target, 0, what=what):
         raise StateError(f"disk {d.target} of '{name}' already has a block job; nothing was done")
-    hv.call(dom.blockPull, d.target, 0, 0, what=what)
+    hv.call(dom.blockPull, d.target, bandwidth, 0, what=what)
     try:
         while True:
             ops.check_cancelled()
@@ -476,13 +497,15 @@ class GroupDetachPlan(ops.PlanDefaults):
         return f"detached {', '.join(done)}: no longer building on a base"
 
 
-def plan_group_detach(members: list[tuple[Hypervisor, str]]) -> GroupDetachPlan:
+def plan_group_detach(
+    members: list[tuple[Hypervisor, str]], *, bandwidth: int = 0
+) -> GroupDetachPlan:
     """Every member planned first (a refusal refuses the group, nothing done); a member that
-    is already full is skipped."""
+    is already full is skipped. `bandwidth`: as plan_detach."""
     plans, skipped = [], []
     for hv, name in members:
         try:
-            plans.append(plan_detach(hv, name))
+            plans.append(plan_detach(hv, name, bandwidth=bandwidth))
         except InvalidInputError as err:
             if "already full" not in str(err):
                 raise
