@@ -183,7 +183,7 @@ def test_sigterm_during_a_live_detach_leaves_the_clone_thin_and_running(
     dom = hv.conn.lookupByName(name)
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tui", "-c", hv.uri, "detach", name],
+        [sys.executable, "-m", "tui", "-c", hv.uri, "detach", name, "--bandwidth", "1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
@@ -193,7 +193,8 @@ def test_sigterm_during_a_live_detach_leaves_the_clone_thin_and_running(
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the pull never started"
             time.sleep(0.002)
-        dom.blockJobSetSpeed("vda", 1, 0)  # 1 MiB/s: it is still pulling when the signal lands
+        # 1 MiB/s from the start (a minute for the base): still pulling when the signal lands.
+        assert dom.blockJobInfo("vda", 0)["bandwidth"] == 1
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -289,7 +290,7 @@ def test_sigterm_during_a_shut_off_detach_leaves_the_finished_result_or_nothing(
     new = overlay.replace(".qcow2", "-full.qcow2")
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tui", "-c", hv.uri, "detach", name],
+        [sys.executable, "-m", "tui", "-c", hv.uri, "detach", name, "--bandwidth", "1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
