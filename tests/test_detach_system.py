@@ -290,7 +290,7 @@ def test_sigterm_during_a_shut_off_detach_leaves_the_finished_result_or_nothing(
     new = overlay.replace(".qcow2", "-full.qcow2")
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tui", "-c", hv.uri, "detach", name, "--bandwidth", "1"],
+        [sys.executable, "-m", "tui", "-c", hv.uri, "detach", name],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
