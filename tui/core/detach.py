@@ -192,6 +192,21 @@ def _overlay_format(name: str, disk: Any, chain: Any) -> str:
     return fmt
 
 
+def _free_space(
+    files: Any, name: str, needed_by_dev: dict[int, int], dirs_by_dev: dict[int, str]
+) -> dict[int, int]:
+    """What is free on each file system the new images go to; refused where it is less than
+    they need."""
+    free = {dev: files.free_bytes(d) for dev, d in dirs_by_dev.items()}
+    for dev, need in needed_by_dev.items():
+        if need > free[dev]:
+            raise InvalidInputError(
+                f"not enough space in {dirs_by_dev[dev]}: detaching '{name}' needs up to "
+                f"{size(need)}, {size(free[dev])} is free; nothing was changed"
+            )
+    return free
+
+
 def plan_detach(
     hv: Hypervisor, name: str, *, qemu: QemuImg | None = None, bandwidth: int = 0
 ) -> DetachPlan:
@@ -257,13 +272,7 @@ def plan_detach(
             f"'{name}' cannot be detached: others build on its disks ({'; '.join(users)}); "
             "nothing was changed"
         )
-    free = {dev: files.free_bytes(d) for dev, d in dirs_by_dev.items()}
-    for dev, need in needed_by_dev.items():
-        if need > free[dev]:
-            raise InvalidInputError(
-                f"not enough space in {dirs_by_dev[dev]}: detaching '{name}' needs up to "
-                f"{size(need)}, {size(free[dev])} is free; nothing was changed"
-            )
+    free = _free_space(files, name, needed_by_dev, dirs_by_dev)
     return DetachPlan(
         host=hv.uri,
         domain=name,
