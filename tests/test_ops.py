@@ -12,6 +12,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.waiting import wait_for
 from tui.app import VirtdeckApp
 from tui.cli import main
 from tui.core import ops, private
@@ -164,12 +165,15 @@ async def test_dashboard_offers_to_roll_back(test_hv: Hypervisor, tmp_path: Path
     path, disk = stale_journal(test_hv, tmp_path)
     app = VirtdeckApp([test_hv])
     async with app.run_test(size=(140, 45)) as pilot:
-        deadline = time.monotonic() + 30
-        while not app.interrupted:
-            assert time.monotonic() < deadline, "no offer to roll back"
-            await pilot.pause(0.05)
-        texts = [n.message for n in app._notifications]
-        assert any("left half-done" in t and "Roll back interrupted" in t for t in texts)
+        # The notification comes as a message after `interrupted` is set: it was read in
+        # between once (a full fast run), so wait for both.
+        def offered() -> bool:
+            texts = [n.message for n in app._notifications]
+            return bool(app.interrupted) and any(
+                "left half-done" in t and "Roll back interrupted" in t for t in texts
+            )
+
+        await wait_for(pilot, offered, what="the offer to roll back, with its notification")
         commands = [c.title for c in app.get_system_commands(app.screen)]
         assert "Roll back interrupted operations" in commands
         app.roll_back_interrupted()
