@@ -389,6 +389,17 @@ def format_table(
     ]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number, 1 or more (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value}: give a positive number")
+    return value
+
+
 def add_plan_options(p: argparse.ArgumentParser) -> None:
     """--dry-run and --json, which every command that changes something takes."""
     p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Any
 
-from tui.cli import carry_out, stderr_progress
+from tui.cli import carry_out, positive_int, stderr_progress
 from tui.cli.groups import add_group_options, members, need_selection
 from tui.core import detach
 from tui.core.errors import VirtdeckError
@@ -31,23 +31,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--bandwidth",
         metavar="MIB",
-        type=_mib_per_s,
+        type=positive_int,
         default=0,
         help="at most MIB MiB/s for a running clone's block pull, so the other guests on the "
         "host keep their disk (default: no limit; a shut-off clone's copy is not limited)",
     )
     add_group_options(p)
     p.set_defaults(handler=cmd_detach, parser_error=p.error)
-
-
-def _mib_per_s(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of MiB/s, 1 or more")
-    return value
 
 
 def cmd_detach(args: argparse.Namespace, hypervisors: list[Hypervisor]) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from tui.cli import print_json, stderr_progress
+from tui.cli import positive_int, print_json, stderr_progress
 from tui.cli.groups import add_group_options, members, need_selection
 from tui.core.cancel import check_cancelled
 from tui.core.errors import InvalidInputError, VirtdeckError
@@ -43,12 +43,12 @@ def register(sub: Any) -> None:
     p.add_argument("--live", action="store_true", help="move running domains, live")
     p.add_argument(
         "--max-downtime",
-        type=_positive,
+        type=positive_int,
         metavar="MS",
         help="live: how long the domain may be paused for the switchover (milliseconds)",
     )
     p.add_argument(
-        "--bandwidth", type=_positive, metavar="MIB/S", help="live: cap the transfer's rate"
+        "--bandwidth", type=positive_int, metavar="MIB/S", help="live: cap the transfer's rate"
     )
     p.add_argument(
         "--all-from",
@@ -57,16 +57,6 @@ def register(sub: Any) -> None:
     )
     add_group_options(p)
     p.set_defaults(handler=cmd_migrate, parser_error=p.error)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value}: give a positive number")
-    return value
 
 
 def _uri(args: argparse.Namespace, value: str) -> str:
