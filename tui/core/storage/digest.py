@@ -163,13 +163,20 @@ def file_digest(hv: Hypervisor, path: str, report: Callable[[int], None] | None 
         if len(digest) != 64:
             raise OperationError(f"sha256sum of {path} on {hv.uri}: {last_line(out)}")
         return PREFIX + digest
+    return download_digest(hv, _pool_volume(files, path), report)
+
+
+def _pool_volume(files: Any, path: str) -> Any:
+    """`path` as a volume of `files`' host (its directory given a pool if none covers it)."""
     vol = files._volume(path)
     if vol is None:
         files.ensure_pool(os.path.dirname(path))
         vol = files._volume(path)
     if vol is None:
-        raise OperationError(f"{path} is not a storage volume on {hv.uri}: cannot checksum it")
-    return download_digest(hv, vol, report)
+        raise OperationError(
+            f"{path} is not a storage volume on {files.hv.uri}: cannot checksum it"
+        )
+    return vol
 
 
 def _local(path: str, report: Callable[[int], None] | None) -> str:
@@ -332,14 +339,7 @@ class SegmentReadback:
 
     def _download(self) -> str:
         assert self._files is not None
-        vol = self._files._volume(self.path)
-        if vol is None:
-            self._files.ensure_pool(os.path.dirname(self.path))
-            vol = self._files._volume(self.path)
-        if vol is None:
-            raise OperationError(
-                f"{self.path} is not a storage volume on {self.hv.uri}: cannot checksum it"
-            )
+        vol = _pool_volume(self._files, self.path)
         return download_digest(self.hv, vol, segmented=not self.whole)
 
 
