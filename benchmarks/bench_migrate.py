@@ -64,9 +64,6 @@ def run(*argv: str) -> None:
     subprocess.run(list(argv), check=True, capture_output=True)
 
 
-CPU = {"last": 0.0}  # machine CPU seconds (all processes) of the last timed() call
-
-
 @contextlib.contextmanager
 def link(mbit: int | None) -> Iterator[None]:
     """With `mbit`: the loopback device shaped to that rate (a tbf qdisc), so the stream to
@@ -95,13 +92,13 @@ def _cpu_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, the machine's CPU seconds: all processes) of `fn()`, writes flushed."""
     os.sync()
     cpu, start = _cpu_seconds(), time.perf_counter()
     fn()
     os.sync()
-    CPU["last"] = _cpu_seconds() - cpu
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu_seconds() - cpu
 
 
 def stream_to(source: Hypervisor, target: Hypervisor, path: str, name: str) -> int:
@@ -129,8 +126,7 @@ def one_round(
 ) -> tuple[float, float, int]:
     """The clone's overlay streamed alone to B, then the clone migrated there: (the stream's
     time, migrate's execute time, the bytes migrate sent); round 1 also shows its steps."""
-    t_own = timed(lambda: stream_to(source, target, str(overlay), scratch))
-    c_own = CPU["last"]
+    t_own, c_own = timed(lambda: stream_to(source, target, str(overlay), scratch))
     start = time.perf_counter()
     plan = migrate.plan_migrate(source, target, name)
     t_plan = time.perf_counter() - start
@@ -142,8 +138,7 @@ def one_round(
         if not steps or steps[-1][2] != key:
             steps.append((time.perf_counter(), _cpu_seconds(), key))
 
-    t_mig = timed(lambda: migrate.execute_migrate(source, target, plan, note))
-    c_mig = CPU["last"]
+    t_mig, c_mig = timed(lambda: migrate.execute_migrate(source, target, plan, note))
     steps.append((time.perf_counter(), _cpu_seconds(), "(end)"))
     if i == 0:
         print("virtdeck migrate, round 1, step by step (wall, machine CPU):")
@@ -284,14 +279,14 @@ def main() -> int:
 
             shaping.enter_context(link(args.link_mbit))  # (the offline part)
             scratch += [f"{prefix}-chain-base", f"{prefix}-chain-c"]
-            t_chain = timed(
+            t_chain, _cpu = timed(
                 lambda: (
                     stream_to(source, target, str(base), scratch[0]),
                     stream_to(source, target, str(overlays[0]), scratch[1]),
                 )
             )
             copy = transfer.plan_template_copy(source, target, tname)
-            t_copy = timed(lambda: transfer.execute_template_copy(source, target, copy))
+            t_copy, _cpu = timed(lambda: transfer.execute_template_copy(source, target, copy))
             print(f"clone: {clone_alloc / MIB:.1f} MiB allocated (own layer); "
                   f"base: {base_alloc / MIB:.1f} MiB allocated, 2 GiB virtual")  # fmt: skip
             print(f"template copy (once per host): {copy.bytes_needed / MIB:.1f} MiB, "
