@@ -364,7 +364,7 @@ def test_ssh_commands_share_one_connection_that_ends_by_itself(
     runtime = Path(tempfile.mkdtemp(prefix="vd-", dir="/tmp"))  # (a socket path is short)
     try:
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-        monkeypatch.setattr(remote, "SSH_SHARED_IDLE", 2)
+        monkeypatch.setattr(remote, "SSH_SHARED_IDLE", 10)
         target = remote.ssh_target(ssh_rig.uri("root", "/system"))
         assert target is not None
 
@@ -380,12 +380,14 @@ def test_ssh_commands_share_one_connection_that_ends_by_itself(
             return [p for p in sockets.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)]
 
         assert sockets.stat().st_mode & 0o777 == 0o700
-        assert len(live()) == 1
+        first = live()
+        assert len(first) == 1
         # Other options (here another key file), another connection: never shared across them.
+        # (The first one may have ended meanwhile, idle, on a loaded machine: look for a new one.)
         key = runtime / "key"
         shutil.copy(target.keyfile or "", key)
         assert len(client_ports(dataclasses.replace(target, keyfile=str(key)))) == 1
-        assert len(live()) == 2
+        assert len(set(live()) - set(first)) == 1
         # Idle, each ends by itself (SSH_SHARED_IDLE): nothing outlives virtdeck for long.
         wait_until(lambda: not live(), 60, "the shared connections end")
         # Open to others: not used. Turned off: not used.
