@@ -397,6 +397,13 @@ def cloud_domain_xml(
     )
 
 
+# How long a TCG boot may take before a test gives up on it: a failure detector, not a speed
+# check. The guest reaches its agent in ~25 s on an idle machine; beside six busy loops each in
+# a session of its own it took 120 s (the scheduler's autogroups give every session an equal
+# share, so QEMU gets a seventh of the two cores), and guests booting together share even that.
+BOOT_DEADLINE = 900.0
+
+
 def agent_run(dom: Any, command: str, *, timeout: float = 120.0) -> tuple[int, str]:
     """Run a shell command in the booted guest through its agent (guest-exec, then
     guest-exec-status until it exits); (exit status, stdout). Waits for the agent to answer

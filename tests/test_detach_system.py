@@ -317,6 +317,7 @@ def test_sigterm_during_a_shut_off_detach_leaves_the_finished_result_or_nothing(
     assert not list((tmp_path / "state" / "virtdeck" / "journal").glob("*.json"))
 
 
+@pytest.mark.timeout(1200)  # a TCG boot on a loaded machine (guest.BOOT_DEADLINE)
 def test_detach_a_running_real_guest_while_it_writes(host_lab: SystemLab) -> None:
     """The small Debian guest (TCG, host daemon only: its cached image lives outside the
     image directories the other daemon shares) on a thin overlay, a loop inside it writing
@@ -335,7 +336,9 @@ def test_detach_a_running_real_guest_while_it_writes(host_lab: SystemLab) -> Non
     hv.start(name)
     dom = hv.conn.lookupByName(name)
     loop = "i=0; while :; do i=$((i+1)); echo $i > /root/w; sync; done"
-    code, _ = guest.agent_run(dom, f"nohup sh -c '{loop}' >/dev/null 2>&1 &")
+    code, _ = guest.agent_run(
+        dom, f"nohup sh -c '{loop}' >/dev/null 2>&1 &", timeout=guest.BOOT_DEADLINE
+    )
     assert code == 0
     code, before = guest.agent_run(dom, "cat /root/w")
     assert code == 0 and int(before) > 0

@@ -29,11 +29,10 @@ from tui import cli
 from tui.core.details import AGENT, ARP, LEASE, read_details
 from tui.core.hypervisor import Hypervisor
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]  # a TCG boot, loaded too
 
 REPO = Path(__file__).resolve().parents[1]
 USER_NET_ADDRESS = "10.0.2.15"  # QEMU's user-mode DHCP hands out this one first
-BOOT_DEADLINE = 240.0
 
 
 @dataclass(frozen=True)
@@ -56,14 +55,14 @@ def booted(host_hv: Hypervisor) -> Iterator[Guest]:
         mac = "52:54:00:" + ":".join(secrets.token_hex(1) for _ in range(3))
         dom = host_hv.define(guest.domain_xml(name, image, str(overlay), mac=mac))
         dom.create()
-        deadline = time.monotonic() + BOOT_DEADLINE
+        deadline = time.monotonic() + guest.BOOT_DEADLINE
         while True:
             d = read_details(host_hv, name)
             if any(a.address == USER_NET_ADDRESS and a.source == AGENT for a in d.addresses):
                 break
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"the test guest gave no agent address within {BOOT_DEADLINE:g} s: "
+                    f"the test guest gave no agent address within {guest.BOOT_DEADLINE:g} s: "
                     + "; ".join(f"{s.source}: {s.reason or 'ok'}" for s in d.sources)
                 )
             time.sleep(1)

@@ -78,6 +78,7 @@ def guestfish_cat(disks: list[str], files: list[str]) -> list[list[str]]:
     return out
 
 
+@pytest.mark.timeout(900)  # three virt-customize runs under TCG, on a loaded machine too
 def test_three_clones_get_their_hostname_and_key_the_base_is_unchanged(
     host_lab: SystemLab, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -27,8 +27,6 @@ from tui.core.templates import execute_template, plan_template
 
 pytestmark = [pytest.mark.system, pytest.mark.sysprep]
 
-BOOT_DEADLINE = 400.0  # three TCG guests at once on two shared cores
-
 
 def read_base(base: str) -> list[str]:
     """What sealing left in the base, read by one read-only appliance (one line per command)."""
@@ -54,7 +52,9 @@ def inside(hv_conn: object, name: str) -> dict[str, str]:
     """A booted clone's identity, through its guest agent once boot has finished."""
     dom = hv_conn.lookupByName(name)  # type: ignore[attr-defined]
     # The agent answers before boot is over: wait for systemd (it may end "degraded").
-    _, state = guest.agent_run(dom, "systemctl is-system-running --wait", timeout=BOOT_DEADLINE)
+    _, state = guest.agent_run(
+        dom, "systemctl is-system-running --wait", timeout=guest.BOOT_DEADLINE
+    )
     facts = {"state": state.strip()}
     for key, command in {
         "machine_id": "cat /etc/machine-id",
@@ -69,7 +69,7 @@ def inside(hv_conn: object, name: str) -> dict[str, str]:
     return facts
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2400)  # three TCG guests and an appliance at once, loaded
 def test_clones_of_a_sealed_debian_have_their_own_machine_id_and_host_keys(
     host_lab: SystemLab, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
