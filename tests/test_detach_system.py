@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import guest
 from tests.lab import SystemLab
 from tests.test_snapshots_system import cli, disk_paths, has_pattern, io_write, live_write
 from tui.core import detach
@@ -317,14 +318,12 @@ def test_sigterm_during_a_shut_off_detach_leaves_the_finished_result_or_nothing(
     assert not list((tmp_path / "state" / "virtdeck" / "journal").glob("*.json"))
 
 
-@pytest.mark.timeout(1200)  # a TCG boot on a loaded machine (guest.BOOT_DEADLINE)
+@pytest.mark.timeout(guest.BOOT_DEADLINE + 300)  # a TCG boot, on a loaded machine too
 def test_detach_a_running_real_guest_while_it_writes(host_lab: SystemLab) -> None:
     """The small Debian guest (TCG, host daemon only: its cached image lives outside the
     image directories the other daemon shares) on a thin overlay, a loop inside it writing
     and syncing a file; detached live; it keeps running and writing, its overlay stands
     alone, and the cached image it was built on is unchanged."""
-    from tests import guest
-
     hv = host_lab.hv
     image = guest.build()
     cached_sum = sha256(str(image.disk))
@@ -360,7 +359,6 @@ def test_clone_from_a_snapshot_gets_its_own_identity(
     """The real guest (host daemon, virt-customize under TCG, ~40 s): an internal snapshot of
     a shut-off VM, one clone of it with --hostname-template and --ssh-key; the clone's disk
     has them, the VM's image is unchanged."""
-    from tests import guest
     from tests.test_identity_system import guestfish_cat
     from tui.cli import main
 

@@ -29,7 +29,8 @@ from tui import cli
 from tui.core.details import AGENT, ARP, LEASE, read_details
 from tui.core.hypervisor import Hypervisor
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]  # a TCG boot, loaded too
+# the booted fixture's TCG boot counts in the first test's time
+pytestmark = [pytest.mark.system, pytest.mark.timeout(guest.BOOT_DEADLINE + 300)]
 
 REPO = Path(__file__).resolve().parents[1]
 USER_NET_ADDRESS = "10.0.2.15"  # QEMU's user-mode DHCP hands out this one first
