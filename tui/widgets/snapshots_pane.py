@@ -98,10 +98,13 @@ def node_label(node: SnapshotNode) -> Text:
     )
 
 
-#: What the pane says when no connected host has a domain (a newcomer's first screen).
-NO_DOMAINS = (
-    "no domains on the connected hosts: define one (virt-install, virt-manager), then T makes "
-    "it a template and c deploys clones; 'virtdeck --demo' opens a lab to try it"
+#: What the pane says when no connected host has a domain (a newcomer's first screen): a
+#: short tree label (a Tree line does not wrap: at 140 columns the tree is ~70 wide) and, in
+#: the details area beside it, which wraps, what to do.
+NO_DOMAINS = "no domains on the connected hosts"
+NO_DOMAINS_HINT = (
+    "Define a domain (virt-install, virt-manager), then T makes it a template and c deploys "
+    "clones of it. 'virtdeck --demo' opens a lab to try it."
 )
 
 
@@ -249,7 +252,7 @@ class SnapshotsPane(Pane):
         widget.clear()
         if self.selected is None:
             widget.root.set_label(NO_DOMAINS if self._no_domains else "no domain selected")
-            self._details("")
+            self._show_details(None)
             return
         tree = self.snap_tree
         if tree is None:
@@ -283,6 +286,10 @@ class SnapshotsPane(Pane):
         self._show_details(event.node.data)
 
     def _show_details(self, name: str | None) -> None:
+        if self.selected is None and self._no_domains:
+            # The root line's highlight lands here too: keep saying what to do.
+            self._details(NO_DOMAINS_HINT)
+            return
         node = self.snap_tree.find(name) if self.snap_tree and name else None
         self._details(details_text(node) if node else "")
 
