@@ -53,12 +53,12 @@ PACKAGES = (
 HOSTNAME = "vdguest"
 MACHINE_ID = "5eed0ddba11c0ffee0ddf00d1dea5000"  # the installed system's (systemd wrote it)
 DISK_SIZE = "2G"
-# On every kernel command line here. Early in boot Linux checks that the timer interrupt ticks
-# (check_timer: a few busy-waited jiffies); a TCG vCPU starved of host CPU can miss them, and the
-# kernel panics ("IO-APIC + timer doesn't work!") and spins there, the agent never answering.
-# Seen in a loaded whole run: one of three sealed clones booting at once, found in its memory
-# dump. The known cure for TCG guests (cirros, lima, nova): trust the timer.
-NO_TIMER_CHECK = "no_timer_check"
+# Every test kernel's arguments after root=. no_timer_check: early in boot Linux checks that the
+# timer interrupt ticks (check_timer: a few busy-waited jiffies); a TCG vCPU starved of host CPU
+# can miss them, and the kernel panics ("IO-APIC + timer doesn't work!") and spins there, the
+# agent never answering. Seen in a loaded whole run: one of three sealed clones booting at once,
+# found in its memory dump. The known cure for TCG guests (cirros, lima, nova): trust the timer.
+KERNEL_ARGS = "rw console=ttyS0 net.ifnames=0 quiet no_timer_check"
 
 _NETWORK = """[Match]
 Name=eth0 en*
@@ -218,7 +218,7 @@ TIMEOUT 0
 LABEL linux
   LINUX vmlinuz
   INITRD initrd.img
-  APPEND root=/dev/vda2 rw console=ttyS0 net.ifnames=0 quiet {NO_TIMER_CHECK}
+  APPEND root=/dev/vda2 {KERNEL_ARGS}
 """
 _CLOUD_CFG = """datasource_list: [NoCloud, None]
 """
@@ -355,8 +355,7 @@ def domain_xml(
         f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
         "<os><type arch='x86_64' machine='pc'>hvm</type>"
         f"<kernel>{image.kernel}</kernel><initrd>{image.initrd}</initrd>"
-        f"<cmdline>root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet {NO_TIMER_CHECK}</cmdline>"
-        "</os>"
+        f"<cmdline>root=/dev/vda {KERNEL_ARGS}</cmdline></os>"
         "<features><acpi/></features>"
         "<devices>"
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
